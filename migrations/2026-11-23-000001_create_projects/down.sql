@@ -1,0 +1,2 @@
+DROP TABLE projects;
+DROP FUNCTION mediaplane_touch_row();

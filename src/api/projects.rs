@@ -1,0 +1,173 @@
+//! ProjectsService over gRPC.
+use tonic::{Request, Response, Status};
+
+use super::convert::{json_to_struct, struct_to_json, timestamp};
+use crate::{
+    AppError,
+    auth::caller,
+    db::{self, projects::{Created, Outcome}},
+    domain::{
+        Violations,
+        names::ProjectName,
+        project::{self, ALL_PATHS, ListQuery, Project, ProjectFields},
+    },
+    proto::v1 as pb,
+};
+
+pub struct ProjectsApi {
+    db: db::Pool,
+}
+
+impl ProjectsApi {
+    pub fn new(db: db::Pool) -> Self {
+        Self { db }
+    }
+}
+
+/// Client-settable fields of a wire project; output-only fields are ignored (AIP-203).
+fn fields(project: pb::Project, v: &mut Violations) -> ProjectFields {
+    let metadata = match project.metadata.map(struct_to_json).transpose() {
+        Ok(m) => m.unwrap_or_default(),
+        Err(why) => {
+            v.add("project.metadata", why);
+            Default::default()
+        }
+    };
+    ProjectFields {
+        display_name: project.display_name,
+        description: project.description,
+        labels: project.labels,
+        metadata,
+    }
+}
+
+impl From<Project> for pb::Project {
+    fn from(p: Project) -> Self {
+        let name = p.name().to_string();
+        let etag = p.etag();
+        let Project { id: _, owner, display_name, description, labels, metadata, revision: _, create_time, update_time } = p;
+        pb::Project {
+            name,
+            display_name,
+            description,
+            labels,
+            metadata: Some(json_to_struct(metadata)),
+            owner,
+            create_time: Some(timestamp(create_time)),
+            update_time: Some(timestamp(update_time)),
+            etag,
+        }
+    }
+}
+
+fn not_found(name: ProjectName) -> Status {
+    AppError::NotFound(format!("project {name}")).into()
+}
+
+/// An etag we did not issue can never match: -1 is never a revision.
+fn expected_revision(etag: &str) -> Option<i64> {
+    (!etag.is_empty()).then(|| project::revision_of(etag).unwrap_or(-1))
+}
+
+fn etag_conflict(name: ProjectName) -> Status {
+    AppError::Aborted(format!("etag does not match the current version of {name}; read it again and retry")).into()
+}
+
+#[tonic::async_trait]
+impl pb::projects_service_server::ProjectsService for ProjectsApi {
+    #[tracing::instrument(skip_all)]
+    async fn create_project(&self, request: Request<pb::CreateProjectRequest>) -> Result<Response<pb::Project>, Status> {
+        let caller = caller(&request)?;
+        let pb::CreateProjectRequest { project, request_id } = request.into_inner();
+        let mut v = Violations::default();
+        let Some(project) = project else {
+            return Err(AppError::invalid("project", "required").into());
+        };
+        let fields = fields(project, &mut v);
+        fields.validate("project.", &ALL_PATHS, &mut v);
+        if request_id.chars().count() > project::MAX_REQUEST_ID {
+            v.add("request_id", format!("at most {} characters", project::MAX_REQUEST_ID));
+        }
+        let fields = v.into_result(fields)?;
+        let request_id = (!request_id.is_empty()).then_some(request_id.as_str());
+
+        let mut conn = super::conn(&self.db).await?;
+        let created = db::projects::create(&mut conn, &caller.sub, &fields, request_id).await?;
+        let project = match created {
+            Created::New(p) => {
+                tracing::info!(project = %p.name(), "project created");
+                p
+            }
+            Created::Replayed(p) => p,
+        };
+        Ok(Response::new(project.into()))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_project(&self, request: Request<pb::GetProjectRequest>) -> Result<Response<pb::Project>, Status> {
+        let caller = caller(&request)?;
+        let name = ProjectName::parse("name", &request.get_ref().name)?;
+        let mut conn = super::conn(&self.db).await?;
+        let project = db::projects::get(&mut conn, caller.owner_scope(), name.0).await?.ok_or_else(|| not_found(name))?;
+        Ok(Response::new(project.into()))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_projects(
+        &self,
+        request: Request<pb::ListProjectsRequest>,
+    ) -> Result<Response<pb::ListProjectsResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let query = ListQuery::new(caller.owner_scope(), r.page_size, &r.page_token, &r.filter, &r.order_by)?;
+        let mut conn = super::conn(&self.db).await?;
+        let (projects, more) = db::projects::list(&mut conn, &query).await?;
+        let next_page_token = match (more, projects.last()) {
+            (true, Some(last)) => query.next_token(last),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListProjectsResponse {
+            projects: projects.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn update_project(&self, request: Request<pb::UpdateProjectRequest>) -> Result<Response<pb::Project>, Status> {
+        let caller = caller(&request)?;
+        let pb::UpdateProjectRequest { project, update_mask } = request.into_inner();
+        let Some(project) = project else {
+            return Err(AppError::invalid("project", "required").into());
+        };
+        let name = ProjectName::parse("project.name", &project.name)?;
+        let paths = project::parse_mask(&update_mask.map(|m| m.paths).unwrap_or_default())?;
+        let expected = expected_revision(&project.etag);
+        let mut v = Violations::default();
+        let fields = fields(project, &mut v);
+        fields.validate("project.", &paths, &mut v);
+        let fields = v.into_result(fields)?;
+
+        let mut conn = super::conn(&self.db).await?;
+        match db::projects::update(&mut conn, caller.owner_scope(), name.0, &fields, &paths, expected).await? {
+            Outcome::Done(p) => Ok(Response::new(p.into())),
+            Outcome::NotFound => Err(not_found(name)),
+            Outcome::EtagMismatch => Err(etag_conflict(name)),
+        }
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_project(&self, request: Request<pb::DeleteProjectRequest>) -> Result<Response<()>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let name = ProjectName::parse("name", &r.name)?;
+        let mut conn = super::conn(&self.db).await?;
+        match db::projects::delete(&mut conn, caller.owner_scope(), name.0, expected_revision(&r.etag)).await? {
+            Outcome::Done(()) => {
+                tracing::info!(project = %name, "project deleted");
+                Ok(Response::new(()))
+            }
+            Outcome::NotFound => Err(not_found(name)),
+            Outcome::EtagMismatch => Err(etag_conflict(name)),
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The `mediaplane` command line: `serve`, `migrate`, `token`.
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rand::RngCore;
+
+use crate::{
+    auth,
+    config::{Secret, Settings, SettingsArgs},
+    db, startup, telemetry,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "mediaplane", version, about = "Projects, durable media jobs with live progress, and assets, over gRPC.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (applies pending migrations first).
+    Serve(SettingsArgs),
+    /// Create the database if missing and apply pending migrations, then exit.
+    Migrate(SettingsArgs),
+    /// Print a bearer token signed with the configured HS256 secret.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// Owner of the token (`sub` claim).
+    #[arg(long)]
+    pub sub: String,
+    /// Role to grant (`admin`, `worker`); repeat for several.
+    #[arg(long = "role")]
+    pub roles: Vec<String>,
+    /// Job kinds a worker token may acquire; repeat for several (default: any).
+    #[arg(long = "kind")]
+    pub kinds: Vec<String>,
+    /// Lifetime, like 30m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+}
+
+/// Runs a command; the error text is what the user sees before exit code 1.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(args) => {
+            let settings = Settings::load(&args)?;
+            telemetry::init(settings.log_format);
+            let url = settings.database_url.expose();
+            db::create_database_if_missing(url).await?;
+            let applied = db::migrate(url).await?;
+            println!("migrations applied: {applied}");
+            Ok(())
+        }
+        Command::Token(args) => {
+            let settings = Settings::load(&args.settings)?;
+            let secret = settings
+                .jwt
+                .secret
+                .ok_or_else(|| anyhow::anyhow!("no secret: set MEDIAPLANE_JWT_SECRET (or --jwt-secret) to the server's secret"))?;
+            for role in &args.roles {
+                anyhow::ensure!(
+                    [auth::ROLE_ADMIN, auth::ROLE_WORKER].contains(&role.as_str()),
+                    "unknown role {role:?}: expected admin or worker"
+                );
+            }
+            println!("{}", auth::mint(&secret, &args.sub, &args.roles, &args.kinds, args.ttl)?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: SettingsArgs) -> anyhow::Result<()> {
+    let mut settings = Settings::load(&args)?;
+    telemetry::init(settings.log_format);
+    if settings.jwt.secret.is_none() && settings.jwt.public_key_pem.is_none() {
+        // First run: no set-up needed, yet the server is still closed to anyone without this token.
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let secret = Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let token = auth::mint(&secret, "local", &[auth::ROLE_WORKER.to_owned()], &[], Duration::from_secs(24 * 3600))?;
+        eprintln!(
+            "No MEDIAPLANE_JWT_SECRET set: generated a secret for this run only.\n\
+             Token for user `local` (worker role, valid 24h):\n\n{token}\n\n\
+             Set MEDIAPLANE_JWT_SECRET to keep tokens valid across restarts."
+        );
+        settings.jwt.secret = Some(secret);
+    }
+    let app = startup::Application::build(settings).await?;
+    app.run_until_stopped(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

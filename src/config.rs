@@ -1,0 +1,394 @@
+//! One typed configuration, validated once at start.
+//!
+//! Sources, strongest first: command-line flags, environment variables, the optional
+//! TOML file (`--config` / `MEDIAPLANE_CONFIG`, keys are the flag names with `_`), then
+//! the defaults below. Every value is parsed here, before anything binds or connects,
+//! and a bad one is reported with the flag, variable and file key that name it.
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/mediaplane";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_DB_POOL_SIZE: u32 = 16;
+const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// Settings shared by `serve`, `migrate` and `token`. Every field is optional here so
+/// the file and the defaults can fill what flags and environment leave out.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct SettingsArgs {
+    /// TOML file with any of the settings below (keys: flag names with `_` for `-`).
+    #[arg(long, env = "MEDIAPLANE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Address serving gRPC (h2c), grpc-web and HTTP [default: 127.0.0.1:8080].
+    #[arg(long, env = "MEDIAPLANE_ADDR")]
+    pub addr: Option<String>,
+    /// Postgres URL; the database is created if missing
+    /// [default: postgres://postgres@127.0.0.1:5432/mediaplane].
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Database connections per instance [default: 16].
+    #[arg(long, env = "MEDIAPLANE_DB_POOL_SIZE")]
+    pub db_pool_size: Option<String>,
+    /// Redis URL (fan-out, wake-ups, rate limits) [default: redis://127.0.0.1:6379].
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel [default: mediaplane].
+    #[arg(long, env = "MEDIAPLANE_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// HS256 secret for bearer tokens (at least 32 bytes). Unset: `serve` generates one
+    /// and prints a token for the user `local`.
+    #[arg(long, env = "MEDIAPLANE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RSA (RS256) or Ed25519 (EdDSA) public key; tokens signed with
+    /// it are accepted too.
+    #[arg(long, env = "MEDIAPLANE_JWT_PUBLIC_KEY", value_name = "PATH")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Browser origins allowed by CORS, comma-separated (`*` for any) [default: none].
+    #[arg(long, env = "MEDIAPLANE_CORS_ORIGINS")]
+    pub cors_origins: Option<String>,
+    /// How long browsers may cache a CORS preflight [default: 10m].
+    #[arg(long, env = "MEDIAPLANE_CORS_MAX_AGE")]
+    pub cors_max_age: Option<String>,
+    /// `human` or `json` [default: human]. Filter with RUST_LOG.
+    #[arg(long, env = "MEDIAPLANE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Largest gRPC message accepted or sent, in bytes [default: 4194304].
+    #[arg(long, env = "MEDIAPLANE_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<String>,
+    /// HTTP/2 streams one connection may have open at once [default: 1024].
+    #[arg(long, env = "MEDIAPLANE_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<String>,
+    /// Longest a unary call may take, unless the client's `grpc-timeout` is shorter [default: 30s].
+    #[arg(long, env = "MEDIAPLANE_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+    /// On SIGTERM/SIGINT, how long in-flight calls get to finish [default: 10s].
+    #[arg(long, env = "MEDIAPLANE_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// How often Postgres and Redis are probed for health [default: 2s].
+    #[arg(long, env = "MEDIAPLANE_HEALTH_INTERVAL")]
+    pub health_interval: Option<String>,
+}
+
+/// A string that never shows up in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    pub secret: Option<Secret>,
+    pub public_key_pem: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub addr: SocketAddr,
+    pub database_url: Secret,
+    pub db_pool_size: u32,
+    pub redis_url: Secret,
+    pub redis_prefix: String,
+    pub jwt: JwtSettings,
+    pub cors_origins: CorsOrigins,
+    pub cors_max_age: Duration,
+    pub log_format: LogFormat,
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub request_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub health_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    None,
+    Any,
+    List(Vec<String>),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Where a setting can be given, for error messages.
+struct Key {
+    name: &'static str,
+    env: &'static str,
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (--{}, `{}` in the config file)", self.env, self.name.replace('_', "-"), self.name)
+    }
+}
+
+const KEYS: &[Key] = &[
+    Key { name: "addr", env: "MEDIAPLANE_ADDR" },
+    Key { name: "database_url", env: "DATABASE_URL" },
+    Key { name: "db_pool_size", env: "MEDIAPLANE_DB_POOL_SIZE" },
+    Key { name: "redis_url", env: "REDIS_URL" },
+    Key { name: "redis_prefix", env: "MEDIAPLANE_REDIS_PREFIX" },
+    Key { name: "jwt_secret", env: "MEDIAPLANE_JWT_SECRET" },
+    Key { name: "jwt_public_key", env: "MEDIAPLANE_JWT_PUBLIC_KEY" },
+    Key { name: "cors_origins", env: "MEDIAPLANE_CORS_ORIGINS" },
+    Key { name: "cors_max_age", env: "MEDIAPLANE_CORS_MAX_AGE" },
+    Key { name: "log_format", env: "MEDIAPLANE_LOG_FORMAT" },
+    Key { name: "max_message_bytes", env: "MEDIAPLANE_MAX_MESSAGE_BYTES" },
+    Key { name: "max_concurrent_streams", env: "MEDIAPLANE_MAX_CONCURRENT_STREAMS" },
+    Key { name: "request_timeout", env: "MEDIAPLANE_REQUEST_TIMEOUT" },
+    Key { name: "drain_timeout", env: "MEDIAPLANE_DRAIN_TIMEOUT" },
+    Key { name: "health_interval", env: "MEDIAPLANE_HEALTH_INTERVAL" },
+];
+
+fn key(name: &str) -> &'static Key {
+    KEYS.iter().find(|k| k.name == name).unwrap_or(&KEYS[0])
+}
+
+impl Settings {
+    /// Defaults only: what tests start from before changing fields.
+    pub fn defaults() -> Self {
+        Self::from_sources(&SettingsArgs::default(), &BTreeMap::new())
+            .unwrap_or_else(|e| unreachable!("defaults are valid: {e}"))
+    }
+
+    /// Reads the config file named by `args` (if any) and resolves every setting.
+    pub fn load(args: &SettingsArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => BTreeMap::new(),
+        };
+        Self::from_sources(args, &file)
+    }
+
+    fn from_sources(args: &SettingsArgs, file: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |name: &str, arg: &Option<String>| -> Option<String> {
+            arg.clone().or_else(|| file.get(name).cloned())
+        };
+        let path_arg = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+
+        let addr = parse_opt("addr", get("addr", &args.addr), |s| {
+            s.parse::<SocketAddr>().map_err(|_| "expected host:port with an IP address, like 127.0.0.1:8080".into())
+        })?
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let database_url = parse_opt("database_url", get("database_url", &args.database_url), |s| {
+            check_url(s, &["postgres", "postgresql"]).map(|_| Secret::new(s))
+        })?
+        .unwrap_or_else(|| Secret::new(DEFAULT_DATABASE_URL));
+        let redis_url = parse_opt("redis_url", get("redis_url", &args.redis_url), |s| {
+            check_url(s, &["redis", "rediss"]).map(|_| Secret::new(s))
+        })?
+        .unwrap_or_else(|| Secret::new(DEFAULT_REDIS_URL));
+        let redis_prefix = parse_opt("redis_prefix", get("redis_prefix", &args.redis_prefix), |s| {
+            if !s.is_empty() && s.len() <= 64 && !s.contains(char::is_whitespace) {
+                Ok(s.to_owned())
+            } else {
+                Err("expected 1 to 64 characters without spaces".into())
+            }
+        })?
+        .unwrap_or_else(|| "mediaplane".to_owned());
+        let db_pool_size = parse_opt("db_pool_size", get("db_pool_size", &args.db_pool_size), |s| parse_range(s, 1, 1000))?
+            .map_or(DEFAULT_DB_POOL_SIZE, |v| v as u32);
+
+        let secret = match get("jwt_secret", &args.jwt_secret) {
+            None => None,
+            Some(s) if s.len() >= 32 => Some(Secret::new(s)),
+            Some(_) => {
+                return Err(ConfigError(format!(
+                    "{} is too short: use at least 32 random bytes (e.g. `openssl rand -hex 32`)",
+                    key("jwt_secret")
+                )));
+            }
+        };
+        let public_key_pem = match get("jwt_public_key", &path_arg(&args.jwt_public_key)) {
+            None => None,
+            Some(path) => Some(std::fs::read(&path).map_err(|e| {
+                ConfigError(format!("{}: cannot read {path}: {e}", key("jwt_public_key")))
+            })?),
+        };
+
+        let cors_origins = match get("cors_origins", &args.cors_origins) {
+            None => CorsOrigins::None,
+            Some(s) if s.trim() == "*" => CorsOrigins::Any,
+            Some(s) => {
+                let mut list = Vec::new();
+                for origin in s.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+                    check_origin(origin).map_err(|why| {
+                        ConfigError(format!("invalid {}: {origin:?} {why}", key("cors_origins")))
+                    })?;
+                    list.push(origin.to_owned());
+                }
+                if list.is_empty() { CorsOrigins::None } else { CorsOrigins::List(list) }
+            }
+        };
+
+        let log_format = parse_opt("log_format", get("log_format", &args.log_format), |s| {
+            match s.to_ascii_lowercase().as_str() {
+                "human" | "text" | "pretty" => Ok(LogFormat::Human),
+                "json" => Ok(LogFormat::Json),
+                _ => Err("expected `human` or `json`".into()),
+            }
+        })?
+        .unwrap_or(LogFormat::Human);
+        let max_message_bytes = parse_opt("max_message_bytes", get("max_message_bytes", &args.max_message_bytes), |s| {
+            parse_range(s, 1024, 256 * 1024 * 1024)
+        })?
+        .map_or(DEFAULT_MAX_MESSAGE_BYTES, |v| v as usize);
+        let max_concurrent_streams = parse_opt(
+            "max_concurrent_streams",
+            get("max_concurrent_streams", &args.max_concurrent_streams),
+            |s| parse_range(s, 1, 100_000),
+        )?
+        .map_or(DEFAULT_MAX_CONCURRENT_STREAMS, |v| v as u32);
+
+        let duration = |name: &str, arg: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+            Ok(parse_opt(name, get(name, arg), parse_duration)?.unwrap_or(default))
+        };
+
+        Ok(Settings {
+            addr,
+            database_url,
+            db_pool_size,
+            redis_url,
+            redis_prefix,
+            jwt: JwtSettings { secret, public_key_pem },
+            cors_origins,
+            cors_max_age: duration("cors_max_age", &args.cors_max_age, DEFAULT_CORS_MAX_AGE)?,
+            log_format,
+            max_message_bytes,
+            max_concurrent_streams,
+            request_timeout: duration("request_timeout", &args.request_timeout, DEFAULT_REQUEST_TIMEOUT)?,
+            drain_timeout: duration("drain_timeout", &args.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
+            health_interval: duration("health_interval", &args.health_interval, DEFAULT_HEALTH_INTERVAL)?,
+        })
+    }
+}
+
+/// Parses a setting that was given; `None` when it was not (the caller's default applies).
+fn parse_opt<T>(name: &str, value: Option<String>, parse: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
+    value
+        .map(|v| {
+            parse(v.trim()).map_err(|why| {
+                // URLs and secrets may carry passwords: never echo them.
+                let shown = if name.contains("url") || name.contains("secret") { "<hidden>".into() } else { format!("{v:?}") };
+                ConfigError(format!("invalid {}: {shown}: {why}", key(name)))
+            })
+        })
+        .transpose()
+}
+
+fn parse_range(s: &str, min: u64, max: u64) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
+        _ => Err(format!("expected a whole number from {min} to {max}")),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|_| "expected a duration like 500ms, 30s or 5m".into())
+}
+
+fn check_url(s: &str, schemes: &[&str]) -> Result<(), String> {
+    match s.split_once("://") {
+        Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => Ok(()),
+        _ => Err(format!("expected a URL starting with {}://", schemes[0])),
+    }
+}
+
+fn check_origin(origin: &str) -> Result<(), &'static str> {
+    let rest = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest.is_empty() || rest.contains('/') {
+        return Err("must be scheme://host[:port] with no path");
+    }
+    http::HeaderValue::from_str(origin).map_err(|_| "contains characters not allowed in a header")?;
+    Ok(())
+}
+
+/// Reads the TOML file into key -> string, rejecting keys we do not know.
+fn read_file(path: &PathBuf) -> Result<BTreeMap<String, String>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| ConfigError(format!("config file {} is not valid TOML: {e}", path.display())))?;
+    let mut out = BTreeMap::new();
+    for (name, value) in table {
+        if !KEYS.iter().any(|k| k.name == name) {
+            let known: Vec<_> = KEYS.iter().map(|k| k.name).collect();
+            return Err(ConfigError(format!(
+                "unknown key `{name}` in {}; known keys: {}",
+                path.display(),
+                known.join(", ")
+            )));
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        };
+        out.insert(name, text);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = Settings::defaults();
+        assert_eq!(s.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.database_url.expose(), DEFAULT_DATABASE_URL);
+        assert_eq!(s.cors_origins, CorsOrigins::None);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let args = SettingsArgs { addr: Some("nope".into()), ..Default::default() };
+        let err = Settings::load(&args).unwrap_err().to_string();
+        assert!(err.contains("MEDIAPLANE_ADDR") && err.contains("--addr"), "{err}");
+
+        let args = SettingsArgs { request_timeout: Some("soon".into()), ..Default::default() };
+        let err = Settings::load(&args).unwrap_err().to_string();
+        assert!(err.contains("MEDIAPLANE_REQUEST_TIMEOUT") && err.contains("30s"), "{err}");
+
+        let args = SettingsArgs { database_url: Some("mysql://x".into()), ..Default::default() };
+        let err = Settings::load(&args).unwrap_err().to_string();
+        assert!(err.contains("DATABASE_URL") && !err.contains("mysql"), "{err}");
+
+        let args = SettingsArgs { jwt_secret: Some("short".into()), ..Default::default() };
+        let err = Settings::load(&args).unwrap_err().to_string();
+        assert!(err.contains("MEDIAPLANE_JWT_SECRET") && !err.contains("short\""), "{err}");
+    }
+}

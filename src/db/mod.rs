@@ -1,0 +1,141 @@
+//! Postgres: the pool, database creation, embedded migrations. Queries live in one
+//! module per resource.
+use std::time::Duration;
+
+use diesel::{connection::SimpleConnection, result::ConnectionError};
+use diesel_async::{
+    AsyncConnection, AsyncPgConnection, RunQueryDsl,
+    async_connection_wrapper::AsyncConnectionWrapper,
+    pooled_connection::{AsyncDieselConnectionManager, bb8},
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+pub mod projects;
+pub mod schema;
+
+pub type Pool = bb8::Pool<AsyncPgConnection>;
+pub type PooledConn<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Serializes migrations across instances starting at once (arbitrary constant).
+const MIGRATION_LOCK: i64 = 0x6d65_6469_6170_6c61;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot connect to Postgres: {0}")]
+    Connect(#[from] ConnectionError),
+    #[error("database: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("migrations failed: {0}")]
+    Migration(String),
+    #[error("DATABASE_URL has no database name")]
+    NoDatabaseName,
+}
+
+/// Builds the pool without connecting: the server starts (and reports NOT_SERVING)
+/// while Postgres is away, and connections are made as calls need them.
+pub fn pool(url: &str, size: u32) -> Pool {
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+    bb8::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(1))
+        .connection_timeout(Duration::from_secs(3))
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .build_unchecked(manager)
+}
+
+/// Splits `postgres://host/db?x` into the URL of the `postgres` maintenance database and `db`.
+fn maintenance_url(url: &str) -> Result<(String, String), DbError> {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let slash = base[scheme_end..].rfind('/').map(|i| i + scheme_end).ok_or(DbError::NoDatabaseName)?;
+    let name = &base[slash + 1..];
+    if name.is_empty() {
+        return Err(DbError::NoDatabaseName);
+    }
+    let mut maintenance = format!("{}/postgres", &base[..slash]);
+    if let Some(q) = query {
+        maintenance.push('?');
+        maintenance.push_str(q);
+    }
+    Ok((maintenance, name.to_owned()))
+}
+
+/// Creates the database named in `url` when it does not exist yet.
+pub async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
+    let (maintenance, name) = maintenance_url(url)?;
+    let mut conn = AsyncPgConnection::establish(&maintenance).await?;
+    #[derive(diesel::QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        exists: bool,
+    }
+    let found: Exists = diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
+        .bind::<diesel::sql_types::Text, _>(&name)
+        .get_result(&mut conn)
+        .await?;
+    if found.exists {
+        return Ok(());
+    }
+    let quoted = name.replace('"', "\"\"");
+    match diesel::sql_query(format!("CREATE DATABASE \"{quoted}\"")).execute(&mut conn).await {
+        Ok(_) => {
+            tracing::info!(database = %name, "created database");
+            Ok(())
+        }
+        // Another instance won the race.
+        Err(diesel::result::Error::DatabaseError(_, info)) if info.message().contains("already exists") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies pending migrations, one instance at a time. Returns how many ran.
+pub async fn migrate(url: &str) -> Result<usize, DbError> {
+    let conn = AsyncPgConnection::establish(url).await?;
+    let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+    // The wrapper blocks on the runtime: run it off the async workers.
+    tokio::task::spawn_blocking(move || {
+        conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))?;
+        let applied = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(|e| DbError::Migration(e.to_string()));
+        conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))?;
+        applied
+    })
+    .await
+    .map_err(|e| DbError::Migration(e.to_string()))?
+}
+
+/// Reverts every applied migration (tests and `down` checks).
+pub async fn revert_all(url: &str) -> Result<usize, DbError> {
+    let conn = AsyncPgConnection::establish(url).await?;
+    let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+    tokio::task::spawn_blocking(move || {
+        conn.revert_all_migrations(MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(|e| DbError::Migration(e.to_string()))
+    })
+    .await
+    .map_err(|e| DbError::Migration(e.to_string()))?
+}
+
+/// `SELECT 1` through the pool, for health probes.
+pub async fn ping(pool: &Pool) -> Result<(), String> {
+    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+    diesel::sql_query("SELECT 1").execute(&mut *conn).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maintenance_urls() {
+        let (m, n) = maintenance_url("postgres://u@h:5432/app?sslmode=disable").unwrap();
+        assert_eq!((m.as_str(), n.as_str()), ("postgres://u@h:5432/postgres?sslmode=disable", "app"));
+        assert!(maintenance_url("postgres://h:5432/").is_err());
+    }
+}

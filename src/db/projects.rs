@@ -1,0 +1,242 @@
+//! Project queries. Every query is scoped by owner unless the caller is an admin
+//! (`owner: None`), so another owner's project is indistinguishable from a missing one.
+use chrono::{DateTime, Utc};
+use diesel::{
+    IntoSql, OptionalExtension, dsl::sql, prelude::*, sql_types::{Bool, Timestamptz, Uuid as SqlUuid},
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::schema::projects;
+use crate::{
+    AppError, AppResult,
+    domain::project::{ListQuery, Order, Path, Project, ProjectFields},
+};
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = projects, check_for_backend(diesel::pg::Pg))]
+struct ProjectRow {
+    id: Uuid,
+    owner: String,
+    display_name: String,
+    description: String,
+    labels: serde_json::Value,
+    metadata: serde_json::Value,
+    revision: i64,
+    create_time: DateTime<Utc>,
+    update_time: DateTime<Utc>,
+}
+
+impl TryFrom<ProjectRow> for Project {
+    type Error = AppError;
+
+    fn try_from(row: ProjectRow) -> AppResult<Self> {
+        let ProjectRow { id, owner, display_name, description, labels, metadata, revision, create_time, update_time } = row;
+        let labels = serde_json::from_value(labels).map_err(|e| AppError::internal(format!("project {id} labels: {e}")))?;
+        let serde_json::Value::Object(metadata) = metadata else {
+            return Err(AppError::internal(format!("project {id} metadata is not an object")));
+        };
+        Ok(Project { id, owner, display_name, description, labels, metadata, revision, create_time, update_time })
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = projects)]
+struct NewProjectRow<'a> {
+    id: Uuid,
+    owner: &'a str,
+    display_name: &'a str,
+    description: &'a str,
+    labels: serde_json::Value,
+    metadata: serde_json::Value,
+    request_id: Option<&'a str>,
+    request_hash: Option<Vec<u8>>,
+}
+
+#[derive(AsChangeset, Default)]
+#[diesel(table_name = projects)]
+struct ProjectChanges<'a> {
+    display_name: Option<&'a str>,
+    description: Option<&'a str>,
+    labels: Option<serde_json::Value>,
+    metadata: Option<serde_json::Value>,
+}
+
+fn labels_json(fields: &ProjectFields) -> serde_json::Value {
+    serde_json::Value::Object(fields.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect())
+}
+
+/// `owner = $sub OR $admin`: one statement shape for both kinds of caller.
+type VisibleTo = diesel::dsl::Or<diesel::dsl::Eq<projects::owner, String>, diesel::dsl::AsExprOf<bool, Bool>>;
+
+fn visible_to(owner: Option<&str>) -> VisibleTo {
+    projects::owner.eq(owner.unwrap_or_default().to_owned()).or(owner.is_none().into_sql::<Bool>())
+}
+
+pub enum Created {
+    New(Project),
+    /// The same `request_id` was used before with the same payload.
+    Replayed(Project),
+}
+
+/// Inserts a project; with a `request_id`, a repeat returns the first result.
+pub async fn create(
+    conn: &mut AsyncPgConnection,
+    owner: &str,
+    fields: &ProjectFields,
+    request_id: Option<&str>,
+) -> AppResult<Created> {
+    let digest = request_id.map(|_| fields.digest());
+    let row = NewProjectRow {
+        id: Uuid::now_v7(),
+        owner,
+        display_name: &fields.display_name,
+        description: &fields.description,
+        labels: labels_json(fields),
+        metadata: serde_json::Value::Object(fields.metadata.clone()),
+        request_id,
+        request_hash: digest.clone(),
+    };
+    // ON CONFLICT waits for a concurrent insert of the same key to commit, then skips.
+    let inserted: Option<ProjectRow> = diesel::insert_into(projects::table)
+        .values(&row)
+        .on_conflict((projects::owner, projects::request_id))
+        .do_nothing()
+        .returning(ProjectRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?;
+    if let Some(row) = inserted {
+        return Ok(Created::New(row.try_into()?));
+    }
+    let (Some(request_id), Some(digest)) = (request_id, digest) else {
+        return Err(AppError::internal("insert without request_id returned no row"));
+    };
+    let (existing, hash): (ProjectRow, Option<Vec<u8>>) = projects::table
+        .filter(projects::owner.eq(owner))
+        .filter(projects::request_id.eq(request_id))
+        .select((ProjectRow::as_select(), projects::request_hash))
+        .first(conn)
+        .await?;
+    if hash.as_deref() == Some(digest.as_slice()) {
+        Ok(Created::Replayed(existing.try_into()?))
+    } else {
+        Err(AppError::AlreadyExists(format!(
+            "request_id {request_id:?} was already used to create a different project"
+        )))
+    }
+}
+
+pub async fn get(conn: &mut AsyncPgConnection, owner: Option<&str>, id: Uuid) -> AppResult<Option<Project>> {
+    projects::table
+        .filter(projects::id.eq(id))
+        .filter(visible_to(owner))
+        .select(ProjectRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+        .map(Project::try_from)
+        .transpose()
+}
+
+/// One page, plus whether more rows follow.
+pub async fn list(conn: &mut AsyncPgConnection, q: &ListQuery) -> AppResult<(Vec<Project>, bool)> {
+    let mut query = projects::table.select(ProjectRow::as_select()).into_boxed();
+    if let Some(owner) = &q.owner {
+        query = query.filter(projects::owner.eq(owner.clone()));
+    }
+    if !q.filter.equals.is_empty() {
+        let wanted: serde_json::Map<_, _> = q.filter.equals.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+        query = query.filter(projects::labels.contains(serde_json::Value::Object(wanted)));
+    }
+    for key in &q.filter.present {
+        query = query.filter(projects::labels.has_key(key.clone()));
+    }
+    // Row comparison so Postgres walks the (owner, create_time, id) index from the cursor.
+    if let Some(after) = q.after {
+        let op = match q.order {
+            Order::CreateTimeAsc => ">",
+            Order::CreateTimeDesc => "<",
+        };
+        query = query.filter(
+            sql::<Bool>("(create_time, id) ")
+                .sql(op)
+                .sql(" (")
+                .bind::<Timestamptz, _>(after.create_time)
+                .sql(", ")
+                .bind::<SqlUuid, _>(after.id)
+                .sql(")"),
+        );
+    }
+    query = match q.order {
+        Order::CreateTimeAsc => query.order((projects::create_time.asc(), projects::id.asc())),
+        Order::CreateTimeDesc => query.order((projects::create_time.desc(), projects::id.desc())),
+    };
+    let mut rows: Vec<ProjectRow> = query.limit(q.limit + 1).load(conn).await?;
+    let more = rows.len() as i64 > q.limit;
+    rows.truncate(q.limit as usize);
+    let projects = rows.into_iter().map(Project::try_from).collect::<AppResult<_>>()?;
+    Ok((projects, more))
+}
+
+pub enum Outcome<T> {
+    Done(T),
+    NotFound,
+    /// The project exists but its revision is not the one the etag named.
+    EtagMismatch,
+}
+
+/// Writes the masked fields; `expected_revision` makes it conditional (etag).
+pub async fn update(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    id: Uuid,
+    fields: &ProjectFields,
+    paths: &[Path],
+    expected_revision: Option<i64>,
+) -> AppResult<Outcome<Project>> {
+    let mut changes = ProjectChanges::default();
+    for path in paths {
+        match path {
+            Path::DisplayName => changes.display_name = Some(&fields.display_name),
+            Path::Description => changes.description = Some(&fields.description),
+            Path::Labels => changes.labels = Some(labels_json(fields)),
+            Path::Metadata => changes.metadata = Some(serde_json::Value::Object(fields.metadata.clone())),
+        }
+    }
+    let updated: Option<ProjectRow> = diesel::update(projects::table)
+        .filter(projects::id.eq(id))
+        .filter(visible_to(owner))
+        .filter(projects::revision.eq(expected_revision.unwrap_or_default()).or(expected_revision.is_none().into_sql::<Bool>()))
+        .set(&changes)
+        .returning(ProjectRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?;
+    match updated {
+        Some(row) => Ok(Outcome::Done(row.try_into()?)),
+        None => missing_or_stale(conn, owner, id).await,
+    }
+}
+
+pub async fn delete(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    id: Uuid,
+    expected_revision: Option<i64>,
+) -> AppResult<Outcome<()>> {
+    let deleted = diesel::delete(projects::table)
+        .filter(projects::id.eq(id))
+        .filter(visible_to(owner))
+        .filter(projects::revision.eq(expected_revision.unwrap_or_default()).or(expected_revision.is_none().into_sql::<Bool>()))
+        .execute(conn)
+        .await?;
+    if deleted == 1 { Ok(Outcome::Done(())) } else { missing_or_stale(conn, owner, id).await }
+}
+
+async fn missing_or_stale<T>(conn: &mut AsyncPgConnection, owner: Option<&str>, id: Uuid) -> AppResult<Outcome<T>> {
+    Ok(match get(conn, owner, id).await? {
+        Some(_) => Outcome::EtagMismatch,
+        None => Outcome::NotFound,
+    })
+}

@@ -1,0 +1,218 @@
+//! Per-call middleware for every request on the port, gRPC or HTTP:
+//! - a request id (from `x-request-id` or generated) in the span, the request
+//!   metadata handlers see, and the response headers;
+//! - one log line per call with method, code and latency, written when the response
+//!   body ends (gRPC codes travel in trailers);
+//! - a deadline for unary calls (`grpc-timeout` or the configured request timeout);
+//! - during shutdown, new calls are refused and open streams end with UNAVAILABLE.
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
+};
+
+use axum::{body::Body, extract::{Request, State}, middleware::Next, response::Response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, header::CONTENT_TYPE};
+use http_body::Frame;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::Instrument;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+#[derive(Clone)]
+pub struct CallContext {
+    pub request_timeout: Duration,
+    /// Cancelled when the server starts to shut down.
+    pub draining: CancellationToken,
+}
+
+pub async fn middleware(State(ctx): State<CallContext>, mut request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let request_id_header = HeaderValue::from_str(&request_id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    request.headers_mut().insert(REQUEST_ID, request_id_header.clone());
+
+    let grpc = is_grpc(request.headers());
+    let method = request.uri().path().to_owned();
+    let span = tracing::info_span!("call", %request_id, %method);
+    let start = Instant::now();
+    let health_call = method.starts_with("/grpc.health.") || matches!(method.as_str(), "/healthz" | "/livez" | "/readyz");
+
+    let mut response = if ctx.draining.is_cancelled() && !health_call {
+        error_response(grpc, tonic::Code::Unavailable, "server is shutting down; retry on another instance")
+    } else {
+        let deadline = grpc_timeout(request.headers()).map_or(ctx.request_timeout, |t| t.min(ctx.request_timeout));
+        match tokio::time::timeout(deadline, next.run(request).instrument(span.clone())).await {
+            Ok(response) => response,
+            Err(_) => error_response(grpc, tonic::Code::DeadlineExceeded, "deadline exceeded"),
+        }
+    };
+    response.headers_mut().insert(REQUEST_ID, request_id_header);
+
+    let (parts, body) = response.into_parts();
+    let header_code = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let log = CallLog { span, method, start, grpc, http_status: parts.status.as_u16(), code: header_code, finished: false };
+    // Only streams that are still open when shutdown starts are cut, never a response in the middle of a message.
+    let native_grpc = is_grpc(&parts.headers) && !parts.headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"));
+    let stop = (native_grpc && header_code.is_none()).then(|| Box::pin(ctx.draining.clone().cancelled_owned()));
+    Response::from_parts(parts, Body::new(LoggedBody { inner: body, log, stop, stopped: false }))
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Parses `grpc-timeout` (`<digits><H|M|S|m|u|n>`, gRPC over HTTP/2 spec).
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A gRPC trailers-only response, or a JSON error for HTTP callers.
+fn error_response(grpc: bool, code: tonic::Code, message: &str) -> Response {
+    if grpc {
+        let mut response = tonic::Status::new(code, message).into_http::<Body>();
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        response
+    } else {
+        let status = crate::error::http_status(code);
+        let body = serde_json::json!({"error": {"code": status.as_u16(), "status": code_name(code), "message": message, "details": []}});
+        let mut response = Response::new(Body::from(body.to_string()));
+        *response.status_mut() = status;
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}
+
+/// Canonical upper-case name of a code (`NOT_FOUND`), as google.rpc.Code spells it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Writes the call's log line when dropped: after the body ended, or when the
+/// client went away first.
+struct CallLog {
+    span: tracing::Span,
+    method: String,
+    start: Instant,
+    grpc: bool,
+    http_status: u16,
+    code: Option<i32>,
+    finished: bool,
+}
+
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        let latency_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let _enter = self.span.enter();
+        if self.grpc {
+            let code = match (self.code, self.finished) {
+                (Some(c), _) => code_name(tonic::Code::from_i32(c)),
+                (None, false) => "CANCELLED",
+                (None, true) => "UNKNOWN",
+            };
+            tracing::info!(method = %self.method, code, latency_ms, "grpc call");
+        } else {
+            tracing::info!(method = %self.method, status = self.http_status, latency_ms, "http request");
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct LoggedBody {
+        #[pin]
+        inner: Body,
+        log: CallLog,
+        stop: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        stopped: bool,
+    }
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.project();
+        if *this.stopped {
+            return Poll::Ready(None);
+        }
+        let frame = match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // Shutdown: end an idle stream with a status the client can act on.
+                if let Some(stop) = this.stop.as_mut() {
+                    ready!(stop.as_mut().poll(cx));
+                    *this.stopped = true;
+                    this.log.code = Some(tonic::Code::Unavailable as i32);
+                    this.log.finished = true;
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from(tonic::Code::Unavailable as i32));
+                    trailers.insert("grpc-message", HeaderValue::from_static("server%20is%20shutting%20down"));
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                return Poll::Pending;
+            }
+        };
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(code) = f.trailers_ref().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()) {
+                    this.log.code = code.parse().ok();
+                    this.log.finished = true;
+                }
+            }
+            None => this.log.finished = true,
+            Some(Err(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stopped || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,5 @@
+//! Everything HTTP on the shared port besides native gRPC: health endpoints for people
+//! and load balancers, CORS for browsers, and the per-call middleware.
+pub mod calls;
+pub mod cors;
+pub mod health;

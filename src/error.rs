@@ -1,0 +1,130 @@
+//! The service's one error type, and its one mapping to gRPC codes (DESIGN.md, "Errors").
+//! The HTTP status for each code lives beside it so both transports share the table.
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+pub type AppResult<T> = Result<T, AppError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Malformed input; every problem found is listed as a field violation.
+    #[error("{message}")]
+    InvalidArgument {
+        message: String,
+        violations: Vec<FieldViolation>,
+    },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Missing, or owned by someone else: the message never says which.
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Etag or lease conflict.
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A dependency is down; safe to retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure: logged in full, reported to clients without detail.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AppError {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        let (field, description) = (field.into(), description.into());
+        Self::InvalidArgument {
+            message: format!("invalid {field}: {description}"),
+            violations: vec![FieldViolation::new(field, description)],
+        }
+    }
+
+    pub fn internal(context: impl std::fmt::Display) -> Self {
+        Self::Internal(context.to_string())
+    }
+
+    pub fn code(&self) -> Code {
+        // Exhaustive on purpose: a new variant must be placed in the table.
+        match self {
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::NotFound(_) => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::Aborted(_) => Code::Aborted,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+/// HTTP status for a gRPC code, per DESIGN.md's table (grpc-gateway's mapping).
+pub fn http_status(code: Code) -> http::StatusCode {
+    use http::StatusCode as S;
+    match code {
+        Code::Ok => S::OK,
+        Code::Cancelled => S::from_u16(499).unwrap_or(S::BAD_REQUEST),
+        Code::Unknown | Code::Internal | Code::DataLoss => S::INTERNAL_SERVER_ERROR,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => S::BAD_REQUEST,
+        Code::DeadlineExceeded => S::GATEWAY_TIMEOUT,
+        Code::NotFound => S::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => S::CONFLICT,
+        Code::PermissionDenied => S::FORBIDDEN,
+        Code::ResourceExhausted => S::TOO_MANY_REQUESTS,
+        Code::Unimplemented => S::NOT_IMPLEMENTED,
+        Code::Unavailable => S::SERVICE_UNAVAILABLE,
+        Code::Unauthenticated => S::UNAUTHORIZED,
+    }
+}
+
+impl From<AppError> for Status {
+    fn from(error: AppError) -> Self {
+        let code = error.code();
+        match error {
+            AppError::InvalidArgument { message, violations } => {
+                Status::with_error_details(code, message, ErrorDetails::with_bad_request(violations))
+            }
+            AppError::Internal(detail) => {
+                tracing::error!(error.detail = %detail, "internal error");
+                Status::new(code, "internal error")
+            }
+            AppError::Unavailable(detail) => {
+                tracing::warn!(error.detail = %detail, "dependency unavailable");
+                Status::new(code, "service temporarily unavailable, retry later")
+            }
+            other => Status::new(code, other.to_string()),
+        }
+    }
+}
+
+impl From<diesel::result::Error> for AppError {
+    fn from(error: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind as K, Error as E};
+        match &error {
+            E::DatabaseError(K::ClosedConnection, _) => Self::Unavailable(error.to_string()),
+            E::DatabaseError(K::UniqueViolation, info) => Self::AlreadyExists(format!(
+                "conflicts with an existing resource ({})",
+                info.constraint_name().unwrap_or("unique key")
+            )),
+            E::DatabaseError(K::SerializationFailure, _) => {
+                Self::Aborted("concurrent modification, retry".into())
+            }
+            _ => Self::Internal(format!("database: {error}")),
+        }
+    }
+}
+
+impl From<diesel_async::pooled_connection::bb8::RunError> for AppError {
+    fn from(error: diesel_async::pooled_connection::bb8::RunError) -> Self {
+        Self::Unavailable(format!("database pool: {error}"))
+    }
+}

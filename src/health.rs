@@ -1,0 +1,162 @@
+//! Health: `grpc.health.v1` statuses and the probe results behind them.
+//!
+//! `""` and `liveness` report the process only. `readiness` and each service name
+//! follow Postgres (the source of truth): NOT_SERVING while it is unreachable. Redis is
+//! probed and reported, but does not gate readiness: every RPC that exists works
+//! without it. Shutdown flips everything to NOT_SERVING first.
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    db, proto::v1::{
+        assets_service_server::AssetsServiceServer, jobs_service_server::JobsServiceServer,
+        projects_service_server::ProjectsServiceServer,
+    },
+    redis::RedisPool,
+};
+
+pub const LIVENESS: &str = "liveness";
+pub const READINESS: &str = "readiness";
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Names that follow Postgres.
+pub fn gated_names() -> [&'static str; 4] {
+    [
+        READINESS,
+        <ProjectsServiceServer<crate::api::projects::ProjectsApi> as NamedService>::NAME,
+        <JobsServiceServer<crate::api::jobs::JobsApi> as NamedService>::NAME,
+        <AssetsServiceServer<crate::api::assets::AssetsApi> as NamedService>::NAME,
+    ]
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Check {
+    pub status: &'static str,
+    pub latency_ms: f64,
+    /// Logged, not served: /healthz is public and errors can name hosts.
+    #[serde(skip)]
+    pub error: Option<String>,
+}
+
+impl Check {
+    fn unknown() -> Self {
+        Self { status: "unknown", latency_ms: 0.0, error: None }
+    }
+    pub fn is_up(&self) -> bool {
+        self.status == "up"
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub postgres: Check,
+    pub redis: Check,
+    pub shutting_down: bool,
+}
+
+impl Snapshot {
+    pub fn ready(&self) -> bool {
+        self.postgres.is_up() && !self.shutting_down
+    }
+}
+
+/// Shared health state: the gRPC reporter plus the last probe results.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    snapshot: Arc<RwLock<Snapshot>>,
+    pub started: Instant,
+}
+
+impl Health {
+    pub async fn new(reporter: HealthReporter) -> Self {
+        reporter.set_service_status("", ServingStatus::Serving).await;
+        reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
+        for name in gated_names() {
+            reporter.set_service_status(name, ServingStatus::NotServing).await;
+        }
+        let snapshot = Snapshot { postgres: Check::unknown(), redis: Check::unknown(), shutting_down: false };
+        Self { reporter, snapshot: Arc::new(RwLock::new(snapshot)), started: Instant::now() }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Snapshot)) -> Snapshot {
+        let mut guard = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard);
+        guard.clone()
+    }
+
+    /// Probes once and publishes the result.
+    pub async fn probe(&self, pool: &db::Pool, redis: &RedisPool) {
+        let (postgres, redis) = tokio::join!(timed(db::ping(pool)), timed(crate::redis::ping(redis)));
+        let before = self.snapshot();
+        if before.postgres.is_up() != postgres.is_up() || before.postgres.status == "unknown" {
+            match &postgres.error {
+                None => tracing::info!(latency_ms = postgres.latency_ms, "postgres reachable"),
+                Some(e) => tracing::warn!(error = %e, "postgres unreachable: readiness NOT_SERVING"),
+            }
+        }
+        if before.redis.is_up() != redis.is_up() || before.redis.status == "unknown" {
+            match &redis.error {
+                None => tracing::info!(latency_ms = redis.latency_ms, "redis reachable"),
+                Some(e) => tracing::warn!(redis = "down", error = %e, "redis unreachable (degraded; still ready)"),
+            }
+        }
+        let after = self.update(|s| {
+            s.postgres = postgres;
+            s.redis = redis;
+        });
+        self.publish(&after).await;
+    }
+
+    async fn publish(&self, s: &Snapshot) {
+        let status = if s.ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        for name in gated_names() {
+            self.reporter.set_service_status(name, status).await;
+        }
+        if s.shutting_down {
+            self.reporter.set_service_status("", ServingStatus::NotServing).await;
+            self.reporter.set_service_status(LIVENESS, ServingStatus::NotServing).await;
+        }
+    }
+
+    /// First step of a graceful shutdown.
+    pub async fn shutting_down(&self) {
+        let s = self.update(|s| s.shutting_down = true);
+        self.publish(&s).await;
+    }
+
+    /// Probes every `interval` until `stop` fires.
+    pub fn spawn_prober(&self, pool: db::Pool, redis: RedisPool, interval: Duration, stop: CancellationToken) {
+        let health = self.clone();
+        tokio::spawn(async move {
+            loop {
+                health.probe(&pool, &redis).await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        });
+    }
+}
+
+async fn timed(probe: impl Future<Output = Result<(), String>>) -> Check {
+    let start = Instant::now();
+    let result = tokio::time::timeout(PROBE_TIMEOUT, probe).await.unwrap_or_else(|_| Err("timed out".into()));
+    let latency_ms = (start.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+    match result {
+        Ok(()) => Check { status: "up", latency_ms, error: None },
+        Err(e) => Check { status: "down", latency_ms, error: Some(e) },
+    }
+}

@@ -1,0 +1,19 @@
+//! mediaplane: the backend generative-media studios run on.
+//!
+//! `main.rs` only parses the command line; everything else lives here so tests can
+//! start the real server in-process on port 0.
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod edge;
+pub mod error;
+pub mod health;
+pub mod proto;
+pub mod redis;
+pub mod startup;
+pub mod telemetry;
+
+pub use error::{AppError, AppResult};

@@ -1,0 +1,210 @@
+//! Building and running the server: one listener serving gRPC (h2c), grpc-web
+//! (HTTP/1.1 and h2), reflection, health and the HTTP routes.
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::Router;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::{Routes, interceptor::InterceptedService};
+
+use crate::{
+    api::{assets::AssetsApi, jobs::JobsApi, projects::ProjectsApi},
+    auth::{Authenticate, Verifier},
+    config::Settings,
+    db,
+    edge::{self, calls::CallContext},
+    health::Health,
+    proto::{self, v1},
+    redis::{self, RedisPool},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// How long start-up waits for Postgres before giving up.
+const STARTUP_DB_WAIT: Duration = Duration::from_secs(30);
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    settings: Arc<Settings>,
+    health: Health,
+    db: db::Pool,
+    redis: RedisPool,
+    draining: CancellationToken,
+}
+
+impl Application {
+    /// Creates the database if needed, migrates it, builds the pools and binds the port.
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let verifier = Verifier::new(&settings.jwt).map_err(|e| StartError::Config(e.to_string()))?;
+        prepare_database(settings.database_url.expose()).await?;
+
+        let db = db::pool(settings.database_url.expose(), settings.db_pool_size);
+        let redis = redis::pool(settings.redis_url.expose()).map_err(StartError::Config)?;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Health::new(reporter).await;
+        health.probe(&db, &redis).await;
+
+        let draining = CancellationToken::new();
+        let router = router(&settings, verifier, db.clone(), health.clone(), health_service, draining.clone())?;
+        let listener = TcpListener::bind(settings.addr)
+            .await
+            .map_err(|source| StartError::Bind { addr: settings.addr, source })?;
+        Ok(Self { listener, router, settings: Arc::new(settings), health, db, redis, draining })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.settings.addr)
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Serves until `shutdown` resolves, then drains: health goes NOT_SERVING, new
+    /// calls are refused, open streams end with UNAVAILABLE, in-flight calls get the
+    /// configured drain period.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        let Self { listener, router, settings, health, db, redis, draining } = self;
+        let stop_probes = CancellationToken::new();
+        health.spawn_prober(db, redis, settings.health_interval, stop_probes.clone());
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http2()
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+
+        let graceful = GracefulShutdown::new();
+        let service = TowerToHyperService::new(router);
+        tokio::pin!(shutdown);
+        tracing::info!(addr = %listener.local_addr()?, "serving gRPC, grpc-web and HTTP");
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service.clone());
+                    let conn = graceful.watch(conn.into_owned());
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+
+        tracing::info!(drain_timeout = ?settings.drain_timeout, "shutting down: draining calls");
+        health.shutting_down().await;
+        draining.cancel();
+        drop(listener);
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all connections closed"),
+            () = tokio::time::sleep(settings.drain_timeout) => tracing::warn!("drain period over; closing remaining connections"),
+        }
+        stop_probes.cancel();
+        Ok(())
+    }
+}
+
+/// Creates and migrates the database, waiting a while for Postgres to come up.
+async fn prepare_database(url: &str) -> Result<(), db::DbError> {
+    let start = tokio::time::Instant::now();
+    loop {
+        let attempt = async {
+            db::create_database_if_missing(url).await?;
+            db::migrate(url).await
+        };
+        match attempt.await {
+            Ok(applied) => {
+                if applied > 0 {
+                    tracing::info!(applied, "database migrations applied");
+                }
+                return Ok(());
+            }
+            Err(e @ db::DbError::Connect(_)) if start.elapsed() < STARTUP_DB_WAIT => {
+                tracing::warn!(error = %e, "waiting for Postgres");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn router(
+    settings: &Settings,
+    verifier: Verifier,
+    db: db::Pool,
+    health: Health,
+    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    draining: CancellationToken,
+) -> Result<Router, StartError> {
+    let limit = settings.max_message_bytes;
+    let auth = Authenticate(verifier);
+    let projects = v1::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(db))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let jobs = v1::jobs_service_server::JobsServiceServer::new(JobsApi)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let assets = v1::assets_service_server::AssetsServiceServer::new(AssetsApi)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    let reflection = |builder: tonic_reflection::server::Builder<'static>| {
+        builder
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
+
+    let grpc = Routes::new(InterceptedService::new(projects, auth.clone()))
+        .add_service(InterceptedService::new(jobs, auth.clone()))
+        .add_service(InterceptedService::new(assets, auth))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .prepare()
+        .into_axum_router()
+        // grpc-web only on the gRPC routes: on the whole router it would answer 400 to plain HTTP.
+        .layer(tonic_web::GrpcWebLayer::new());
+
+    let ctx = CallContext { request_timeout: settings.request_timeout, draining };
+    let mut app = grpc
+        .merge(edge::health::router(health))
+        .layer(axum::middleware::from_fn_with_state(ctx, edge::calls::middleware));
+    if let Some(cors) = edge::cors::layer(settings) {
+        app = app.layer(cors);
+    }
+    Ok(app)
+}
