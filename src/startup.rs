@@ -85,6 +85,7 @@ impl Application {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
             .max_concurrent_streams(settings.max_concurrent_streams)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));

@@ -54,6 +54,7 @@ pub async fn middleware(State(ctx): State<CallContext>, mut request: Request, ne
         }
     };
     response.headers_mut().insert(REQUEST_ID, request_id_header);
+    resource_exhausted_for_oversized(&mut response);
 
     let (parts, body) = response.into_parts();
     let header_code = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
@@ -62,6 +63,17 @@ pub async fn middleware(State(ctx): State<CallContext>, mut request: Request, ne
     let native_grpc = is_grpc(&parts.headers) && !parts.headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"));
     let stop = (native_grpc && header_code.is_none()).then(|| Box::pin(ctx.draining.clone().cancelled_owned()));
     Response::from_parts(parts, Body::new(LoggedBody { inner: body, log, stop, stopped: false }))
+}
+
+/// tonic reports a request over the size limit as OUT_OF_RANGE; the gRPC spec (and our
+/// error table) make it RESOURCE_EXHAUSTED.
+fn resource_exhausted_for_oversized(response: &mut Response) {
+    let headers = response.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers.get("grpc-message").is_some_and(|m| m.to_str().is_ok_and(|m| m.contains("message%20length%20too%20large")));
+    if oversized {
+        headers.insert("grpc-status", HeaderValue::from(tonic::Code::ResourceExhausted as i32));
+    }
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {

@@ -1,0 +1,299 @@
+//! Test harness: a real server on port 0 against a fresh Postgres database per test,
+//! tonic clients over a real socket, and a TCP proxy that can cut the database off.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use mediaplane::{
+    auth,
+    config::{JwtSettings, Secret, Settings},
+    proto::v1::{self as pb, projects_service_client::ProjectsServiceClient},
+    startup::Application,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Mutex, oneshot},
+    task::JoinHandle,
+};
+use tonic::{
+    Request, Status,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const PG_HOST: &str = "127.0.0.1:5432";
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+static TELEMETRY: LazyLock<()> = LazyLock::new(|| {
+    if std::env::var_os("TEST_LOG").is_some() {
+        mediaplane::telemetry::init(mediaplane::config::LogFormat::Human);
+    }
+});
+
+/// Databases of test runs that crashed are named with their creation time; sweep old ones.
+async fn sweep_stale_databases(conn: &mut AsyncPgConnection) {
+    #[derive(diesel::QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        datname: String,
+    }
+    let Ok(names) = diesel::sql_query("SELECT datname FROM pg_database WHERE datname LIKE 'mp_test_%'")
+        .load::<Name>(conn)
+        .await
+    else {
+        return;
+    };
+    let cutoff = now_secs().saturating_sub(3 * 3600);
+    for Name { datname } in names {
+        let created: Option<u64> = datname.split('_').nth(2).and_then(|s| s.parse().ok());
+        if created.is_some_and(|t| t < cutoff) {
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{datname}\" WITH (FORCE)")).execute(conn).await;
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
+/// A scratch database, dropped (forcefully) when this value is.
+pub struct ScratchDb {
+    pub name: String,
+}
+
+impl ScratchDb {
+    /// A name only: the server under test creates the database itself.
+    pub async fn reserve() -> Self {
+        static SWEEP: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+        SWEEP
+            .get_or_init(|| async {
+                if let Ok(mut conn) = AsyncPgConnection::establish(PG_ADMIN_URL).await {
+                    sweep_stale_databases(&mut conn).await;
+                }
+            })
+            .await;
+        Self { name: format!("mp_test_{}_{}", now_secs(), uuid::Uuid::new_v4().simple()) }
+    }
+
+    pub fn url(&self) -> String {
+        self.url_via(PG_HOST)
+    }
+
+    pub fn url_via(&self, host: &str) -> String {
+        format!("postgres://postgres@{host}/{}", self.name)
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        // Drop runs outside any runtime guarantee: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async {
+                if let Ok(mut conn) = AsyncPgConnection::establish(PG_ADMIN_URL).await {
+                    let _ = diesel::sql_query(sql).execute(&mut conn).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn test_settings(db: &ScratchDb) -> Settings {
+    let mut s = Settings::defaults();
+    s.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.database_url = Secret::new(db.url());
+    s.db_pool_size = 4;
+    s.redis_prefix = format!("mp_test_{}", uuid::Uuid::new_v4().simple());
+    s.jwt = JwtSettings { secret: Some(Secret::new(SECRET)), public_key_pem: None };
+    s.health_interval = Duration::from_millis(200);
+    s.drain_timeout = Duration::from_secs(5);
+    s
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db: ScratchDb,
+    pub channel: Channel,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        let db = ScratchDb::reserve().await;
+        let mut settings = test_settings(&db);
+        configure(&mut settings);
+        Self::spawn_on(db, settings).await
+    }
+
+    pub async fn spawn_on(db: ScratchDb, settings: Settings) -> Self {
+        LazyLock::force(&TELEMETRY);
+        let app = Application::build(settings).await.expect("server builds");
+        let addr = app.local_addr();
+        let (tx, rx) = oneshot::channel();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = rx.await;
+        }));
+        let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connects");
+        Self { addr, db, channel, shutdown: Some(tx), server: Some(server) }
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn projects(&self, token: &str) -> ProjectsServiceClient<InterceptedService<Channel, Bearer>> {
+        ProjectsServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
+    }
+
+    pub fn jobs(&self, token: &str) -> pb::jobs_service_client::JobsServiceClient<InterceptedService<Channel, Bearer>> {
+        pb::jobs_service_client::JobsServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
+    }
+
+    pub fn health(&self) -> tonic_health::pb::health_client::HealthClient<Channel> {
+        tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
+    }
+
+    /// Starts a graceful shutdown and returns the server task to await.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.take().expect("server still running")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Self {
+        Self(format!("Bearer {token}").parse().expect("ascii token"))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub fn token(sub: &str) -> String {
+    token_with(sub, &[], Duration::from_secs(600))
+}
+
+pub fn admin_token(sub: &str) -> String {
+    token_with(sub, &["admin"], Duration::from_secs(600))
+}
+
+pub fn token_with(sub: &str, roles: &[&str], ttl: Duration) -> String {
+    let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+    auth::mint(&Secret::new(SECRET), sub, &roles, &[], ttl).expect("token")
+}
+
+pub fn new_project(display_name: &str) -> pb::Project {
+    pb::Project { display_name: display_name.into(), ..Default::default() }
+}
+
+pub async fn create_project(app: &TestApp, token: &str, display_name: &str) -> pb::Project {
+    app.projects(token)
+        .create_project(pb::CreateProjectRequest { project: Some(new_project(display_name)), request_id: String::new() })
+        .await
+        .expect("create project")
+        .into_inner()
+}
+
+/// Field paths of the `google.rpc.BadRequest` in an error, in order.
+pub fn violations(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `check` holds, polling; fails the test after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < timeout {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+/// A TCP proxy in front of Postgres that can be switched off: existing connections
+/// are cut and new ones refused, as when the database host goes away.
+pub struct ChaosProxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl ChaosProxy {
+    pub async fn start(target: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !AtomicBool::load(&up2, Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns2.lock().await.push(task);
+            }
+        });
+        Self { addr, up, conns }
+    }
+
+    pub async fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for task in self.conns.lock().await.drain(..) {
+            task.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}

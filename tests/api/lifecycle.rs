@@ -1,0 +1,242 @@
+//! Start-up, shutdown, migrations, configuration and deadlines.
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use mediaplane::proto::v1 as pb;
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mediaplane");
+
+/// Holds a row lock on a project so that calls touching it wait.
+async fn lock_project(app: &TestApp, name: &str) -> AsyncPgConnection {
+    let mut conn = AsyncPgConnection::establish(&app.db.url()).await.unwrap();
+    let id = name.trim_start_matches("projects/");
+    conn.batch_execute(&format!("BEGIN; SELECT 1 FROM projects WHERE id = '{id}' FOR UPDATE;")).await.unwrap();
+    conn
+}
+
+fn rename(name: &str, to: &str) -> pb::UpdateProjectRequest {
+    pb::UpdateProjectRequest {
+        project: Some(pb::Project { name: name.into(), display_name: to.into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["display_name".into()] }),
+    }
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_calls_in_flight_and_ends_streams() {
+    let mut app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "draining").await;
+
+    let mut lock = lock_project(&app, &p.name).await;
+    let in_flight = {
+        let mut c = app.projects(&t);
+        let r = rename(&p.name, "finished during drain");
+        tokio::spawn(async move { c.update_project(r).await })
+    };
+    let mut watch = app.health().watch(HealthCheckRequest { service: "readiness".into() }).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!in_flight.is_finished(), "the update waits on the row lock");
+
+    let server = app.begin_shutdown();
+    // Health flips first; then the stream ends with a status clients can act on.
+    let flipped = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap();
+    assert_eq!(flipped.unwrap().unwrap().status(), ServingStatus::NotServing);
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap();
+    assert_eq!(ended.unwrap_err().code(), Code::Unavailable);
+
+    // New calls are refused while the old one is still running.
+    let refused = app.projects(&t).get_project(pb::GetProjectRequest { name: p.name.clone() }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(!in_flight.is_finished());
+
+    lock.batch_execute("COMMIT").await.unwrap();
+    let done = in_flight.await.unwrap().expect("the call in flight completes");
+    assert_eq!(done.into_inner().display_name, "finished during drain");
+    tokio::time::timeout(Duration::from_secs(5), server).await.expect("server stops within the drain period").unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn deadlines_from_client_and_config() {
+    let app = TestApp::spawn_with(|s| s.request_timeout = Duration::from_millis(700)).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "slow").await;
+    let lock = lock_project(&app, &p.name).await;
+
+    let mut request = tonic::Request::new(rename(&p.name, "late"));
+    request.set_timeout(Duration::from_millis(200));
+    let start = std::time::Instant::now();
+    let err = app.projects(&t).update_project(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert!(start.elapsed() < Duration::from_millis(650), "client deadline wins when shorter");
+
+    let err = app.projects(&t).update_project(rename(&p.name, "late")).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "configured request timeout");
+    drop(lock);
+
+    eventually(Duration::from_secs(5), "calls work after timeouts", || {
+        let mut c = app.projects(&t);
+        let name = p.name.clone();
+        async move { c.get_project(pb::GetProjectRequest { name }).await.is_ok_and(|r| r.into_inner().display_name == "slow") }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn migrations_run_down_and_up_again() {
+    let db = ScratchDb::reserve().await;
+    let url = db.url();
+    mediaplane::db::create_database_if_missing(&url).await.unwrap();
+    mediaplane::db::create_database_if_missing(&url).await.expect("idempotent");
+    let applied = mediaplane::db::migrate(&url).await.unwrap();
+    assert!(applied >= 1);
+    assert_eq!(mediaplane::db::migrate(&url).await.unwrap(), 0, "nothing pending the second time");
+
+    let tables = || async {
+        #[derive(diesel::QueryableByName)]
+        struct T {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            tablename: String,
+        }
+        let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+        let rows: Vec<T> = diesel_async::RunQueryDsl::load(
+            diesel::sql_query("SELECT tablename::text AS tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> '__diesel_schema_migrations' ORDER BY 1"),
+            &mut conn,
+        )
+        .await
+        .unwrap();
+        rows.into_iter().map(|t| t.tablename).collect::<Vec<_>>()
+    };
+    assert!(tables().await.contains(&"projects".to_owned()));
+    assert_eq!(mediaplane::db::revert_all(&url).await.unwrap(), applied);
+    assert_eq!(tables().await, Vec::<String>::new(), "down.sql leaves nothing behind");
+    assert_eq!(mediaplane::db::migrate(&url).await.unwrap(), applied);
+    assert!(tables().await.contains(&"projects".to_owned()));
+}
+
+/// The real binary: first-run token, readiness, SIGTERM, exit code 0.
+#[tokio::test]
+async fn binary_serves_with_a_first_run_token_and_exits_cleanly_on_sigterm() {
+    let db = ScratchDb::reserve().await;
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env_remove("MEDIAPLANE_JWT_SECRET")
+        .env_remove("MEDIAPLANE_CONFIG")
+        .env("MEDIAPLANE_ADDR", "127.0.0.1:0")
+        .env("DATABASE_URL", db.url())
+        .env("MEDIAPLANE_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // stderr carries the token, stdout the JSON logs with the bound address.
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let token = tokio::task::spawn_blocking(move || {
+        stderr.lines().map_while(Result::ok).find(|l| l.starts_with("eyJ")).expect("a token is printed")
+    });
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut lines = stdout.lines().map_while(Result::ok);
+        let line = lines.find(|l| l.contains("serving gRPC")).expect("serving line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        // Keep draining so the child never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        v["fields"]["addr"].as_str().unwrap().to_owned()
+    });
+    let (token, addr) = (token.await.unwrap(), addr.await.unwrap());
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut c = pb::projects_service_client::ProjectsServiceClient::with_interceptor(channel, Bearer::new(&token));
+    let p = c
+        .create_project(pb::CreateProjectRequest { project: Some(new_project("first run")), request_id: String::new() })
+        .await
+        .expect("the printed token works")
+        .into_inner();
+    assert_eq!(p.owner, "local");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(exit.code(), Some(0), "clean exit on SIGTERM");
+}
+
+#[test]
+fn bad_configuration_is_reported_with_its_key() {
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).env_remove("MEDIAPLANE_CONFIG").env_remove("MEDIAPLANE_JWT_SECRET");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&["serve"], &[("MEDIAPLANE_ADDR", "nowhere")]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("MEDIAPLANE_ADDR") && err.contains("--addr") && err.contains("127.0.0.1:8080"), "{err}");
+
+    let (code, err) = run(&["serve", "--request-timeout", "forever"], &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("MEDIAPLANE_REQUEST_TIMEOUT"), "{err}");
+
+    let (code, err) = run(&["serve"], &[("DATABASE_URL", "mysql://root:hunter2@db/x")]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("DATABASE_URL") && !err.contains("hunter2"), "secrets are never echoed: {err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mediaplane.toml");
+    std::fs::write(&file, "addr = \"127.0.0.1:9\"\nmax_mesage_bytes = 10\n").unwrap();
+    let (code, err) = run(&["serve", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown key `max_mesage_bytes`"), "{err}");
+
+    let (code, err) = run(&["token", "--sub", "alice"], &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("MEDIAPLANE_JWT_SECRET"), "{err}");
+}
+
+#[test]
+fn token_command_mints_verifiable_tokens() {
+    let out = Command::new(BIN)
+        .args(["token", "--sub", "alice", "--role", "worker", "--ttl", "2h"])
+        .env("MEDIAPLANE_JWT_SECRET", SECRET)
+        .env_remove("MEDIAPLANE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let verifier = mediaplane::auth::Verifier::new(&mediaplane::config::JwtSettings {
+        secret: Some(mediaplane::config::Secret::new(SECRET)),
+        public_key_pem: None,
+    })
+    .unwrap();
+    let caller = verifier.verify(token.trim()).unwrap();
+    assert_eq!((caller.sub.as_str(), caller.roles.as_slice()), ("alice", ["worker".to_owned()].as_slice()));
+    let claims = jsonwebtoken::decode::<mediaplane::auth::Claims>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+        &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256),
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims.exp - claims.iat, 7200, "--ttl 2h");
+}
+
+#[tokio::test]
+async fn migrate_command_only_migrates() {
+    let db = ScratchDb::reserve().await;
+    let out = Command::new(BIN).args(["migrate", "--database-url", &db.url()]).env_remove("MEDIAPLANE_CONFIG").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied: "));
+    assert_eq!(mediaplane::db::migrate(&db.url()).await.unwrap(), 0, "already migrated");
+}
