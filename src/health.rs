@@ -72,6 +72,8 @@ impl Snapshot {
 pub struct Health {
     reporter: HealthReporter,
     snapshot: Arc<RwLock<Snapshot>>,
+    /// What was last published, so Watch streams see changes only, not every probe.
+    published: Arc<tokio::sync::Mutex<Option<(bool, bool)>>>,
     pub started: Instant,
 }
 
@@ -83,7 +85,7 @@ impl Health {
             reporter.set_service_status(name, ServingStatus::NotServing).await;
         }
         let snapshot = Snapshot { postgres: Check::unknown(), redis: Check::unknown(), shutting_down: false };
-        Self { reporter, snapshot: Arc::new(RwLock::new(snapshot)), started: Instant::now() }
+        Self { reporter, snapshot: Arc::new(RwLock::new(snapshot)), published: Arc::default(), started: Instant::now() }
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -120,6 +122,11 @@ impl Health {
     }
 
     async fn publish(&self, s: &Snapshot) {
+        let mut published = self.published.lock().await;
+        if *published == Some((s.ready(), s.shutting_down)) {
+            return;
+        }
+        *published = Some((s.ready(), s.shutting_down));
         let status = if s.ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
         for name in gated_names() {
             self.reporter.set_service_status(name, status).await;

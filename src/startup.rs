@@ -52,7 +52,8 @@ impl Application {
         let verifier = Verifier::new(&settings.jwt).map_err(|e| StartError::Config(e.to_string()))?;
         prepare_database(settings.database_url.expose()).await?;
 
-        let db = db::pool(settings.database_url.expose(), settings.db_pool_size);
+        // A statement may run a little past the call's deadline, never much longer.
+        let db = db::pool(settings.database_url.expose(), settings.db_pool_size, settings.request_timeout + Duration::from_secs(5));
         let redis = redis::pool(settings.redis_url.expose()).map_err(StartError::Config)?;
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health::new(reporter).await;

@@ -35,14 +35,37 @@ pub enum DbError {
 
 /// Builds the pool without connecting: the server starts (and reports NOT_SERVING)
 /// while Postgres is away, and connections are made as calls need them.
-pub fn pool(url: &str, size: u32) -> Pool {
+/// `statement_timeout` bounds how long a statement can outlive a call that timed
+/// out (dropping the call does not stop a statement Postgres already runs).
+pub fn pool(url: &str, size: u32, statement_timeout: Duration) -> Pool {
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
     bb8::Pool::builder()
         .max_size(size)
+        .connection_customizer(Box::new(SessionSettings { statement_timeout }))
         .min_idle(Some(1))
         .connection_timeout(Duration::from_secs(3))
         .idle_timeout(Some(Duration::from_secs(300)))
         .build_unchecked(manager)
+}
+
+#[derive(Debug)]
+struct SessionSettings {
+    statement_timeout: Duration,
+}
+
+impl ::bb8::CustomizeConnection<AsyncPgConnection, diesel_async::pooled_connection::PoolError> for SessionSettings {
+    fn on_acquire<'a>(
+        &'a self,
+        conn: &'a mut AsyncPgConnection,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), diesel_async::pooled_connection::PoolError>> + Send + 'a>> {
+        Box::pin(async move {
+            use diesel_async::SimpleAsyncConnection;
+            let ms = self.statement_timeout.as_millis().max(1);
+            conn.batch_execute(&format!("SET statement_timeout = {ms}; SET application_name = 'mediaplane'"))
+                .await
+                .map_err(diesel_async::pooled_connection::PoolError::QueryError)
+        })
+    }
 }
 
 /// Splits `postgres://host/db?x` into the URL of the `postgres` maintenance database and `db`.
