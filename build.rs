@@ -50,7 +50,10 @@ fn check_http_rules(pool: &prost_reflect::DescriptorPool) -> Result<(), String> 
         .get_extension_by_name("google.api.http")
         .ok_or("google.api.http extension not found")?;
     let mut missing = Vec::new();
-    for service in pool.services().filter(|s| s.package_name() == "mediaplane.v1") {
+    for service in pool
+        .services()
+        .filter(|s| s.package_name() == "mediaplane.v1")
+    {
         for method in service.methods() {
             let options: DynamicMessage = method.options();
             let has_rule = options.has_extension(&http_ext)

@@ -64,7 +64,10 @@ impl Verifier {
     pub fn new(settings: &JwtSettings) -> Result<Self, KeyError> {
         let mut keys = Vec::new();
         if let Some(secret) = &settings.secret {
-            keys.push((DecodingKey::from_secret(secret.expose().as_bytes()), validation(Algorithm::HS256)));
+            keys.push((
+                DecodingKey::from_secret(secret.expose().as_bytes()),
+                validation(Algorithm::HS256),
+            ));
         }
         if let Some(pem) = &settings.public_key_pem {
             let key = if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
@@ -79,7 +82,9 @@ impl Verifier {
         if keys.is_empty() {
             return Err(KeyError::NoKey);
         }
-        Ok(Self { keys: Arc::new(keys) })
+        Ok(Self {
+            keys: Arc::new(keys),
+        })
     }
 
     pub fn verify(&self, token: &str) -> Result<Caller, Status> {
@@ -89,7 +94,11 @@ impl Verifier {
             .keys
             .iter()
             .find(|(_, v)| v.algorithms.contains(&header.alg))
-            .ok_or_else(|| Status::unauthenticated("token signed with an algorithm this server does not accept"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "token signed with an algorithm this server does not accept",
+                )
+            })?;
         let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             Status::unauthenticated(match e.kind() {
@@ -99,7 +108,9 @@ impl Verifier {
                 _ => "invalid bearer token",
             })
         })?;
-        let Claims { sub, roles, kinds, .. } = data.claims;
+        let Claims {
+            sub, roles, kinds, ..
+        } = data.claims;
         if sub.is_empty() {
             return Err(Status::unauthenticated("token has an empty sub"));
         }
@@ -116,7 +127,13 @@ fn validation(alg: Algorithm) -> Validation {
 }
 
 /// Signs an HS256 token, for `mediaplane token` and the first-run token.
-pub fn mint(secret: &Secret, sub: &str, roles: &[String], kinds: &[String], ttl: Duration) -> Result<String, jsonwebtoken::errors::Error> {
+pub fn mint(
+    secret: &Secret,
+    sub: &str,
+    roles: &[String],
+    kinds: &[String],
+    ttl: Duration,
+) -> Result<String, jsonwebtoken::errors::Error> {
     let now = jsonwebtoken::get_current_timestamp();
     let claims = Claims {
         sub: sub.to_owned(),
@@ -125,7 +142,11 @@ pub fn mint(secret: &Secret, sub: &str, roles: &[String], kinds: &[String], ttl:
         iat: now,
         exp: now + ttl.as_secs(),
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.expose().as_bytes()))
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.expose().as_bytes()),
+    )
 }
 
 /// Tonic interceptor: rejects calls without a valid `authorization: Bearer` token and
@@ -135,14 +156,16 @@ pub struct Authenticate(pub Verifier);
 
 impl Interceptor for Authenticate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization metadata (expected `Bearer <token>`)"))?;
+        let header = request.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated("missing authorization metadata (expected `Bearer <token>`)")
+        })?;
         let token = header
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
         let caller = self.0.verify(token)?;

@@ -11,7 +11,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "mediaplane", version, about = "Projects, durable media jobs with live progress, and assets, over gRPC.")]
+#[command(
+    name = "mediaplane",
+    version,
+    about = "Projects, durable media jobs with live progress, and assets, over gRPC."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -60,17 +64,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token(args) => {
             let settings = Settings::load(&args.settings)?;
-            let secret = settings
-                .jwt
-                .secret
-                .ok_or_else(|| anyhow::anyhow!("no secret: set MEDIAPLANE_JWT_SECRET (or --jwt-secret) to the server's secret"))?;
+            let secret = settings.jwt.secret.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no secret: set MEDIAPLANE_JWT_SECRET (or --jwt-secret) to the server's secret"
+                )
+            })?;
             for role in &args.roles {
                 anyhow::ensure!(
                     [auth::ROLE_ADMIN, auth::ROLE_WORKER].contains(&role.as_str()),
                     "unknown role {role:?}: expected admin or worker"
                 );
             }
-            println!("{}", auth::mint(&secret, &args.sub, &args.roles, &args.kinds, args.ttl)?);
+            println!(
+                "{}",
+                auth::mint(&secret, &args.sub, &args.roles, &args.kinds, args.ttl)?
+            );
             Ok(())
         }
     }
@@ -84,7 +92,13 @@ async fn serve(args: SettingsArgs) -> anyhow::Result<()> {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         let secret = Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
-        let token = auth::mint(&secret, "local", &[auth::ROLE_WORKER.to_owned()], &[], Duration::from_secs(24 * 3600))?;
+        let token = auth::mint(
+            &secret,
+            "local",
+            &[auth::ROLE_WORKER.to_owned()],
+            &[],
+            Duration::from_secs(24 * 3600),
+        )?;
         eprintln!(
             "No MEDIAPLANE_JWT_SECRET set: generated a secret for this run only.\n\
              Token for user `local` (worker role, valid 24h):\n\n{token}\n\n\

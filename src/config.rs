@@ -141,26 +141,77 @@ struct Key {
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (--{}, `{}` in the config file)", self.env, self.name.replace('_', "-"), self.name)
+        write!(
+            f,
+            "{} (--{}, `{}` in the config file)",
+            self.env,
+            self.name.replace('_', "-"),
+            self.name
+        )
     }
 }
 
 const KEYS: &[Key] = &[
-    Key { name: "addr", env: "MEDIAPLANE_ADDR" },
-    Key { name: "database_url", env: "DATABASE_URL" },
-    Key { name: "db_pool_size", env: "MEDIAPLANE_DB_POOL_SIZE" },
-    Key { name: "redis_url", env: "REDIS_URL" },
-    Key { name: "redis_prefix", env: "MEDIAPLANE_REDIS_PREFIX" },
-    Key { name: "jwt_secret", env: "MEDIAPLANE_JWT_SECRET" },
-    Key { name: "jwt_public_key", env: "MEDIAPLANE_JWT_PUBLIC_KEY" },
-    Key { name: "cors_origins", env: "MEDIAPLANE_CORS_ORIGINS" },
-    Key { name: "cors_max_age", env: "MEDIAPLANE_CORS_MAX_AGE" },
-    Key { name: "log_format", env: "MEDIAPLANE_LOG_FORMAT" },
-    Key { name: "max_message_bytes", env: "MEDIAPLANE_MAX_MESSAGE_BYTES" },
-    Key { name: "max_concurrent_streams", env: "MEDIAPLANE_MAX_CONCURRENT_STREAMS" },
-    Key { name: "request_timeout", env: "MEDIAPLANE_REQUEST_TIMEOUT" },
-    Key { name: "drain_timeout", env: "MEDIAPLANE_DRAIN_TIMEOUT" },
-    Key { name: "health_interval", env: "MEDIAPLANE_HEALTH_INTERVAL" },
+    Key {
+        name: "addr",
+        env: "MEDIAPLANE_ADDR",
+    },
+    Key {
+        name: "database_url",
+        env: "DATABASE_URL",
+    },
+    Key {
+        name: "db_pool_size",
+        env: "MEDIAPLANE_DB_POOL_SIZE",
+    },
+    Key {
+        name: "redis_url",
+        env: "REDIS_URL",
+    },
+    Key {
+        name: "redis_prefix",
+        env: "MEDIAPLANE_REDIS_PREFIX",
+    },
+    Key {
+        name: "jwt_secret",
+        env: "MEDIAPLANE_JWT_SECRET",
+    },
+    Key {
+        name: "jwt_public_key",
+        env: "MEDIAPLANE_JWT_PUBLIC_KEY",
+    },
+    Key {
+        name: "cors_origins",
+        env: "MEDIAPLANE_CORS_ORIGINS",
+    },
+    Key {
+        name: "cors_max_age",
+        env: "MEDIAPLANE_CORS_MAX_AGE",
+    },
+    Key {
+        name: "log_format",
+        env: "MEDIAPLANE_LOG_FORMAT",
+    },
+    Key {
+        name: "max_message_bytes",
+        env: "MEDIAPLANE_MAX_MESSAGE_BYTES",
+    },
+    Key {
+        name: "max_concurrent_streams",
+        env: "MEDIAPLANE_MAX_CONCURRENT_STREAMS",
+    },
+    Key {
+        name: "request_timeout",
+        env: "MEDIAPLANE_REQUEST_TIMEOUT",
+    },
+    Key {
+        name: "drain_timeout",
+        env: "MEDIAPLANE_DRAIN_TIMEOUT",
+    },
+    Key {
+        name: "health_interval",
+        env: "MEDIAPLANE_HEALTH_INTERVAL",
+    },
 ];
 
 fn key(name: &str) -> &'static Key {
@@ -183,34 +234,48 @@ impl Settings {
         Self::from_sources(args, &file)
     }
 
-    fn from_sources(args: &SettingsArgs, file: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+    fn from_sources(
+        args: &SettingsArgs,
+        file: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
         let get = |name: &str, arg: &Option<String>| -> Option<String> {
             arg.clone().or_else(|| file.get(name).cloned())
         };
         let path_arg = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
 
         let addr = parse_opt("addr", get("addr", &args.addr), |s| {
-            s.parse::<SocketAddr>().map_err(|_| "expected host:port with an IP address, like 127.0.0.1:8080".into())
+            s.parse::<SocketAddr>()
+                .map_err(|_| "expected host:port with an IP address, like 127.0.0.1:8080".into())
         })?
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
-        let database_url = parse_opt("database_url", get("database_url", &args.database_url), |s| {
-            check_url(s, &["postgres", "postgresql"]).map(|_| Secret::new(s))
-        })?
+        let database_url = parse_opt(
+            "database_url",
+            get("database_url", &args.database_url),
+            |s| check_url(s, &["postgres", "postgresql"]).map(|_| Secret::new(s)),
+        )?
         .unwrap_or_else(|| Secret::new(DEFAULT_DATABASE_URL));
         let redis_url = parse_opt("redis_url", get("redis_url", &args.redis_url), |s| {
             check_url(s, &["redis", "rediss"]).map(|_| Secret::new(s))
         })?
         .unwrap_or_else(|| Secret::new(DEFAULT_REDIS_URL));
-        let redis_prefix = parse_opt("redis_prefix", get("redis_prefix", &args.redis_prefix), |s| {
-            if !s.is_empty() && s.len() <= 64 && !s.contains(char::is_whitespace) {
-                Ok(s.to_owned())
-            } else {
-                Err("expected 1 to 64 characters without spaces".into())
-            }
-        })?
+        let redis_prefix = parse_opt(
+            "redis_prefix",
+            get("redis_prefix", &args.redis_prefix),
+            |s| {
+                if !s.is_empty() && s.len() <= 64 && !s.contains(char::is_whitespace) {
+                    Ok(s.to_owned())
+                } else {
+                    Err("expected 1 to 64 characters without spaces".into())
+                }
+            },
+        )?
         .unwrap_or_else(|| "mediaplane".to_owned());
-        let db_pool_size = parse_opt("db_pool_size", get("db_pool_size", &args.db_pool_size), |s| parse_range(s, 1, 1000))?
-            .map_or(DEFAULT_DB_POOL_SIZE, |v| v as u32);
+        let db_pool_size = parse_opt(
+            "db_pool_size",
+            get("db_pool_size", &args.db_pool_size),
+            |s| parse_range(s, 1, 1000),
+        )?
+        .map_or(DEFAULT_DB_POOL_SIZE, |v| v as u32);
 
         let secret = match get("jwt_secret", &args.jwt_secret) {
             None => None,
@@ -225,7 +290,10 @@ impl Settings {
         let public_key_pem = match get("jwt_public_key", &path_arg(&args.jwt_public_key)) {
             None => None,
             Some(path) => Some(std::fs::read(&path).map_err(|e| {
-                ConfigError(format!("{}: cannot read {path}: {e}", key("jwt_public_key")))
+                ConfigError(format!(
+                    "{}: cannot read {path}: {e}",
+                    key("jwt_public_key")
+                ))
             })?),
         };
 
@@ -240,21 +308,29 @@ impl Settings {
                     })?;
                     list.push(origin.to_owned());
                 }
-                if list.is_empty() { CorsOrigins::None } else { CorsOrigins::List(list) }
+                if list.is_empty() {
+                    CorsOrigins::None
+                } else {
+                    CorsOrigins::List(list)
+                }
             }
         };
 
-        let log_format = parse_opt("log_format", get("log_format", &args.log_format), |s| {
-            match s.to_ascii_lowercase().as_str() {
+        let log_format = parse_opt(
+            "log_format",
+            get("log_format", &args.log_format),
+            |s| match s.to_ascii_lowercase().as_str() {
                 "human" | "text" | "pretty" => Ok(LogFormat::Human),
                 "json" => Ok(LogFormat::Json),
                 _ => Err("expected `human` or `json`".into()),
-            }
-        })?
+            },
+        )?
         .unwrap_or(LogFormat::Human);
-        let max_message_bytes = parse_opt("max_message_bytes", get("max_message_bytes", &args.max_message_bytes), |s| {
-            parse_range(s, 1024, 256 * 1024 * 1024)
-        })?
+        let max_message_bytes = parse_opt(
+            "max_message_bytes",
+            get("max_message_bytes", &args.max_message_bytes),
+            |s| parse_range(s, 1024, 256 * 1024 * 1024),
+        )?
         .map_or(DEFAULT_MAX_MESSAGE_BYTES, |v| v as usize);
         let max_concurrent_streams = parse_opt(
             "max_concurrent_streams",
@@ -263,7 +339,10 @@ impl Settings {
         )?
         .map_or(DEFAULT_MAX_CONCURRENT_STREAMS, |v| v as u32);
 
-        let duration = |name: &str, arg: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+        let duration = |name: &str,
+                        arg: &Option<String>,
+                        default: Duration|
+         -> Result<Duration, ConfigError> {
             Ok(parse_opt(name, get(name, arg), parse_duration)?.unwrap_or(default))
         };
 
@@ -273,26 +352,45 @@ impl Settings {
             db_pool_size,
             redis_url,
             redis_prefix,
-            jwt: JwtSettings { secret, public_key_pem },
+            jwt: JwtSettings {
+                secret,
+                public_key_pem,
+            },
             cors_origins,
             cors_max_age: duration("cors_max_age", &args.cors_max_age, DEFAULT_CORS_MAX_AGE)?,
             log_format,
             max_message_bytes,
             max_concurrent_streams,
-            request_timeout: duration("request_timeout", &args.request_timeout, DEFAULT_REQUEST_TIMEOUT)?,
+            request_timeout: duration(
+                "request_timeout",
+                &args.request_timeout,
+                DEFAULT_REQUEST_TIMEOUT,
+            )?,
             drain_timeout: duration("drain_timeout", &args.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
-            health_interval: duration("health_interval", &args.health_interval, DEFAULT_HEALTH_INTERVAL)?,
+            health_interval: duration(
+                "health_interval",
+                &args.health_interval,
+                DEFAULT_HEALTH_INTERVAL,
+            )?,
         })
     }
 }
 
 /// Parses a setting that was given; `None` when it was not (the caller's default applies).
-fn parse_opt<T>(name: &str, value: Option<String>, parse: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
+fn parse_opt<T>(
+    name: &str,
+    value: Option<String>,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, ConfigError> {
     value
         .map(|v| {
             parse(v.trim()).map_err(|why| {
                 // URLs and secrets may carry passwords: never echo them.
-                let shown = if name.contains("url") || name.contains("secret") { "<hidden>".into() } else { format!("{v:?}") };
+                let shown = if name.contains("url") || name.contains("secret") {
+                    "<hidden>".into()
+                } else {
+                    format!("{v:?}")
+                };
                 ConfigError(format!("invalid {}: {shown}: {why}", key(name)))
             })
         })
@@ -325,7 +423,8 @@ fn check_origin(origin: &str) -> Result<(), &'static str> {
     if rest.is_empty() || rest.contains('/') {
         return Err("must be scheme://host[:port] with no path");
     }
-    http::HeaderValue::from_str(origin).map_err(|_| "contains characters not allowed in a header")?;
+    http::HeaderValue::from_str(origin)
+        .map_err(|_| "contains characters not allowed in a header")?;
     Ok(())
 }
 
@@ -333,9 +432,12 @@ fn check_origin(origin: &str) -> Result<(), &'static str> {
 fn read_file(path: &PathBuf) -> Result<BTreeMap<String, String>, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e| ConfigError(format!("config file {} is not valid TOML: {e}", path.display())))?;
+    let table: toml::Table = text.parse().map_err(|e| {
+        ConfigError(format!(
+            "config file {} is not valid TOML: {e}",
+            path.display()
+        ))
+    })?;
     let mut out = BTreeMap::new();
     for (name, value) in table {
         if !KEYS.iter().any(|k| k.name == name) {
@@ -351,7 +453,11 @@ fn read_file(path: &PathBuf) -> Result<BTreeMap<String, String>, ConfigError> {
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Array(items) => items
                 .iter()
-                .map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                })
                 .collect::<Vec<_>>()
                 .join(","),
             other => other.to_string(),
@@ -375,20 +481,44 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let args = SettingsArgs { addr: Some("nope".into()), ..Default::default() };
+        let args = SettingsArgs {
+            addr: Some("nope".into()),
+            ..Default::default()
+        };
         let err = Settings::load(&args).unwrap_err().to_string();
-        assert!(err.contains("MEDIAPLANE_ADDR") && err.contains("--addr"), "{err}");
+        assert!(
+            err.contains("MEDIAPLANE_ADDR") && err.contains("--addr"),
+            "{err}"
+        );
 
-        let args = SettingsArgs { request_timeout: Some("soon".into()), ..Default::default() };
+        let args = SettingsArgs {
+            request_timeout: Some("soon".into()),
+            ..Default::default()
+        };
         let err = Settings::load(&args).unwrap_err().to_string();
-        assert!(err.contains("MEDIAPLANE_REQUEST_TIMEOUT") && err.contains("30s"), "{err}");
+        assert!(
+            err.contains("MEDIAPLANE_REQUEST_TIMEOUT") && err.contains("30s"),
+            "{err}"
+        );
 
-        let args = SettingsArgs { database_url: Some("mysql://x".into()), ..Default::default() };
+        let args = SettingsArgs {
+            database_url: Some("mysql://x".into()),
+            ..Default::default()
+        };
         let err = Settings::load(&args).unwrap_err().to_string();
-        assert!(err.contains("DATABASE_URL") && !err.contains("mysql"), "{err}");
+        assert!(
+            err.contains("DATABASE_URL") && !err.contains("mysql"),
+            "{err}"
+        );
 
-        let args = SettingsArgs { jwt_secret: Some("short".into()), ..Default::default() };
+        let args = SettingsArgs {
+            jwt_secret: Some("short".into()),
+            ..Default::default()
+        };
         let err = Settings::load(&args).unwrap_err().to_string();
-        assert!(err.contains("MEDIAPLANE_JWT_SECRET") && !err.contains("short\""), "{err}");
+        assert!(
+            err.contains("MEDIAPLANE_JWT_SECRET") && !err.contains("short\""),
+            "{err}"
+        );
     }
 }

@@ -90,9 +90,14 @@ impl From<AppError> for Status {
     fn from(error: AppError) -> Self {
         let code = error.code();
         match error {
-            AppError::InvalidArgument { message, violations } => {
-                Status::with_error_details(code, message, ErrorDetails::with_bad_request(violations))
-            }
+            AppError::InvalidArgument {
+                message,
+                violations,
+            } => Status::with_error_details(
+                code,
+                message,
+                ErrorDetails::with_bad_request(violations),
+            ),
             AppError::Internal(detail) => {
                 tracing::error!(error.detail = %detail, "internal error");
                 Status::new(code, "internal error")

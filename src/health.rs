@@ -15,7 +15,8 @@ use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    db, proto::v1::{
+    db,
+    proto::v1::{
         assets_service_server::AssetsServiceServer, jobs_service_server::JobsServiceServer,
         projects_service_server::ProjectsServiceServer,
     },
@@ -47,7 +48,11 @@ pub struct Check {
 
 impl Check {
     fn unknown() -> Self {
-        Self { status: "unknown", latency_ms: 0.0, error: None }
+        Self {
+            status: "unknown",
+            latency_ms: 0.0,
+            error: None,
+        }
     }
     pub fn is_up(&self) -> bool {
         self.status == "up"
@@ -79,17 +84,35 @@ pub struct Health {
 
 impl Health {
     pub async fn new(reporter: HealthReporter) -> Self {
-        reporter.set_service_status("", ServingStatus::Serving).await;
-        reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
         for name in gated_names() {
-            reporter.set_service_status(name, ServingStatus::NotServing).await;
+            reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
         }
-        let snapshot = Snapshot { postgres: Check::unknown(), redis: Check::unknown(), shutting_down: false };
-        Self { reporter, snapshot: Arc::new(RwLock::new(snapshot)), published: Arc::default(), started: Instant::now() }
+        let snapshot = Snapshot {
+            postgres: Check::unknown(),
+            redis: Check::unknown(),
+            shutting_down: false,
+        };
+        Self {
+            reporter,
+            snapshot: Arc::new(RwLock::new(snapshot)),
+            published: Arc::default(),
+            started: Instant::now(),
+        }
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        self.snapshot.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.snapshot
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn update(&self, f: impl FnOnce(&mut Snapshot)) -> Snapshot {
@@ -100,18 +123,23 @@ impl Health {
 
     /// Probes once and publishes the result.
     pub async fn probe(&self, pool: &db::Pool, redis: &RedisPool) {
-        let (postgres, redis) = tokio::join!(timed(db::ping(pool)), timed(crate::redis::ping(redis)));
+        let (postgres, redis) =
+            tokio::join!(timed(db::ping(pool)), timed(crate::redis::ping(redis)));
         let before = self.snapshot();
         if before.postgres.is_up() != postgres.is_up() || before.postgres.status == "unknown" {
             match &postgres.error {
                 None => tracing::info!(latency_ms = postgres.latency_ms, "postgres reachable"),
-                Some(e) => tracing::warn!(error = %e, "postgres unreachable: readiness NOT_SERVING"),
+                Some(e) => {
+                    tracing::warn!(error = %e, "postgres unreachable: readiness NOT_SERVING")
+                }
             }
         }
         if before.redis.is_up() != redis.is_up() || before.redis.status == "unknown" {
             match &redis.error {
                 None => tracing::info!(latency_ms = redis.latency_ms, "redis reachable"),
-                Some(e) => tracing::warn!(redis = "down", error = %e, "redis unreachable (degraded; still ready)"),
+                Some(e) => {
+                    tracing::warn!(redis = "down", error = %e, "redis unreachable (degraded; still ready)")
+                }
             }
         }
         let after = self.update(|s| {
@@ -127,13 +155,21 @@ impl Health {
             return;
         }
         *published = Some((s.ready(), s.shutting_down));
-        let status = if s.ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if s.ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
         for name in gated_names() {
             self.reporter.set_service_status(name, status).await;
         }
         if s.shutting_down {
-            self.reporter.set_service_status("", ServingStatus::NotServing).await;
-            self.reporter.set_service_status(LIVENESS, ServingStatus::NotServing).await;
+            self.reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            self.reporter
+                .set_service_status(LIVENESS, ServingStatus::NotServing)
+                .await;
         }
     }
 
@@ -144,7 +180,13 @@ impl Health {
     }
 
     /// Probes every `interval` until `stop` fires.
-    pub fn spawn_prober(&self, pool: db::Pool, redis: RedisPool, interval: Duration, stop: CancellationToken) {
+    pub fn spawn_prober(
+        &self,
+        pool: db::Pool,
+        redis: RedisPool,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
         let health = self.clone();
         tokio::spawn(async move {
             loop {
@@ -160,10 +202,20 @@ impl Health {
 
 async fn timed(probe: impl Future<Output = Result<(), String>>) -> Check {
     let start = Instant::now();
-    let result = tokio::time::timeout(PROBE_TIMEOUT, probe).await.unwrap_or_else(|_| Err("timed out".into()));
+    let result = tokio::time::timeout(PROBE_TIMEOUT, probe)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
     let latency_ms = (start.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
     match result {
-        Ok(()) => Check { status: "up", latency_ms, error: None },
-        Err(e) => Check { status: "down", latency_ms, error: Some(e) },
+        Ok(()) => Check {
+            status: "up",
+            latency_ms,
+            error: None,
+        },
+        Err(e) => Check {
+            status: "down",
+            latency_ms,
+            error: Some(e),
+        },
     }
 }

@@ -7,7 +7,8 @@ use bb8_redis::RedisConnectionManager;
 pub type RedisPool = bb8::Pool<RedisConnectionManager>;
 
 pub fn pool(url: &str) -> Result<RedisPool, String> {
-    let manager = RedisConnectionManager::new(url).map_err(|e| format!("invalid REDIS_URL: {e}"))?;
+    let manager =
+        RedisConnectionManager::new(url).map_err(|e| format!("invalid REDIS_URL: {e}"))?;
     Ok(bb8::Pool::builder()
         .max_size(16)
         .min_idle(Some(1))
@@ -17,6 +18,13 @@ pub fn pool(url: &str) -> Result<RedisPool, String> {
 
 pub async fn ping(pool: &RedisPool) -> Result<(), String> {
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    let pong: String = redis::cmd("PING").query_async(&mut *conn).await.map_err(|e| e.to_string())?;
-    if pong == "PONG" { Ok(()) } else { Err(format!("unexpected PING reply {pong:?}")) }
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut *conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if pong == "PONG" {
+        Ok(())
+    } else {
+        Err(format!("unexpected PING reply {pong:?}"))
+    }
 }

@@ -30,7 +30,10 @@ pub enum StartError {
     #[error("{0}")]
     Config(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// How long start-up waits for Postgres before giving up.
@@ -49,22 +52,46 @@ pub struct Application {
 impl Application {
     /// Creates the database if needed, migrates it, builds the pools and binds the port.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
-        let verifier = Verifier::new(&settings.jwt).map_err(|e| StartError::Config(e.to_string()))?;
+        let verifier =
+            Verifier::new(&settings.jwt).map_err(|e| StartError::Config(e.to_string()))?;
         prepare_database(settings.database_url.expose()).await?;
 
         // A statement may run a little past the call's deadline, never much longer.
-        let db = db::pool(settings.database_url.expose(), settings.db_pool_size, settings.request_timeout + Duration::from_secs(5));
+        let db = db::pool(
+            settings.database_url.expose(),
+            settings.db_pool_size,
+            settings.request_timeout + Duration::from_secs(5),
+        );
         let redis = redis::pool(settings.redis_url.expose()).map_err(StartError::Config)?;
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health::new(reporter).await;
         health.probe(&db, &redis).await;
 
         let draining = CancellationToken::new();
-        let router = router(&settings, verifier, db.clone(), health.clone(), health_service, draining.clone())?;
-        let listener = TcpListener::bind(settings.addr)
-            .await
-            .map_err(|source| StartError::Bind { addr: settings.addr, source })?;
-        Ok(Self { listener, router, settings: Arc::new(settings), health, db, redis, draining })
+        let router = router(
+            &settings,
+            verifier,
+            db.clone(),
+            health.clone(),
+            health_service,
+            draining.clone(),
+        )?;
+        let listener =
+            TcpListener::bind(settings.addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: settings.addr,
+                    source,
+                })?;
+        Ok(Self {
+            listener,
+            router,
+            settings: Arc::new(settings),
+            health,
+            db,
+            redis,
+            draining,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -78,8 +105,19 @@ impl Application {
     /// Serves until `shutdown` resolves, then drains: health goes NOT_SERVING, new
     /// calls are refused, open streams end with UNAVAILABLE, in-flight calls get the
     /// configured drain period.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-        let Self { listener, router, settings, health, db, redis, draining } = self;
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let Self {
+            listener,
+            router,
+            settings,
+            health,
+            db,
+            redis,
+            draining,
+        } = self;
         let stop_probes = CancellationToken::new();
         health.spawn_prober(db, redis, settings.health_interval, stop_probes.clone());
 
@@ -90,7 +128,10 @@ impl Application {
             .max_concurrent_streams(settings.max_concurrent_streams)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
-        builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
 
         let graceful = GracefulShutdown::new();
         let service = TowerToHyperService::new(router);
@@ -163,7 +204,9 @@ fn router(
     verifier: Verifier,
     db: db::Pool,
     health: Health,
-    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     draining: CancellationToken,
 ) -> Result<Router, StartError> {
     let limit = settings.max_message_bytes;
@@ -201,10 +244,16 @@ fn router(
         // grpc-web only on the gRPC routes: on the whole router it would answer 400 to plain HTTP.
         .layer(tonic_web::GrpcWebLayer::new());
 
-    let ctx = CallContext { request_timeout: settings.request_timeout, draining };
-    let mut app = grpc
-        .merge(edge::health::router(health))
-        .layer(axum::middleware::from_fn_with_state(ctx, edge::calls::middleware));
+    let ctx = CallContext {
+        request_timeout: settings.request_timeout,
+        draining,
+    };
+    let mut app =
+        grpc.merge(edge::health::router(health))
+            .layer(axum::middleware::from_fn_with_state(
+                ctx,
+                edge::calls::middleware,
+            ));
     if let Some(cors) = edge::cors::layer(settings) {
         app = app.layer(cors);
     }

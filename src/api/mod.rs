@@ -11,5 +11,7 @@ pub mod projects;
 
 /// A pooled connection, or UNAVAILABLE when Postgres cannot be reached in time.
 pub(crate) async fn conn(pool: &db::Pool) -> Result<db::PooledConn<'_>, Status> {
-    pool.get().await.map_err(|e| Status::from(AppError::from(e)))
+    pool.get()
+        .await
+        .map_err(|e| Status::from(AppError::from(e)))
 }

@@ -5,7 +5,10 @@ use super::convert::{json_to_struct, struct_to_json, timestamp};
 use crate::{
     AppError,
     auth::caller,
-    db::{self, projects::{Created, Outcome}},
+    db::{
+        self,
+        projects::{Created, Outcome},
+    },
     domain::{
         Violations,
         names::ProjectName,
@@ -45,7 +48,17 @@ impl From<Project> for pb::Project {
     fn from(p: Project) -> Self {
         let name = p.name().to_string();
         let etag = p.etag();
-        let Project { id: _, owner, display_name, description, labels, metadata, revision: _, create_time, update_time } = p;
+        let Project {
+            id: _,
+            owner,
+            display_name,
+            description,
+            labels,
+            metadata,
+            revision: _,
+            create_time,
+            update_time,
+        } = p;
         pb::Project {
             name,
             display_name,
@@ -70,15 +83,24 @@ fn expected_revision(etag: &str) -> Option<i64> {
 }
 
 fn etag_conflict(name: ProjectName) -> Status {
-    AppError::Aborted(format!("etag does not match the current version of {name}; read it again and retry")).into()
+    AppError::Aborted(format!(
+        "etag does not match the current version of {name}; read it again and retry"
+    ))
+    .into()
 }
 
 #[tonic::async_trait]
 impl pb::projects_service_server::ProjectsService for ProjectsApi {
     #[tracing::instrument(skip_all)]
-    async fn create_project(&self, request: Request<pb::CreateProjectRequest>) -> Result<Response<pb::Project>, Status> {
+    async fn create_project(
+        &self,
+        request: Request<pb::CreateProjectRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
         let caller = caller(&request)?;
-        let pb::CreateProjectRequest { project, request_id } = request.into_inner();
+        let pb::CreateProjectRequest {
+            project,
+            request_id,
+        } = request.into_inner();
         let mut v = Violations::default();
         let Some(project) = project else {
             return Err(AppError::invalid("project", "required").into());
@@ -86,7 +108,10 @@ impl pb::projects_service_server::ProjectsService for ProjectsApi {
         let fields = fields(project, &mut v);
         fields.validate("project.", &ALL_PATHS, &mut v);
         if request_id.chars().count() > project::MAX_REQUEST_ID {
-            v.add("request_id", format!("at most {} characters", project::MAX_REQUEST_ID));
+            v.add(
+                "request_id",
+                format!("at most {} characters", project::MAX_REQUEST_ID),
+            );
         }
         let fields = v.into_result(fields)?;
         let request_id = (!request_id.is_empty()).then_some(request_id.as_str());
@@ -104,11 +129,16 @@ impl pb::projects_service_server::ProjectsService for ProjectsApi {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn get_project(&self, request: Request<pb::GetProjectRequest>) -> Result<Response<pb::Project>, Status> {
+    async fn get_project(
+        &self,
+        request: Request<pb::GetProjectRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
         let caller = caller(&request)?;
         let name = ProjectName::parse("name", &request.get_ref().name)?;
         let mut conn = super::conn(&self.db).await?;
-        let project = db::projects::get(&mut conn, caller.owner_scope(), name.0).await?.ok_or_else(|| not_found(name))?;
+        let project = db::projects::get(&mut conn, caller.owner_scope(), name.0)
+            .await?
+            .ok_or_else(|| not_found(name))?;
         Ok(Response::new(project.into()))
     }
 
@@ -119,7 +149,13 @@ impl pb::projects_service_server::ProjectsService for ProjectsApi {
     ) -> Result<Response<pb::ListProjectsResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        let query = ListQuery::new(caller.owner_scope(), r.page_size, &r.page_token, &r.filter, &r.order_by)?;
+        let query = ListQuery::new(
+            caller.owner_scope(),
+            r.page_size,
+            &r.page_token,
+            &r.filter,
+            &r.order_by,
+        )?;
         let mut conn = super::conn(&self.db).await?;
         let (projects, more) = db::projects::list(&mut conn, &query).await?;
         let next_page_token = match (more, projects.last()) {
@@ -133,9 +169,15 @@ impl pb::projects_service_server::ProjectsService for ProjectsApi {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn update_project(&self, request: Request<pb::UpdateProjectRequest>) -> Result<Response<pb::Project>, Status> {
+    async fn update_project(
+        &self,
+        request: Request<pb::UpdateProjectRequest>,
+    ) -> Result<Response<pb::Project>, Status> {
         let caller = caller(&request)?;
-        let pb::UpdateProjectRequest { project, update_mask } = request.into_inner();
+        let pb::UpdateProjectRequest {
+            project,
+            update_mask,
+        } = request.into_inner();
         let Some(project) = project else {
             return Err(AppError::invalid("project", "required").into());
         };
@@ -148,7 +190,16 @@ impl pb::projects_service_server::ProjectsService for ProjectsApi {
         let fields = v.into_result(fields)?;
 
         let mut conn = super::conn(&self.db).await?;
-        match db::projects::update(&mut conn, caller.owner_scope(), name.0, &fields, &paths, expected).await? {
+        match db::projects::update(
+            &mut conn,
+            caller.owner_scope(),
+            name.0,
+            &fields,
+            &paths,
+            expected,
+        )
+        .await?
+        {
             Outcome::Done(p) => Ok(Response::new(p.into())),
             Outcome::NotFound => Err(not_found(name)),
             Outcome::EtagMismatch => Err(etag_conflict(name)),
@@ -156,12 +207,22 @@ impl pb::projects_service_server::ProjectsService for ProjectsApi {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn delete_project(&self, request: Request<pb::DeleteProjectRequest>) -> Result<Response<()>, Status> {
+    async fn delete_project(
+        &self,
+        request: Request<pb::DeleteProjectRequest>,
+    ) -> Result<Response<()>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let name = ProjectName::parse("name", &r.name)?;
         let mut conn = super::conn(&self.db).await?;
-        match db::projects::delete(&mut conn, caller.owner_scope(), name.0, expected_revision(&r.etag)).await? {
+        match db::projects::delete(
+            &mut conn,
+            caller.owner_scope(),
+            name.0,
+            expected_revision(&r.etag),
+        )
+        .await?
+        {
             Outcome::Done(()) => {
                 tracing::info!(project = %name, "project deleted");
                 Ok(Response::new(()))

@@ -53,26 +53,39 @@ struct SessionSettings {
     statement_timeout: Duration,
 }
 
-impl ::bb8::CustomizeConnection<AsyncPgConnection, diesel_async::pooled_connection::PoolError> for SessionSettings {
+impl ::bb8::CustomizeConnection<AsyncPgConnection, diesel_async::pooled_connection::PoolError>
+    for SessionSettings
+{
     fn on_acquire<'a>(
         &'a self,
         conn: &'a mut AsyncPgConnection,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), diesel_async::pooled_connection::PoolError>> + Send + 'a>> {
+    ) -> std::pin::Pin<
+        Box<
+            dyn Future<Output = Result<(), diesel_async::pooled_connection::PoolError>> + Send + 'a,
+        >,
+    > {
         Box::pin(async move {
             use diesel_async::SimpleAsyncConnection;
             let ms = self.statement_timeout.as_millis().max(1);
-            conn.batch_execute(&format!("SET statement_timeout = {ms}; SET application_name = 'mediaplane'"))
-                .await
-                .map_err(diesel_async::pooled_connection::PoolError::QueryError)
+            conn.batch_execute(&format!(
+                "SET statement_timeout = {ms}; SET application_name = 'mediaplane'"
+            ))
+            .await
+            .map_err(diesel_async::pooled_connection::PoolError::QueryError)
         })
     }
 }
 
 /// Splits `postgres://host/db?x` into the URL of the `postgres` maintenance database and `db`.
 fn maintenance_url(url: &str) -> Result<(String, String), DbError> {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let slash = base[scheme_end..].rfind('/').map(|i| i + scheme_end).ok_or(DbError::NoDatabaseName)?;
+    let slash = base[scheme_end..]
+        .rfind('/')
+        .map(|i| i + scheme_end)
+        .ok_or(DbError::NoDatabaseName)?;
     let name = &base[slash + 1..];
     if name.is_empty() {
         return Err(DbError::NoDatabaseName);
@@ -94,21 +107,29 @@ pub async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
         #[diesel(sql_type = diesel::sql_types::Bool)]
         exists: bool,
     }
-    let found: Exists = diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
-        .bind::<diesel::sql_types::Text, _>(&name)
-        .get_result(&mut conn)
-        .await?;
+    let found: Exists =
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
+            .bind::<diesel::sql_types::Text, _>(&name)
+            .get_result(&mut conn)
+            .await?;
     if found.exists {
         return Ok(());
     }
     let quoted = name.replace('"', "\"\"");
-    match diesel::sql_query(format!("CREATE DATABASE \"{quoted}\"")).execute(&mut conn).await {
+    match diesel::sql_query(format!("CREATE DATABASE \"{quoted}\""))
+        .execute(&mut conn)
+        .await
+    {
         Ok(_) => {
             tracing::info!(database = %name, "created database");
             Ok(())
         }
         // Another instance won the race.
-        Err(diesel::result::Error::DatabaseError(_, info)) if info.message().contains("already exists") => Ok(()),
+        Err(diesel::result::Error::DatabaseError(_, info))
+            if info.message().contains("already exists") =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -147,7 +168,10 @@ pub async fn revert_all(url: &str) -> Result<usize, DbError> {
 /// `SELECT 1` through the pool, for health probes.
 pub async fn ping(pool: &Pool) -> Result<(), String> {
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    diesel::sql_query("SELECT 1").execute(&mut *conn).await.map_err(|e| e.to_string())?;
+    diesel::sql_query("SELECT 1")
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -158,7 +182,10 @@ mod tests {
     #[test]
     fn maintenance_urls() {
         let (m, n) = maintenance_url("postgres://u@h:5432/app?sslmode=disable").unwrap();
-        assert_eq!((m.as_str(), n.as_str()), ("postgres://u@h:5432/postgres?sslmode=disable", "app"));
+        assert_eq!(
+            (m.as_str(), n.as_str()),
+            ("postgres://u@h:5432/postgres?sslmode=disable", "app")
+        );
         assert!(maintenance_url("postgres://h:5432/").is_err());
     }
 }

@@ -2,7 +2,10 @@
 //! (`owner: None`), so another owner's project is indistinguishable from a missing one.
 use chrono::{DateTime, Utc};
 use diesel::{
-    IntoSql, OptionalExtension, dsl::sql, prelude::*, sql_types::{Bool, Timestamptz, Uuid as SqlUuid},
+    IntoSql, OptionalExtension,
+    dsl::sql,
+    prelude::*,
+    sql_types::{Bool, Timestamptz, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -31,12 +34,35 @@ impl TryFrom<ProjectRow> for Project {
     type Error = AppError;
 
     fn try_from(row: ProjectRow) -> AppResult<Self> {
-        let ProjectRow { id, owner, display_name, description, labels, metadata, revision, create_time, update_time } = row;
-        let labels = serde_json::from_value(labels).map_err(|e| AppError::internal(format!("project {id} labels: {e}")))?;
+        let ProjectRow {
+            id,
+            owner,
+            display_name,
+            description,
+            labels,
+            metadata,
+            revision,
+            create_time,
+            update_time,
+        } = row;
+        let labels = serde_json::from_value(labels)
+            .map_err(|e| AppError::internal(format!("project {id} labels: {e}")))?;
         let serde_json::Value::Object(metadata) = metadata else {
-            return Err(AppError::internal(format!("project {id} metadata is not an object")));
+            return Err(AppError::internal(format!(
+                "project {id} metadata is not an object"
+            )));
         };
-        Ok(Project { id, owner, display_name, description, labels, metadata, revision, create_time, update_time })
+        Ok(Project {
+            id,
+            owner,
+            display_name,
+            description,
+            labels,
+            metadata,
+            revision,
+            create_time,
+            update_time,
+        })
     }
 }
 
@@ -63,14 +89,23 @@ struct ProjectChanges<'a> {
 }
 
 fn labels_json(fields: &ProjectFields) -> serde_json::Value {
-    serde_json::Value::Object(fields.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect())
+    serde_json::Value::Object(
+        fields
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect(),
+    )
 }
 
 /// `owner = $sub OR $admin`: one statement shape for both kinds of caller.
-type VisibleTo = diesel::dsl::Or<diesel::dsl::Eq<projects::owner, String>, diesel::dsl::AsExprOf<bool, Bool>>;
+type VisibleTo =
+    diesel::dsl::Or<diesel::dsl::Eq<projects::owner, String>, diesel::dsl::AsExprOf<bool, Bool>>;
 
 fn visible_to(owner: Option<&str>) -> VisibleTo {
-    projects::owner.eq(owner.unwrap_or_default().to_owned()).or(owner.is_none().into_sql::<Bool>())
+    projects::owner
+        .eq(owner.unwrap_or_default().to_owned())
+        .or(owner.is_none().into_sql::<Bool>())
 }
 
 pub enum Created {
@@ -110,7 +145,9 @@ pub async fn create(
         return Ok(Created::New(row.try_into()?));
     }
     let (Some(request_id), Some(digest)) = (request_id, digest) else {
-        return Err(AppError::internal("insert without request_id returned no row"));
+        return Err(AppError::internal(
+            "insert without request_id returned no row",
+        ));
     };
     let (existing, hash): (ProjectRow, Option<Vec<u8>>) = projects::table
         .filter(projects::owner.eq(owner))
@@ -127,7 +164,11 @@ pub async fn create(
     }
 }
 
-pub async fn get(conn: &mut AsyncPgConnection, owner: Option<&str>, id: Uuid) -> AppResult<Option<Project>> {
+pub async fn get(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    id: Uuid,
+) -> AppResult<Option<Project>> {
     projects::table
         .filter(projects::id.eq(id))
         .filter(visible_to(owner))
@@ -146,7 +187,12 @@ pub async fn list(conn: &mut AsyncPgConnection, q: &ListQuery) -> AppResult<(Vec
         query = query.filter(projects::owner.eq(owner.clone()));
     }
     if !q.filter.equals.is_empty() {
-        let wanted: serde_json::Map<_, _> = q.filter.equals.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+        let wanted: serde_json::Map<_, _> = q
+            .filter
+            .equals
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
         query = query.filter(projects::labels.contains(serde_json::Value::Object(wanted)));
     }
     for key in &q.filter.present {
@@ -175,7 +221,10 @@ pub async fn list(conn: &mut AsyncPgConnection, q: &ListQuery) -> AppResult<(Vec
     let mut rows: Vec<ProjectRow> = query.limit(q.limit + 1).load(conn).await?;
     let more = rows.len() as i64 > q.limit;
     rows.truncate(q.limit as usize);
-    let projects = rows.into_iter().map(Project::try_from).collect::<AppResult<_>>()?;
+    let projects = rows
+        .into_iter()
+        .map(Project::try_from)
+        .collect::<AppResult<_>>()?;
     Ok((projects, more))
 }
 
@@ -201,13 +250,19 @@ pub async fn update(
             Path::DisplayName => changes.display_name = Some(&fields.display_name),
             Path::Description => changes.description = Some(&fields.description),
             Path::Labels => changes.labels = Some(labels_json(fields)),
-            Path::Metadata => changes.metadata = Some(serde_json::Value::Object(fields.metadata.clone())),
+            Path::Metadata => {
+                changes.metadata = Some(serde_json::Value::Object(fields.metadata.clone()))
+            }
         }
     }
     let updated: Option<ProjectRow> = diesel::update(projects::table)
         .filter(projects::id.eq(id))
         .filter(visible_to(owner))
-        .filter(projects::revision.eq(expected_revision.unwrap_or_default()).or(expected_revision.is_none().into_sql::<Bool>()))
+        .filter(
+            projects::revision
+                .eq(expected_revision.unwrap_or_default())
+                .or(expected_revision.is_none().into_sql::<Bool>()),
+        )
         .set(&changes)
         .returning(ProjectRow::as_returning())
         .get_result(conn)
@@ -228,13 +283,25 @@ pub async fn delete(
     let deleted = diesel::delete(projects::table)
         .filter(projects::id.eq(id))
         .filter(visible_to(owner))
-        .filter(projects::revision.eq(expected_revision.unwrap_or_default()).or(expected_revision.is_none().into_sql::<Bool>()))
+        .filter(
+            projects::revision
+                .eq(expected_revision.unwrap_or_default())
+                .or(expected_revision.is_none().into_sql::<Bool>()),
+        )
         .execute(conn)
         .await?;
-    if deleted == 1 { Ok(Outcome::Done(())) } else { missing_or_stale(conn, owner, id).await }
+    if deleted == 1 {
+        Ok(Outcome::Done(()))
+    } else {
+        missing_or_stale(conn, owner, id).await
+    }
 }
 
-async fn missing_or_stale<T>(conn: &mut AsyncPgConnection, owner: Option<&str>, id: Uuid) -> AppResult<Outcome<T>> {
+async fn missing_or_stale<T>(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    id: Uuid,
+) -> AppResult<Outcome<T>> {
     Ok(match get(conn, owner, id).await? {
         Some(_) => Outcome::EtagMismatch,
         None => Outcome::NotFound,

@@ -25,7 +25,10 @@ pub fn validate(field: &str, labels: &BTreeMap<String, String>, v: &mut Violatio
             );
         }
         if value.chars().count() > MAX_LABEL_LEN || value.chars().any(char::is_control) {
-            v.add(format!("{field}[{key}]"), "values are at most 63 characters without control characters");
+            v.add(
+                format!("{field}[{key}]"),
+                "values are at most 63 characters without control characters",
+            );
         }
     }
 }
@@ -48,12 +51,15 @@ impl LabelFilter {
         }
         for term in split_and(filter) {
             let term = term.trim();
-            let rest = term
-                .strip_prefix("labels.")
-                .ok_or_else(|| format!("unsupported term `{term}`: expected labels.KEY = \"VALUE\" or labels.KEY:*"))?;
+            let rest = term.strip_prefix("labels.").ok_or_else(|| {
+                format!(
+                    "unsupported term `{term}`: expected labels.KEY = \"VALUE\" or labels.KEY:*"
+                )
+            })?;
             if let Some((key, value)) = rest.split_once('=') {
                 let key = key.trim();
-                let value = unquote(value.trim()).ok_or_else(|| format!("the value in `{term}` must be a quoted string"))?;
+                let value = unquote(value.trim())
+                    .ok_or_else(|| format!("the value in `{term}` must be a quoted string"))?;
                 check_key(key)?;
                 if let Some(previous) = out.equals.insert(key.to_owned(), value.clone())
                     && previous != value
@@ -66,7 +72,9 @@ impl LabelFilter {
                 check_key(key)?;
                 out.present.push(key.to_owned());
             } else {
-                return Err(format!("unsupported term `{term}`: expected labels.KEY = \"VALUE\" or labels.KEY:*"));
+                return Err(format!(
+                    "unsupported term `{term}`: expected labels.KEY = \"VALUE\" or labels.KEY:*"
+                ));
             }
         }
         Ok(out)
@@ -74,7 +82,11 @@ impl LabelFilter {
 
     /// Canonical text, part of a page token's query fingerprint.
     pub fn canonical(&self) -> String {
-        let mut parts: Vec<String> = self.equals.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+        let mut parts: Vec<String> = self
+            .equals
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
         let mut present = self.present.clone();
         present.sort();
         present.dedup();
@@ -84,7 +96,11 @@ impl LabelFilter {
 }
 
 fn check_key(key: &str) -> Result<(), String> {
-    if valid_key(key) { Ok(()) } else { Err(format!("`{key}` is not a valid label key")) }
+    if valid_key(key) {
+        Ok(())
+    } else {
+        Err(format!("`{key}` is not a valid label key"))
+    }
 }
 
 /// Splits on ` AND ` (case-sensitive, as AIP-160) outside of quotes.

@@ -10,7 +10,8 @@ pub struct Violations(Vec<tonic_types::FieldViolation>);
 
 impl Violations {
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push(tonic_types::FieldViolation::new(field, description));
+        self.0
+            .push(tonic_types::FieldViolation::new(field, description));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -24,8 +25,18 @@ impl Violations {
         }
         let message = match self.0.as_slice() {
             [one] => format!("invalid {}: {}", one.field, one.description),
-            many => format!("{} invalid fields: {}", many.len(), many.iter().map(|v| v.field.as_str()).collect::<Vec<_>>().join(", ")),
+            many => format!(
+                "{} invalid fields: {}",
+                many.len(),
+                many.iter()
+                    .map(|v| v.field.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         };
-        Err(crate::AppError::InvalidArgument { message, violations: self.0 })
+        Err(crate::AppError::InvalidArgument {
+            message,
+            violations: self.0,
+        })
     }
 }

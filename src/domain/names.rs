@@ -12,7 +12,9 @@ impl ProjectName {
         let id = name
             .strip_prefix("projects/")
             .filter(|rest| !rest.contains('/'))
-            .ok_or_else(|| AppError::invalid(field, "expected a name of the form projects/{project}"))?;
+            .ok_or_else(|| {
+                AppError::invalid(field, "expected a name of the form projects/{project}")
+            })?;
         Uuid::try_parse(id)
             .map(Self)
             .map_err(|_| AppError::invalid(field, "the project id in the name is not a valid id"))
@@ -32,8 +34,19 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         let id = Uuid::now_v7();
-        assert_eq!(ProjectName::parse("name", &format!("projects/{id}")).unwrap().0, id);
-        for bad in ["", "projects/", "projects/x", "folders/1", &format!("projects/{id}/jobs/1")] {
+        assert_eq!(
+            ProjectName::parse("name", &format!("projects/{id}"))
+                .unwrap()
+                .0,
+            id
+        );
+        for bad in [
+            "",
+            "projects/",
+            "projects/x",
+            "folders/1",
+            &format!("projects/{id}/jobs/1"),
+        ] {
             assert!(ProjectName::parse("name", bad).is_err(), "{bad}");
         }
     }

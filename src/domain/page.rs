@@ -47,7 +47,12 @@ pub fn fingerprint(parts: &[&str]) -> String {
 }
 
 pub fn encode(cursor: Cursor, query: &str) -> String {
-    let token = Token { v: 1, t: cursor.create_time.timestamp_micros(), i: cursor.id, q: query.to_owned() };
+    let token = Token {
+        v: 1,
+        t: cursor.create_time.timestamp_micros(),
+        i: cursor.id,
+        q: query.to_owned(),
+    };
     // Serializing a struct of plain fields cannot fail.
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).unwrap_or_default())
 }
@@ -57,14 +62,22 @@ pub fn decode(token: &str, query: &str) -> AppResult<Option<Cursor>> {
     if token.is_empty() {
         return Ok(None);
     }
-    let bad = || AppError::invalid("page_token", "not a page token issued for this query (same filter, order_by and caller)");
+    let bad = || {
+        AppError::invalid(
+            "page_token",
+            "not a page token issued for this query (same filter, order_by and caller)",
+        )
+    };
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
     let token: Token = serde_json::from_slice(&bytes).map_err(|_| bad())?;
     if token.v != 1 || token.q != query {
         return Err(bad());
     }
     let create_time = DateTime::from_timestamp_micros(token.t).ok_or_else(bad)?;
-    Ok(Some(Cursor { create_time, id: token.i }))
+    Ok(Some(Cursor {
+        create_time,
+        id: token.i,
+    }))
 }
 
 #[cfg(test)]
@@ -73,7 +86,10 @@ mod tests {
 
     #[test]
     fn round_trip_and_foreign_tokens() {
-        let c = Cursor { create_time: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(), id: Uuid::now_v7() };
+        let c = Cursor {
+            create_time: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: Uuid::now_v7(),
+        };
         let q = fingerprint(&["alice", ""]);
         let t = encode(c, &q);
         assert_eq!(decode(&t, &q).unwrap(), Some(c));

@@ -65,19 +65,32 @@ impl ProjectFields {
                 Path::DisplayName => {
                     let n = self.display_name.chars().count();
                     if n == 0 || n > MAX_DISPLAY_NAME || self.display_name.trim().is_empty() {
-                        v.add(format!("{prefix}display_name"), format!("required, 1 to {MAX_DISPLAY_NAME} characters, not only spaces"));
+                        v.add(
+                            format!("{prefix}display_name"),
+                            format!(
+                                "required, 1 to {MAX_DISPLAY_NAME} characters, not only spaces"
+                            ),
+                        );
                     }
                 }
                 Path::Description => {
                     if self.description.chars().count() > MAX_DESCRIPTION {
-                        v.add(format!("{prefix}description"), format!("at most {MAX_DESCRIPTION} characters"));
+                        v.add(
+                            format!("{prefix}description"),
+                            format!("at most {MAX_DESCRIPTION} characters"),
+                        );
                     }
                 }
                 Path::Labels => labels::validate(&format!("{prefix}labels"), &self.labels, v),
                 Path::Metadata => {
-                    let size = serde_json::to_vec(&self.metadata).map(|b| b.len()).unwrap_or(usize::MAX);
+                    let size = serde_json::to_vec(&self.metadata)
+                        .map(|b| b.len())
+                        .unwrap_or(usize::MAX);
                     if size > MAX_METADATA_BYTES {
-                        v.add(format!("{prefix}metadata"), format!("at most {MAX_METADATA_BYTES} bytes as JSON"));
+                        v.add(
+                            format!("{prefix}metadata"),
+                            format!("at most {MAX_METADATA_BYTES} bytes as JSON"),
+                        );
                     }
                 }
             }
@@ -101,7 +114,12 @@ pub enum Path {
     Metadata,
 }
 
-pub const ALL_PATHS: [Path; 4] = [Path::DisplayName, Path::Description, Path::Labels, Path::Metadata];
+pub const ALL_PATHS: [Path; 4] = [
+    Path::DisplayName,
+    Path::Description,
+    Path::Labels,
+    Path::Metadata,
+];
 
 const IMMUTABLE_PATHS: &[&str] = &["name", "owner", "create_time", "update_time", "etag"];
 
@@ -122,8 +140,15 @@ pub fn parse_mask(paths: &[String]) -> AppResult<Vec<Path>> {
             "description" => Path::Description,
             "labels" => Path::Labels,
             "metadata" => Path::Metadata,
-            other if IMMUTABLE_PATHS.contains(&other) || other == "createTime" || other == "updateTime" => {
-                v.add("update_mask", format!("`{other}` is output only or immutable"));
+            other
+                if IMMUTABLE_PATHS.contains(&other)
+                    || other == "createTime"
+                    || other == "updateTime" =>
+            {
+                v.add(
+                    "update_mask",
+                    format!("`{other}` is output only or immutable"),
+                );
                 continue;
             }
             other => {
@@ -152,7 +177,10 @@ impl Order {
         match words.as_slice() {
             [] | ["create_time", "desc"] => Ok(Self::CreateTimeDesc),
             ["create_time"] | ["create_time", "asc"] => Ok(Self::CreateTimeAsc),
-            _ => Err(AppError::invalid("order_by", "supported: `create_time`, `create_time asc`, `create_time desc`")),
+            _ => Err(AppError::invalid(
+                "order_by",
+                "supported: `create_time`, `create_time asc`, `create_time desc`",
+            )),
         }
     }
 
@@ -177,17 +205,41 @@ pub struct ListQuery {
 }
 
 impl ListQuery {
-    pub fn new(owner: Option<&str>, page_size: i32, page_token: &str, filter: &str, order_by: &str) -> AppResult<Self> {
+    pub fn new(
+        owner: Option<&str>,
+        page_size: i32,
+        page_token: &str,
+        filter: &str,
+        order_by: &str,
+    ) -> AppResult<Self> {
         let filter = LabelFilter::parse(filter).map_err(|why| AppError::invalid("filter", why))?;
         let order = Order::parse(order_by)?;
         let limit = page::page_size(page_size)?;
-        let fingerprint = page::fingerprint(&["projects", owner.unwrap_or("*"), &filter.canonical(), order.as_str()]);
+        let fingerprint = page::fingerprint(&[
+            "projects",
+            owner.unwrap_or("*"),
+            &filter.canonical(),
+            order.as_str(),
+        ]);
         let after = page::decode(page_token, &fingerprint)?;
-        Ok(Self { owner: owner.map(str::to_owned), filter, order, limit, after, fingerprint })
+        Ok(Self {
+            owner: owner.map(str::to_owned),
+            filter,
+            order,
+            limit,
+            after,
+            fingerprint,
+        })
     }
 
     pub fn next_token(&self, last: &Project) -> String {
-        page::encode(page::Cursor { create_time: last.create_time, id: last.id }, &self.fingerprint)
+        page::encode(
+            page::Cursor {
+                create_time: last.create_time,
+                id: last.id,
+            },
+            &self.fingerprint,
+        )
     }
 }
 
@@ -197,7 +249,10 @@ mod tests {
 
     #[test]
     fn mask_allow_list() {
-        assert_eq!(parse_mask(&["display_name".into(), "labels".into()]).unwrap(), vec![Path::DisplayName, Path::Labels]);
+        assert_eq!(
+            parse_mask(&["display_name".into(), "labels".into()]).unwrap(),
+            vec![Path::DisplayName, Path::Labels]
+        );
         assert_eq!(parse_mask(&["*".into()]).unwrap().len(), 4);
         assert!(parse_mask(&["owner".into()]).is_err());
         assert!(parse_mask(&["nope".into()]).is_err());

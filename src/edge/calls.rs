@@ -11,7 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{body::Body, extract::{Request, State}, middleware::Next, response::Response};
+use axum::{
+    body::Body,
+    extract::{Request, State},
+    middleware::Next,
+    response::Response,
+};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header::CONTENT_TYPE};
 use http_body::Frame;
@@ -27,7 +32,11 @@ pub struct CallContext {
     pub draining: CancellationToken,
 }
 
-pub async fn middleware(State(ctx): State<CallContext>, mut request: Request, next: Next) -> Response {
+pub async fn middleware(
+    State(ctx): State<CallContext>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let request_id = request
         .headers()
         .get(REQUEST_ID)
@@ -35,19 +44,28 @@ pub async fn middleware(State(ctx): State<CallContext>, mut request: Request, ne
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let request_id_header = HeaderValue::from_str(&request_id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
-    request.headers_mut().insert(REQUEST_ID, request_id_header.clone());
+    let request_id_header =
+        HeaderValue::from_str(&request_id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    request
+        .headers_mut()
+        .insert(REQUEST_ID, request_id_header.clone());
 
     let grpc = is_grpc(request.headers());
     let method = request.uri().path().to_owned();
     let span = tracing::info_span!("call", %request_id, %method);
     let start = Instant::now();
-    let health_call = method.starts_with("/grpc.health.") || matches!(method.as_str(), "/healthz" | "/livez" | "/readyz");
+    let health_call = method.starts_with("/grpc.health.")
+        || matches!(method.as_str(), "/healthz" | "/livez" | "/readyz");
 
     let mut response = if ctx.draining.is_cancelled() && !health_call {
-        error_response(grpc, tonic::Code::Unavailable, "server is shutting down; retry on another instance")
+        error_response(
+            grpc,
+            tonic::Code::Unavailable,
+            "server is shutting down; retry on another instance",
+        )
     } else {
-        let deadline = grpc_timeout(request.headers()).map_or(ctx.request_timeout, |t| t.min(ctx.request_timeout));
+        let deadline = grpc_timeout(request.headers())
+            .map_or(ctx.request_timeout, |t| t.min(ctx.request_timeout));
         match tokio::time::timeout(deadline, next.run(request).instrument(span.clone())).await {
             Ok(response) => response,
             Err(_) => error_response(grpc, tonic::Code::DeadlineExceeded, "deadline exceeded"),
@@ -57,12 +75,37 @@ pub async fn middleware(State(ctx): State<CallContext>, mut request: Request, ne
     resource_exhausted_for_oversized(&mut response);
 
     let (parts, body) = response.into_parts();
-    let header_code = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-    let log = CallLog { span, method, start, grpc, http_status: parts.status.as_u16(), code: header_code, finished: false };
+    let header_code = parts
+        .headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let log = CallLog {
+        span,
+        method,
+        start,
+        grpc,
+        http_status: parts.status.as_u16(),
+        code: header_code,
+        finished: false,
+    };
     // Only streams that are still open when shutdown starts are cut, never a response in the middle of a message.
-    let native_grpc = is_grpc(&parts.headers) && !parts.headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"));
-    let stop = (native_grpc && header_code.is_none()).then(|| Box::pin(ctx.draining.clone().cancelled_owned()));
-    Response::from_parts(parts, Body::new(LoggedBody { inner: body, log, stop, stopped: false }))
+    let native_grpc = is_grpc(&parts.headers)
+        && !parts
+            .headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"));
+    let stop = (native_grpc && header_code.is_none())
+        .then(|| Box::pin(ctx.draining.clone().cancelled_owned()));
+    Response::from_parts(
+        parts,
+        Body::new(LoggedBody {
+            inner: body,
+            log,
+            stop,
+            stopped: false,
+        }),
+    )
 }
 
 /// tonic reports a request over the size limit as OUT_OF_RANGE; the gRPC spec (and our
@@ -70,9 +113,15 @@ pub async fn middleware(State(ctx): State<CallContext>, mut request: Request, ne
 fn resource_exhausted_for_oversized(response: &mut Response) {
     let headers = response.headers_mut();
     let oversized = headers.get("grpc-status").is_some_and(|v| v == "11")
-        && headers.get("grpc-message").is_some_and(|m| m.to_str().is_ok_and(|m| m.contains("message%20length%20too%20large")));
+        && headers.get("grpc-message").is_some_and(|m| {
+            m.to_str()
+                .is_ok_and(|m| m.contains("message%20length%20too%20large"))
+        });
     if oversized {
-        headers.insert("grpc-status", HeaderValue::from(tonic::Code::ResourceExhausted as i32));
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+        );
     }
 }
 
@@ -106,14 +155,18 @@ fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 fn error_response(grpc: bool, code: tonic::Code, message: &str) -> Response {
     if grpc {
         let mut response = tonic::Status::new(code, message).into_http::<Body>();
-        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         response
     } else {
         let status = crate::error::http_status(code);
         let body = serde_json::json!({"error": {"code": status.as_u16(), "status": code_name(code), "message": message, "details": []}});
         let mut response = Response::new(Body::from(body.to_string()));
         *response.status_mut() = status;
-        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response
     }
 }
@@ -185,7 +238,10 @@ impl http_body::Body for LoggedBody {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = self.project();
         if *this.stopped {
             return Poll::Ready(None);
@@ -200,8 +256,14 @@ impl http_body::Body for LoggedBody {
                     this.log.code = Some(tonic::Code::Unavailable as i32);
                     this.log.finished = true;
                     let mut trailers = HeaderMap::new();
-                    trailers.insert("grpc-status", HeaderValue::from(tonic::Code::Unavailable as i32));
-                    trailers.insert("grpc-message", HeaderValue::from_static("server%20is%20shutting%20down"));
+                    trailers.insert(
+                        "grpc-status",
+                        HeaderValue::from(tonic::Code::Unavailable as i32),
+                    );
+                    trailers.insert(
+                        "grpc-message",
+                        HeaderValue::from_static("server%20is%20shutting%20down"),
+                    );
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
                 return Poll::Pending;
@@ -209,7 +271,11 @@ impl http_body::Body for LoggedBody {
         };
         match &frame {
             Some(Ok(f)) => {
-                if let Some(code) = f.trailers_ref().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()) {
+                if let Some(code) = f
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                {
                     this.log.code = code.parse().ok();
                     this.log.finished = true;
                 }

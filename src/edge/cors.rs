@@ -9,19 +9,47 @@ pub fn layer(settings: &Settings) -> Option<CorsLayer> {
     let origins = match &settings.cors_origins {
         CorsOrigins::None => return None,
         CorsOrigins::Any => AllowOrigin::any(),
-        CorsOrigins::List(list) => AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok())),
+        CorsOrigins::List(list) => {
+            AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        }
     };
-    let headers = |names: &[&'static str]| names.iter().map(|n| HeaderName::from_static(n)).collect::<Vec<_>>();
+    let headers = |names: &[&'static str]| {
+        names
+            .iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect::<Vec<_>>()
+    };
     let mut layer = CorsLayer::new()
         .allow_origin(origins)
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         .allow_headers(headers(&[
-            "authorization", "content-type", "x-grpc-web", "x-user-agent", "grpc-timeout", "x-request-id",
-            "connect-protocol-version", "connect-timeout-ms", "last-event-id", "range",
+            "authorization",
+            "content-type",
+            "x-grpc-web",
+            "x-user-agent",
+            "grpc-timeout",
+            "x-request-id",
+            "connect-protocol-version",
+            "connect-timeout-ms",
+            "last-event-id",
+            "range",
         ]))
         .expose_headers(headers(&[
-            "grpc-status", "grpc-message", "grpc-status-details-bin", "x-request-id", "content-length",
-            "content-range", "etag", "location",
+            "grpc-status",
+            "grpc-message",
+            "grpc-status-details-bin",
+            "x-request-id",
+            "content-length",
+            "content-range",
+            "etag",
+            "location",
         ]))
         .max_age(settings.cors_max_age);
     // Credentials cannot be combined with a wildcard origin (the Fetch spec forbids it).

@@ -13,7 +13,11 @@ pub fn router(health: Health) -> Router {
 }
 
 fn code(ok: bool) -> StatusCode {
-    if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 async fn healthz(State(health): State<Health>) -> impl IntoResponse {

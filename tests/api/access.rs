@@ -15,36 +15,94 @@ async fn owners_cannot_see_each_other_and_admins_see_all() {
     let b = create_project(&app, &bob, "Bob's").await;
     let mut as_bob = app.projects(&bob);
 
-    let get = as_bob.get_project(pb::GetProjectRequest { name: a.name.clone() }).await.unwrap_err();
+    let get = as_bob
+        .get_project(pb::GetProjectRequest {
+            name: a.name.clone(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(get.code(), Code::NotFound);
     // Same answer as for a project that never existed: nothing reveals it.
     let never_name = format!("projects/{}", uuid::Uuid::now_v7());
-    let never = as_bob.get_project(pb::GetProjectRequest { name: never_name.clone() }).await.unwrap_err();
+    let never = as_bob
+        .get_project(pb::GetProjectRequest {
+            name: never_name.clone(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(never.code(), Code::NotFound);
     assert_eq!(get.message(), format!("project {} not found", a.name));
     assert_eq!(never.message(), format!("project {never_name} not found"));
 
-    let list = as_bob.list_projects(pb::ListProjectsRequest::default()).await.unwrap().into_inner();
-    assert_eq!(list.projects.iter().map(|p| p.name.clone()).collect::<Vec<_>>(), vec![b.name.clone()]);
+    let list = as_bob
+        .list_projects(pb::ListProjectsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.projects
+            .iter()
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>(),
+        vec![b.name.clone()]
+    );
 
     let update = as_bob
         .update_project(pb::UpdateProjectRequest {
-            project: Some(pb::Project { name: a.name.clone(), display_name: "pwned".into(), ..Default::default() }),
-            update_mask: Some(prost_types::FieldMask { paths: vec!["display_name".into()] }),
+            project: Some(pb::Project {
+                name: a.name.clone(),
+                display_name: "pwned".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
         })
         .await
         .unwrap_err();
     assert_eq!(update.code(), Code::NotFound);
     // Even with the right etag, the answer does not change.
-    let delete = as_bob.delete_project(pb::DeleteProjectRequest { name: a.name.clone(), etag: a.etag.clone() }).await.unwrap_err();
+    let delete = as_bob
+        .delete_project(pb::DeleteProjectRequest {
+            name: a.name.clone(),
+            etag: a.etag.clone(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(delete.code(), Code::NotFound);
-    let still = app.projects(&alice).get_project(pb::GetProjectRequest { name: a.name.clone() }).await.unwrap().into_inner();
+    let still = app
+        .projects(&alice)
+        .get_project(pb::GetProjectRequest {
+            name: a.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(still.display_name, "Alice's");
 
     let mut admin = app.projects(&admin_token("root"));
-    let all = admin.list_projects(pb::ListProjectsRequest { order_by: "create_time".into(), ..Default::default() }).await.unwrap().into_inner();
-    assert_eq!(all.projects.iter().map(|p| p.owner.as_str()).collect::<Vec<_>>(), vec!["alice", "bob"]);
-    let got = admin.get_project(pb::GetProjectRequest { name: b.name.clone() }).await.unwrap().into_inner();
+    let all = admin
+        .list_projects(pb::ListProjectsRequest {
+            order_by: "create_time".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        all.projects
+            .iter()
+            .map(|p| p.owner.as_str())
+            .collect::<Vec<_>>(),
+        vec!["alice", "bob"]
+    );
+    let got = admin
+        .get_project(pb::GetProjectRequest {
+            name: b.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.owner, "bob");
 }
 
@@ -52,25 +110,54 @@ async fn owners_cannot_see_each_other_and_admins_see_all() {
 async fn missing_malformed_expired_and_forged_tokens_are_unauthenticated() {
     let app = TestApp::spawn().await;
     let mut bare = pb::projects_service_client::ProjectsServiceClient::new(app.channel.clone());
-    let err = bare.list_projects(pb::ListProjectsRequest::default()).await.unwrap_err();
+    let err = bare
+        .list_projects(pb::ListProjectsRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    assert!(err.message().contains("missing authorization"), "{}", err.message());
+    assert!(
+        err.message().contains("missing authorization"),
+        "{}",
+        err.message()
+    );
 
     let mut basic = Request::new(pb::ListProjectsRequest::default());
-    basic.metadata_mut().insert("authorization", "Basic YWxpY2U6cHc=".parse().unwrap());
-    assert_eq!(bare.list_projects(basic).await.unwrap_err().code(), Code::Unauthenticated);
+    basic
+        .metadata_mut()
+        .insert("authorization", "Basic YWxpY2U6cHc=".parse().unwrap());
+    assert_eq!(
+        bare.list_projects(basic).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
 
     let now = jsonwebtoken::get_current_timestamp();
     let long_expired = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &Claims { sub: "alice".into(), roles: vec![], kinds: vec![], iat: now - 7200, exp: now - 3600 },
+        &Claims {
+            sub: "alice".into(),
+            roles: vec![],
+            kinds: vec![],
+            iat: now - 7200,
+            exp: now - 3600,
+        },
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
-    let forged = mediaplane::auth::mint(&Secret::new("another-secret-another-secret-0123456"), "alice", &[], &[], Duration::from_secs(60)).unwrap();
+    let forged = mediaplane::auth::mint(
+        &Secret::new("another-secret-another-secret-0123456"),
+        "alice",
+        &[],
+        &[],
+        Duration::from_secs(60),
+    )
+    .unwrap();
     let mut tampered = token("alice");
     tampered.insert_str(tampered.rfind('.').unwrap() + 1, "AAAA");
-    let none_alg = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&format!(r#"{{"sub":"alice","exp":{}}}"#, now + 60)));
+    let none_alg = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(&format!(r#"{{"sub":"alice","exp":{}}}"#, now + 60))
+    );
     for (what, bad, expect) in [
         ("long expired", long_expired, "expired"),
         ("forged", forged, "signature"),
@@ -78,18 +165,30 @@ async fn missing_malformed_expired_and_forged_tokens_are_unauthenticated() {
         ("garbage", "not.a.jwt".into(), ""),
         ("alg none", none_alg, ""),
     ] {
-        let err = app.projects(&bad).list_projects(pb::ListProjectsRequest::default()).await.unwrap_err();
+        let err = app
+            .projects(&bad)
+            .list_projects(pb::ListProjectsRequest::default())
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{what}");
         assert!(err.message().contains(expect), "{what}: {}", err.message());
     }
 
     // Jobs and Assets are behind the same door, and answer UNIMPLEMENTED until built.
     let err = pb::jobs_service_client::JobsServiceClient::new(app.channel.clone())
-        .get_job(pb::GetJobRequest { name: "projects/x/jobs/y".into() })
+        .get_job(pb::GetJobRequest {
+            name: "projects/x/jobs/y".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let err = app.jobs(&token("alice")).get_job(pb::GetJobRequest { name: "projects/x/jobs/y".into() }).await.unwrap_err();
+    let err = app
+        .jobs(&token("alice"))
+        .get_job(pb::GetJobRequest {
+            name: "projects/x/jobs/y".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
 }
 
@@ -102,13 +201,20 @@ fn b64(s: &str) -> String {
 async fn public_key_tokens_rs256_and_eddsa() {
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
     for (alg, private, public) in [
-        (Algorithm::EdDSA, "ed25519_private.pem", "ed25519_public.pem"),
+        (
+            Algorithm::EdDSA,
+            "ed25519_private.pem",
+            "ed25519_public.pem",
+        ),
         (Algorithm::RS256, "rsa_private.pem", "rsa_public.pem"),
     ] {
         let public_pem = std::fs::read(format!("{fixtures}/{public}")).unwrap();
         let private_pem = std::fs::read(format!("{fixtures}/{private}")).unwrap();
         let app = TestApp::spawn_with(|s| {
-            s.jwt = JwtSettings { secret: Some(Secret::new(SECRET)), public_key_pem: Some(public_pem) };
+            s.jwt = JwtSettings {
+                secret: Some(Secret::new(SECRET)),
+                public_key_pem: Some(public_pem),
+            };
         })
         .await;
         let key = match alg {
@@ -116,7 +222,13 @@ async fn public_key_tokens_rs256_and_eddsa() {
             _ => EncodingKey::from_rsa_pem(&private_pem).unwrap(),
         };
         let now = jsonwebtoken::get_current_timestamp();
-        let claims = Claims { sub: "carol".into(), roles: vec![], kinds: vec![], iat: now, exp: now + 60 };
+        let claims = Claims {
+            sub: "carol".into(),
+            roles: vec![],
+            kinds: vec![],
+            iat: now,
+            exp: now + 60,
+        };
         let signed = jsonwebtoken::encode(&Header::new(alg), &claims, &key).unwrap();
         let p = create_project(&app, &signed, "signed by key").await;
         assert_eq!(p.owner, "carol", "{alg:?}");
@@ -124,11 +236,21 @@ async fn public_key_tokens_rs256_and_eddsa() {
         create_project(&app, &token("dave"), "hs256").await;
         let expired = jsonwebtoken::encode(
             &Header::new(alg),
-            &Claims { sub: "carol".into(), roles: vec![], kinds: vec![], iat: now - 7200, exp: now - 3600 },
+            &Claims {
+                sub: "carol".into(),
+                roles: vec![],
+                kinds: vec![],
+                iat: now - 7200,
+                exp: now - 3600,
+            },
             &key,
         )
         .unwrap();
-        let err = app.projects(&expired).list_projects(pb::ListProjectsRequest::default()).await.unwrap_err();
+        let err = app
+            .projects(&expired)
+            .list_projects(pb::ListProjectsRequest::default())
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{alg:?}");
     }
 }

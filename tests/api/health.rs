@@ -6,20 +6,44 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus}
 use crate::helpers::*;
 
 async fn status(app: &TestApp, service: &str) -> ServingStatus {
-    let r = app.health().check(HealthCheckRequest { service: service.into() }).await.expect("health check");
+    let r = app
+        .health()
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health check");
     r.into_inner().status()
 }
 
 #[tokio::test]
 async fn every_name_serves_and_needs_no_token() {
     let app = TestApp::spawn().await;
-    for name in ["", "liveness", "readiness", "mediaplane.v1.ProjectsService", "mediaplane.v1.JobsService", "mediaplane.v1.AssetsService"] {
+    for name in [
+        "",
+        "liveness",
+        "readiness",
+        "mediaplane.v1.ProjectsService",
+        "mediaplane.v1.JobsService",
+        "mediaplane.v1.AssetsService",
+    ] {
         assert_eq!(status(&app, name).await, ServingStatus::Serving, "{name:?}");
     }
-    let unknown = app.health().check(HealthCheckRequest { service: "nope".into() }).await.unwrap_err();
+    let unknown = app
+        .health()
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
-    let body: serde_json::Value = reqwest::get(app.http("/healthz")).await.unwrap().json().await.unwrap();
+    let body: serde_json::Value = reqwest::get(app.http("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["status"], "SERVING");
     assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
     assert!(body["uptime_seconds"].is_u64());
@@ -28,7 +52,11 @@ async fn every_name_serves_and_needs_no_token() {
         assert!(body["checks"][dep]["latency_ms"].is_number());
     }
     for path in ["/livez", "/readyz"] {
-        assert_eq!(reqwest::get(app.http(path)).await.unwrap().status(), 200, "{path}");
+        assert_eq!(
+            reqwest::get(app.http(path)).await.unwrap().status(),
+            200,
+            "{path}"
+        );
     }
 }
 
@@ -44,39 +72,73 @@ async fn readiness_follows_postgres_and_liveness_does_not() {
 
     let mut watch = app
         .health()
-        .watch(HealthCheckRequest { service: "readiness".into() })
+        .watch(HealthCheckRequest {
+            service: "readiness".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
 
     proxy.cut().await;
-    let next = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.expect("watch sees the flip");
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("watch sees the flip");
     assert_eq!(next.unwrap().unwrap().status(), ServingStatus::NotServing);
     for name in ["readiness", "mediaplane.v1.ProjectsService"] {
-        assert_eq!(status(&app, name).await, ServingStatus::NotServing, "{name}");
+        assert_eq!(
+            status(&app, name).await,
+            ServingStatus::NotServing,
+            "{name}"
+        );
     }
     for name in ["", "liveness"] {
-        assert_eq!(status(&app, name).await, ServingStatus::Serving, "{name} depends on the process only");
+        assert_eq!(
+            status(&app, name).await,
+            ServingStatus::Serving,
+            "{name} depends on the process only"
+        );
     }
     let healthz = reqwest::get(app.http("/healthz")).await.unwrap();
     assert_eq!(healthz.status(), 503);
     let body: serde_json::Value = healthz.json().await.unwrap();
     assert_eq!(body["checks"]["postgres"]["status"], "down");
-    assert_eq!(reqwest::get(app.http("/readyz")).await.unwrap().status(), 503);
-    assert_eq!(reqwest::get(app.http("/livez")).await.unwrap().status(), 200);
+    assert_eq!(
+        reqwest::get(app.http("/readyz")).await.unwrap().status(),
+        503
+    );
+    assert_eq!(
+        reqwest::get(app.http("/livez")).await.unwrap().status(),
+        200
+    );
     // Calls fail fast and retryably, without internals in the message.
-    let err = app.projects(&t).list_projects(mediaplane::proto::v1::ListProjectsRequest::default()).await.unwrap_err();
+    let err = app
+        .projects(&t)
+        .list_projects(mediaplane::proto::v1::ListProjectsRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(!err.message().contains("127.0.0.1"), "{}", err.message());
 
     proxy.restore();
-    let next = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.expect("watch sees the recovery");
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("watch sees the recovery");
     assert_eq!(next.unwrap().unwrap().status(), ServingStatus::Serving);
-    assert_eq!(reqwest::get(app.http("/readyz")).await.unwrap().status(), 200);
+    assert_eq!(
+        reqwest::get(app.http("/readyz")).await.unwrap().status(),
+        200
+    );
     eventually(Duration::from_secs(10), "projects work again", || {
         let mut c = app.projects(&t);
-        async move { c.list_projects(mediaplane::proto::v1::ListProjectsRequest::default()).await.is_ok() }
+        async move {
+            c.list_projects(mediaplane::proto::v1::ListProjectsRequest::default())
+                .await
+                .is_ok()
+        }
     })
     .await;
 }
@@ -84,7 +146,10 @@ async fn readiness_follows_postgres_and_liveness_does_not() {
 #[tokio::test]
 async fn redis_down_is_reported_but_not_fatal() {
     // A Redis that is not there: the server starts, serves Projects and says so.
-    let app = TestApp::spawn_with(|s| s.redis_url = mediaplane::config::Secret::new("redis://127.0.0.1:1")).await;
+    let app = TestApp::spawn_with(|s| {
+        s.redis_url = mediaplane::config::Secret::new("redis://127.0.0.1:1")
+    })
+    .await;
     create_project(&app, &token("alice"), "works without redis").await;
     let r = reqwest::get(app.http("/healthz")).await.unwrap();
     assert_eq!(r.status(), 200);

@@ -44,9 +44,10 @@ async fn sweep_stale_databases(conn: &mut AsyncPgConnection) {
         #[diesel(sql_type = diesel::sql_types::Text)]
         datname: String,
     }
-    let Ok(names) = diesel::sql_query("SELECT datname FROM pg_database WHERE datname LIKE 'mp_test_%'")
-        .load::<Name>(conn)
-        .await
+    let Ok(names) =
+        diesel::sql_query("SELECT datname FROM pg_database WHERE datname LIKE 'mp_test_%'")
+            .load::<Name>(conn)
+            .await
     else {
         return;
     };
@@ -54,13 +55,20 @@ async fn sweep_stale_databases(conn: &mut AsyncPgConnection) {
     for Name { datname } in names {
         let created: Option<u64> = datname.split('_').nth(2).and_then(|s| s.parse().ok());
         if created.is_some_and(|t| t < cutoff) {
-            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{datname}\" WITH (FORCE)")).execute(conn).await;
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS \"{datname}\" WITH (FORCE)"
+            ))
+            .execute(conn)
+            .await;
         }
     }
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 /// A scratch database, dropped (forcefully) when this value is.
@@ -79,7 +87,9 @@ impl ScratchDb {
                 }
             })
             .await;
-        Self { name: format!("mp_test_{}_{}", now_secs(), uuid::Uuid::new_v4().simple()) }
+        Self {
+            name: format!("mp_test_{}_{}", now_secs(), uuid::Uuid::new_v4().simple()),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -96,7 +106,12 @@ impl Drop for ScratchDb {
         let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
         // Drop runs outside any runtime guarantee: use a thread with its own.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             rt.block_on(async {
                 if let Ok(mut conn) = AsyncPgConnection::establish(PG_ADMIN_URL).await {
                     let _ = diesel::sql_query(sql).execute(&mut conn).await;
@@ -113,7 +128,10 @@ pub fn test_settings(db: &ScratchDb) -> Settings {
     s.database_url = Secret::new(db.url());
     s.db_pool_size = 4;
     s.redis_prefix = format!("mp_test_{}", uuid::Uuid::new_v4().simple());
-    s.jwt = JwtSettings { secret: Some(Secret::new(SECRET)), public_key_pem: None };
+    s.jwt = JwtSettings {
+        secret: Some(Secret::new(SECRET)),
+        public_key_pem: None,
+    };
     s.health_interval = Duration::from_millis(200);
     s.drain_timeout = Duration::from_secs(5);
     s
@@ -147,20 +165,39 @@ impl TestApp {
         let server = tokio::spawn(app.run_until_stopped(async {
             let _ = rx.await;
         }));
-        let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connects");
-        Self { addr, db, channel, shutdown: Some(tx), server: Some(server) }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects");
+        Self {
+            addr,
+            db,
+            channel,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
     }
 
     pub fn http(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    pub fn projects(&self, token: &str) -> ProjectsServiceClient<InterceptedService<Channel, Bearer>> {
+    pub fn projects(
+        &self,
+        token: &str,
+    ) -> ProjectsServiceClient<InterceptedService<Channel, Bearer>> {
         ProjectsServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
     }
 
-    pub fn jobs(&self, token: &str) -> pb::jobs_service_client::JobsServiceClient<InterceptedService<Channel, Bearer>> {
-        pb::jobs_service_client::JobsServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
+    pub fn jobs(
+        &self,
+        token: &str,
+    ) -> pb::jobs_service_client::JobsServiceClient<InterceptedService<Channel, Bearer>> {
+        pb::jobs_service_client::JobsServiceClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(token),
+        )
     }
 
     pub fn health(&self) -> tonic_health::pb::health_client::HealthClient<Channel> {
@@ -199,7 +236,9 @@ impl Bearer {
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -218,12 +257,18 @@ pub fn token_with(sub: &str, roles: &[&str], ttl: Duration) -> String {
 }
 
 pub fn new_project(display_name: &str) -> pb::Project {
-    pb::Project { display_name: display_name.into(), ..Default::default() }
+    pb::Project {
+        display_name: display_name.into(),
+        ..Default::default()
+    }
 }
 
 pub async fn create_project(app: &TestApp, token: &str, display_name: &str) -> pb::Project {
     app.projects(token)
-        .create_project(pb::CreateProjectRequest { project: Some(new_project(display_name)), request_id: String::new() })
+        .create_project(pb::CreateProjectRequest {
+            project: Some(new_project(display_name)),
+            request_id: String::new(),
+        })
         .await
         .expect("create project")
         .into_inner()

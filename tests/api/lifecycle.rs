@@ -18,14 +18,24 @@ const BIN: &str = env!("CARGO_BIN_EXE_mediaplane");
 async fn lock_project(app: &TestApp, name: &str) -> AsyncPgConnection {
     let mut conn = AsyncPgConnection::establish(&app.db.url()).await.unwrap();
     let id = name.trim_start_matches("projects/");
-    conn.batch_execute(&format!("BEGIN; SELECT 1 FROM projects WHERE id = '{id}' FOR UPDATE;")).await.unwrap();
+    conn.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM projects WHERE id = '{id}' FOR UPDATE;"
+    ))
+    .await
+    .unwrap();
     conn
 }
 
 fn rename(name: &str, to: &str) -> pb::UpdateProjectRequest {
     pb::UpdateProjectRequest {
-        project: Some(pb::Project { name: name.into(), display_name: to.into(), ..Default::default() }),
-        update_mask: Some(prost_types::FieldMask { paths: vec!["display_name".into()] }),
+        project: Some(pb::Project {
+            name: name.into(),
+            display_name: to.into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["display_name".into()],
+        }),
     }
 }
 
@@ -41,30 +51,66 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_ends_streams() {
         let r = rename(&p.name, "finished during drain");
         tokio::spawn(async move { c.update_project(r).await })
     };
-    let mut watch = app.health().watch(HealthCheckRequest { service: "readiness".into() }).await.unwrap().into_inner();
-    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    let mut watch = app
+        .health()
+        .watch(HealthCheckRequest {
+            service: "readiness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!in_flight.is_finished(), "the update waits on the row lock");
 
     let server = app.begin_shutdown();
     // Health flips first; then the stream ends with a status clients can act on.
-    let flipped = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap();
-    assert_eq!(flipped.unwrap().unwrap().status(), ServingStatus::NotServing);
-    let ended = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap();
+    let flipped = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap();
+    assert_eq!(
+        flipped.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap();
     assert_eq!(ended.unwrap_err().code(), Code::Unavailable);
 
     // New calls are refused while the old one is still running: on the open connection
     // (GOAWAY, or UNAVAILABLE from the server) and on new connections (listener closed).
-    let refused = app.projects(&t).get_project(pb::GetProjectRequest { name: p.name.clone() }).await.unwrap_err();
-    assert!(matches!(refused.code(), Code::Unavailable | Code::Cancelled), "{refused:?}");
-    let fresh = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr)).unwrap().connect().await;
+    let refused = app
+        .projects(&t)
+        .get_project(pb::GetProjectRequest {
+            name: p.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused.code(), Code::Unavailable | Code::Cancelled),
+        "{refused:?}"
+    );
+    let fresh = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await;
     assert!(fresh.is_err(), "no new connections during the drain");
     assert!(!in_flight.is_finished());
 
     lock.batch_execute("COMMIT").await.unwrap();
-    let done = in_flight.await.unwrap().expect("the call in flight completes");
+    let done = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight completes");
     assert_eq!(done.into_inner().display_name, "finished during drain");
-    tokio::time::timeout(Duration::from_secs(5), server).await.expect("server stops within the drain period").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server stops within the drain period")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
@@ -74,7 +120,6 @@ async fn deadlines_from_client_and_config() {
     let p = create_project(&app, &t, "slow").await;
     let lock = lock_project(&app, &p.name).await;
 
-    let mut request = tonic::Request::new(rename(&p.name, "late"));
     // tonic's client enforces grpc-timeout itself; a raw HTTP/2 request shows the server does too.
     let body = {
         use prost::Message;
@@ -84,7 +129,10 @@ async fn deadlines_from_client_and_config() {
         frame.extend_from_slice(&msg);
         frame
     };
-    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     let start = std::time::Instant::now();
     let response = h2
         .post(app.http("/mediaplane.v1.ProjectsService/UpdateProject"))
@@ -96,12 +144,26 @@ async fn deadlines_from_client_and_config() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.headers().get("grpc-status").unwrap(), "4", "DEADLINE_EXCEEDED");
-    assert!(start.elapsed() < Duration::from_millis(650), "the client's shorter deadline wins");
-    drop(request);
+    assert_eq!(
+        response.headers().get("grpc-status").unwrap(),
+        "4",
+        "DEADLINE_EXCEEDED"
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(650),
+        "the client's shorter deadline wins"
+    );
 
-    let err = app.projects(&t).update_project(rename(&p.name, "late")).await.unwrap_err();
-    assert_eq!(err.code(), Code::DeadlineExceeded, "configured request timeout");
+    let err = app
+        .projects(&t)
+        .update_project(rename(&p.name, "late"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::DeadlineExceeded,
+        "configured request timeout"
+    );
     drop(lock);
 
     eventually(Duration::from_secs(5), "calls work after timeouts", || {
@@ -118,11 +180,19 @@ async fn deadlines_from_client_and_config() {
 async fn migrations_run_down_and_up_again() {
     let db = ScratchDb::reserve().await;
     let url = db.url();
-    mediaplane::db::create_database_if_missing(&url).await.unwrap();
-    mediaplane::db::create_database_if_missing(&url).await.expect("idempotent");
+    mediaplane::db::create_database_if_missing(&url)
+        .await
+        .unwrap();
+    mediaplane::db::create_database_if_missing(&url)
+        .await
+        .expect("idempotent");
     let applied = mediaplane::db::migrate(&url).await.unwrap();
     assert!(applied >= 1);
-    assert_eq!(mediaplane::db::migrate(&url).await.unwrap(), 0, "nothing pending the second time");
+    assert_eq!(
+        mediaplane::db::migrate(&url).await.unwrap(),
+        0,
+        "nothing pending the second time"
+    );
 
     let tables = || async {
         #[derive(diesel::QueryableByName)]
@@ -141,7 +211,11 @@ async fn migrations_run_down_and_up_again() {
     };
     assert!(tables().await.contains(&"projects".to_owned()));
     assert_eq!(mediaplane::db::revert_all(&url).await.unwrap(), applied);
-    assert_eq!(tables().await, Vec::<String>::new(), "down.sql leaves nothing behind");
+    assert_eq!(
+        tables().await,
+        Vec::<String>::new(),
+        "down.sql leaves nothing behind"
+    );
     assert_eq!(mediaplane::db::migrate(&url).await.unwrap(), applied);
     assert!(tables().await.contains(&"projects".to_owned()));
 }
@@ -166,12 +240,18 @@ async fn binary_serves_with_a_first_run_token_and_exits_cleanly_on_sigterm() {
     // stderr carries the token, stdout the JSON logs with the bound address.
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let token = tokio::task::spawn_blocking(move || {
-        stderr.lines().map_while(Result::ok).find(|l| l.starts_with("eyJ")).expect("a token is printed")
+        stderr
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("eyJ"))
+            .expect("a token is printed")
     });
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let addr = tokio::task::spawn_blocking(move || {
         let mut lines = stdout.lines().map_while(Result::ok);
-        let line = lines.find(|l| l.contains("serving gRPC")).expect("serving line");
+        let line = lines
+            .find(|l| l.contains("serving gRPC"))
+            .expect("serving line");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
         // Keep draining so the child never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
@@ -179,18 +259,34 @@ async fn binary_serves_with_a_first_run_token_and_exits_cleanly_on_sigterm() {
     });
     let (token, addr) = (token.await.unwrap(), addr.await.unwrap());
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut c = pb::projects_service_client::ProjectsServiceClient::with_interceptor(channel, Bearer::new(&token));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = pb::projects_service_client::ProjectsServiceClient::with_interceptor(
+        channel,
+        Bearer::new(&token),
+    );
     let p = c
-        .create_project(pb::CreateProjectRequest { project: Some(new_project("first run")), request_id: String::new() })
+        .create_project(pb::CreateProjectRequest {
+            project: Some(new_project("first run")),
+            request_id: String::new(),
+        })
         .await
         .expect("the printed token works")
         .into_inner();
     assert_eq!(p.owner, "local");
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(exit.code(), Some(0), "clean exit on SIGTERM");
 }
 
@@ -198,16 +294,24 @@ async fn binary_serves_with_a_first_run_token_and_exits_cleanly_on_sigterm() {
 fn bad_configuration_is_reported_with_its_key() {
     let run = |args: &[&str], envs: &[(&str, &str)]| {
         let mut cmd = Command::new(BIN);
-        cmd.args(args).env_remove("MEDIAPLANE_CONFIG").env_remove("MEDIAPLANE_JWT_SECRET");
+        cmd.args(args)
+            .env_remove("MEDIAPLANE_CONFIG")
+            .env_remove("MEDIAPLANE_JWT_SECRET");
         for (k, v) in envs {
             cmd.env(k, v);
         }
         let out = cmd.output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, err) = run(&["serve"], &[("MEDIAPLANE_ADDR", "nowhere")]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("MEDIAPLANE_ADDR") && err.contains("--addr") && err.contains("127.0.0.1:8080"), "{err}");
+    assert!(
+        err.contains("MEDIAPLANE_ADDR") && err.contains("--addr") && err.contains("127.0.0.1:8080"),
+        "{err}"
+    );
 
     let (code, err) = run(&["serve", "--request-timeout", "forever"], &[]);
     assert_eq!(code, Some(1));
@@ -215,7 +319,10 @@ fn bad_configuration_is_reported_with_its_key() {
 
     let (code, err) = run(&["serve"], &[("DATABASE_URL", "mysql://root:hunter2@db/x")]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("DATABASE_URL") && !err.contains("hunter2"), "secrets are never echoed: {err}");
+    assert!(
+        err.contains("DATABASE_URL") && !err.contains("hunter2"),
+        "secrets are never echoed: {err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mediaplane.toml");
@@ -237,7 +344,11 @@ fn token_command_mints_verifiable_tokens() {
         .env_remove("MEDIAPLANE_CONFIG")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap();
     let verifier = mediaplane::auth::Verifier::new(&mediaplane::config::JwtSettings {
         secret: Some(mediaplane::config::Secret::new(SECRET)),
@@ -245,7 +356,10 @@ fn token_command_mints_verifiable_tokens() {
     })
     .unwrap();
     let caller = verifier.verify(token.trim()).unwrap();
-    assert_eq!((caller.sub.as_str(), caller.roles.as_slice()), ("alice", ["worker".to_owned()].as_slice()));
+    assert_eq!(
+        (caller.sub.as_str(), caller.roles.as_slice()),
+        ("alice", ["worker".to_owned()].as_slice())
+    );
     let claims = jsonwebtoken::decode::<mediaplane::auth::Claims>(
         token.trim(),
         &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
@@ -259,8 +373,20 @@ fn token_command_mints_verifiable_tokens() {
 #[tokio::test]
 async fn migrate_command_only_migrates() {
     let db = ScratchDb::reserve().await;
-    let out = Command::new(BIN).args(["migrate", "--database-url", &db.url()]).env_remove("MEDIAPLANE_CONFIG").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["migrate", "--database-url", &db.url()])
+        .env_remove("MEDIAPLANE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied: "));
-    assert_eq!(mediaplane::db::migrate(&db.url()).await.unwrap(), 0, "already migrated");
+    assert_eq!(
+        mediaplane::db::migrate(&db.url()).await.unwrap(),
+        0,
+        "already migrated"
+    );
 }

@@ -32,7 +32,10 @@ fn parse_grpc_web(body: &[u8]) -> (Option<Vec<u8>>, String) {
 
 #[tokio::test]
 async fn grpc_web_over_http1_with_cors() {
-    let app = TestApp::spawn_with(|s| s.cors_origins = CorsOrigins::List(vec!["http://studio.example".into()])).await;
+    let app = TestApp::spawn_with(|s| {
+        s.cors_origins = CorsOrigins::List(vec!["http://studio.example".into()])
+    })
+    .await;
     let t = token("alice");
     let p = create_project(&app, &t, "from a browser").await;
     let http = reqwest::Client::builder().http1_only().build().unwrap();
@@ -42,14 +45,20 @@ async fn grpc_web_over_http1_with_cors() {
         .request(reqwest::Method::OPTIONS, &url)
         .header("origin", "http://studio.example")
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "content-type,x-grpc-web,authorization,x-user-agent")
+        .header(
+            "access-control-request-headers",
+            "content-type,x-grpc-web,authorization,x-user-agent",
+        )
         .send()
         .await
         .unwrap();
     assert!(preflight.status().is_success(), "{}", preflight.status());
     let h = preflight.headers();
     assert_eq!(h["access-control-allow-origin"], "http://studio.example");
-    let allowed = h["access-control-allow-headers"].to_str().unwrap().to_ascii_lowercase();
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
     for name in ["authorization", "x-grpc-web", "content-type"] {
         assert!(allowed.contains(name), "{allowed}");
     }
@@ -60,14 +69,22 @@ async fn grpc_web_over_http1_with_cors() {
         .header("content-type", "application/grpc-web+proto")
         .header("x-grpc-web", "1")
         .header("authorization", format!("Bearer {t}"))
-        .body(grpc_web_frame(&pb::GetProjectRequest { name: p.name.clone() }))
+        .body(grpc_web_frame(&pb::GetProjectRequest {
+            name: p.name.clone(),
+        }))
         .send()
         .await
         .unwrap();
     assert_eq!(response.version(), reqwest::Version::HTTP_11);
     assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["access-control-allow-origin"], "http://studio.example");
-    let exposed = response.headers()["access-control-expose-headers"].to_str().unwrap().to_ascii_lowercase();
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "http://studio.example"
+    );
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
     for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
         assert!(exposed.contains(name), "{exposed}");
     }
@@ -91,17 +108,25 @@ async fn grpc_web_over_http1_with_cors() {
     let denied = http
         .post(&url)
         .header("content-type", "application/grpc-web+proto")
-        .body(grpc_web_frame(&pb::GetProjectRequest { name: p.name.clone() }))
+        .body(grpc_web_frame(&pb::GetProjectRequest {
+            name: p.name.clone(),
+        }))
         .send()
         .await
         .unwrap();
-    let status = denied.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    let status = denied
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
     let body = denied.bytes().await.unwrap();
     let code = status.unwrap_or_else(|| parse_grpc_web(&body).1);
     assert!(code.contains("16"), "UNAUTHENTICATED expected, got {code}");
 
     // Plain HTTP on the same port is untouched by the grpc-web layer.
-    assert_eq!(http.get(app.http("/livez")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(app.http("/livez")).send().await.unwrap().status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -110,32 +135,63 @@ async fn reflection_v1_and_v1alpha_list_every_service() {
     let app = TestApp::spawn().await;
 
     use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse,
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut stream = ServerReflectionClient::new(app.channel.clone())
         .server_reflection_info(tokio_stream::iter([request]))
         .await
         .expect("reflection needs no token")
         .into_inner();
-    let Some(Ok(response)) = stream.next().await else { panic!("no reflection answer") };
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("unexpected answer") };
+    let Some(Ok(response)) = stream.next().await else {
+        panic!("no reflection answer")
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected answer")
+    };
     let mut names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     names.sort();
-    for expected in ["grpc.health.v1.Health", "mediaplane.v1.AssetsService", "mediaplane.v1.JobsService", "mediaplane.v1.ProjectsService"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    for expected in [
+        "grpc.health.v1.Health",
+        "mediaplane.v1.AssetsService",
+        "mediaplane.v1.JobsService",
+        "mediaplane.v1.ProjectsService",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
     }
 
     use tonic_reflection::pb::v1alpha::{
-        ServerReflectionRequest as AlphaRequest, server_reflection_client::ServerReflectionClient as AlphaClient,
-        server_reflection_request::MessageRequest as AlphaMessage, server_reflection_response::MessageResponse as AlphaResponse,
+        ServerReflectionRequest as AlphaRequest,
+        server_reflection_client::ServerReflectionClient as AlphaClient,
+        server_reflection_request::MessageRequest as AlphaMessage,
+        server_reflection_response::MessageResponse as AlphaResponse,
     };
-    let request = AlphaRequest { host: String::new(), message_request: Some(AlphaMessage::FileContainingSymbol("mediaplane.v1.ProjectsService".into())) };
-    let mut stream = AlphaClient::new(app.channel.clone()).server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-    let Some(Ok(response)) = stream.next().await else { panic!("no v1alpha answer") };
-    let Some(AlphaResponse::FileDescriptorResponse(files)) = response.message_response else { panic!("unexpected v1alpha answer") };
-    let file = prost_types::FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice()).unwrap();
+    let request = AlphaRequest {
+        host: String::new(),
+        message_request: Some(AlphaMessage::FileContainingSymbol(
+            "mediaplane.v1.ProjectsService".into(),
+        )),
+    };
+    let mut stream = AlphaClient::new(app.channel.clone())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Ok(response)) = stream.next().await else {
+        panic!("no v1alpha answer")
+    };
+    let Some(AlphaResponse::FileDescriptorResponse(files)) = response.message_response else {
+        panic!("unexpected v1alpha answer")
+    };
+    let file = prost_types::FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice())
+        .unwrap();
     assert_eq!(file.name(), "mediaplane/v1/projects.proto");
 }
 
@@ -144,16 +200,32 @@ async fn request_ids_are_taken_or_generated_and_returned() {
     let app = TestApp::spawn().await;
     let mut c = app.projects(&token("alice"));
     let mut request = tonic::Request::new(pb::ListProjectsRequest::default());
-    request.metadata_mut().insert("x-request-id", "studio-trace-123".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-request-id", "studio-trace-123".parse().unwrap());
     let response = c.list_projects(request).await.unwrap();
-    assert_eq!(response.metadata().get("x-request-id").unwrap(), "studio-trace-123");
+    assert_eq!(
+        response.metadata().get("x-request-id").unwrap(),
+        "studio-trace-123"
+    );
 
-    let response = c.list_projects(pb::ListProjectsRequest::default()).await.unwrap();
-    let generated = response.metadata().get("x-request-id").unwrap().to_str().unwrap();
+    let response = c
+        .list_projects(pb::ListProjectsRequest::default())
+        .await
+        .unwrap();
+    let generated = response
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert!(uuid::Uuid::parse_str(generated).is_ok(), "{generated}");
 
     // Errors carry it too, so a user can quote it.
-    let err = c.get_project(pb::GetProjectRequest { name: "bad".into() }).await.unwrap_err();
+    let err = c
+        .get_project(pb::GetProjectRequest { name: "bad".into() })
+        .await
+        .unwrap_err();
     assert!(err.metadata().get("x-request-id").is_some());
 }
 
@@ -163,11 +235,19 @@ async fn oversized_messages_are_resource_exhausted() {
     let mut c = app.projects(&token("alice"));
     let err = c
         .create_project(pb::CreateProjectRequest {
-            project: Some(pb::Project { display_name: "big".into(), description: "x".repeat(20 * 1024), ..Default::default() }),
+            project: Some(pb::Project {
+                display_name: "big".into(),
+                description: "x".repeat(20 * 1024),
+                ..Default::default()
+            }),
             request_id: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("16384"), "the limit is in the message: {}", err.message());
+    assert!(
+        err.message().contains("16384"),
+        "the limit is in the message: {}",
+        err.message()
+    );
 }
