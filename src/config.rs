@@ -480,6 +480,39 @@ mod tests {
     }
 
     #[test]
+    fn file_values_fill_what_flags_leave_out() {
+        let dir = std::env::temp_dir().join(format!("mediaplane-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mediaplane.toml");
+        std::fs::write(
+            &path,
+            "addr = \"0.0.0.0:9000\"\nmax_message_bytes = 65536\ncors_origins = [\"https://a.example\", \"http://localhost:3000\"]\nrequest_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let args = SettingsArgs {
+            config: Some(path.clone()),
+            request_timeout: Some("7s".into()),
+            ..Default::default()
+        };
+        let s = Settings::load(&args).unwrap();
+        assert_eq!(s.addr.to_string(), "0.0.0.0:9000");
+        assert_eq!(s.max_message_bytes, 65536);
+        assert_eq!(
+            s.request_timeout,
+            Duration::from_secs(7),
+            "flags and env win over the file"
+        );
+        assert_eq!(
+            s.cors_origins,
+            CorsOrigins::List(vec![
+                "https://a.example".into(),
+                "http://localhost:3000".into()
+            ])
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let args = SettingsArgs {
             addr: Some("nope".into()),

@@ -144,6 +144,43 @@ async fn readiness_follows_postgres_and_liveness_does_not() {
 }
 
 #[tokio::test]
+async fn redis_outage_is_reported_and_recovered_from_without_losing_readiness() {
+    let proxy = ChaosProxy::start("127.0.0.1:6379").await;
+    let addr = proxy.addr;
+    let app = TestApp::spawn_with(|s| {
+        s.redis_url = mediaplane::config::Secret::new(format!("redis://{addr}"))
+    })
+    .await;
+    let redis_status = || async {
+        let body: serde_json::Value = reqwest::get(app.http("/healthz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["checks"]["redis"]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(redis_status().await, "up");
+    proxy.cut().await;
+    eventually(Duration::from_secs(10), "redis reported down", || async {
+        redis_status().await == "down"
+    })
+    .await;
+    assert_eq!(status(&app, "readiness").await, ServingStatus::Serving);
+    create_project(&app, &token("alice"), "redis is optional for projects").await;
+    proxy.restore();
+    eventually(
+        Duration::from_secs(10),
+        "the pool reconnects by itself",
+        || async { redis_status().await == "up" },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn redis_down_is_reported_but_not_fatal() {
     // A Redis that is not there: the server starts, serves Projects and says so.
     let app = TestApp::spawn_with(|s| {

@@ -122,6 +122,28 @@ async fn grpc_web_over_http1_with_cors() {
     let code = status.unwrap_or_else(|| parse_grpc_web(&body).1);
     assert!(code.contains("16"), "UNAUTHENTICATED expected, got {code}");
 
+    // grpc-web over HTTP/2 as well.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2
+        .post(&url)
+        .header("content-type", "application/grpc-web+proto")
+        .header("authorization", format!("Bearer {t}"))
+        .body(grpc_web_frame(&pb::GetProjectRequest {
+            name: p.name.clone(),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let (message, trailers) = parse_grpc_web(&response.bytes().await.unwrap());
+    assert!(
+        trailers.contains("grpc-status:0") && message.is_some(),
+        "{trailers}"
+    );
+
     // Plain HTTP on the same port is untouched by the grpc-web layer.
     assert_eq!(
         http.get(app.http("/livez")).send().await.unwrap().status(),
