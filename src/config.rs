@@ -71,6 +71,28 @@ pub struct SettingsArgs {
     /// How often Postgres and Redis are probed for health [default: 2s].
     #[arg(long, env = "MEDIAPLANE_HEALTH_INTERVAL")]
     pub health_interval: Option<String>,
+    /// Idle AcquireJobs calls re-check the queue this often, in case a Redis wake-up
+    /// was lost [default: 1s].
+    #[arg(long, env = "MEDIAPLANE_POLL_INTERVAL")]
+    pub poll_interval: Option<String>,
+    /// How often each instance looks for expired leases [default: 1s].
+    #[arg(long, env = "MEDIAPLANE_REAP_INTERVAL")]
+    pub reap_interval: Option<String>,
+    /// First retry delay; doubles per attempt, with jitter [default: 1s].
+    #[arg(long, env = "MEDIAPLANE_RETRY_BASE")]
+    pub retry_base: Option<String>,
+    /// Longest retry delay [default: 5m].
+    #[arg(long, env = "MEDIAPLANE_RETRY_MAX")]
+    pub retry_max: Option<String>,
+    /// Watch streams re-read Postgres this often even when Redis is quiet [default: 30s].
+    #[arg(long, env = "MEDIAPLANE_WATCH_RESYNC")]
+    pub watch_resync: Option<String>,
+    /// Finished jobs (and their events) are deleted after this long [default: 7d].
+    #[arg(long, env = "MEDIAPLANE_JOB_RETENTION")]
+    pub job_retention: Option<String>,
+    /// Job events kept for resuming watches [default: 24h].
+    #[arg(long, env = "MEDIAPLANE_EVENT_RETENTION")]
+    pub event_retention: Option<String>,
 }
 
 /// A string that never shows up in logs or `Debug` output.
@@ -120,6 +142,13 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub drain_timeout: Duration,
     pub health_interval: Duration,
+    pub poll_interval: Duration,
+    pub reap_interval: Duration,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub watch_resync: Duration,
+    pub job_retention: Duration,
+    pub event_retention: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,6 +401,21 @@ impl Settings {
                 &args.health_interval,
                 DEFAULT_HEALTH_INTERVAL,
             )?,
+            poll_interval: duration("poll_interval", &args.poll_interval, Duration::from_secs(1))?,
+            reap_interval: duration("reap_interval", &args.reap_interval, Duration::from_secs(1))?,
+            retry_base: duration("retry_base", &args.retry_base, Duration::from_secs(1))?,
+            retry_max: duration("retry_max", &args.retry_max, Duration::from_secs(300))?,
+            watch_resync: duration("watch_resync", &args.watch_resync, Duration::from_secs(30))?,
+            job_retention: duration(
+                "job_retention",
+                &args.job_retention,
+                Duration::from_secs(7 * 86400),
+            )?,
+            event_retention: duration(
+                "event_retention",
+                &args.event_retention,
+                Duration::from_secs(86400),
+            )?,
         })
     }
 }
@@ -405,7 +449,11 @@ fn parse_range(s: &str, min: u64, max: u64) -> Result<u64, String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|_| "expected a duration like 500ms, 30s or 5m".into())
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be longer than zero".into()),
+        Err(_) => Err("expected a duration like 500ms, 30s or 5m".into()),
+    }
 }
 
 fn check_url(s: &str, schemes: &[&str]) -> Result<(), String> {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod edge;
+pub mod engine;
 pub mod error;
 pub mod health;
 pub mod proto;

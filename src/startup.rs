@@ -17,7 +17,9 @@ use crate::{
     auth::{Authenticate, Verifier},
     config::Settings,
     db,
+    domain::job::Backoff,
     edge::{self, calls::CallContext},
+    engine::{Engine, EngineSettings, Hub, reaper},
     health::Health,
     proto::{self, v1},
     redis::{self, RedisPool},
@@ -47,6 +49,9 @@ pub struct Application {
     db: db::Pool,
     redis: RedisPool,
     draining: CancellationToken,
+    engine: Engine,
+    /// Stops the event hub, the reaper and the prober after the drain.
+    background: CancellationToken,
 }
 
 impl Application {
@@ -68,10 +73,35 @@ impl Application {
         health.probe(&db, &redis).await;
 
         let draining = CancellationToken::new();
+        let background = CancellationToken::new();
+        let hub = Hub::start(
+            settings.redis_url.expose(),
+            &settings.redis_prefix,
+            background.clone(),
+        )
+        .map_err(StartError::Config)?;
+        let engine_settings = EngineSettings {
+            backoff: Backoff {
+                base: settings.retry_base,
+                max: settings.retry_max,
+            },
+            poll_interval: settings.poll_interval,
+            reap_interval: settings.reap_interval,
+            watch_resync: settings.watch_resync,
+            job_retention: settings.job_retention,
+            event_retention: settings.event_retention,
+        };
+        let engine = Engine::new(
+            db.clone(),
+            redis.clone(),
+            hub,
+            &settings.redis_prefix,
+            engine_settings,
+        );
         let router = router(
             &settings,
             verifier,
-            db.clone(),
+            engine.clone(),
             health.clone(),
             health_service,
             draining.clone(),
@@ -91,6 +121,8 @@ impl Application {
             db,
             redis,
             draining,
+            engine,
+            background,
         })
     }
 
@@ -117,9 +149,11 @@ impl Application {
             db,
             redis,
             draining,
+            engine,
+            background,
         } = self;
-        let stop_probes = CancellationToken::new();
-        health.spawn_prober(db, redis, settings.health_interval, stop_probes.clone());
+        health.spawn_prober(db, redis, settings.health_interval, background.clone());
+        reaper::spawn(engine, background.clone());
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -170,7 +204,7 @@ impl Application {
             () = graceful.shutdown() => tracing::info!("all connections closed"),
             () = tokio::time::sleep(settings.drain_timeout) => tracing::warn!("drain period over; closing remaining connections"),
         }
-        stop_probes.cancel();
+        background.cancel();
         Ok(())
     }
 }
@@ -202,7 +236,7 @@ async fn prepare_database(url: &str) -> Result<(), db::DbError> {
 fn router(
     settings: &Settings,
     verifier: Verifier,
-    db: db::Pool,
+    engine: Engine,
     health: Health,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -211,10 +245,12 @@ fn router(
 ) -> Result<Router, StartError> {
     let limit = settings.max_message_bytes;
     let auth = Authenticate(verifier);
-    let projects = v1::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(db))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
-    let jobs = v1::jobs_service_server::JobsServiceServer::new(JobsApi)
+    let projects = v1::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(
+        engine.db.clone(),
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let jobs = v1::jobs_service_server::JobsServiceServer::new(JobsApi::new(engine))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let assets = v1::assets_service_server::AssetsServiceServer::new(AssetsApi)

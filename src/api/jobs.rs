@@ -1,8 +1,500 @@
-//! JobsService: the contract is complete; the engine lands with the Jobs issue.
-//! Until then every RPC answers UNIMPLEMENTED (after authentication).
-use crate::proto::v1::jobs_service_server::JobsService;
+//! JobsService over gRPC: client methods (owner-scoped) and worker methods (role
+//! `worker`), all through the engine.
+use std::{pin::Pin, time::Duration};
 
-#[derive(Debug, Default)]
-pub struct JobsApi;
+use futures::Stream;
+use tonic::{Request, Response, Status};
 
-impl JobsService for JobsApi {}
+use super::convert::{datetime, duration, struct_to_json};
+use crate::{
+    AppError,
+    auth::{Caller, caller},
+    domain::{
+        Violations,
+        job::{self, JobError, JobFilter, NewJob},
+        names::{AssetName, JobName, ProjectName},
+        page,
+    },
+    engine::{Engine, LeaseOp},
+    proto::v1 as pb,
+};
+
+pub struct JobsApi {
+    engine: Engine,
+}
+
+impl JobsApi {
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+fn require_worker(caller: &Caller) -> Result<(), Status> {
+    if caller.is_worker() || caller.is_admin() {
+        Ok(())
+    } else {
+        Err(
+            AppError::PermissionDenied("worker methods need a token with the `worker` role".into())
+                .into(),
+        )
+    }
+}
+
+/// Validates a CreateJobRequest's job; field names get `prefix` (`job.`, `requests[3].job.`).
+fn new_job(job: Option<pb::Job>, prefix: &str, v: &mut Violations) -> NewJob {
+    let Some(job) = job else {
+        v.add(prefix.trim_end_matches('.'), "required");
+        return NewJob {
+            kind: String::new(),
+            input: Default::default(),
+            labels: Default::default(),
+            priority: 0,
+            max_attempts: 1,
+            schedule_time: None,
+        };
+    };
+    let input = match job.input.map(struct_to_json).transpose() {
+        Ok(i) => i.unwrap_or_default(),
+        Err(why) => {
+            v.add(format!("{prefix}input"), why);
+            Default::default()
+        }
+    };
+    let schedule_time = job.schedule_time.as_ref().and_then(|t| {
+        let parsed = datetime(t);
+        if parsed.is_none() {
+            v.add(format!("{prefix}schedule_time"), "not a valid timestamp");
+        }
+        parsed
+    });
+    let new = NewJob {
+        kind: job.kind,
+        input,
+        labels: job.labels,
+        priority: job.priority,
+        max_attempts: if job.max_attempts == 0 {
+            job::DEFAULT_MAX_ATTEMPTS
+        } else {
+            job.max_attempts
+        },
+        schedule_time,
+    };
+    new.validate(prefix, v);
+    new
+}
+
+fn request_id(id: String, field: &str, v: &mut Violations) -> Option<String> {
+    if id.chars().count() > 128 {
+        v.add(field, "at most 128 characters");
+    }
+    (!id.is_empty()).then_some(id)
+}
+
+fn text(value: String, field: &str, v: &mut Violations) -> String {
+    if value.chars().count() > job::MAX_TEXT {
+        v.add(field, format!("at most {} characters", job::MAX_TEXT));
+    }
+    value
+}
+
+fn positive_duration(
+    d: Option<prost_types::Duration>,
+    field: &str,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+    v: &mut Violations,
+) -> Duration {
+    match d {
+        None => default,
+        Some(d) => match duration(&d) {
+            Some(d) if d >= min && d <= max => d,
+            _ => {
+                v.add(field, format!("from {min:?} to {max:?}"));
+                default
+            }
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl pb::jobs_service_server::JobsService for JobsApi {
+    #[tracing::instrument(skip_all)]
+    async fn create_job(
+        &self,
+        request: Request<pb::CreateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&request)?;
+        let pb::CreateJobRequest {
+            parent,
+            job,
+            request_id: rid,
+        } = request.into_inner();
+        let project = ProjectName::parse("parent", &parent)?;
+        let mut v = Violations::default();
+        let new = new_job(job, "job.", &mut v);
+        let rid = request_id(rid, "request_id", &mut v);
+        let new = v.into_result(new)?;
+        let mut jobs = self
+            .engine
+            .create(&caller, project, vec![(new, rid)])
+            .await?;
+        let job = jobs
+            .pop()
+            .ok_or_else(|| AppError::internal("create returned no job"))?;
+        Ok(Response::new(job.into()))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn batch_create_jobs(
+        &self,
+        request: Request<pb::BatchCreateJobsRequest>,
+    ) -> Result<Response<pb::BatchCreateJobsResponse>, Status> {
+        let caller = caller(&request)?;
+        let pb::BatchCreateJobsRequest { parent, requests } = request.into_inner();
+        let project = ProjectName::parse("parent", &parent)?;
+        let mut v = Violations::default();
+        if requests.is_empty() || requests.len() > job::MAX_BATCH {
+            v.add(
+                "requests",
+                format!("1 to {} jobs per batch", job::MAX_BATCH),
+            );
+        }
+        let mut jobs = Vec::with_capacity(requests.len());
+        for (i, r) in requests.into_iter().enumerate() {
+            if !r.parent.is_empty() && r.parent != parent {
+                v.add(
+                    format!("requests[{i}].parent"),
+                    "must be empty or equal to the batch's parent",
+                );
+            }
+            let new = new_job(r.job, &format!("requests[{i}].job."), &mut v);
+            let rid = request_id(r.request_id, &format!("requests[{i}].request_id"), &mut v);
+            jobs.push((new, rid));
+        }
+        let jobs = v.into_result(jobs)?;
+        let created = self.engine.create(&caller, project, jobs).await?;
+        Ok(Response::new(pb::BatchCreateJobsResponse {
+            jobs: created.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&request)?;
+        let name = JobName::parse("name", &request.get_ref().name)?;
+        Ok(Response::new(self.engine.get(&caller, name).await?.into()))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let project = ProjectName::parse("parent", &r.parent)?;
+        let filter = JobFilter::parse(&r.filter).map_err(|why| AppError::invalid("filter", why))?;
+        let descending = match r.order_by.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [] | ["create_time", "desc"] => true,
+            ["create_time"] | ["create_time", "asc"] => false,
+            _ => {
+                return Err(AppError::invalid(
+                    "order_by",
+                    "supported: `create_time`, `create_time asc`, `create_time desc`",
+                )
+                .into());
+            }
+        };
+        let limit = page::page_size(r.page_size)?;
+        let owner = caller.owner_scope().map(str::to_owned);
+        let fingerprint = page::fingerprint(&[
+            "jobs",
+            owner.as_deref().unwrap_or("*"),
+            &r.parent,
+            &filter.canonical(),
+            if descending { "desc" } else { "asc" },
+        ]);
+        let after = page::decode(&r.page_token, &fingerprint)?;
+        let query = crate::db::jobs::ListJobs {
+            owner,
+            project: project.0,
+            filter,
+            limit,
+            after,
+            descending,
+        };
+        let mut conn = super::conn(&self.engine.db).await?;
+        let (jobs, more) = crate::db::jobs::list(&mut conn, &query).await?;
+        let next_page_token = match (more, jobs.last()) {
+            (true, Some(last)) => page::encode(
+                page::Cursor {
+                    create_time: last.create_time,
+                    id: last.id,
+                },
+                &fingerprint,
+            ),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&request)?;
+        let name = JobName::parse("name", &request.get_ref().name)?;
+        Ok(Response::new(
+            self.engine.cancel(&caller, name).await?.into(),
+        ))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn retry_job(
+        &self,
+        request: Request<pb::RetryJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&request)?;
+        let name = JobName::parse("name", &request.get_ref().name)?;
+        Ok(Response::new(
+            self.engine.retry(&caller, name).await?.into(),
+        ))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let name = JobName::parse("name", &r.name)?;
+        if r.after_sequence < 0 {
+            return Err(AppError::invalid("after_sequence", "must not be negative").into());
+        }
+        let stream = self
+            .engine
+            .watch_job(&caller, name, r.after_sequence)
+            .await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_jobs(
+        &self,
+        request: Request<pb::WatchJobsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let project = ProjectName::parse("parent", &r.parent)?;
+        let filter = JobFilter::parse(&r.filter).map_err(|why| AppError::invalid("filter", why))?;
+        let stream = self.engine.watch_jobs(&caller, project, filter).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(skip_all, fields(worker_id))]
+    async fn acquire_jobs(
+        &self,
+        request: Request<pb::AcquireJobsRequest>,
+    ) -> Result<Response<pb::AcquireJobsResponse>, Status> {
+        let caller = caller(&request)?;
+        require_worker(&caller)?;
+        let r = request.into_inner();
+        tracing::Span::current().record("worker_id", r.worker_id.as_str());
+        let mut v = Violations::default();
+        if r.worker_id.is_empty() || r.worker_id.chars().count() > 128 {
+            v.add("worker_id", "required, at most 128 characters");
+        }
+        if r.kinds.is_empty() || r.kinds.len() > 64 {
+            v.add("kinds", "1 to 64 kinds");
+        }
+        for (i, kind) in r.kinds.iter().enumerate() {
+            if !job::valid_kind(kind) {
+                v.add(format!("kinds[{i}]"), "not a valid kind");
+            }
+        }
+        let max = match r.max_jobs {
+            0 => 1,
+            n if (1..=job::MAX_ACQUIRE).contains(&n) => n,
+            _ => {
+                v.add("max_jobs", format!("from 1 to {}", job::MAX_ACQUIRE));
+                1
+            }
+        };
+        let lease = positive_duration(
+            r.lease_duration,
+            "lease_duration",
+            job::DEFAULT_LEASE,
+            job::MIN_LEASE,
+            job::MAX_LEASE,
+            &mut v,
+        );
+        let wait = match r.wait_timeout {
+            None => Duration::ZERO,
+            Some(d) => match duration(&d) {
+                Some(d) if d <= job::MAX_WAIT => d,
+                _ => {
+                    v.add("wait_timeout", format!("from 0s to {:?}", job::MAX_WAIT));
+                    Duration::ZERO
+                }
+            },
+        };
+        v.into_result(())?;
+        if !caller.kinds.is_empty() {
+            if let Some(kind) = r.kinds.iter().find(|k| !caller.kinds.contains(k)) {
+                return Err(AppError::PermissionDenied(format!(
+                    "this worker token may not run jobs of kind {kind:?}"
+                ))
+                .into());
+            }
+        }
+        let jobs = self
+            .engine
+            .acquire(&r.worker_id, &r.kinds, i64::from(max), lease, wait)
+            .await?;
+        let jobs = jobs
+            .into_iter()
+            .map(|j| pb::LeasedJob {
+                lease_id: j.lease_id.map(|l| l.to_string()).unwrap_or_default(),
+                lease_expire_time: j.lease_expire_time.map(super::convert::timestamp),
+                job: Some(j.into()),
+            })
+            .collect();
+        Ok(Response::new(pb::AcquireJobsResponse { jobs }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn report_progress(
+        &self,
+        request: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let caller = caller(&request)?;
+        require_worker(&caller)?;
+        let r = request.into_inner();
+        let name = JobName::parse("name", &r.name)?;
+        let mut v = Violations::default();
+        if !(0..=100).contains(&r.progress_percent) {
+            v.add("progress_percent", "from 0 to 100");
+        }
+        let step = text(r.current_step, "current_step", &mut v);
+        let message = text(r.message, "message", &mut v);
+        v.into_result(())?;
+        let op = LeaseOp::Progress {
+            percent: r.progress_percent,
+            step,
+            message,
+        };
+        let job = self.engine.leased(&caller, name, &r.lease_id, op).await?;
+        Ok(Response::new(pb::ReportProgressResponse {
+            cancel_requested: job.cancel_requested,
+            lease_expire_time: job.lease_expire_time.map(super::convert::timestamp),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn complete_job(
+        &self,
+        request: Request<pb::CompleteJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&request)?;
+        require_worker(&caller)?;
+        let r = request.into_inner();
+        let name = JobName::parse("name", &r.name)?;
+        let mut v = Violations::default();
+        let result = match r.result.map(struct_to_json).transpose() {
+            Ok(result) => result,
+            Err(why) => {
+                v.add("result", why);
+                None
+            }
+        };
+        if result.as_ref().is_some_and(|m| {
+            serde_json::to_vec(m).map_or(true, |b| b.len() > job::MAX_RESULT_BYTES)
+        }) {
+            v.add(
+                "result",
+                format!("at most {} bytes as JSON", job::MAX_RESULT_BYTES),
+            );
+        }
+        if r.output_assets.len() > 1000 {
+            v.add("output_assets", "at most 1000 assets");
+        }
+        for (i, asset) in r.output_assets.iter().enumerate() {
+            match AssetName::parse(&format!("output_assets[{i}]"), asset) {
+                Ok(a) if a.project == name.project => {}
+                Ok(_) => v.add(
+                    format!("output_assets[{i}]"),
+                    "must be an asset of the job's project",
+                ),
+                Err(_) => v.add(
+                    format!("output_assets[{i}]"),
+                    "expected projects/{project}/assets/{asset}",
+                ),
+            }
+        }
+        v.into_result(())?;
+        let op = LeaseOp::Complete {
+            result: result.map(serde_json::Value::Object),
+            output_assets: r.output_assets,
+        };
+        Ok(Response::new(
+            self.engine
+                .leased(&caller, name, &r.lease_id, op)
+                .await?
+                .into(),
+        ))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn fail_job(
+        &self,
+        request: Request<pb::FailJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&request)?;
+        require_worker(&caller)?;
+        let r = request.into_inner();
+        let name = JobName::parse("name", &r.name)?;
+        let mut v = Violations::default();
+        let error = match r.error {
+            Some(e) if e.code != 0 => JobError {
+                code: e.code,
+                message: text(e.message, "error.message", &mut v),
+            },
+            _ => {
+                v.add("error", "required, with a non-OK code");
+                JobError {
+                    code: 2,
+                    message: String::new(),
+                }
+            }
+        };
+        let retry_after = r.retry_after.map(|d| {
+            duration(&d).unwrap_or_else(|| {
+                v.add("retry_after", "must not be negative");
+                Duration::ZERO
+            })
+        });
+        v.into_result(())?;
+        let op = LeaseOp::Fail {
+            error,
+            retryable: r.retryable,
+            retry_after,
+        };
+        Ok(Response::new(
+            self.engine
+                .leased(&caller, name, &r.lease_id, op)
+                .await?
+                .into(),
+        ))
+    }
+}

@@ -1,5 +1,58 @@
 // @generated automatically by Diesel CLI.
 
+pub mod sql_types {
+    #[derive(diesel::query_builder::QueryId, Clone, diesel::sql_types::SqlType)]
+    #[diesel(postgres_type(name = "job_state"))]
+    pub struct JobState;
+}
+
+diesel::table! {
+    job_events (job_id, sequence) {
+        job_id -> Uuid,
+        sequence -> Int8,
+        project_id -> Uuid,
+        payload -> Bytea,
+        event_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use super::sql_types::JobState;
+
+    jobs (id) {
+        id -> Uuid,
+        project_id -> Uuid,
+        owner -> Text,
+        kind -> Text,
+        input -> Jsonb,
+        labels -> Jsonb,
+        state -> JobState,
+        priority -> Int4,
+        max_attempts -> Int4,
+        attempt -> Int4,
+        schedule_time -> Timestamptz,
+        progress_percent -> Int4,
+        current_step -> Text,
+        message -> Text,
+        cancel_requested -> Bool,
+        worker_id -> Nullable<Text>,
+        lease_id -> Nullable<Uuid>,
+        lease_duration_ms -> Nullable<Int8>,
+        lease_expire_time -> Nullable<Timestamptz>,
+        result -> Nullable<Jsonb>,
+        output_assets -> Array<Nullable<Text>>,
+        error -> Nullable<Jsonb>,
+        sequence -> Int8,
+        request_id -> Nullable<Text>,
+        request_hash -> Nullable<Bytea>,
+        create_time -> Timestamptz,
+        start_time -> Nullable<Timestamptz>,
+        end_time -> Nullable<Timestamptz>,
+        update_time -> Timestamptz,
+    }
+}
+
 diesel::table! {
     projects (id) {
         id -> Uuid,
@@ -15,3 +68,8 @@ diesel::table! {
         update_time -> Timestamptz,
     }
 }
+
+diesel::joinable!(job_events -> jobs (job_id));
+diesel::joinable!(jobs -> projects (project_id));
+
+diesel::allow_tables_to_appear_in_same_query!(job_events, jobs, projects,);

@@ -1,4 +1,5 @@
 //! Types and rules of the service, independent of gRPC and of SQL.
+pub mod job;
 pub mod labels;
 pub mod names;
 pub mod page;

@@ -174,7 +174,7 @@ async fn missing_malformed_expired_and_forged_tokens_are_unauthenticated() {
         assert!(err.message().contains(expect), "{what}: {}", err.message());
     }
 
-    // Jobs and Assets are behind the same door, and answer UNIMPLEMENTED until built.
+    // Jobs and Assets are behind the same door; Assets answer UNIMPLEMENTED until built.
     let err = pb::jobs_service_client::JobsServiceClient::new(app.channel.clone())
         .get_job(pb::GetJobRequest {
             name: "projects/x/jobs/y".into(),
@@ -182,10 +182,13 @@ async fn missing_malformed_expired_and_forged_tokens_are_unauthenticated() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let err = app
-        .jobs(&token("alice"))
-        .get_job(pb::GetJobRequest {
-            name: "projects/x/jobs/y".into(),
+    let mut assets = pb::assets_service_client::AssetsServiceClient::with_interceptor(
+        app.channel.clone(),
+        Bearer::new(&token("alice")),
+    );
+    let err = assets
+        .get_asset(pb::GetAssetRequest {
+            name: "projects/x/assets/y".into(),
         })
         .await
         .unwrap_err();

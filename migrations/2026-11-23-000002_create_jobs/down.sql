@@ -1,0 +1,4 @@
+DROP TABLE job_events;
+DROP TABLE jobs;
+DROP FUNCTION jobs_touch_row();
+DROP TYPE job_state;

@@ -1,0 +1,632 @@
+//! Job queries. Writes here run inside the engine's transactions, which also record
+//! the job's events; every UPDATE bumps `sequence` through the table's trigger.
+use chrono::{DateTime, Utc};
+use diesel::{
+    IntoSql, OptionalExtension,
+    dsl::sql,
+    prelude::*,
+    sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::schema::{job_events, jobs, projects};
+use crate::{
+    AppError, AppResult,
+    domain::{
+        job::{Job, JobError, JobFilter, JobState, NewJob},
+        page,
+    },
+};
+
+#[derive(Queryable, Selectable, QueryableByName)]
+#[diesel(table_name = jobs, check_for_backend(diesel::pg::Pg))]
+pub struct JobRow {
+    id: Uuid,
+    project_id: Uuid,
+    owner: String,
+    kind: String,
+    input: serde_json::Value,
+    labels: serde_json::Value,
+    state: JobState,
+    priority: i32,
+    max_attempts: i32,
+    attempt: i32,
+    schedule_time: DateTime<Utc>,
+    progress_percent: i32,
+    current_step: String,
+    message: String,
+    cancel_requested: bool,
+    worker_id: Option<String>,
+    lease_id: Option<Uuid>,
+    lease_expire_time: Option<DateTime<Utc>>,
+    result: Option<serde_json::Value>,
+    output_assets: Vec<Option<String>>,
+    error: Option<serde_json::Value>,
+    sequence: i64,
+    create_time: DateTime<Utc>,
+    start_time: Option<DateTime<Utc>>,
+    end_time: Option<DateTime<Utc>>,
+    update_time: DateTime<Utc>,
+}
+
+fn object(
+    id: Uuid,
+    what: &str,
+    v: serde_json::Value,
+) -> AppResult<serde_json::Map<String, serde_json::Value>> {
+    match v {
+        serde_json::Value::Object(m) => Ok(m),
+        _ => Err(AppError::internal(format!(
+            "job {id} {what} is not an object"
+        ))),
+    }
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = AppError;
+
+    fn try_from(r: JobRow) -> AppResult<Self> {
+        let JobRow {
+            id,
+            project_id,
+            owner,
+            kind,
+            input,
+            labels,
+            state,
+            priority,
+            max_attempts,
+            attempt,
+            schedule_time,
+            progress_percent,
+            current_step,
+            message,
+            cancel_requested,
+            worker_id,
+            lease_id,
+            lease_expire_time,
+            result,
+            output_assets,
+            error,
+            sequence,
+            create_time,
+            start_time,
+            end_time,
+            update_time,
+        } = r;
+        Ok(Job {
+            id,
+            project_id,
+            owner,
+            kind,
+            input: object(id, "input", input)?,
+            labels: serde_json::from_value(labels)
+                .map_err(|e| AppError::internal(format!("job {id} labels: {e}")))?,
+            state,
+            priority,
+            max_attempts,
+            attempt,
+            schedule_time,
+            progress_percent,
+            current_step,
+            message,
+            cancel_requested,
+            worker_id,
+            lease_id,
+            lease_expire_time,
+            result: result.map(|r| object(id, "result", r)).transpose()?,
+            output_assets: output_assets.into_iter().flatten().collect(),
+            error: error
+                .map(serde_json::from_value::<JobError>)
+                .transpose()
+                .map_err(|e| AppError::internal(format!("job {id} error: {e}")))?,
+            sequence,
+            create_time,
+            start_time,
+            end_time,
+            update_time,
+        })
+    }
+}
+
+fn jobs_from(rows: Vec<JobRow>) -> AppResult<Vec<Job>> {
+    rows.into_iter().map(Job::try_from).collect()
+}
+
+fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> serde_json::Value {
+    serde_json::Value::Object(
+        labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect(),
+    )
+}
+
+type VisibleTo =
+    diesel::dsl::Or<diesel::dsl::Eq<jobs::owner, String>, diesel::dsl::AsExprOf<bool, Bool>>;
+
+/// `owner = $sub OR $admin`.
+fn visible_to(owner: Option<&str>) -> VisibleTo {
+    jobs::owner
+        .eq(owner.unwrap_or_default().to_owned())
+        .or(owner.is_none().into_sql::<Bool>())
+}
+
+/// The owner of a project the caller can see, locked against deletion until commit.
+pub async fn lock_project(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    project: Uuid,
+) -> AppResult<Option<String>> {
+    Ok(projects::table
+        .filter(projects::id.eq(project))
+        .filter(
+            projects::owner
+                .eq(owner.unwrap_or_default().to_owned())
+                .or(owner.is_none().into_sql::<Bool>()),
+        )
+        .select(projects::owner)
+        .for_share()
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = jobs)]
+struct NewJobRow<'a> {
+    id: Uuid,
+    project_id: Uuid,
+    owner: &'a str,
+    kind: &'a str,
+    input: serde_json::Value,
+    labels: serde_json::Value,
+    priority: i32,
+    max_attempts: i32,
+    schedule_time: Option<DateTime<Utc>>,
+    request_id: Option<&'a str>,
+    request_hash: Option<Vec<u8>>,
+}
+
+/// Inserts a job; with a request id, a repeat returns the first job (`false`), a
+/// different payload under the same id is ALREADY_EXISTS.
+pub async fn insert(
+    conn: &mut AsyncPgConnection,
+    owner: &str,
+    project: Uuid,
+    job: &NewJob,
+    request_id: Option<&str>,
+) -> AppResult<(Job, bool)> {
+    let digest = request_id.map(|_| job.digest());
+    let row = NewJobRow {
+        id: Uuid::now_v7(),
+        project_id: project,
+        owner,
+        kind: &job.kind,
+        input: serde_json::Value::Object(job.input.clone()),
+        labels: labels_json(&job.labels),
+        priority: job.priority,
+        max_attempts: job.max_attempts,
+        schedule_time: job.schedule_time,
+        request_id,
+        request_hash: digest.clone(),
+    };
+    let inserted: Option<JobRow> = diesel::insert_into(jobs::table)
+        .values(&row)
+        .on_conflict((jobs::owner, jobs::request_id))
+        .do_nothing()
+        .returning(JobRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?;
+    if let Some(row) = inserted {
+        return Ok((row.try_into()?, true));
+    }
+    let (Some(request_id), Some(digest)) = (request_id, digest) else {
+        return Err(AppError::internal(
+            "job insert without request_id returned no row",
+        ));
+    };
+    let (existing, hash, existing_project): (JobRow, Option<Vec<u8>>, Uuid) = jobs::table
+        .filter(jobs::owner.eq(owner))
+        .filter(jobs::request_id.eq(request_id))
+        .select((JobRow::as_select(), jobs::request_hash, jobs::project_id))
+        .first(conn)
+        .await?;
+    if hash.as_deref() == Some(digest.as_slice()) && existing_project == project {
+        Ok((existing.try_into()?, false))
+    } else {
+        Err(AppError::AlreadyExists(format!(
+            "request_id {request_id:?} was already used to create a different job"
+        )))
+    }
+}
+
+pub async fn get(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    project: Uuid,
+    id: Uuid,
+) -> AppResult<Option<Job>> {
+    jobs::table
+        .filter(jobs::id.eq(id))
+        .filter(jobs::project_id.eq(project))
+        .filter(visible_to(owner))
+        .select(JobRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+        .map(Job::try_from)
+        .transpose()
+}
+
+/// For workers, who are not scoped by owner.
+pub async fn get_any(
+    conn: &mut AsyncPgConnection,
+    project: Uuid,
+    id: Uuid,
+) -> AppResult<Option<Job>> {
+    get(conn, None, project, id).await
+}
+
+pub struct ListJobs {
+    pub owner: Option<String>,
+    pub project: Uuid,
+    pub filter: JobFilter,
+    pub limit: i64,
+    pub after: Option<page::Cursor>,
+    /// Newest first when true.
+    pub descending: bool,
+}
+
+pub async fn list(conn: &mut AsyncPgConnection, q: &ListJobs) -> AppResult<(Vec<Job>, bool)> {
+    let mut query = jobs::table
+        .filter(jobs::project_id.eq(q.project))
+        .filter(visible_to(q.owner.as_deref()))
+        .select(JobRow::as_select())
+        .into_boxed();
+    if !q.filter.states.is_empty() {
+        query = query.filter(jobs::state.eq_any(q.filter.states.clone()));
+    }
+    if !q.filter.kinds.is_empty() {
+        query = query.filter(jobs::kind.eq_any(q.filter.kinds.clone()));
+    }
+    if let Some(after) = q.after {
+        let op = if q.descending { "<" } else { ">" };
+        query = query.filter(
+            sql::<Bool>("(create_time, id) ")
+                .sql(op)
+                .sql(" (")
+                .bind::<Timestamptz, _>(after.create_time)
+                .sql(", ")
+                .bind::<SqlUuid, _>(after.id)
+                .sql(")"),
+        );
+    }
+    query = if q.descending {
+        query.order((jobs::create_time.desc(), jobs::id.desc()))
+    } else {
+        query.order((jobs::create_time.asc(), jobs::id.asc()))
+    };
+    let mut rows: Vec<JobRow> = query.limit(q.limit + 1).load(conn).await?;
+    let more = rows.len() as i64 > q.limit;
+    rows.truncate(q.limit as usize);
+    Ok((jobs_from(rows)?, more))
+}
+
+/// Jobs of a project changed after `since` (dashboards catching up), newest first.
+pub async fn changed_since(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    project: Uuid,
+    since: Option<DateTime<Utc>>,
+    limit: i64,
+) -> AppResult<Vec<Job>> {
+    let mut query = jobs::table
+        .filter(jobs::project_id.eq(project))
+        .filter(visible_to(owner))
+        .select(JobRow::as_select())
+        .order(jobs::update_time.desc())
+        .limit(limit)
+        .into_boxed();
+    if let Some(since) = since {
+        query = query.filter(jobs::update_time.ge(since));
+    }
+    jobs_from(query.load(conn).await?)
+}
+
+/// Locks one job for a state change by a client.
+pub async fn lock(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    project: Uuid,
+    id: Uuid,
+) -> AppResult<Option<Job>> {
+    jobs::table
+        .filter(jobs::id.eq(id))
+        .filter(jobs::project_id.eq(project))
+        .filter(visible_to(owner))
+        .select(JobRow::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?
+        .map(Job::try_from)
+        .transpose()
+}
+
+/// QUEUED -> CANCELLED.
+pub async fn cancel_queued(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult<Job> {
+    let row: JobRow = diesel::update(jobs::table.filter(jobs::id.eq(id)))
+        .set((
+            jobs::state.eq(JobState::Cancelled),
+            jobs::cancel_requested.eq(true),
+            jobs::end_time.eq(sql::<Nullable<Timestamptz>>("now()")),
+        ))
+        .returning(JobRow::as_returning())
+        .get_result(conn)
+        .await?;
+    row.try_into()
+}
+
+/// RUNNING: ask the worker to stop.
+pub async fn request_cancel(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult<Job> {
+    let row: JobRow = diesel::update(jobs::table.filter(jobs::id.eq(id)))
+        .set(jobs::cancel_requested.eq(true))
+        .returning(JobRow::as_returning())
+        .get_result(conn)
+        .await?;
+    row.try_into()
+}
+
+/// FAILED or CANCELLED -> QUEUED as a new attempt (one more attempt is always allowed).
+pub async fn requeue(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult<Job> {
+    let row: JobRow = diesel::update(jobs::table.filter(jobs::id.eq(id)))
+        .set((
+            jobs::state.eq(JobState::Queued),
+            jobs::max_attempts.eq(sql::<Integer>("GREATEST(max_attempts, attempt + 1)")),
+            jobs::schedule_time.eq(diesel::dsl::now),
+            jobs::cancel_requested.eq(false),
+            jobs::progress_percent.eq(0),
+            jobs::current_step.eq(""),
+            jobs::message.eq(""),
+            jobs::result.eq(None::<serde_json::Value>),
+            jobs::error.eq(None::<serde_json::Value>),
+            jobs::output_assets.eq(Vec::<Option<String>>::new()),
+            jobs::end_time.eq(None::<DateTime<Utc>>),
+        ))
+        .returning(JobRow::as_returning())
+        .get_result(conn)
+        .await?;
+    row.try_into()
+}
+
+/// Leases up to `limit` queued jobs of `kinds` that are due. The CTE's LIMIT with
+/// FOR UPDATE SKIP LOCKED bounds the claim exactly; concurrent callers skip each
+/// other's rows instead of waiting or double-leasing.
+pub async fn acquire(
+    conn: &mut AsyncPgConnection,
+    kinds: &[String],
+    limit: i64,
+    worker_id: &str,
+    lease_ms: i64,
+) -> AppResult<Vec<Job>> {
+    let rows: Vec<JobRow> = diesel::sql_query(
+        "WITH next AS ( \
+             SELECT id FROM jobs \
+             WHERE state = 'queued' AND kind = ANY($1) AND schedule_time <= now() \
+             ORDER BY priority DESC, schedule_time, create_time \
+             LIMIT $2 \
+             FOR UPDATE SKIP LOCKED) \
+         UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, worker_id = $3, \
+             lease_id = gen_random_uuid(), lease_duration_ms = $4, \
+             lease_expire_time = now() + $4 * interval '1 millisecond', \
+             start_time = COALESCE(jobs.start_time, now()), progress_percent = 0, current_step = '', message = '' \
+         FROM next WHERE jobs.id = next.id \
+         RETURNING jobs.*",
+    )
+    .bind::<Array<Text>, _>(kinds)
+    .bind::<BigInt, _>(limit)
+    .bind::<Text, _>(worker_id)
+    .bind::<BigInt, _>(lease_ms)
+    .load(conn)
+    .await?;
+    let mut jobs = jobs_from(rows)?;
+    // RETURNING does not keep the CTE's order.
+    jobs.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.schedule_time.cmp(&b.schedule_time))
+            .then(a.create_time.cmp(&b.create_time))
+    });
+    Ok(jobs)
+}
+
+/// A running job whose lease is `lease`, locked; `None` when the lease is not current.
+pub async fn lock_leased(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    lease: Uuid,
+) -> AppResult<Option<Job>> {
+    jobs::table
+        .filter(jobs::id.eq(id))
+        .filter(jobs::lease_id.eq(lease))
+        .filter(jobs::state.eq(JobState::Running))
+        .select(JobRow::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?
+        .map(Job::try_from)
+        .transpose()
+}
+
+/// Heartbeat: progress and a fresh lease expiry.
+pub async fn progress(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    percent: i32,
+    step: &str,
+    message: &str,
+) -> AppResult<Job> {
+    let row: JobRow = diesel::update(jobs::table.filter(jobs::id.eq(id)))
+        .set((
+            jobs::progress_percent.eq(percent),
+            jobs::current_step.eq(step),
+            jobs::message.eq(message),
+            jobs::lease_expire_time.eq(sql::<Nullable<Timestamptz>>(
+                "now() + lease_duration_ms * interval '1 millisecond'",
+            )),
+        ))
+        .returning(JobRow::as_returning())
+        .get_result(conn)
+        .await?;
+    row.try_into()
+}
+
+pub async fn succeed(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    result: Option<serde_json::Value>,
+    output_assets: &[String],
+) -> AppResult<Job> {
+    let assets: Vec<Option<String>> = output_assets.iter().cloned().map(Some).collect();
+    let row: JobRow = diesel::update(jobs::table.filter(jobs::id.eq(id)))
+        .set((
+            jobs::state.eq(JobState::Succeeded),
+            jobs::progress_percent.eq(100),
+            jobs::result.eq(result),
+            jobs::output_assets.eq(assets),
+            jobs::error.eq(None::<serde_json::Value>),
+            jobs::lease_id.eq(None::<Uuid>),
+            jobs::lease_expire_time.eq(None::<DateTime<Utc>>),
+            jobs::end_time.eq(sql::<Nullable<Timestamptz>>("now()")),
+        ))
+        .returning(JobRow::as_returning())
+        .get_result(conn)
+        .await?;
+    row.try_into()
+}
+
+/// Ends a running attempt: back to QUEUED after `retry_in`, or FAILED / CANCELLED.
+pub async fn end_attempt(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    next: JobState,
+    retry_in: Option<std::time::Duration>,
+    error: &JobError,
+) -> AppResult<Job> {
+    let error = serde_json::to_value(error).map_err(AppError::internal)?;
+    let retry_ms = retry_in.map_or(0, |d| d.as_millis() as i64);
+    let row: JobRow = diesel::update(jobs::table.filter(jobs::id.eq(id)))
+        .set((
+            jobs::state.eq(next),
+            jobs::error.eq(Some(error)),
+            jobs::lease_id.eq(None::<Uuid>),
+            jobs::lease_expire_time.eq(None::<DateTime<Utc>>),
+            jobs::schedule_time.eq(sql::<Timestamptz>("now() + ")
+                .bind::<BigInt, _>(retry_ms)
+                .sql(" * interval '1 millisecond'")),
+            jobs::end_time.eq(sql::<Nullable<Timestamptz>>("CASE WHEN ")
+                .bind::<Bool, _>(next.is_terminal())
+                .sql(" THEN now() END")),
+        ))
+        .returning(JobRow::as_returning())
+        .get_result(conn)
+        .await?;
+    row.try_into()
+}
+
+/// Running jobs whose lease has expired, locked; other reapers skip them.
+pub async fn lock_expired(conn: &mut AsyncPgConnection, limit: i64) -> AppResult<Vec<Job>> {
+    jobs_from(
+        jobs::table
+            .filter(jobs::state.eq(JobState::Running))
+            .filter(jobs::lease_expire_time.lt(diesel::dsl::now))
+            .order(jobs::lease_expire_time.asc())
+            .limit(limit)
+            .select(JobRow::as_select())
+            .for_update()
+            .skip_locked()
+            .load(conn)
+            .await?,
+    )
+}
+
+pub async fn insert_events(
+    conn: &mut AsyncPgConnection,
+    events: &[(Uuid, i64, Uuid, Vec<u8>)],
+) -> AppResult<()> {
+    #[derive(Insertable)]
+    #[diesel(table_name = job_events)]
+    struct EventRow<'a> {
+        job_id: Uuid,
+        sequence: i64,
+        project_id: Uuid,
+        payload: &'a [u8],
+    }
+    let rows: Vec<EventRow> = events
+        .iter()
+        .map(|(job_id, sequence, project_id, payload)| EventRow {
+            job_id: *job_id,
+            sequence: *sequence,
+            project_id: *project_id,
+            payload,
+        })
+        .collect();
+    for chunk in rows.chunks(5000) {
+        diesel::insert_into(job_events::table)
+            .values(chunk)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Encoded events after `after`, in order, and the oldest sequence still kept.
+pub async fn events_after(
+    conn: &mut AsyncPgConnection,
+    job: Uuid,
+    after: i64,
+) -> AppResult<(Vec<Vec<u8>>, Option<i64>)> {
+    let oldest: Option<i64> = job_events::table
+        .filter(job_events::job_id.eq(job))
+        .select(diesel::dsl::min(job_events::sequence))
+        .first(conn)
+        .await?;
+    let payloads = job_events::table
+        .filter(job_events::job_id.eq(job))
+        .filter(job_events::sequence.gt(after))
+        .order(job_events::sequence.asc())
+        .limit(10_000)
+        .select(job_events::payload)
+        .load(conn)
+        .await?;
+    Ok((payloads, oldest))
+}
+
+/// Deletes finished jobs (with their events) older than `finished_before`, and
+/// events older than `events_before`. Returns (jobs, events) deleted.
+pub async fn prune(
+    conn: &mut AsyncPgConnection,
+    finished_before: DateTime<Utc>,
+    events_before: DateTime<Utc>,
+) -> AppResult<(usize, usize)> {
+    let jobs_deleted = diesel::delete(
+        jobs::table
+            .filter(jobs::state.eq_any([
+                JobState::Succeeded,
+                JobState::Failed,
+                JobState::Cancelled,
+            ]))
+            .filter(jobs::end_time.lt(finished_before)),
+    )
+    .execute(conn)
+    .await?;
+    let events_deleted =
+        diesel::delete(job_events::table.filter(job_events::event_time.lt(events_before)))
+            .execute(conn)
+            .await?;
+    Ok((jobs_deleted, events_deleted))
+}

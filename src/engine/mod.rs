@@ -1,0 +1,454 @@
+//! The job engine: every change to a job happens here, in one transaction with the
+//! event it produces; events are published to Redis only after commit.
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use chrono::Utc;
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use prost::Message;
+use uuid::Uuid;
+
+use crate::{
+    AppError, AppResult,
+    auth::Caller,
+    db,
+    domain::{
+        job::{AfterFailure, Backoff, Job, JobError, JobState, NewJob, after_failure},
+        names::{JobName, ProjectName},
+    },
+    proto::v1::{self as pb, job_event::Type as EventType},
+    redis::RedisPool,
+};
+
+pub mod hub;
+pub mod reaper;
+pub mod watch;
+
+pub use hub::Hub;
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub backoff: Backoff,
+    /// Fallback poll of idle AcquireJobs calls, for wake-ups lost with Redis.
+    pub poll_interval: Duration,
+    /// How often each instance looks for expired leases.
+    pub reap_interval: Duration,
+    /// Watchers re-read Postgres this often even when Redis is quiet.
+    pub watch_resync: Duration,
+    pub job_retention: Duration,
+    pub event_retention: Duration,
+}
+
+/// A committed event, ready to publish.
+pub struct Published {
+    project: Uuid,
+    job: Uuid,
+    payload: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    pub db: db::Pool,
+    redis: RedisPool,
+    pub hub: Hub,
+    prefix: Arc<str>,
+    pub settings: Arc<EngineSettings>,
+}
+
+pub fn event(job: &Job, ty: EventType) -> pb::JobEvent {
+    pb::JobEvent {
+        sequence: job.sequence,
+        r#type: ty as i32,
+        job: Some(job.clone().into()),
+        event_time: Some(crate::api::convert::timestamp(job.update_time)),
+    }
+}
+
+/// Writes the events of `changes` in the caller's transaction.
+async fn record(
+    conn: &mut AsyncPgConnection,
+    changes: &[(Job, EventType)],
+) -> AppResult<Vec<Published>> {
+    let mut rows = Vec::with_capacity(changes.len());
+    let mut published = Vec::with_capacity(changes.len());
+    for (job, ty) in changes {
+        let payload = event(job, *ty).encode_to_vec();
+        rows.push((job.id, job.sequence, job.project_id, payload.clone()));
+        published.push(Published {
+            project: job.project_id,
+            job: job.id,
+            payload,
+        });
+    }
+    db::jobs::insert_events(conn, &rows).await?;
+    Ok(published)
+}
+
+/// A lease id from the wire; anything else can never be current.
+fn lease(lease_id: &str) -> AppResult<Uuid> {
+    Uuid::try_parse(lease_id)
+        .map_err(|_| AppError::invalid("lease_id", "not a lease id issued by AcquireJobs"))
+}
+
+fn stale_lease(name: JobName) -> AppError {
+    AppError::Aborted(format!(
+        "lease is not the current lease of {name}: the job was re-leased, finished or cancelled; stop working on it"
+    ))
+}
+
+impl Engine {
+    pub fn new(
+        db: db::Pool,
+        redis: RedisPool,
+        hub: Hub,
+        prefix: &str,
+        settings: EngineSettings,
+    ) -> Self {
+        Self {
+            db,
+            redis,
+            hub,
+            prefix: prefix.into(),
+            settings: Arc::new(settings),
+        }
+    }
+
+    async fn conn(&self) -> AppResult<db::PooledConn<'_>> {
+        Ok(self.db.get().await?)
+    }
+
+    /// Fan-out after commit. Failure only costs latency: watchers resync from Postgres.
+    pub async fn publish(&self, events: Vec<Published>, wake_kinds: BTreeSet<String>) {
+        if events.is_empty() && wake_kinds.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for e in &events {
+            pipe.cmd("PUBLISH")
+                .arg(hub::event_channel(&self.prefix, e.project, e.job))
+                .arg(e.payload.as_slice())
+                .ignore();
+        }
+        for kind in &wake_kinds {
+            pipe.cmd("PUBLISH")
+                .arg(hub::wake_channel(&self.prefix, kind))
+                .arg(1)
+                .ignore();
+        }
+        let sent = async {
+            let mut conn = self.redis.get().await.map_err(|e| e.to_string())?;
+            pipe.query_async::<()>(&mut *conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(redis = "down", error = %e, events = events.len(), "publish failed; watchers will resync")
+            }
+            Err(_) => tracing::warn!(
+                redis = "down",
+                events = events.len(),
+                "publish timed out; watchers will resync"
+            ),
+        }
+    }
+
+    /// Creates jobs in one transaction: all of them or none.
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        project: ProjectName,
+        jobs: Vec<(NewJob, Option<String>)>,
+    ) -> AppResult<Vec<Job>> {
+        let mut conn = self.conn().await?;
+        let scope = caller.owner_scope().map(str::to_owned);
+        let (created, published) = conn
+            .transaction(async |conn| {
+                let owner = db::jobs::lock_project(conn, scope.as_deref(), project.0)
+                    .await?
+                    .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
+                let mut out = Vec::with_capacity(jobs.len());
+                let mut changes = Vec::new();
+                for (new, request_id) in &jobs {
+                    let (job, fresh) =
+                        db::jobs::insert(conn, &owner, project.0, new, request_id.as_deref())
+                            .await?;
+                    if fresh {
+                        changes.push((job.clone(), EventType::Created));
+                    }
+                    out.push(job);
+                }
+                let published = record(conn, &changes).await?;
+                Ok::<_, AppError>((out, published))
+            })
+            .await?;
+        let kinds = created.iter().map(|j| j.kind.clone()).collect();
+        self.publish(published, kinds).await;
+        Ok(created)
+    }
+
+    pub async fn get(&self, caller: &Caller, name: JobName) -> AppResult<Job> {
+        let mut conn = self.conn().await?;
+        db::jobs::get(&mut conn, caller.owner_scope(), name.project, name.job)
+            .await?
+            .ok_or_else(|| AppError::NotFound(format!("job {name}")))
+    }
+
+    pub async fn cancel(&self, caller: &Caller, name: JobName) -> AppResult<Job> {
+        let mut conn = self.conn().await?;
+        let scope = caller.owner_scope().map(str::to_owned);
+        let (job, published) = conn
+            .transaction(async |conn| {
+                let job = db::jobs::lock(conn, scope.as_deref(), name.project, name.job)
+                    .await?
+                    .ok_or_else(|| AppError::NotFound(format!("job {name}")))?;
+                let (job, ty) = match job.state {
+                    JobState::Queued => (db::jobs::cancel_queued(conn, job.id).await?, EventType::StateChanged),
+                    JobState::Running if job.cancel_requested => return Ok((job, Vec::new())),
+                    JobState::Running => (db::jobs::request_cancel(conn, job.id).await?, EventType::CancelRequested),
+                    state => {
+                        return Err(AppError::FailedPrecondition(format!(
+                            "job {name} is already {}; only QUEUED or RUNNING jobs can be cancelled",
+                            state.as_str().to_uppercase()
+                        )));
+                    }
+                };
+                let published = record(conn, &[(job.clone(), ty)]).await?;
+                Ok((job, published))
+            })
+            .await?;
+        self.publish(published, BTreeSet::new()).await;
+        Ok(job)
+    }
+
+    pub async fn retry(&self, caller: &Caller, name: JobName) -> AppResult<Job> {
+        let mut conn = self.conn().await?;
+        let scope = caller.owner_scope().map(str::to_owned);
+        let (job, published) = conn
+            .transaction(async |conn| {
+                let job = db::jobs::lock(conn, scope.as_deref(), name.project, name.job)
+                    .await?
+                    .ok_or_else(|| AppError::NotFound(format!("job {name}")))?;
+                if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
+                    return Err(AppError::FailedPrecondition(format!(
+                        "job {name} is {}; only FAILED or CANCELLED jobs can be retried",
+                        job.state.as_str().to_uppercase()
+                    )));
+                }
+                let job = db::jobs::requeue(conn, job.id).await?;
+                let published = record(conn, &[(job.clone(), EventType::StateChanged)]).await?;
+                Ok::<_, AppError>((job, published))
+            })
+            .await?;
+        self.publish(published, BTreeSet::from([job.kind.clone()]))
+            .await;
+        Ok(job)
+    }
+
+    /// One attempt to lease jobs (no waiting).
+    pub async fn try_acquire(
+        &self,
+        worker_id: &str,
+        kinds: &[String],
+        max: i64,
+        lease: Duration,
+    ) -> AppResult<Vec<Job>> {
+        let mut conn = self.conn().await?;
+        let lease_ms = lease.as_millis() as i64;
+        let (jobs, published) = conn
+            .transaction(async |conn| {
+                let jobs = db::jobs::acquire(conn, kinds, max, worker_id, lease_ms).await?;
+                let changes: Vec<_> = jobs
+                    .iter()
+                    .map(|j| (j.clone(), EventType::StateChanged))
+                    .collect();
+                let published = record(conn, &changes).await?;
+                Ok::<_, AppError>((jobs, published))
+            })
+            .await?;
+        self.publish(published, BTreeSet::new()).await;
+        Ok(jobs)
+    }
+
+    /// Long-polls until jobs are leased or `wait` is over. Wake-ups come through Redis;
+    /// the poll interval bounds what a lost wake-up costs.
+    pub async fn acquire(
+        &self,
+        worker_id: &str,
+        kinds: &[String],
+        max: i64,
+        lease: Duration,
+        wait: Duration,
+    ) -> AppResult<Vec<Job>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let notifies: Vec<_> = kinds.iter().map(|k| self.hub.wake(k)).collect();
+        loop {
+            // Register interest before looking, so a wake-up between the two is not lost.
+            let mut waits: Vec<_> = notifies.iter().map(|n| Box::pin(n.notified())).collect();
+            for w in &mut waits {
+                w.as_mut().enable();
+            }
+            let jobs = self.try_acquire(worker_id, kinds, max, lease).await?;
+            let now = tokio::time::Instant::now();
+            if !jobs.is_empty() || now >= deadline {
+                return Ok(jobs);
+            }
+            let nap = (deadline - now).min(self.settings.poll_interval);
+            tokio::select! {
+                _ = futures::future::select_all(waits) => {}
+                () = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    /// Applies a worker's write if `lease_id` is the job's current lease (fencing).
+    pub async fn leased(
+        &self,
+        caller: &Caller,
+        name: JobName,
+        lease_id: &str,
+        op: LeaseOp,
+    ) -> AppResult<Job> {
+        let lease = lease(lease_id)?;
+        let backoff = self.settings.backoff;
+        let mut conn = self.conn().await?;
+        let kinds = caller.kinds.clone();
+        let (job, published) = conn
+            .transaction(async |conn| {
+                let Some(job) = db::jobs::lock_leased(conn, name.job, lease).await? else {
+                    return Err(
+                        match db::jobs::get_any(conn, name.project, name.job).await? {
+                            None => AppError::NotFound(format!("job {name}")),
+                            Some(_) => stale_lease(name),
+                        },
+                    );
+                };
+                if job.project_id != name.project {
+                    return Err(AppError::NotFound(format!("job {name}")));
+                }
+                if !kinds.is_empty() && !kinds.contains(&job.kind) {
+                    return Err(AppError::PermissionDenied(format!(
+                        "this worker token may not run jobs of kind {:?}",
+                        job.kind
+                    )));
+                }
+                let (job, ty) = match op {
+                    LeaseOp::Progress {
+                        percent,
+                        step,
+                        message,
+                    } => (
+                        db::jobs::progress(conn, job.id, percent, &step, &message).await?,
+                        EventType::Progress,
+                    ),
+                    LeaseOp::Complete {
+                        result,
+                        output_assets,
+                    } => (
+                        db::jobs::succeed(conn, job.id, result, &output_assets).await?,
+                        EventType::StateChanged,
+                    ),
+                    LeaseOp::Fail {
+                        error,
+                        retryable,
+                        retry_after,
+                    } => {
+                        let next = after_failure(
+                            job.attempt,
+                            job.max_attempts,
+                            job.cancel_requested,
+                            retryable,
+                            retry_after,
+                            &backoff,
+                        );
+                        let (state, retry_in) = match next {
+                            AfterFailure::Retry { not_before } => {
+                                (JobState::Queued, Some(not_before))
+                            }
+                            AfterFailure::Fail => (JobState::Failed, None),
+                            AfterFailure::Cancel => (JobState::Cancelled, None),
+                        };
+                        (
+                            db::jobs::end_attempt(conn, job.id, state, retry_in, &error).await?,
+                            EventType::StateChanged,
+                        )
+                    }
+                };
+                let published = record(conn, &[(job.clone(), ty)]).await?;
+                Ok((job, published))
+            })
+            .await?;
+        self.publish(published, BTreeSet::new()).await;
+        Ok(job)
+    }
+
+    /// Expired leases: requeue with backoff, fail when attempts are used up, cancel when
+    /// cancellation was asked. Safe on every instance at once (SKIP LOCKED).
+    pub async fn reap_expired(&self) -> AppResult<usize> {
+        let backoff = self.settings.backoff;
+        let mut conn = self.conn().await?;
+        let (count, published, kinds) = conn
+            .transaction(async |conn| {
+                let expired = db::jobs::lock_expired(conn, 100).await?;
+                let mut changes = Vec::with_capacity(expired.len());
+                let mut kinds = BTreeSet::new();
+                for job in expired {
+                    let worker = job.worker_id.clone().unwrap_or_default();
+                    let next = after_failure(job.attempt, job.max_attempts, job.cancel_requested, true, None, &backoff);
+                    let (state, retry_in, code, message) = match next {
+                        AfterFailure::Retry { not_before } => {
+                            (JobState::Queued, Some(not_before), tonic::Code::Unavailable, format!("lease expired: worker {worker:?} stopped reporting; retrying"))
+                        }
+                        AfterFailure::Fail => (
+                            JobState::Failed,
+                            None,
+                            tonic::Code::DeadlineExceeded,
+                            format!("lease expired on attempt {} of {}: worker {worker:?} stopped reporting", job.attempt, job.max_attempts),
+                        ),
+                        AfterFailure::Cancel => (JobState::Cancelled, None, tonic::Code::Cancelled, "cancelled; the worker stopped reporting".into()),
+                    };
+                    let error = JobError { code: code as i32, message };
+                    let job = db::jobs::end_attempt(conn, job.id, state, retry_in, &error).await?;
+                    tracing::info!(job = %JobName { project: job.project_id, job: job.id }, state = job.state.as_str(), "lease expired");
+                    kinds.insert(job.kind.clone());
+                    changes.push((job, EventType::StateChanged));
+                }
+                let published = record(conn, &changes).await?;
+                Ok::<_, AppError>((changes.len(), published, kinds))
+            })
+            .await?;
+        self.publish(published, kinds).await;
+        Ok(count)
+    }
+
+    pub async fn prune(&self) -> AppResult<(usize, usize)> {
+        let mut conn = self.conn().await?;
+        let now = Utc::now();
+        let age =
+            |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        db::jobs::prune(
+            &mut conn,
+            age(self.settings.job_retention),
+            age(self.settings.event_retention),
+        )
+        .await
+    }
+}
+
+/// A worker's write about a leased job.
+pub enum LeaseOp {
+    Progress {
+        percent: i32,
+        step: String,
+        message: String,
+    },
+    Complete {
+        result: Option<serde_json::Value>,
+        output_assets: Vec<String>,
+    },
+    Fail {
+        error: JobError,
+        retryable: bool,
+        retry_after: Option<Duration>,
+    },
+}

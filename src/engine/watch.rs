@@ -1,0 +1,298 @@
+//! Live progress: subscribe first, then read Postgres, then follow events; any sign
+//! of a gap (sequence jump, lagging, Redis reconnect, the periodic resync) sends the
+//! watcher back to Postgres. Postgres is the only source of what watchers are told.
+use std::{collections::HashMap, sync::Arc};
+
+use prost::Message;
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tonic::Status;
+use uuid::Uuid;
+
+use super::{Engine, event, hub::Signal};
+use crate::{
+    AppError, AppResult,
+    auth::Caller,
+    db,
+    domain::{
+        job::{Job, JobFilter, JobState},
+        names::{JobName, ProjectName},
+    },
+    proto::v1::{self as pb, job_event::Type as EventType},
+};
+
+/// Messages buffered per stream; a client slower than this makes its watcher lag,
+/// and a lagging watcher gets the newest snapshot instead of a backlog.
+const STREAM_BUFFER: usize = 16;
+
+pub type EventStream = tokio_stream::wrappers::ReceiverStream<Result<pb::JobEvent, Status>>;
+
+fn is_terminal(event: &pb::JobEvent) -> bool {
+    event.job.as_ref().is_some_and(|j| {
+        matches!(
+            pb::job::State::try_from(j.state),
+            Ok(pb::job::State::Succeeded | pb::job::State::Failed | pb::job::State::Cancelled)
+        )
+    })
+}
+
+struct JobWatcher {
+    engine: Engine,
+    owner: Option<String>,
+    name: JobName,
+    tx: mpsc::Sender<Result<pb::JobEvent, Status>>,
+    /// Sequence of the last event sent.
+    last: i64,
+}
+
+enum Flow {
+    Continue,
+    Done,
+}
+
+impl JobWatcher {
+    async fn send(&mut self, event: pb::JobEvent) -> Flow {
+        self.last = event.sequence;
+        let terminal = is_terminal(&event);
+        if self.tx.send(Ok(event)).await.is_err() || terminal {
+            Flow::Done
+        } else {
+            Flow::Continue
+        }
+    }
+
+    async fn current(&self) -> AppResult<Job> {
+        let mut conn = self.engine.db.get().await?;
+        db::jobs::get(
+            &mut conn,
+            self.owner.as_deref(),
+            self.name.project,
+            self.name.job,
+        )
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("job {}", self.name)))
+    }
+
+    async fn snapshot(&mut self) -> AppResult<Flow> {
+        let job = self.current().await?;
+        if job.sequence <= self.last {
+            return Ok(if job.state.is_terminal() {
+                Flow::Done
+            } else {
+                Flow::Continue
+            });
+        }
+        Ok(self.send(event(&job, EventType::Snapshot)).await)
+    }
+
+    /// Sends what was missed after `self.last`: the events themselves when they are all
+    /// still stored, else a snapshot.
+    async fn catch_up(&mut self) -> AppResult<Flow> {
+        let (payloads, oldest) = {
+            let mut conn = self.engine.db.get().await?;
+            db::jobs::events_after(&mut conn, self.name.job, self.last).await?
+        };
+        let complete = oldest.is_some_and(|o| o <= self.last + 1) && !payloads.is_empty();
+        if !complete {
+            return self.snapshot().await;
+        }
+        for payload in payloads {
+            let event = pb::JobEvent::decode(payload.as_slice())
+                .map_err(|e| AppError::internal(format!("stored event: {e}")))?;
+            if event.sequence != self.last + 1 {
+                return self.snapshot().await;
+            }
+            if let Flow::Done = self.send(event).await {
+                return Ok(Flow::Done);
+            }
+        }
+        // Events may lag the row by nothing (same transaction), but be sure.
+        self.snapshot().await
+    }
+
+    async fn run(mut self, mut rx: tokio::sync::broadcast::Receiver<Signal>) {
+        let mut resync = tokio::time::interval(self.engine.settings.watch_resync);
+        resync.tick().await;
+        loop {
+            let step = tokio::select! {
+                () = self.tx.closed() => return,
+                signal = rx.recv() => match signal {
+                    Ok(Signal::Event(ev)) if ev.sequence <= self.last => Ok(Flow::Continue),
+                    Ok(Signal::Event(ev)) if ev.sequence == self.last + 1 => Ok(self.send(Arc::unwrap_or_clone(ev)).await),
+                    Ok(Signal::Event(_)) | Ok(Signal::Resync) => self.catch_up().await,
+                    // Too slow: the newest state, not a backlog.
+                    Err(RecvError::Lagged(_)) => self.snapshot().await,
+                    Err(RecvError::Closed) => Err(AppError::Unavailable("event hub closed".into())),
+                },
+                _ = resync.tick() => self.catch_up().await,
+            };
+            match step {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Done) => return,
+                Err(e) => {
+                    let _ = self.tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// The current snapshot (or what was missed after `after_sequence`), then every
+    /// change, ending after the terminal event.
+    pub async fn watch_job(
+        &self,
+        caller: &Caller,
+        name: JobName,
+        after_sequence: i64,
+    ) -> AppResult<EventStream> {
+        let rx = self.hub.job(name.job);
+        let (tx, out) = mpsc::channel(STREAM_BUFFER);
+        let mut watcher = JobWatcher {
+            engine: self.clone(),
+            owner: caller.owner_scope().map(str::to_owned),
+            name,
+            tx,
+            last: 0,
+        };
+        let job = watcher.current().await?;
+        let flow = if after_sequence > 0 && after_sequence < job.sequence {
+            watcher.last = after_sequence;
+            watcher.catch_up().await?
+        } else if after_sequence >= job.sequence && after_sequence > 0 {
+            watcher.last = job.sequence;
+            if job.state.is_terminal() {
+                Flow::Done
+            } else {
+                Flow::Continue
+            }
+        } else {
+            watcher.send(event(&job, EventType::Snapshot)).await
+        };
+        if let Flow::Continue = flow {
+            tokio::spawn(watcher.run(rx));
+        }
+        Ok(tokio_stream::wrappers::ReceiverStream::new(out))
+    }
+
+    /// Snapshots of the project's jobs that match `filter` (newest 1,000), then every
+    /// change to a matching job while the stream is open.
+    pub async fn watch_jobs(
+        &self,
+        caller: &Caller,
+        project: ProjectName,
+        filter: JobFilter,
+    ) -> AppResult<EventStream> {
+        let rx = self.hub.project(project.0);
+        let owner = caller.owner_scope().map(str::to_owned);
+        {
+            let mut conn = self.db.get().await?;
+            db::jobs::lock_project(&mut conn, owner.as_deref(), project.0)
+                .await?
+                .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
+        }
+        let (tx, out) = mpsc::channel(STREAM_BUFFER);
+        let watcher = ProjectWatcher {
+            engine: self.clone(),
+            owner,
+            project: project.0,
+            filter,
+            tx,
+            seen: HashMap::new(),
+            synced: None,
+        };
+        tokio::spawn(watcher.run(rx));
+        Ok(tokio_stream::wrappers::ReceiverStream::new(out))
+    }
+}
+
+struct ProjectWatcher {
+    engine: Engine,
+    owner: Option<String>,
+    project: Uuid,
+    filter: JobFilter,
+    tx: mpsc::Sender<Result<pb::JobEvent, Status>>,
+    /// Last sequence sent per job.
+    seen: HashMap<Uuid, i64>,
+    synced: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl ProjectWatcher {
+    /// Snapshots of jobs changed since the last sync that the stream has not seen yet.
+    async fn sync(&mut self) -> AppResult<bool> {
+        let started = chrono::Utc::now();
+        // A little overlap: update_time is the writer's transaction time.
+        let since = self.synced.map(|t| t - chrono::Duration::seconds(5));
+        let mut jobs = {
+            let mut conn = self.engine.db.get().await?;
+            db::jobs::changed_since(&mut conn, self.owner.as_deref(), self.project, since, 1000)
+                .await?
+        };
+        jobs.reverse();
+        for job in jobs {
+            if self.seen.get(&job.id).is_some_and(|s| *s >= job.sequence)
+                || !self.filter.matches(job.state, &job.kind)
+            {
+                continue;
+            }
+            self.seen.insert(job.id, job.sequence);
+            if self
+                .tx
+                .send(Ok(event(&job, EventType::Snapshot)))
+                .await
+                .is_err()
+            {
+                return Ok(false);
+            }
+        }
+        self.synced = Some(started);
+        Ok(true)
+    }
+
+    async fn run(mut self, mut rx: tokio::sync::broadcast::Receiver<Signal>) {
+        let mut resync = tokio::time::interval(self.engine.settings.watch_resync);
+        loop {
+            let step = tokio::select! {
+                () = self.tx.closed() => return,
+                _ = resync.tick() => self.sync().await,
+                signal = rx.recv() => match signal {
+                    Ok(Signal::Event(ev)) => {
+                        let job = ev.job.as_ref();
+                        let id = job.and_then(|j| JobName::parse("name", &j.name).ok()).map(|n| n.job);
+                        let state = job.and_then(|j| pb::job::State::try_from(j.state).ok()).and_then(state_of);
+                        match (id, state, job) {
+                            (Some(id), Some(state), Some(job))
+                                if self.filter.matches(state, &job.kind) && self.seen.get(&id).is_none_or(|s| *s < ev.sequence) =>
+                            {
+                                self.seen.insert(id, ev.sequence);
+                                Ok(self.tx.send(Ok(Arc::unwrap_or_clone(ev))).await.is_ok())
+                            }
+                            _ => Ok(true),
+                        }
+                    }
+                    Ok(Signal::Resync) | Err(RecvError::Lagged(_)) => self.sync().await,
+                    Err(RecvError::Closed) => Err(AppError::Unavailable("event hub closed".into())),
+                },
+            };
+            match step {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    let _ = self.tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn state_of(s: pb::job::State) -> Option<JobState> {
+    Some(match s {
+        pb::job::State::Unspecified => return None,
+        pb::job::State::Queued => JobState::Queued,
+        pb::job::State::Running => JobState::Running,
+        pb::job::State::Succeeded => JobState::Succeeded,
+        pb::job::State::Failed => JobState::Failed,
+        pb::job::State::Cancelled => JobState::Cancelled,
+    })
+}
