@@ -230,6 +230,10 @@ impl pb::jobs_service_server::JobsService for JobsApi {
             descending,
         };
         let mut conn = super::conn(&self.engine.db).await?;
+        // An invisible project is NOT_FOUND, not an empty list.
+        crate::db::jobs::lock_project(&mut conn, query.owner.as_deref(), project.0)
+            .await?
+            .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
         let (jobs, more) = crate::db::jobs::list(&mut conn, &query).await?;
         let next_page_token = match (more, jobs.last()) {
             (true, Some(last)) => page::encode(

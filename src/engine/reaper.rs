@@ -1,17 +1,16 @@
 //! Background duties every instance runs: expired leases and retention.
-use std::time::Duration;
-
 use tokio_util::sync::CancellationToken;
 
 use super::Engine;
 
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Retention runs once per this many reap ticks (a minute at the default 1s).
+const PRUNE_EVERY_TICKS: u32 = 60;
 
 pub fn spawn(engine: Engine, stop: CancellationToken) {
     tokio::spawn(async move {
         let mut reap = tokio::time::interval(engine.settings.reap_interval);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        let mut prune = tokio::time::interval(engine.settings.reap_interval * PRUNE_EVERY_TICKS);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -139,7 +139,8 @@ pub fn test_settings(db: &ScratchDb) -> Settings {
 
 pub struct TestApp {
     pub addr: SocketAddr,
-    pub db: ScratchDb,
+    pub db: Arc<ScratchDb>,
+    pub settings: Settings,
     pub channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
@@ -158,8 +159,19 @@ impl TestApp {
     }
 
     pub async fn spawn_on(db: ScratchDb, settings: Settings) -> Self {
+        Self::start(Arc::new(db), settings).await
+    }
+
+    /// A second instance on the same Postgres database and Redis prefix.
+    pub async fn spawn_peer(&self) -> Self {
+        Self::start(self.db.clone(), self.settings.clone()).await
+    }
+
+    async fn start(db: Arc<ScratchDb>, settings: Settings) -> Self {
         LazyLock::force(&TELEMETRY);
-        let app = Application::build(settings).await.expect("server builds");
+        let app = Application::build(settings.clone())
+            .await
+            .expect("server builds");
         let addr = app.local_addr();
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(app.run_until_stopped(async {
@@ -173,6 +185,7 @@ impl TestApp {
         Self {
             addr,
             db,
+            settings,
             channel,
             shutdown: Some(tx),
             server: Some(server),

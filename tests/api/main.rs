@@ -4,6 +4,7 @@ mod access;
 mod health;
 mod helpers;
 mod interop;
+mod jobs;
 mod lifecycle;
 mod projects;
 mod transports;

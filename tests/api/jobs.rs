@@ -1,0 +1,1122 @@
+//! Jobs: state machine, worker protocol, fencing, fan-out across instances.
+use std::{collections::HashSet, time::Duration};
+
+use mediaplane::proto::v1::{self as pb, job::State, job_event::Type};
+use prost_types::{Duration as PbDuration, Struct, Value, value::Kind};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::helpers::*;
+
+fn worker() -> String {
+    token_with("fleet", &["worker"], Duration::from_secs(600))
+}
+
+fn secs(s: f64) -> Option<PbDuration> {
+    Some(PbDuration {
+        seconds: s.trunc() as i64,
+        nanos: (s.fract() * 1e9) as i32,
+    })
+}
+
+fn job(kind: &str) -> pb::Job {
+    let input = Struct {
+        fields: [(
+            "prompt".to_owned(),
+            Value {
+                kind: Some(Kind::StringValue("a cat".into())),
+            },
+        )]
+        .into(),
+    };
+    pb::Job {
+        kind: kind.into(),
+        input: Some(input),
+        ..Default::default()
+    }
+}
+
+async fn create_job(app: &TestApp, t: &str, project: &str, j: pb::Job) -> pb::Job {
+    app.jobs(t)
+        .create_job(pb::CreateJobRequest {
+            parent: project.into(),
+            job: Some(j),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create job")
+        .into_inner()
+}
+
+async fn acquire(
+    app: &TestApp,
+    worker_id: &str,
+    kinds: &[&str],
+    max: i32,
+    lease: f64,
+    wait: f64,
+) -> Vec<pb::LeasedJob> {
+    app.jobs(&worker())
+        .acquire_jobs(pb::AcquireJobsRequest {
+            worker_id: worker_id.into(),
+            kinds: kinds.iter().map(|k| k.to_string()).collect(),
+            max_jobs: max,
+            lease_duration: secs(lease),
+            wait_timeout: secs(wait),
+        })
+        .await
+        .expect("acquire")
+        .into_inner()
+        .jobs
+}
+
+async fn progress(
+    app: &TestApp,
+    leased: &pb::LeasedJob,
+    percent: i32,
+    step: &str,
+) -> Result<pb::ReportProgressResponse, tonic::Status> {
+    let name = leased.job.as_ref().unwrap().name.clone();
+    app.jobs(&worker())
+        .report_progress(pb::ReportProgressRequest {
+            name,
+            lease_id: leased.lease_id.clone(),
+            progress_percent: percent,
+            current_step: step.into(),
+            message: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn complete(app: &TestApp, leased: &pb::LeasedJob) -> Result<pb::Job, tonic::Status> {
+    let result = Struct {
+        fields: [(
+            "frames".to_owned(),
+            Value {
+                kind: Some(Kind::NumberValue(240.0)),
+            },
+        )]
+        .into(),
+    };
+    app.jobs(&worker())
+        .complete_job(pb::CompleteJobRequest {
+            name: leased.job.as_ref().unwrap().name.clone(),
+            lease_id: leased.lease_id.clone(),
+            result: Some(result),
+            output_assets: vec![],
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn fail(
+    app: &TestApp,
+    leased: &pb::LeasedJob,
+    retryable: bool,
+    retry_after: Option<PbDuration>,
+) -> Result<pb::Job, tonic::Status> {
+    app.jobs(&worker())
+        .fail_job(pb::FailJobRequest {
+            name: leased.job.as_ref().unwrap().name.clone(),
+            lease_id: leased.lease_id.clone(),
+            error: Some(tonic_types::pb::Status {
+                code: Code::Internal as i32,
+                message: "gpu fell over".into(),
+                details: vec![],
+            }),
+            retryable,
+            retry_after,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get(app: &TestApp, t: &str, name: &str) -> pb::Job {
+    app.jobs(t)
+        .get_job(pb::GetJobRequest { name: name.into() })
+        .await
+        .expect("get job")
+        .into_inner()
+}
+
+async fn collect(
+    stream: &mut tonic::Streaming<pb::JobEvent>,
+    timeout: Duration,
+) -> Vec<pb::JobEvent> {
+    let mut out = Vec::new();
+    while let Ok(Some(item)) = tokio::time::timeout(timeout, stream.next()).await {
+        out.push(item.expect("watch stream item"));
+    }
+    out
+}
+
+fn state(e: &pb::JobEvent) -> State {
+    State::try_from(e.job.as_ref().unwrap().state).unwrap()
+}
+
+#[tokio::test]
+async fn a_job_runs_from_queued_to_succeeded_and_rejects_wrong_transitions() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "jobs").await;
+    let created = create_job(
+        &app,
+        &t,
+        &p.name,
+        pb::Job {
+            priority: 5,
+            ..job("render")
+        },
+    )
+    .await;
+    assert!(created.name.starts_with(&format!("{}/jobs/", p.name)));
+    assert_eq!(State::try_from(created.state).unwrap(), State::Queued);
+    assert_eq!(
+        (created.attempt, created.max_attempts, created.sequence),
+        (0, 3, 1)
+    );
+
+    // Only workers take jobs.
+    let err = app
+        .jobs(&t)
+        .acquire_jobs(pb::AcquireJobsRequest {
+            worker_id: "me".into(),
+            kinds: vec!["render".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        acquire(&app, "w1", &["transcode"], 1, 30.0, 0.0)
+            .await
+            .is_empty(),
+        "other kinds are not leased"
+    );
+
+    let leased = acquire(&app, "w1", &["render"], 10, 30.0, 0.0).await;
+    assert_eq!(leased.len(), 1);
+    let l = &leased[0];
+    let running = l.job.as_ref().unwrap();
+    assert_eq!(State::try_from(running.state).unwrap(), State::Running);
+    assert_eq!((running.attempt, running.worker_id.as_str()), (1, "w1"));
+    assert!(!l.lease_id.is_empty() && l.lease_expire_time.is_some());
+
+    let beat = progress(&app, l, 40, "denoising").await.unwrap();
+    assert!(!beat.cancel_requested);
+    assert!(
+        beat.lease_expire_time.unwrap().seconds >= l.lease_expire_time.unwrap().seconds,
+        "heartbeat extends the lease"
+    );
+    let bad = progress(&app, l, 101, "").await.unwrap_err();
+    assert_eq!(violations(&bad), vec!["progress_percent"]);
+    let mut forged = l.clone();
+    forged.lease_id = uuid::Uuid::new_v4().to_string();
+    assert_eq!(
+        progress(&app, &forged, 50, "").await.unwrap_err().code(),
+        Code::Aborted
+    );
+    let got = get(&app, &t, &running.name).await;
+    assert_eq!(
+        (got.progress_percent, got.current_step.as_str()),
+        (40, "denoising")
+    );
+
+    let done = complete(&app, l).await.unwrap();
+    assert_eq!(State::try_from(done.state).unwrap(), State::Succeeded);
+    assert_eq!(done.progress_percent, 100);
+    assert!(done.result.unwrap().fields.contains_key("frames"));
+    assert!(done.end_time.is_some() && done.lease_expire_time.is_none());
+
+    // Finished is final.
+    assert_eq!(complete(&app, l).await.unwrap_err().code(), Code::Aborted);
+    assert_eq!(
+        fail(&app, l, true, None).await.unwrap_err().code(),
+        Code::Aborted
+    );
+    let err = app
+        .jobs(&t)
+        .cancel_job(pb::CancelJobRequest {
+            name: done.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = app
+        .jobs(&t)
+        .retry_job(pb::RetryJobRequest {
+            name: done.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // A watch after the end gets the final snapshot and ends.
+    let mut stream = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: done.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let events = collect(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (Type::try_from(events[0].r#type).unwrap(), state(&events[0])),
+        (Type::Snapshot, State::Succeeded)
+    );
+
+    let listed = app
+        .jobs(&t)
+        .list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            filter: "state = SUCCEEDED".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.jobs.len(), 1);
+    let none = app
+        .jobs(&t)
+        .list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            filter: "state = QUEUED".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.jobs.is_empty());
+}
+
+#[tokio::test]
+async fn validation_and_batches_are_all_or_nothing() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "batch").await;
+    let mut c = app.jobs(&t);
+    let err = c
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(pb::Job {
+                kind: "Bad Kind".into(),
+                max_attempts: 500,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), vec!["job.kind", "job.max_attempts"]);
+
+    let request = |kind: &str| pb::CreateJobRequest {
+        parent: String::new(),
+        job: Some(job(kind)),
+        request_id: String::new(),
+    };
+    let err = c
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: p.name.clone(),
+            requests: vec![request("render"), request("NOPE"), request("render")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&err), vec!["requests[1].job.kind"]);
+    let listed = c
+        .list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.jobs.is_empty(),
+        "nothing of a rejected batch is written"
+    );
+
+    let too_many = c
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: p.name.clone(),
+            requests: (0..1001).map(|_| request("render")).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&too_many), vec!["requests"]);
+
+    let batch = c
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: p.name.clone(),
+            requests: (0..1000).map(|_| request("render")).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.jobs.len(), 1000);
+    let mut names = HashSet::new();
+    let mut token_ = String::new();
+    loop {
+        let page = c
+            .list_jobs(pb::ListJobsRequest {
+                parent: p.name.clone(),
+                page_size: 300,
+                page_token: token_.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        names.extend(page.jobs.into_iter().map(|j| j.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token_ = page.next_page_token;
+    }
+    assert_eq!(names.len(), 1000);
+}
+
+#[tokio::test]
+async fn request_ids_make_create_idempotent_under_concurrency() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "idem").await;
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let mut c = app.jobs(&t);
+        let r = pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(job("render")),
+            request_id: "render-42".into(),
+        };
+        calls.push(tokio::spawn(async move {
+            c.create_job(r).await.map(|r| r.into_inner().name)
+        }));
+    }
+    let mut names = HashSet::new();
+    for call in calls {
+        names.insert(call.await.unwrap().expect("every retry succeeds"));
+    }
+    assert_eq!(names.len(), 1, "{names:?}");
+    let other = app
+        .jobs(&t)
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(job("transcode")),
+            request_id: "render-42".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists);
+    let listed = app
+        .jobs(&t)
+        .list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.jobs.len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_acquirers_never_lease_the_same_job() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "race").await;
+    let requests = (0..300)
+        .map(|_| pb::CreateJobRequest {
+            parent: String::new(),
+            job: Some(job("render")),
+            request_id: String::new(),
+        })
+        .collect();
+    app.jobs(&t)
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: p.name.clone(),
+            requests,
+        })
+        .await
+        .unwrap();
+
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let c = app.jobs(&worker());
+        workers.push(tokio::spawn(async move {
+            let mut c = c;
+            let mut mine = Vec::new();
+            loop {
+                let got = c
+                    .acquire_jobs(pb::AcquireJobsRequest {
+                        worker_id: format!("w{w}"),
+                        kinds: vec!["render".into()],
+                        max_jobs: 7,
+                        lease_duration: secs(60.0),
+                        wait_timeout: None,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .jobs;
+                if got.is_empty() {
+                    return mine;
+                }
+                assert!(got.len() <= 7);
+                mine.extend(got.into_iter().map(|l| l.job.unwrap().name));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(unique.len(), all.len(), "a job was leased twice");
+    assert_eq!(all.len(), 300, "every job was leased");
+}
+
+#[tokio::test]
+async fn priority_then_schedule_then_creation_order() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "order").await;
+    let low = create_job(&app, &t, &p.name, job("render")).await;
+    let high = create_job(
+        &app,
+        &t,
+        &p.name,
+        pb::Job {
+            priority: 10,
+            ..job("render")
+        },
+    )
+    .await;
+    let later = prost_types::Timestamp {
+        seconds: chrono::Utc::now().timestamp() + 3600,
+        nanos: 0,
+    };
+    let future = create_job(
+        &app,
+        &t,
+        &p.name,
+        pb::Job {
+            priority: 100,
+            schedule_time: Some(later),
+            ..job("render")
+        },
+    )
+    .await;
+    let got: Vec<_> = acquire(&app, "w", &["render"], 10, 30.0, 0.0)
+        .await
+        .into_iter()
+        .map(|l| l.job.unwrap().name)
+        .collect();
+    assert_eq!(
+        got,
+        vec![high.name, low.name],
+        "a job scheduled for later is not run before its time"
+    );
+    assert_eq!(
+        State::try_from(get(&app, &t, &future.name).await.state).unwrap(),
+        State::Queued
+    );
+}
+
+#[tokio::test]
+async fn a_worker_presumed_dead_is_fenced_off_and_the_job_completes_once() {
+    let app = TestApp::spawn_with(|s| {
+        s.reap_interval = Duration::from_millis(100);
+        s.retry_base = Duration::from_millis(50);
+        s.retry_max = Duration::from_millis(100);
+    })
+    .await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "zombie").await;
+    let created = create_job(&app, &t, &p.name, job("render")).await;
+    let mut stream = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: created.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let zombie = acquire(&app, "zombie", &["render"], 1, 1.0, 0.0)
+        .await
+        .remove(0);
+    // The zombie stops heartbeating; its lease expires; the job goes back to the queue.
+    let second = acquire(&app, "healthy", &["render"], 1, 30.0, 10.0)
+        .await
+        .remove(0);
+    assert_eq!(second.job.as_ref().unwrap().attempt, 2);
+    assert_ne!(second.lease_id, zombie.lease_id);
+
+    let late = progress(&app, &zombie, 90, "still here").await.unwrap_err();
+    assert_eq!(late.code(), Code::Aborted);
+    assert!(late.message().contains("lease"), "{}", late.message());
+    complete(&app, &second).await.unwrap();
+    let late = complete(&app, &zombie).await.unwrap_err();
+    assert_eq!(
+        late.code(),
+        Code::Aborted,
+        "the zombie's late CompleteJob is rejected"
+    );
+
+    let events = collect(&mut stream, Duration::from_secs(10)).await;
+    let states: Vec<_> = events.iter().map(state).collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == State::Succeeded).count(),
+        1,
+        "{states:?}"
+    );
+    assert_eq!(states.last(), Some(&State::Succeeded));
+    let final_job = events.last().unwrap().job.as_ref().unwrap();
+    assert_eq!(final_job.worker_id, "healthy");
+    assert!(events.iter().any(|e| {
+        e.job
+            .as_ref()
+            .unwrap()
+            .error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("lease expired"))
+    }));
+    for w in events.windows(2) {
+        assert_eq!(w[1].sequence, w[0].sequence + 1, "no gaps, no reordering");
+    }
+}
+
+#[tokio::test]
+async fn expired_leases_fail_the_job_when_attempts_are_used_up() {
+    let app = TestApp::spawn_with(|s| {
+        s.reap_interval = Duration::from_millis(100);
+        s.retry_base = Duration::from_millis(10);
+        s.retry_max = Duration::from_millis(20);
+    })
+    .await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "expiry").await;
+    let created = create_job(
+        &app,
+        &t,
+        &p.name,
+        pb::Job {
+            max_attempts: 2,
+            ..job("render")
+        },
+    )
+    .await;
+    acquire(&app, "a", &["render"], 1, 1.0, 0.0).await.remove(0);
+    acquire(&app, "b", &["render"], 1, 1.0, 10.0)
+        .await
+        .remove(0);
+    eventually(
+        Duration::from_secs(10),
+        "job FAILED after two expired leases",
+        || {
+            let (app, t, name) = (&app, t.clone(), created.name.clone());
+            async move { State::try_from(get(app, &t, &name).await.state) == Ok(State::Failed) }
+        },
+    )
+    .await;
+    let failed = get(&app, &t, &created.name).await;
+    assert_eq!(failed.attempt, 2);
+    assert_eq!(failed.error.unwrap().code, Code::DeadlineExceeded as i32);
+}
+
+#[tokio::test]
+async fn retries_back_off_and_end_in_failure_and_retry_job_revives() {
+    let app = TestApp::spawn_with(|s| {
+        s.retry_base = Duration::from_secs(2);
+        s.retry_max = Duration::from_secs(60);
+    })
+    .await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "retry").await;
+    let created = create_job(
+        &app,
+        &t,
+        &p.name,
+        pb::Job {
+            max_attempts: 2,
+            ..job("render")
+        },
+    )
+    .await;
+
+    let first = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    let requeued = fail(&app, &first, true, None).await.unwrap();
+    assert_eq!(State::try_from(requeued.state).unwrap(), State::Queued);
+    assert_eq!(requeued.error.as_ref().unwrap().message, "gpu fell over");
+    let delay = requeued.schedule_time.unwrap().seconds - requeued.update_time.unwrap().seconds;
+    assert!(
+        (0..=2).contains(&delay),
+        "backoff of attempt 1 is 1-2 s with jitter: {delay}"
+    );
+    assert!(
+        acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+            .await
+            .is_empty(),
+        "not before its backoff"
+    );
+
+    let second = acquire(&app, "w", &["render"], 1, 30.0, 10.0)
+        .await
+        .remove(0);
+    assert_eq!(second.job.as_ref().unwrap().attempt, 2);
+    let failed = fail(&app, &second, true, None).await.unwrap();
+    assert_eq!(
+        State::try_from(failed.state).unwrap(),
+        State::Failed,
+        "attempts used up"
+    );
+    assert!(failed.end_time.is_some());
+
+    let revived = app
+        .jobs(&t)
+        .retry_job(pb::RetryJobRequest {
+            name: created.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(State::try_from(revived.state).unwrap(), State::Queued);
+    assert!(revived.error.is_none() && revived.end_time.is_none());
+    let third = acquire(&app, "w", &["render"], 1, 30.0, 5.0)
+        .await
+        .remove(0);
+    assert_eq!(third.job.as_ref().unwrap().attempt, 3, "a new attempt");
+    let not_retryable = fail(&app, &third, false, None).await.unwrap();
+    assert_eq!(State::try_from(not_retryable.state).unwrap(), State::Failed);
+
+    // retry_after wins over the backoff.
+    let other = create_job(&app, &t, &p.name, job("render")).await;
+    let l = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    assert_eq!(l.job.as_ref().unwrap().name, other.name);
+    let later = fail(&app, &l, true, secs(120.0)).await.unwrap();
+    let delay = later.schedule_time.unwrap().seconds - later.update_time.unwrap().seconds;
+    assert!((119..=121).contains(&delay), "{delay}");
+}
+
+#[tokio::test]
+async fn cancel_queued_at_once_and_running_through_the_worker_or_the_reaper() {
+    let app = TestApp::spawn_with(|s| s.reap_interval = Duration::from_millis(100)).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "cancel").await;
+    let queued = create_job(&app, &t, &p.name, job("render")).await;
+    let cancelled = app
+        .jobs(&t)
+        .cancel_job(pb::CancelJobRequest {
+            name: queued.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(State::try_from(cancelled.state).unwrap(), State::Cancelled);
+    assert!(
+        acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+            .await
+            .is_empty()
+    );
+
+    // Running, and the worker listens: it learns on its next heartbeat and stops.
+    let running = create_job(&app, &t, &p.name, job("render")).await;
+    let l = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    let asked = app
+        .jobs(&t)
+        .cancel_job(pb::CancelJobRequest {
+            name: running.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(State::try_from(asked.state).unwrap(), State::Running);
+    assert!(asked.cancel_requested);
+    assert!(progress(&app, &l, 30, "").await.unwrap().cancel_requested);
+    let stopped = fail(&app, &l, true, None).await.unwrap();
+    assert_eq!(
+        State::try_from(stopped.state).unwrap(),
+        State::Cancelled,
+        "a cancelled job is not retried"
+    );
+
+    // Running, and the worker never answers: lease expiry ends it CANCELLED.
+    let silent = create_job(&app, &t, &p.name, job("render")).await;
+    acquire(&app, "w", &["render"], 1, 1.0, 0.0).await.remove(0);
+    app.jobs(&t)
+        .cancel_job(pb::CancelJobRequest {
+            name: silent.name.clone(),
+        })
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "silent job CANCELLED by lease expiry",
+        || {
+            let (app, t, name) = (&app, t.clone(), silent.name.clone());
+            async move { State::try_from(get(app, &t, &name).await.state) == Ok(State::Cancelled) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn another_owners_jobs_are_invisible_everywhere() {
+    let app = TestApp::spawn().await;
+    let (alice, bob) = (token("alice"), token("bob"));
+    let p = create_project(&app, &alice, "private").await;
+    let j = create_job(&app, &alice, &p.name, job("render")).await;
+    let mut c = app.jobs(&bob);
+    let codes = [
+        c.get_job(pb::GetJobRequest {
+            name: j.name.clone(),
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        c.list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        c.watch_job(pb::WatchJobRequest {
+            name: j.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        c.watch_jobs(pb::WatchJobsRequest {
+            parent: p.name.clone(),
+            filter: String::new(),
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        c.cancel_job(pb::CancelJobRequest {
+            name: j.name.clone(),
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        c.retry_job(pb::RetryJobRequest {
+            name: j.name.clone(),
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        c.create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(job("render")),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err()
+        .code(),
+    ];
+    assert_eq!(codes, [Code::NotFound; 7]);
+    assert_eq!(
+        State::try_from(get(&app, &alice, &j.name).await.state).unwrap(),
+        State::Queued
+    );
+    // Admins see it.
+    get(&app, &admin_token("root"), &j.name).await;
+}
+
+#[tokio::test]
+async fn worker_tokens_limited_to_kinds() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "kinds").await;
+    create_job(&app, &t, &p.name, job("render")).await;
+    let limited = mediaplane::auth::mint(
+        &mediaplane::config::Secret::new(SECRET),
+        "gpu-1",
+        &["worker".into()],
+        &["transcode".into()],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let err = app
+        .jobs(&limited)
+        .acquire_jobs(pb::AcquireJobsRequest {
+            worker_id: "gpu-1".into(),
+            kinds: vec!["render".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn idle_workers_are_woken_through_redis_not_by_polling() {
+    // A poll interval longer than the wait: only a wake-up can deliver the job in time.
+    let app = TestApp::spawn_with(|s| s.poll_interval = Duration::from_secs(60)).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "wake").await;
+    let waiting = {
+        let app_jobs = app.jobs(&worker());
+        tokio::spawn(async move {
+            let mut c = app_jobs;
+            c.acquire_jobs(pb::AcquireJobsRequest {
+                worker_id: "idle".into(),
+                kinds: vec!["render".into()],
+                max_jobs: 1,
+                lease_duration: secs(30.0),
+                wait_timeout: secs(20.0),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let created = create_job(&app, &t, &p.name, job("render")).await;
+    let got = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await
+        .expect("woken before the wait ends")
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].job.as_ref().unwrap().name, created.name);
+}
+
+#[tokio::test]
+async fn two_instances_a_watcher_on_one_and_a_worker_on_the_other_see_every_event_in_order() {
+    let a = TestApp::spawn().await;
+    let b = a.spawn_peer().await;
+    let t = token("alice");
+    let p = create_project(&a, &t, "fleet").await;
+    let created = create_job(&a, &t, &p.name, job("render")).await;
+    let mut watch = a
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: created.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut dashboard = a
+        .jobs(&t)
+        .watch_jobs(pb::WatchJobsRequest {
+            parent: p.name.clone(),
+            filter: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let l = acquire(&b, "b-worker", &["render"], 1, 30.0, 5.0)
+        .await
+        .remove(0);
+    for pct in (10..=90).step_by(10) {
+        progress(&b, &l, pct, &format!("step {pct}")).await.unwrap();
+    }
+    complete(&b, &l).await.unwrap();
+
+    let events = collect(&mut watch, Duration::from_secs(10)).await;
+    let seqs: Vec<i64> = events.iter().map(|e| e.sequence).collect();
+    assert_eq!(
+        seqs,
+        (1..=12).collect::<Vec<_>>(),
+        "snapshot, lease, 9 progress reports, completion"
+    );
+    assert_eq!(Type::try_from(events[0].r#type).unwrap(), Type::Snapshot);
+    let pcts: Vec<i32> = events[2..11]
+        .iter()
+        .map(|e| e.job.as_ref().unwrap().progress_percent)
+        .collect();
+    assert_eq!(pcts, (10..=90).step_by(10).collect::<Vec<_>>());
+    assert_eq!(state(events.last().unwrap()), State::Succeeded);
+
+    let mut seen = Vec::new();
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_secs(3), dashboard.next()).await
+    {
+        seen.push(e.sequence);
+        if e.sequence == 12 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.last(),
+        Some(&12),
+        "the dashboard follows too: {seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
+}
+
+#[tokio::test]
+async fn resuming_a_watch_gets_exactly_what_was_missed() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "resume").await;
+    let created = create_job(&app, &t, &p.name, job("render")).await;
+    let l = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    for pct in [20, 40, 60] {
+        progress(&app, &l, pct, "").await.unwrap();
+    }
+    // Seen up to sequence 3 (created, leased, 20%): resume gets 4 and 5, then live events.
+    let mut stream = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: created.name.clone(),
+            after_sequence: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    complete(&app, &l).await.unwrap();
+    let events = collect(&mut stream, Duration::from_secs(10)).await;
+    assert_eq!(
+        events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        vec![4, 5, 6]
+    );
+    assert_eq!(Type::try_from(events[0].r#type).unwrap(), Type::Progress);
+
+    // When the events are gone (pruned), a resume gets a fresh snapshot.
+    let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
+        &app.db.url(),
+    )
+    .await
+    .unwrap();
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut conn,
+        "DELETE FROM job_events WHERE sequence < 6",
+    )
+    .await
+    .unwrap();
+    let mut stream = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: created.name.clone(),
+            after_sequence: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let events = collect(&mut stream, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (
+            Type::try_from(events[0].r#type).unwrap(),
+            events[0].sequence
+        ),
+        (Type::Snapshot, 6)
+    );
+}
+
+#[tokio::test]
+async fn a_watch_survives_a_redis_outage_and_still_sees_the_terminal_state() {
+    let proxy = ChaosProxy::start("127.0.0.1:6379").await;
+    let addr = proxy.addr;
+    let app = TestApp::spawn_with(|s| {
+        s.redis_url = mediaplane::config::Secret::new(format!("redis://{addr}"))
+    })
+    .await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "outage").await;
+    let created = create_job(&app, &t, &p.name, job("render")).await;
+    let mut stream = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: created.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(state(&first), State::Queued);
+
+    proxy.cut().await;
+    // Everything a client is told succeeds while Redis is gone.
+    let l = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    progress(&app, &l, 50, "half").await.unwrap();
+    complete(&app, &l).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+
+    let events = collect(&mut stream, Duration::from_secs(15)).await;
+    let last = events.last().expect("events after Redis came back");
+    assert_eq!(state(last), State::Succeeded, "the terminal state arrives");
+    let mut seq = first.sequence;
+    for e in &events {
+        assert!(e.sequence > seq, "never backwards");
+        seq = e.sequence;
+    }
+}
+
+#[tokio::test]
+async fn finished_jobs_are_pruned_after_the_retention() {
+    let app = TestApp::spawn_with(|s| {
+        s.reap_interval = Duration::from_millis(50);
+        s.job_retention = Duration::from_secs(1);
+    })
+    .await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "prune").await;
+    let keep = create_job(&app, &t, &p.name, job("transcode")).await;
+    let done = create_job(&app, &t, &p.name, job("render")).await;
+    let l = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    complete(&app, &l).await.unwrap();
+    eventually(Duration::from_secs(15), "finished job pruned", || {
+        let mut c = app.jobs(&t);
+        let name = done.name.clone();
+        async move {
+            c.get_job(pb::GetJobRequest { name })
+                .await
+                .is_err_and(|e| e.code() == Code::NotFound)
+        }
+    })
+    .await;
+    get(&app, &t, &keep.name).await;
+}
+
+#[tokio::test]
+async fn deleting_a_project_deletes_its_jobs() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "doomed").await;
+    let j = create_job(&app, &t, &p.name, job("render")).await;
+    app.projects(&t)
+        .delete_project(pb::DeleteProjectRequest {
+            name: p.name.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let err = app
+        .jobs(&admin_token("root"))
+        .get_job(pb::GetJobRequest {
+            name: j.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+            .await
+            .is_empty()
+    );
+}
