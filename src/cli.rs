@@ -29,6 +29,13 @@ pub enum Command {
     Migrate(SettingsArgs),
     /// Print a bearer token signed with the configured HS256 secret.
     Token(TokenArgs),
+    /// Run jobs by executing a command (the worker protocol, in the box).
+    Worker(crate::worker::WorkerArgs),
+    /// Create, list and watch jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: crate::jobs_cli::JobsCommand,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -50,9 +57,15 @@ pub struct TokenArgs {
 }
 
 /// Runs a command; the error text is what the user sees before exit code 1.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let ok = std::process::ExitCode::SUCCESS;
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(args).await.map(|()| ok),
+        Command::Worker(args) => {
+            telemetry::init(crate::config::LogFormat::Human);
+            crate::worker::run(args).await.map(|()| ok)
+        }
+        Command::Jobs { command } => crate::jobs_cli::run(command).await,
         Command::Migrate(args) => {
             let settings = Settings::load(&args)?;
             telemetry::init(settings.log_format);
@@ -60,7 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             db::create_database_if_missing(url).await?;
             let applied = db::migrate(url).await?;
             println!("migrations applied: {applied}");
-            Ok(())
+            Ok(ok)
         }
         Command::Token(args) => {
             let settings = Settings::load(&args.settings)?;
@@ -79,7 +92,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 auth::mint(&secret, &args.sub, &args.roles, &args.kinds, args.ttl)?
             );
-            Ok(())
+            Ok(ok)
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod db;
 pub mod domain;
@@ -12,9 +13,11 @@ pub mod edge;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod jobs_cli;
 pub mod proto;
 pub mod redis;
 pub mod startup;
 pub mod telemetry;
+pub mod worker;
 
 pub use error::{AppError, AppResult};

@@ -53,3 +53,101 @@ async fn python_grpcio_client_creates_and_reads_a_project_and_checks_health() {
         .into_inner();
     assert_eq!(p.display_name, "from python");
 }
+
+#[tokio::test]
+async fn python_worker_completes_a_job() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "python worker").await;
+    let input = prost_types::Struct {
+        fields: [(
+            "prompt".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("a cat".into())),
+            },
+        )]
+        .into(),
+    };
+    let job = app
+        .jobs(&t)
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(pb::Job {
+                kind: "render".into(),
+                input: Some(input),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: job.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let worker = token_with("py", &["worker"], std::time::Duration::from_secs(600));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python_worker.py");
+    let (python, addr) = (python(), app.addr.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args([
+                script,
+                &addr,
+                &worker,
+                "--kinds",
+                "render",
+                "--max-jobs",
+                "1",
+            ])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "python worker failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut percents = Vec::new();
+    let mut last = None;
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio_stream::StreamExt::next(&mut watch),
+    )
+    .await
+    {
+        let j = e.job.unwrap();
+        percents.push(j.progress_percent);
+        last = Some(j);
+    }
+    let done = last.expect("events");
+    assert_eq!(
+        pb::job::State::try_from(done.state).unwrap(),
+        pb::job::State::Succeeded
+    );
+    let result = done.result.unwrap();
+    assert_eq!(
+        result.fields["worker"].kind,
+        Some(prost_types::value::Kind::StringValue("python".into()))
+    );
+    assert_eq!(
+        result.fields["prompt"].kind,
+        Some(prost_types::value::Kind::StringValue("a cat".into()))
+    );
+    for pct in [25, 50, 75] {
+        assert!(
+            percents.contains(&pct),
+            "progress {pct} seen by the watcher: {percents:?}"
+        );
+    }
+}

@@ -8,3 +8,4 @@ mod jobs;
 mod lifecycle;
 mod projects;
 mod transports;
+mod worker;

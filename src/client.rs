@@ -1,0 +1,66 @@
+//! A gRPC client for the CLI and the worker runtime: a channel plus the bearer token.
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+use crate::proto::v1::{
+    jobs_service_client::JobsServiceClient, projects_service_client::ProjectsServiceClient,
+};
+
+#[derive(Debug, clap::Args, Clone)]
+pub struct ClientArgs {
+    /// Server URL.
+    #[arg(
+        long,
+        env = "MEDIAPLANE_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// Bearer token (see `mediaplane token`).
+    #[arg(long, env = "MEDIAPLANE_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type Jobs = JobsServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Projects = ProjectsServiceClient<InterceptedService<Channel, Bearer>>;
+
+pub struct Client {
+    pub jobs: Jobs,
+    pub projects: Projects,
+}
+
+impl ClientArgs {
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let bearer = Bearer(
+            format!("Bearer {}", self.token.trim())
+                .parse()
+                .map_err(|_| {
+                    anyhow::anyhow!("the token contains characters not allowed in a header")
+                })?,
+        );
+        let channel = Endpoint::from_shared(self.server.clone())
+            .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", self.server))?
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", self.server))?;
+        Ok(Client {
+            jobs: JobsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            projects: ProjectsServiceClient::with_interceptor(channel, bearer),
+        })
+    }
+}

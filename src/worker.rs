@@ -1,0 +1,407 @@
+//! `mediaplane worker`: runs jobs by executing a command, speaking the worker protocol
+//! (AcquireJobs, ReportProgress as heartbeat, CompleteJob / FailJob).
+//!
+//! The command runs under `sh -c` with the job's input as JSON on stdin and in
+//! `MEDIAPLANE_JOB_INPUT`, plus `MEDIAPLANE_JOB_NAME`, `MEDIAPLANE_JOB_KIND` and
+//! `MEDIAPLANE_JOB_ATTEMPT`. It reports by printing lines on stdout:
+//! - `PROGRESS <percent> [step]`            progress, and the current step
+//! - `MESSAGE <text>`                        a human-readable status line
+//! - `RESULT <json object>`                  the job's result
+//! - `OUTPUT <projects/p/assets/a>`          an output asset (repeatable)
+//!
+//! Exit code 0 completes the job; any other fails the attempt (retryable, so the
+//! server's retry policy applies). A cancel request kills the command.
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::Command,
+    sync::Mutex,
+};
+use tonic::Code;
+
+use crate::{
+    api::convert::{json_to_struct, struct_to_json},
+    client::{ClientArgs, Jobs},
+    proto::v1 as pb,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Job kinds to run (comma-separated or repeated).
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub kinds: Vec<String>,
+    /// Shell command that runs one job.
+    #[arg(long)]
+    pub command: String,
+    /// Jobs run at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Lease length; heartbeats are sent every third of it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+    /// Name shown in `Job.worker_id` [default: hostname-pid].
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// Exit after this many jobs (0: run until stopped).
+    #[arg(long, default_value_t = 0)]
+    pub max_jobs: u64,
+}
+
+#[derive(Default)]
+struct Report {
+    percent: i32,
+    step: String,
+    message: String,
+    result: Option<serde_json::Map<String, serde_json::Value>>,
+    outputs: Vec<String>,
+    dirty: bool,
+}
+
+fn parse_line(line: &str, report: &mut Report) {
+    let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+    match word {
+        "PROGRESS" => {
+            let (pct, step) = rest.trim().split_once(' ').unwrap_or((rest.trim(), ""));
+            if let Ok(p) = pct.trim_end_matches('%').parse::<f64>() {
+                report.percent = p.clamp(0.0, 100.0) as i32;
+                if !step.is_empty() {
+                    report.step = step.trim().chars().take(1024).collect();
+                }
+                report.dirty = true;
+            }
+        }
+        "MESSAGE" => {
+            report.message = rest.trim().chars().take(1024).collect();
+            report.dirty = true;
+        }
+        "RESULT" => match serde_json::from_str(rest) {
+            Ok(serde_json::Value::Object(m)) => report.result = Some(m),
+            _ => tracing::warn!(line, "RESULT is not a JSON object; ignored"),
+        },
+        "OUTPUT" => report.outputs.push(rest.trim().to_owned()),
+        _ => tracing::info!(target: "job_output", "{line}"),
+    }
+}
+
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let client = args.client.connect().await?;
+    let worker_id = args.worker_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "worker".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let args = Arc::new(args);
+    let concurrency = args.concurrency.max(1);
+    let mut started = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    tracing::info!(%worker_id, kinds = ?args.kinds, "worker started");
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let remaining = if args.max_jobs > 0 {
+            args.max_jobs - started
+        } else {
+            u64::MAX
+        };
+        if remaining == 0 {
+            break;
+        }
+        let free = concurrency.saturating_sub(tasks.len());
+        if free == 0 {
+            tasks.join_next().await;
+            continue;
+        }
+        let request = pb::AcquireJobsRequest {
+            worker_id: worker_id.clone(),
+            kinds: args.kinds.clone(),
+            max_jobs: (free as u64).min(remaining).min(100) as i32,
+            lease_duration: Some(prost_types::Duration {
+                seconds: args.lease.as_secs().max(1) as i64,
+                nanos: 0,
+            }),
+            wait_timeout: Some(prost_types::Duration {
+                seconds: 20,
+                nanos: 0,
+            }),
+        };
+        let mut jobs_client = client.jobs.clone();
+        let leased = tokio::select! {
+            r = jobs_client.acquire_jobs(request) => r,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let leased = match leased {
+            Ok(r) => r.into_inner().jobs,
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
+                ) =>
+            {
+                tracing::warn!(error = %e, "acquire failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "acquire failed: {} {}",
+                    e.code(),
+                    e.message()
+                ));
+            }
+        };
+        for job in leased {
+            started += 1;
+            let (jobs, args) = (client.jobs.clone(), args.clone());
+            tasks.spawn(async move { run_job(jobs, &args, job).await });
+        }
+    }
+    // Jobs already started run to their end.
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
+    let Some(job) = leased.job else { return };
+    let lease_id = leased.lease_id;
+    let input = job
+        .input
+        .clone()
+        .map(struct_to_json)
+        .transpose()
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let input = serde_json::Value::Object(input).to_string();
+    tracing::info!(job = %job.name, attempt = job.attempt, "running");
+
+    let spawned = Command::new("sh")
+        .arg("-c")
+        .arg(&args.command)
+        .env("MEDIAPLANE_JOB_NAME", &job.name)
+        .env("MEDIAPLANE_JOB_KIND", &job.kind)
+        .env("MEDIAPLANE_JOB_ATTEMPT", job.attempt.to_string())
+        .env("MEDIAPLANE_JOB_INPUT", &input)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            fail(
+                &mut jobs,
+                &job.name,
+                &lease_id,
+                Code::FailedPrecondition,
+                format!("cannot start command: {e}"),
+                false,
+            )
+            .await;
+            return;
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes()).await;
+    }
+    let report = Arc::new(Mutex::new(Report::default()));
+    let stdout = child.stdout.take().map(|s| {
+        let report = report.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(s).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                parse_line(&line, &mut *report.lock().await);
+            }
+        })
+    });
+    let stderr_tail = child.stderr.take().map(|s| {
+        tokio::spawn(async move {
+            let mut tail = std::collections::VecDeque::new();
+            let mut lines = BufReader::new(s).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(target: "job_stderr", "{line}");
+                if tail.len() == 5 {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+            Vec::from(tail).join("\n")
+        })
+    });
+
+    let mut heartbeat = tokio::time::interval((args.lease / 3).max(Duration::from_millis(200)));
+    let mut flush = tokio::time::interval(Duration::from_millis(250));
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            _ = heartbeat.tick() => {
+                if !beat(&mut jobs, &job.name, &lease_id, &report, true).await {
+                    let _ = child.kill().await;
+                    return;
+                }
+            }
+            _ = flush.tick() => {
+                if !beat(&mut jobs, &job.name, &lease_id, &report, false).await {
+                    let _ = child.kill().await;
+                    return;
+                }
+            }
+        }
+    };
+    if let Some(t) = stdout {
+        let _ = t.await;
+    }
+    let stderr = match stderr_tail {
+        Some(t) => t.await.unwrap_or_default(),
+        None => String::new(),
+    };
+    // Last progress before the verdict, so watchers see it.
+    beat(&mut jobs, &job.name, &lease_id, &report, false).await;
+    let report = std::mem::take(&mut *report.lock().await);
+    match status {
+        Ok(s) if s.success() => {
+            let request = pb::CompleteJobRequest {
+                name: job.name.clone(),
+                lease_id: lease_id.clone(),
+                result: report.result.map(json_to_struct),
+                output_assets: report.outputs,
+            };
+            match jobs.complete_job(request).await {
+                Ok(_) => tracing::info!(job = %job.name, "succeeded"),
+                Err(e) => {
+                    tracing::warn!(job = %job.name, error = %e.message(), "completion rejected")
+                }
+            }
+        }
+        Ok(s) => {
+            let message = format!(
+                "command exited with {s}{}{stderr}",
+                if stderr.is_empty() { "" } else { ": " }
+            );
+            fail(
+                &mut jobs,
+                &job.name,
+                &lease_id,
+                Code::Unknown,
+                message,
+                true,
+            )
+            .await;
+        }
+        Err(e) => {
+            fail(
+                &mut jobs,
+                &job.name,
+                &lease_id,
+                Code::Internal,
+                format!("waiting for the command: {e}"),
+                true,
+            )
+            .await
+        }
+    }
+}
+
+/// Sends progress (always when `force`, else only when it changed). Returns false
+/// when the job must stop: cancellation asked, or the lease is gone.
+async fn beat(
+    jobs: &mut Jobs,
+    name: &str,
+    lease_id: &str,
+    report: &Mutex<Report>,
+    force: bool,
+) -> bool {
+    let request = {
+        let mut r = report.lock().await;
+        if !force && !r.dirty {
+            return true;
+        }
+        r.dirty = false;
+        pb::ReportProgressRequest {
+            name: name.to_owned(),
+            lease_id: lease_id.to_owned(),
+            progress_percent: r.percent,
+            current_step: r.step.clone(),
+            message: r.message.clone(),
+        }
+    };
+    match jobs.report_progress(request).await {
+        Ok(r) if r.get_ref().cancel_requested => {
+            tracing::info!(job = name, "cancel requested; stopping");
+            fail(
+                jobs,
+                name,
+                lease_id,
+                Code::Cancelled,
+                "cancelled by request".into(),
+                false,
+            )
+            .await;
+            false
+        }
+        Ok(_) => true,
+        Err(e) if matches!(e.code(), Code::Aborted | Code::NotFound) => {
+            tracing::warn!(job = name, error = %e.message(), "lease lost; abandoning the job");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(job = name, error = %e, "heartbeat failed; will retry");
+            true
+        }
+    }
+}
+
+async fn fail(
+    jobs: &mut Jobs,
+    name: &str,
+    lease_id: &str,
+    code: Code,
+    message: String,
+    retryable: bool,
+) {
+    let request = pb::FailJobRequest {
+        name: name.to_owned(),
+        lease_id: lease_id.to_owned(),
+        error: Some(tonic_types::pb::Status {
+            code: code as i32,
+            message: message.chars().take(1024).collect(),
+            details: vec![],
+        }),
+        retryable,
+        retry_after: None,
+    };
+    match jobs.fail_job(request).await {
+        Ok(r) => {
+            tracing::info!(job = name, state = ?pb::job::State::try_from(r.get_ref().state), "attempt failed")
+        }
+        Err(e) => tracing::warn!(job = name, error = %e.message(), "failure report rejected"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines() {
+        let mut r = Report::default();
+        for line in [
+            "PROGRESS 42 encoding pass 1",
+            "MESSAGE 3 of 7 frames",
+            "RESULT {\"frames\": 7}",
+            "OUTPUT projects/p/assets/a",
+            "noise",
+        ] {
+            parse_line(line, &mut r);
+        }
+        assert_eq!(
+            (r.percent, r.step.as_str(), r.message.as_str()),
+            (42, "encoding pass 1", "3 of 7 frames")
+        );
+        assert_eq!(r.result.unwrap()["frames"], 7);
+        assert_eq!(r.outputs, vec!["projects/p/assets/a"]);
+    }
+}
