@@ -15,7 +15,10 @@ use std::{
 use mediaplane::{
     auth,
     config::Secret,
-    proto::v1::{self as pb, jobs_service_client::JobsServiceClient, projects_service_client::ProjectsServiceClient},
+    proto::v1::{
+        self as pb, jobs_service_client::JobsServiceClient,
+        projects_service_client::ProjectsServiceClient,
+    },
 };
 use tokio_stream::StreamExt;
 use tonic::{
@@ -30,7 +33,10 @@ const SECRET: &str = "bench-secret-bench-secret-bench-secret-0001";
 struct Bearer(String);
 impl Interceptor for Bearer {
     fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
-        r.metadata_mut().insert("authorization", format!("Bearer {}", self.0).parse().unwrap());
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.0).parse().unwrap(),
+        );
         Ok(r)
     }
 }
@@ -47,20 +53,38 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = Command::new("psql")
-            .args(["-q", "-h", "127.0.0.1", "-U", "postgres", "-c", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db)])
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db),
+            ])
             .status();
     }
 }
 
 fn start_server() -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let db = format!("mp_bench_{}", std::process::id());
     let child = Command::new(env!("CARGO_BIN_EXE_mediaplane"))
         .arg("serve")
         .env("MEDIAPLANE_ADDR", format!("127.0.0.1:{port}"))
-        .env("DATABASE_URL", format!("postgres://postgres@127.0.0.1:5432/{db}"))
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:5432/{db}"),
+        )
         .env("MEDIAPLANE_DB_POOL_SIZE", "32")
-        .env("MEDIAPLANE_REDIS_PREFIX", format!("mp_bench_{}", std::process::id()))
+        .env(
+            "MEDIAPLANE_REDIS_PREFIX",
+            format!("mp_bench_{}", std::process::id()),
+        )
         .env("MEDIAPLANE_JWT_SECRET", SECRET)
         .env("MEDIAPLANE_MAX_CONCURRENT_STREAMS", "4096")
         .env("RUST_LOG", "warn")
@@ -68,7 +92,11 @@ fn start_server() -> Server {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("server starts");
-    Server { child, addr: format!("http://127.0.0.1:{port}"), db }
+    Server {
+        child,
+        addr: format!("http://127.0.0.1:{port}"),
+        db,
+    }
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -83,7 +111,11 @@ fn rss_mib(pid: u32) -> f64 {
 
 async fn channel(addr: &str) -> Channel {
     for _ in 0..100 {
-        if let Ok(c) = Endpoint::from_shared(addr.to_owned()).unwrap().connect().await {
+        if let Ok(c) = Endpoint::from_shared(addr.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
             return c;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -93,35 +125,70 @@ async fn channel(addr: &str) -> Channel {
 
 fn token(sub: &str, roles: &[&str]) -> String {
     let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
-    auth::mint(&Secret::new(SECRET), sub, &roles, &[], Duration::from_secs(3600)).unwrap()
+    auth::mint(
+        &Secret::new(SECRET),
+        sub,
+        &roles,
+        &[],
+        Duration::from_secs(3600),
+    )
+    .unwrap()
 }
 
 fn job(kind: &str) -> pb::Job {
-    pb::Job { kind: kind.into(), ..Default::default() }
+    pb::Job {
+        kind: kind.into(),
+        ..Default::default()
+    }
 }
 
 fn dur(secs: u64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration { seconds: secs as i64, nanos: 0 })
+    Some(prost_types::Duration {
+        seconds: secs as i64,
+        nanos: 0,
+    })
 }
 
 /// Workers acquire `max_jobs` at a time and complete each; returns when `total` are done.
-async fn run_workers(channels: &[Channel], kind: &str, workers: usize, max_jobs: i32, total: usize) {
+async fn run_workers(
+    channels: &[Channel],
+    kind: &str,
+    workers: usize,
+    max_jobs: i32,
+    total: usize,
+) {
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let mut c: Jobs = JobsServiceClient::with_interceptor(channels[w % channels.len()].clone(), Bearer(token("bench-worker", &["worker"])));
+        let mut c: Jobs = JobsServiceClient::with_interceptor(
+            channels[w % channels.len()].clone(),
+            Bearer(token("bench-worker", &["worker"])),
+        );
         let (done, kind) = (done.clone(), kind.to_owned());
         tasks.push(tokio::spawn(async move {
             while done.load(std::sync::atomic::Ordering::Relaxed) < total {
                 let leased = c
-                    .acquire_jobs(pb::AcquireJobsRequest { worker_id: format!("w{w}"), kinds: vec![kind.clone()], max_jobs, lease_duration: dur(60), wait_timeout: dur(1) })
+                    .acquire_jobs(pb::AcquireJobsRequest {
+                        worker_id: format!("w{w}"),
+                        kinds: vec![kind.clone()],
+                        max_jobs,
+                        lease_duration: dur(60),
+                        wait_timeout: dur(1),
+                    })
                     .await
                     .unwrap()
                     .into_inner()
                     .jobs;
                 for l in leased {
                     let name = l.job.unwrap().name;
-                    c.complete_job(pb::CompleteJobRequest { name, lease_id: l.lease_id, result: None, output_assets: vec![] }).await.unwrap();
+                    c.complete_job(pb::CompleteJobRequest {
+                        name,
+                        lease_id: l.lease_id,
+                        result: None,
+                        output_assets: vec![],
+                    })
+                    .await
+                    .unwrap();
                     done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -143,21 +210,39 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn main() {
     let server = start_server();
     let pid = server.child.id();
-    let channels: Vec<Channel> = futures::future::join_all((0..8).map(|_| channel(&server.addr))).await;
+    let channels: Vec<Channel> =
+        futures::future::join_all((0..8).map(|_| channel(&server.addr))).await;
     let owner = token("bench", &[]);
-    let mut projects = ProjectsServiceClient::with_interceptor(channels[0].clone(), Bearer(owner.clone()));
+    let mut projects =
+        ProjectsServiceClient::with_interceptor(channels[0].clone(), Bearer(owner.clone()));
     let project = projects
-        .create_project(pb::CreateProjectRequest { project: Some(pb::Project { display_name: "bench".into(), ..Default::default() }), request_id: String::new() })
+        .create_project(pb::CreateProjectRequest {
+            project: Some(pb::Project {
+                display_name: "bench".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
         .name;
-    let client = |i: usize| -> Jobs { JobsServiceClient::with_interceptor(channels[i % channels.len()].clone(), Bearer(owner.clone())) };
-    println!("mediaplane job engine benchmark (server pid {pid}, 2-core machine shared with Postgres and Redis)\n");
+    let client = |i: usize| -> Jobs {
+        JobsServiceClient::with_interceptor(
+            channels[i % channels.len()].clone(),
+            Bearer(owner.clone()),
+        )
+    };
+    println!(
+        "mediaplane job engine benchmark (server pid {pid}, 2-core machine shared with Postgres and Redis)\n"
+    );
 
     // 1. End to end, one CreateJob per job, producers and workers running together.
     println!("end to end: CreateJob per job -> AcquireJobs -> CompleteJob");
-    println!("{:>8} {:>9} {:>8} {:>10}", "workers", "max_jobs", "jobs", "jobs/s");
+    println!(
+        "{:>8} {:>9} {:>8} {:>10}",
+        "workers", "max_jobs", "jobs", "jobs/s"
+    );
     for (workers, max_jobs) in [(1, 1), (4, 1), (16, 1), (4, 10), (16, 10), (32, 50)] {
         let total = 4000;
         let kind = format!("e2e-{workers}-{max_jobs}");
@@ -168,7 +253,13 @@ async fn main() {
                 let (project, kind) = (project.clone(), kind.clone());
                 tokio::spawn(async move {
                     for _ in 0..total / 16 {
-                        c.create_job(pb::CreateJobRequest { parent: project.clone(), job: Some(job(&kind)), request_id: String::new() }).await.unwrap();
+                        c.create_job(pb::CreateJobRequest {
+                            parent: project.clone(),
+                            job: Some(job(&kind)),
+                            request_id: String::new(),
+                        })
+                        .await
+                        .unwrap();
                     }
                 })
             })
@@ -177,7 +268,10 @@ async fn main() {
         for p in producers {
             p.await.unwrap();
         }
-        println!("{workers:>8} {max_jobs:>9} {total:>8} {:>10.0}", total as f64 / start.elapsed().as_secs_f64());
+        println!(
+            "{workers:>8} {max_jobs:>9} {total:>8} {:>10.0}",
+            total as f64 / start.elapsed().as_secs_f64()
+        );
     }
 
     // 2. End to end with BatchCreateJobs.
@@ -189,47 +283,92 @@ async fn main() {
         let project = project.clone();
         tokio::spawn(async move {
             for _ in 0..total / 500 {
-                let requests = (0..500).map(|_| pb::CreateJobRequest { parent: String::new(), job: Some(job(kind)), request_id: String::new() }).collect();
-                c.batch_create_jobs(pb::BatchCreateJobsRequest { parent: project.clone(), requests }).await.unwrap();
+                let requests = (0..500)
+                    .map(|_| pb::CreateJobRequest {
+                        parent: String::new(),
+                        job: Some(job(kind)),
+                        request_id: String::new(),
+                    })
+                    .collect();
+                c.batch_create_jobs(pb::BatchCreateJobsRequest {
+                    parent: project.clone(),
+                    requests,
+                })
+                .await
+                .unwrap();
             }
         })
     };
     run_workers(&channels, kind, 16, 50, total).await;
     producer.await.unwrap();
-    println!("\nend to end with BatchCreateJobs (500 per call), 16 workers, max_jobs 50: {:.0} jobs/s", total as f64 / start.elapsed().as_secs_f64());
+    println!(
+        "\nend to end with BatchCreateJobs (500 per call), 16 workers, max_jobs 50: {:.0} jobs/s",
+        total as f64 / start.elapsed().as_secs_f64()
+    );
 
     // 3. Draining a pre-filled queue.
     let total = 20_000;
     let kind = "prefilled";
     for _ in 0..total / 1000 {
-        let requests = (0..1000).map(|_| pb::CreateJobRequest { parent: String::new(), job: Some(job(kind)), request_id: String::new() }).collect();
-        client(0).batch_create_jobs(pb::BatchCreateJobsRequest { parent: project.clone(), requests }).await.unwrap();
+        let requests = (0..1000)
+            .map(|_| pb::CreateJobRequest {
+                parent: String::new(),
+                job: Some(job(kind)),
+                request_id: String::new(),
+            })
+            .collect();
+        client(0)
+            .batch_create_jobs(pb::BatchCreateJobsRequest {
+                parent: project.clone(),
+                requests,
+            })
+            .await
+            .unwrap();
     }
     let start = Instant::now();
     run_workers(&channels, kind, 16, 50, total).await;
-    println!("pre-filled queue of {total}, 16 workers, max_jobs 50: {:.0} jobs/s", total as f64 / start.elapsed().as_secs_f64());
+    println!(
+        "pre-filled queue of {total}, 16 workers, max_jobs 50: {:.0} jobs/s",
+        total as f64 / start.elapsed().as_secs_f64()
+    );
 
     // 4. Progress latency to N watchers.
     println!("\nprogress latency, ReportProgress returned -> event received by every watcher");
-    println!("{:>9} {:>8} {:>9} {:>9} {:>9} {:>6}", "watchers", "reports", "p50 ms", "p99 ms", "max ms", "lost");
+    println!(
+        "{:>9} {:>8} {:>9} {:>9} {:>9} {:>6}",
+        "watchers", "reports", "p50 ms", "p99 ms", "max ms", "lost"
+    );
     for watchers in [1usize, 100, 1000] {
         let created = client(0)
-            .create_job(pb::CreateJobRequest { parent: project.clone(), job: Some(job("latency")), request_id: String::new() })
+            .create_job(pb::CreateJobRequest {
+                parent: project.clone(),
+                job: Some(job("latency")),
+                request_id: String::new(),
+            })
             .await
             .unwrap()
             .into_inner();
         let reports = 50;
-        let sent_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> = Arc::new(std::sync::Mutex::new(vec![None; 101]));
+        let sent_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+            Arc::new(std::sync::Mutex::new(vec![None; 101]));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i32, Instant)>();
         let mut streams = Vec::new();
         for w in 0..watchers {
-            let mut s = client(w).watch_job(pb::WatchJobRequest { name: created.name.clone(), after_sequence: 0 }).await.unwrap().into_inner();
+            let mut s = client(w)
+                .watch_job(pb::WatchJobRequest {
+                    name: created.name.clone(),
+                    after_sequence: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
             let tx = tx.clone();
             streams.push(tokio::spawn(async move {
                 let mut received = 0;
                 while let Some(Ok(e)) = s.next().await {
                     let pct = e.job.map_or(0, |j| j.progress_percent);
-                    if pb::job_event::Type::try_from(e.r#type) == Ok(pb::job_event::Type::Progress) {
+                    if pb::job_event::Type::try_from(e.r#type) == Ok(pb::job_event::Type::Progress)
+                    {
                         received += 1;
                         let _ = tx.send((pct, Instant::now()));
                     }
@@ -239,9 +378,18 @@ async fn main() {
         }
         drop(tx);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut wc: Jobs = JobsServiceClient::with_interceptor(channels[0].clone(), Bearer(token("bench-worker", &["worker"])));
+        let mut wc: Jobs = JobsServiceClient::with_interceptor(
+            channels[0].clone(),
+            Bearer(token("bench-worker", &["worker"])),
+        );
         let l = wc
-            .acquire_jobs(pb::AcquireJobsRequest { worker_id: "lat".into(), kinds: vec!["latency".into()], max_jobs: 1, lease_duration: dur(60), wait_timeout: dur(5) })
+            .acquire_jobs(pb::AcquireJobsRequest {
+                worker_id: "lat".into(),
+                kinds: vec!["latency".into()],
+                max_jobs: 1,
+                lease_duration: dur(60),
+                wait_timeout: dur(5),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -249,13 +397,26 @@ async fn main() {
             .remove(0);
         let name = l.job.unwrap().name;
         for pct in 1..=reports {
-            wc.report_progress(pb::ReportProgressRequest { name: name.clone(), lease_id: l.lease_id.clone(), progress_percent: pct, current_step: String::new(), message: String::new() })
-                .await
-                .unwrap();
+            wc.report_progress(pb::ReportProgressRequest {
+                name: name.clone(),
+                lease_id: l.lease_id.clone(),
+                progress_percent: pct,
+                current_step: String::new(),
+                message: String::new(),
+            })
+            .await
+            .unwrap();
             sent_at.lock().unwrap()[pct as usize] = Some(Instant::now());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        wc.complete_job(pb::CompleteJobRequest { name, lease_id: l.lease_id, result: None, output_assets: vec![] }).await.unwrap();
+        wc.complete_job(pb::CompleteJobRequest {
+            name,
+            lease_id: l.lease_id,
+            result: None,
+            output_assets: vec![],
+        })
+        .await
+        .unwrap();
         let mut received = 0;
         for s in streams {
             received += s.await.unwrap();
@@ -279,21 +440,39 @@ async fn main() {
 
     // 5. Memory with 10,000 idle watch streams.
     let idle = client(0)
-        .create_job(pb::CreateJobRequest { parent: project.clone(), job: Some(job("idle")), request_id: String::new() })
+        .create_job(pb::CreateJobRequest {
+            parent: project.clone(),
+            job: Some(job("idle")),
+            request_id: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     let before = rss_mib(pid);
     let mut streams = Vec::new();
-    let idle_channels: Vec<Channel> = futures::future::join_all((0..10).map(|_| channel(&server.addr))).await;
+    let idle_channels: Vec<Channel> =
+        futures::future::join_all((0..10).map(|_| channel(&server.addr))).await;
     for i in 0..10_000 {
-        let mut c: Jobs = JobsServiceClient::with_interceptor(idle_channels[i % 10].clone(), Bearer(owner.clone()));
-        let mut s = c.watch_job(pb::WatchJobRequest { name: idle.name.clone(), after_sequence: 0 }).await.unwrap().into_inner();
+        let mut c: Jobs = JobsServiceClient::with_interceptor(
+            idle_channels[i % 10].clone(),
+            Bearer(owner.clone()),
+        );
+        let mut s = c
+            .watch_job(pb::WatchJobRequest {
+                name: idle.name.clone(),
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         let _ = s.next().await;
         streams.push(s);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_mib(pid);
-    println!("\n10,000 idle WatchJob streams: server RSS {before:.1} MiB before, {after:.1} MiB with the streams open (+{:.1} MiB)", after - before);
+    println!(
+        "\n10,000 idle WatchJob streams: server RSS {before:.1} MiB before, {after:.1} MiB with the streams open (+{:.1} MiB)",
+        after - before
+    );
     drop(streams);
 }

@@ -1120,3 +1120,69 @@ async fn deleting_a_project_deletes_its_jobs() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn a_slow_watcher_gets_the_newest_snapshot_not_a_backlog() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "slow").await;
+    let created = create_job(&app, &t, &p.name, job("render")).await;
+    // A client with small HTTP/2 windows (a slow link) opens the watch, then does not
+    // read while the job produces far more than the transport buffers.
+    let slow = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut slow =
+        pb::jobs_service_client::JobsServiceClient::with_interceptor(slow, Bearer::new(&t));
+    let mut stream = slow
+        .watch_job(pb::WatchJobRequest {
+            name: created.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let l = acquire(&app, "w", &["render"], 1, 60.0, 0.0)
+        .await
+        .remove(0);
+    let reports = 600;
+    let mut c = app.jobs(&worker());
+    for i in 0..reports {
+        c.report_progress(pb::ReportProgressRequest {
+            name: created.name.clone(),
+            lease_id: l.lease_id.clone(),
+            progress_percent: i % 100,
+            current_step: format!("frame {i}"),
+            message: "x".repeat(1000),
+        })
+        .await
+        .unwrap();
+    }
+    complete(&app, &l).await.unwrap();
+
+    let events = collect(&mut stream, Duration::from_secs(10)).await;
+    let last = events.last().expect("events");
+    assert_eq!(state(last), State::Succeeded, "the newest state arrives");
+    assert!(
+        events.len() < reports as usize,
+        "no full backlog was kept: {} events",
+        events.len()
+    );
+    let snapshots_after_start = events
+        .iter()
+        .skip(1)
+        .filter(|e| Type::try_from(e.r#type) == Ok(Type::Snapshot))
+        .count();
+    assert!(
+        snapshots_after_start >= 1,
+        "the gap was bridged by a snapshot"
+    );
+    assert!(
+        events.windows(2).all(|w| w[1].sequence > w[0].sequence),
+        "in order"
+    );
+}
