@@ -1186,3 +1186,73 @@ async fn a_slow_watcher_gets_the_newest_snapshot_not_a_backlog() {
         "in order"
     );
 }
+
+#[tokio::test]
+async fn reapers_on_two_instances_requeue_each_expired_job_exactly_once() {
+    let a = TestApp::spawn_with(|s| {
+        s.reap_interval = Duration::from_millis(20);
+        s.retry_base = Duration::from_secs(600);
+        s.retry_max = Duration::from_secs(600);
+    })
+    .await;
+    let b = a.spawn_peer().await;
+    let t = token("alice");
+    let p = create_project(&a, &t, "reapers").await;
+    let requests = (0..60)
+        .map(|_| pb::CreateJobRequest {
+            parent: String::new(),
+            job: Some(job("render")),
+            request_id: String::new(),
+        })
+        .collect();
+    a.jobs(&t)
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: p.name.clone(),
+            requests,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        acquire(&a, "doomed", &["render"], 100, 1.0, 0.0)
+            .await
+            .len(),
+        60
+    );
+
+    eventually(Duration::from_secs(15), "every lease reaped", || {
+        let c = a.jobs(&t);
+        let parent = p.name.clone();
+        async move {
+            let mut c = c;
+            let jobs = c
+                .list_jobs(pb::ListJobsRequest {
+                    parent,
+                    page_size: 100,
+                    filter: "state = QUEUED".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .jobs;
+            jobs.len() == 60
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let jobs = b
+        .jobs(&t)
+        .list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    for j in jobs {
+        // created (1), leased (2), requeued once (3): a second reaper never touched it again.
+        assert_eq!((j.sequence, j.attempt), (3, 1), "{}", j.name);
+    }
+}
