@@ -257,10 +257,17 @@ fn router(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 
+    // Decoded once here; tonic-reflection gets descriptor sets, not bytes.
+    let decode = |bytes: &[u8]| {
+        <prost_types::FileDescriptorSet as prost::Message>::decode(bytes)
+            .map_err(|e| StartError::Config(format!("descriptor set: {e}")))
+    };
+    let ours = decode(proto::FILE_DESCRIPTOR_SET)?;
+    let health_fds = decode(tonic_health::pb::FILE_DESCRIPTOR_SET)?;
     let reflection = |builder: tonic_reflection::server::Builder<'static>| {
         builder
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_file_descriptor_set(ours.clone())
+            .register_file_descriptor_set(health_fds.clone())
     };
     let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()
