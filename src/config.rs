@@ -93,6 +93,36 @@ pub struct SettingsArgs {
     /// Job events kept for resuming watches [default: 24h].
     #[arg(long, env = "MEDIAPLANE_EVENT_RETENTION")]
     pub event_retention: Option<String>,
+    /// Where asset bytes go: `file:///dir` or `s3://bucket[/prefix]` [default: file://./data/assets].
+    #[arg(long, env = "MEDIAPLANE_STORAGE_URL")]
+    pub storage_url: Option<String>,
+    /// S3 endpoint for S3-compatible services (MinIO, Ceph, R2...) [default: AWS].
+    #[arg(long, env = "MEDIAPLANE_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region [default: us-east-1].
+    #[arg(long, env = "MEDIAPLANE_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// S3 access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub s3_access_key_id: Option<String>,
+    /// S3 secret access key.
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<String>,
+    /// Largest asset, in bytes [default: 5368709120 (5 GiB)].
+    #[arg(long, env = "MEDIAPLANE_MAX_ASSET_BYTES")]
+    pub max_asset_bytes: Option<String>,
+    /// Bytes of READY assets one project may hold [default: 107374182400 (100 GiB)].
+    #[arg(long, env = "MEDIAPLANE_PROJECT_QUOTA_BYTES")]
+    pub project_quota_bytes: Option<String>,
+    /// Longest lifetime of a signed URL [default: 24h].
+    #[arg(long, env = "MEDIAPLANE_SIGNED_URL_MAX_TTL")]
+    pub signed_url_max_ttl: Option<String>,
+    /// Base URL clients reach this service at, for signed URLs [default: http://ADDR].
+    #[arg(long, env = "MEDIAPLANE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Key for signed URLs (at least 32 bytes) [default: derived from the JWT secret].
+    #[arg(long, env = "MEDIAPLANE_URL_SIGNING_KEY", hide_env_values = true)]
+    pub url_signing_key: Option<String>,
 }
 
 /// A string that never shows up in logs or `Debug` output.
@@ -149,6 +179,13 @@ pub struct Settings {
     pub watch_resync: Duration,
     pub job_retention: Duration,
     pub event_retention: Duration,
+    pub storage: crate::storage::StorageSettings,
+    pub max_asset_bytes: i64,
+    pub project_quota_bytes: i64,
+    pub signed_url_max_ttl: Duration,
+    /// `None`: `http://{addr}` as bound.
+    pub public_url: Option<String>,
+    pub url_signing_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -416,6 +453,58 @@ impl Settings {
                 &args.event_retention,
                 Duration::from_secs(86400),
             )?,
+            storage: crate::storage::StorageSettings {
+                url: parse_opt("storage_url", get("storage_url", &args.storage_url), |s| {
+                    if s.starts_with("file://") || s.starts_with("s3://") {
+                        Ok(s.to_owned())
+                    } else {
+                        Err("expected file:///dir or s3://bucket[/prefix]".into())
+                    }
+                })?
+                .unwrap_or_else(|| "file://./data/assets".to_owned()),
+                s3_endpoint: parse_opt(
+                    "s3_endpoint",
+                    get("s3_endpoint", &args.s3_endpoint),
+                    |s| {
+                        check_url(s, &["http", "https"]).map(|_| s.trim_end_matches('/').to_owned())
+                    },
+                )?,
+                s3_region: get("s3_region", &args.s3_region)
+                    .unwrap_or_else(|| "us-east-1".to_owned()),
+                s3_access_key_id: get("s3_access_key_id", &args.s3_access_key_id),
+                s3_secret_access_key: get("s3_secret_access_key", &args.s3_secret_access_key)
+                    .map(Secret::new),
+            },
+            max_asset_bytes: parse_opt(
+                "max_asset_bytes",
+                get("max_asset_bytes", &args.max_asset_bytes),
+                |s| parse_range(s, 1, 5 * 1024 * 1024 * 1024 * 1024),
+            )?
+            .map_or(5 * 1024 * 1024 * 1024, |v| v as i64),
+            project_quota_bytes: parse_opt(
+                "project_quota_bytes",
+                get("project_quota_bytes", &args.project_quota_bytes),
+                |s| parse_range(s, 1, u64::MAX / 2),
+            )?
+            .map_or(100 * 1024 * 1024 * 1024, |v| v as i64),
+            signed_url_max_ttl: duration(
+                "signed_url_max_ttl",
+                &args.signed_url_max_ttl,
+                Duration::from_secs(86400),
+            )?,
+            public_url: parse_opt("public_url", get("public_url", &args.public_url), |s| {
+                check_url(s, &["http", "https"]).map(|_| s.trim_end_matches('/').to_owned())
+            })?,
+            url_signing_key: match get("url_signing_key", &args.url_signing_key) {
+                None => None,
+                Some(k) if k.len() >= 32 => Some(Secret::new(k)),
+                Some(_) => {
+                    return Err(ConfigError(format!(
+                        "{} is too short: use at least 32 random bytes",
+                        key("url_signing_key")
+                    )));
+                }
+            },
         })
     }
 }
@@ -430,11 +519,12 @@ fn parse_opt<T>(
         .map(|v| {
             parse(v.trim()).map_err(|why| {
                 // URLs and secrets may carry passwords: never echo them.
-                let shown = if name.contains("url") || name.contains("secret") {
-                    "<hidden>".into()
-                } else {
-                    format!("{v:?}")
-                };
+                let shown =
+                    if name.contains("url") || name.contains("secret") || name.contains("key") {
+                        "<hidden>".into()
+                    } else {
+                        format!("{v:?}")
+                    };
                 ConfigError(format!("invalid {}: {shown}: {why}", key(name)))
             })
         })

@@ -3,6 +3,7 @@
 //! `main.rs` only parses the command line; everything else lives here so tests can
 //! start the real server in-process on port 0.
 pub mod api;
+pub mod assets;
 pub mod auth;
 pub mod cli;
 pub mod client;
@@ -17,6 +18,7 @@ pub mod jobs_cli;
 pub mod proto;
 pub mod redis;
 pub mod startup;
+pub mod storage;
 pub mod telemetry;
 pub mod worker;
 

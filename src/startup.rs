@@ -14,6 +14,7 @@ use tonic::service::{Routes, interceptor::InterceptedService};
 
 use crate::{
     api::{assets::AssetsApi, jobs::JobsApi, projects::ProjectsApi},
+    assets::{AssetLimits, Assets},
     auth::{Authenticate, Verifier},
     config::Settings,
     db,
@@ -23,6 +24,7 @@ use crate::{
     health::Health,
     proto::{self, v1},
     redis::{self, RedisPool},
+    storage::Storage,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,7 @@ pub struct Application {
     redis: RedisPool,
     draining: CancellationToken,
     engine: Engine,
+    assets: Assets,
     /// Stops the event hub, the reaper and the prober after the drain.
     background: CancellationToken,
 }
@@ -98,14 +101,6 @@ impl Application {
             &settings.redis_prefix,
             engine_settings,
         );
-        let router = router(
-            &settings,
-            verifier,
-            engine.clone(),
-            health.clone(),
-            health_service,
-            draining.clone(),
-        )?;
         let listener =
             TcpListener::bind(settings.addr)
                 .await
@@ -113,6 +108,37 @@ impl Application {
                     addr: settings.addr,
                     source,
                 })?;
+        let bound = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: settings.addr,
+            source,
+        })?;
+        let storage =
+            Storage::open(&settings.storage).map_err(|e| StartError::Config(e.to_string()))?;
+        let limits = AssetLimits {
+            max_asset_bytes: settings.max_asset_bytes,
+            project_quota_bytes: settings.project_quota_bytes,
+            signed_url_max_ttl: settings.signed_url_max_ttl,
+        };
+        let public_url = settings
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"));
+        let assets = Assets::new(
+            db.clone(),
+            storage,
+            limits,
+            signing_key(&settings),
+            &public_url,
+        );
+        let router = router(
+            &settings,
+            verifier,
+            engine.clone(),
+            assets.clone(),
+            health.clone(),
+            health_service,
+            draining.clone(),
+        )?;
         Ok(Self {
             listener,
             router,
@@ -122,6 +148,7 @@ impl Application {
             redis,
             draining,
             engine,
+            assets,
             background,
         })
     }
@@ -150,8 +177,10 @@ impl Application {
             redis,
             draining,
             engine,
+            assets,
             background,
         } = self;
+        assets.spawn_collector(settings.reap_interval * 5, background.clone());
         health.spawn_prober(db, redis, settings.health_interval, background.clone());
         reaper::spawn(engine, background.clone());
 
@@ -209,6 +238,25 @@ impl Application {
     }
 }
 
+/// Key of signed asset URLs: configured, else derived from the JWT secret (so every
+/// instance sharing the secret agrees), else random for this process.
+fn signing_key(settings: &Settings) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    if let Some(key) = &settings.url_signing_key {
+        return key.expose().as_bytes().to_vec();
+    }
+    if let Some(secret) = &settings.jwt.secret {
+        return Sha256::new()
+            .chain_update(b"mediaplane signed urls\0")
+            .chain_update(secret.expose())
+            .finalize()
+            .to_vec();
+    }
+    let mut key = vec![0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+    key
+}
+
 /// Creates and migrates the database, waiting a while for Postgres to come up.
 async fn prepare_database(url: &str) -> Result<(), db::DbError> {
     let start = tokio::time::Instant::now();
@@ -237,6 +285,7 @@ fn router(
     settings: &Settings,
     verifier: Verifier,
     engine: Engine,
+    assets: Assets,
     health: Health,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -253,9 +302,10 @@ fn router(
     let jobs = v1::jobs_service_server::JobsServiceServer::new(JobsApi::new(engine))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let assets = v1::assets_service_server::AssetsServiceServer::new(AssetsApi)
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    let assets_service =
+        v1::assets_service_server::AssetsServiceServer::new(AssetsApi::new(assets.clone()))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
 
     // Decoded once here; tonic-reflection gets descriptor sets, not bytes.
     let decode = |bytes: &[u8]| {
@@ -278,7 +328,7 @@ fn router(
 
     let grpc = Routes::new(InterceptedService::new(projects, auth.clone()))
         .add_service(InterceptedService::new(jobs, auth.clone()))
-        .add_service(InterceptedService::new(assets, auth))
+        .add_service(InterceptedService::new(assets_service, auth))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -291,12 +341,13 @@ fn router(
         request_timeout: settings.request_timeout,
         draining,
     };
-    let mut app =
-        grpc.merge(edge::health::router(health))
-            .layer(axum::middleware::from_fn_with_state(
-                ctx,
-                edge::calls::middleware,
-            ));
+    let mut app = grpc
+        .merge(edge::health::router(health))
+        .merge(edge::signed::router(assets))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx,
+            edge::calls::middleware,
+        ));
     if let Some(cors) = edge::cors::layer(settings) {
         app = app.layer(cors);
     }

@@ -1,8 +1,496 @@
-//! AssetsService: the contract is complete; storage lands with the Assets issue.
-//! Until then every RPC answers UNIMPLEMENTED (after authentication).
-use crate::proto::v1::assets_service_server::AssetsService;
+//! AssetsService over gRPC: metadata CRUD, streamed upload and download, signed URLs.
+use std::{pin::Pin, time::Duration};
 
-#[derive(Debug, Default)]
-pub struct AssetsApi;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
-impl AssetsService for AssetsApi {}
+use super::convert::{duration, json_to_struct, struct_to_json, timestamp};
+use crate::{
+    AppError, AppResult,
+    assets::{Assets, Expected},
+    auth::{Caller, caller},
+    db::{self, projects::Outcome},
+    domain::{
+        Violations,
+        asset::{self, Asset, AssetFields, AssetFilter, AssetState, CREATE_PATHS, UrlMethod},
+        names::{AssetName, ProjectName},
+        page, project,
+    },
+    proto::v1 as pb,
+};
+
+pub struct AssetsApi {
+    assets: Assets,
+}
+
+impl AssetsApi {
+    pub fn new(assets: Assets) -> Self {
+        Self { assets }
+    }
+}
+
+type DownloadStream =
+    Pin<Box<dyn Stream<Item = Result<pb::DownloadAssetContentResponse, Status>> + Send>>;
+
+impl From<AssetState> for pb::asset::State {
+    fn from(s: AssetState) -> Self {
+        match s {
+            AssetState::Pending => Self::Pending,
+            AssetState::Ready => Self::Ready,
+            AssetState::Failed => Self::Failed,
+        }
+    }
+}
+
+impl From<Asset> for pb::Asset {
+    fn from(a: Asset) -> Self {
+        let etag = a.etag();
+        let name = crate::assets::name(&a);
+        let Asset {
+            id: _,
+            project_id,
+            owner: _,
+            display_name,
+            content_type,
+            size_bytes,
+            sha256,
+            state,
+            labels,
+            metadata,
+            source_job,
+            object_key: _,
+            revision: _,
+            create_time,
+            update_time,
+        } = a;
+        pb::Asset {
+            name,
+            display_name,
+            content_type,
+            size_bytes,
+            sha256,
+            state: pb::asset::State::from(state) as i32,
+            labels,
+            metadata: Some(json_to_struct(metadata)),
+            source_job: source_job
+                .map(|job| {
+                    crate::domain::names::JobName {
+                        project: project_id,
+                        job,
+                    }
+                    .to_string()
+                })
+                .unwrap_or_default(),
+            create_time: Some(timestamp(create_time)),
+            update_time: Some(timestamp(update_time)),
+            etag,
+        }
+    }
+}
+
+fn fields(asset: pb::Asset, prefix: &str, v: &mut Violations) -> AssetFields {
+    let metadata = match asset.metadata.map(struct_to_json).transpose() {
+        Ok(m) => m.unwrap_or_default(),
+        Err(why) => {
+            v.add(format!("{prefix}metadata"), why);
+            Default::default()
+        }
+    };
+    AssetFields {
+        display_name: asset.display_name,
+        content_type: asset.content_type,
+        labels: asset.labels,
+        metadata,
+    }
+}
+
+fn not_found(name: impl std::fmt::Display) -> AppError {
+    AppError::NotFound(format!("asset {name}"))
+}
+
+impl AssetsApi {
+    async fn create(
+        &self,
+        caller: &Caller,
+        r: pb::CreateAssetRequest,
+        prefix: &str,
+    ) -> AppResult<Asset> {
+        let project = ProjectName::parse(&format!("{prefix}parent"), &r.parent)?;
+        let mut v = Violations::default();
+        let Some(a) = r.asset else {
+            return Err(AppError::invalid(format!("{prefix}asset"), "required"));
+        };
+        let fields = fields(a, &format!("{prefix}asset."), &mut v);
+        fields.validate(&format!("{prefix}asset."), &CREATE_PATHS, &mut v);
+        if r.request_id.chars().count() > project::MAX_REQUEST_ID {
+            v.add(format!("{prefix}request_id"), "at most 128 characters");
+        }
+        let fields = v.into_result(fields)?;
+        let request_id = (!r.request_id.is_empty()).then_some(r.request_id.as_str());
+        let mut conn = self.assets.db.get().await?;
+        let scope = caller.owner_scope().map(str::to_owned);
+        use diesel_async::AsyncConnection;
+        conn.transaction(async |conn| {
+            let owner = db::assets::lock_project(conn, scope.as_deref(), project.0)
+                .await?
+                .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
+            Ok(
+                db::assets::insert(conn, &owner, project.0, &fields, request_id)
+                    .await?
+                    .0,
+            )
+        })
+        .await
+    }
+
+    async fn visible(&self, caller: &Caller, name: AssetName) -> AppResult<Asset> {
+        let mut conn = self.assets.db.get().await?;
+        db::assets::get(&mut conn, caller.owner_scope(), name.project, name.asset)
+            .await?
+            .ok_or_else(|| not_found(name))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::assets_service_server::AssetsService for AssetsApi {
+    #[tracing::instrument(skip_all)]
+    async fn create_asset(
+        &self,
+        request: Request<pb::CreateAssetRequest>,
+    ) -> Result<Response<pb::Asset>, Status> {
+        let caller = caller(&request)?;
+        Ok(Response::new(
+            self.create(&caller, request.into_inner(), "").await?.into(),
+        ))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_asset(
+        &self,
+        request: Request<pb::GetAssetRequest>,
+    ) -> Result<Response<pb::Asset>, Status> {
+        let caller = caller(&request)?;
+        let name = AssetName::parse("name", &request.get_ref().name)?;
+        Ok(Response::new(self.visible(&caller, name).await?.into()))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_assets(
+        &self,
+        request: Request<pb::ListAssetsRequest>,
+    ) -> Result<Response<pb::ListAssetsResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let project = ProjectName::parse("parent", &r.parent)?;
+        let filter =
+            AssetFilter::parse(&r.filter).map_err(|why| AppError::invalid("filter", why))?;
+        if !matches!(r.order_by.trim(), "" | "create_time desc") {
+            return Err(AppError::invalid(
+                "order_by",
+                "supported: `create_time desc` (the default)",
+            )
+            .into());
+        }
+        let limit = page::page_size(r.page_size)?;
+        let owner = caller.owner_scope().map(str::to_owned);
+        let fingerprint = page::fingerprint(&[
+            "assets",
+            owner.as_deref().unwrap_or("*"),
+            &r.parent,
+            &filter.canonical(),
+        ]);
+        let after = page::decode(&r.page_token, &fingerprint)?;
+        let mut conn = self.assets.db.get().await.map_err(AppError::from)?;
+        crate::db::jobs::lock_project(&mut conn, owner.as_deref(), project.0)
+            .await?
+            .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
+        let query = db::assets::ListAssets {
+            owner,
+            project: project.0,
+            filter,
+            limit,
+            after,
+        };
+        let (assets, more) = db::assets::list(&mut conn, &query).await?;
+        let next_page_token = match (more, assets.last()) {
+            (true, Some(last)) => page::encode(
+                page::Cursor {
+                    create_time: last.create_time,
+                    id: last.id,
+                },
+                &fingerprint,
+            ),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListAssetsResponse {
+            assets: assets.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn update_asset(
+        &self,
+        request: Request<pb::UpdateAssetRequest>,
+    ) -> Result<Response<pb::Asset>, Status> {
+        let caller = caller(&request)?;
+        let pb::UpdateAssetRequest {
+            asset: a,
+            update_mask,
+        } = request.into_inner();
+        let Some(a) = a else {
+            return Err(AppError::invalid("asset", "required").into());
+        };
+        let name = AssetName::parse("asset.name", &a.name)?;
+        let paths = asset::parse_mask(&update_mask.map(|m| m.paths).unwrap_or_default())?;
+        let expected = (!a.etag.is_empty()).then(|| project::revision_of(&a.etag).unwrap_or(-1));
+        let mut v = Violations::default();
+        let fields = fields(a, "asset.", &mut v);
+        fields.validate("asset.", &paths, &mut v);
+        let fields = v.into_result(fields)?;
+        let mut conn = self.assets.db.get().await.map_err(AppError::from)?;
+        match db::assets::update(
+            &mut conn,
+            caller.owner_scope(),
+            name.project,
+            name.asset,
+            &fields,
+            &paths,
+            expected,
+        )
+        .await?
+        {
+            Outcome::Done(a) => Ok(Response::new(a.into())),
+            Outcome::NotFound => Err(not_found(name).into()),
+            Outcome::EtagMismatch => Err(AppError::Aborted(format!(
+                "etag does not match the current version of {name}"
+            ))
+            .into()),
+        }
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_asset(
+        &self,
+        request: Request<pb::DeleteAssetRequest>,
+    ) -> Result<Response<()>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let name = AssetName::parse("name", &r.name)?;
+        let expected = (!r.etag.is_empty()).then(|| project::revision_of(&r.etag).unwrap_or(-1));
+        let mut conn = self.assets.db.get().await.map_err(AppError::from)?;
+        match db::assets::delete(
+            &mut conn,
+            caller.owner_scope(),
+            name.project,
+            name.asset,
+            expected,
+        )
+        .await?
+        {
+            Outcome::Done(key) => {
+                drop(conn);
+                if let Some(key) = key {
+                    self.assets.delete_bytes(&key).await;
+                }
+                Ok(Response::new(()))
+            }
+            Outcome::NotFound => Err(not_found(name).into()),
+            Outcome::EtagMismatch => Err(AppError::Aborted(format!(
+                "etag does not match the current version of {name}"
+            ))
+            .into()),
+        }
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn upload_asset_content(
+        &self,
+        request: Request<Streaming<pb::UploadAssetContentRequest>>,
+    ) -> Result<Response<pb::Asset>, Status> {
+        let caller = caller(&request)?;
+        let mut stream = request.into_inner();
+        let first = stream.next().await.ok_or_else(|| {
+            AppError::invalid("header", "the first message must carry the header")
+        })??;
+        let Some(pb::upload_asset_content_request::Payload::Header(header)) = first.payload else {
+            return Err(
+                AppError::invalid("header", "the first message must carry the header").into(),
+            );
+        };
+        let mut v = Violations::default();
+        let sha256 = (!header.sha256.is_empty()).then_some(header.sha256.clone());
+        if sha256
+            .as_ref()
+            .is_some_and(|s| s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            v.add("header.sha256", "64 hex characters");
+        }
+        if header.size_bytes < 0 {
+            v.add("header.size_bytes", "must not be negative");
+        }
+        let target = match (header.name.is_empty(), header.create.is_some()) {
+            (false, false) => Some(AssetName::parse("header.name", &header.name)?),
+            (true, true) => None,
+            _ => {
+                v.add(
+                    "header",
+                    "set exactly one of name (an existing asset) or create",
+                );
+                None
+            }
+        };
+        v.into_result(())?;
+        let asset = match target {
+            Some(name) => self.visible(&caller, name).await?,
+            None => {
+                let create = header.create.clone().unwrap_or_default();
+                self.create(&caller, create, "header.create.").await?
+            }
+        };
+        let chunks = stream.map(|m| match m {
+            Ok(pb::UploadAssetContentRequest {
+                payload: Some(pb::upload_asset_content_request::Payload::Chunk(c)),
+            }) => {
+                if c.len() > asset::CHUNK {
+                    Err(AppError::invalid(
+                        "chunk",
+                        format!("chunks are at most {} bytes", asset::CHUNK),
+                    ))
+                } else {
+                    Ok(Bytes::from(c))
+                }
+            }
+            Ok(_) => Err(AppError::invalid(
+                "payload",
+                "only the first message carries a header; later ones carry chunks",
+            )),
+            Err(status) => Err(AppError::Aborted(format!(
+                "upload stream broken: {}",
+                status.message()
+            ))),
+        });
+        let expected = Expected {
+            sha256,
+            size: (header.size_bytes > 0).then_some(header.size_bytes),
+        };
+        let ready = self
+            .assets
+            .upload(asset, Box::pin(chunks), expected)
+            .await?;
+        Ok(Response::new(ready.into()))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn download_asset_content(
+        &self,
+        request: Request<pb::DownloadAssetContentRequest>,
+    ) -> Result<Response<DownloadStream>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let name = AssetName::parse("name", &r.name)?;
+        let asset = self.visible(&caller, name).await?;
+        if asset.state != AssetState::Ready {
+            return Err(AppError::FailedPrecondition(format!(
+                "asset {name} is {}; only READY assets have content",
+                asset.state.as_str().to_uppercase()
+            ))
+            .into());
+        }
+        let size = asset.size_bytes.max(0) as u64;
+        let mut v = Violations::default();
+        if r.offset < 0 || r.offset as u64 > size {
+            v.add("offset", format!("from 0 to the asset's size ({size})"));
+        }
+        if r.length < 0 {
+            v.add("length", "must not be negative (0 means to the end)");
+        }
+        v.into_result(())?;
+        let start = r.offset as u64;
+        let end = if r.length == 0 {
+            size
+        } else {
+            (start + r.length as u64).min(size)
+        };
+        let bytes = if start < end {
+            Some(self.assets.read(&asset, start..end).await?)
+        } else {
+            None
+        };
+        let head = futures::stream::once(async move {
+            Ok(pb::DownloadAssetContentResponse {
+                payload: Some(pb::download_asset_content_response::Payload::Asset(
+                    asset.into(),
+                )),
+            })
+        });
+        let body = futures::stream::iter(bytes).flatten().map(|chunk| {
+            chunk
+                .map(|c| pb::DownloadAssetContentResponse {
+                    payload: Some(pb::download_asset_content_response::Payload::Chunk(
+                        c.to_vec(),
+                    )),
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(head.chain(body))))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_signed_url(
+        &self,
+        request: Request<pb::CreateSignedUrlRequest>,
+    ) -> Result<Response<pb::CreateSignedUrlResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let name = AssetName::parse("name", &r.name)?;
+        let mut v = Violations::default();
+        let method = match pb::create_signed_url_request::Method::try_from(r.method) {
+            Ok(pb::create_signed_url_request::Method::Get) => UrlMethod::Get,
+            Ok(pb::create_signed_url_request::Method::Put) => UrlMethod::Put,
+            _ => {
+                v.add("method", "GET or PUT");
+                UrlMethod::Get
+            }
+        };
+        let max = self.assets.limits.signed_url_max_ttl;
+        let ttl = match r.ttl {
+            None => Duration::from_secs(3600).min(max),
+            Some(d) => match duration(&d) {
+                Some(d) if d >= Duration::from_secs(1) && d <= max => d,
+                _ => {
+                    v.add("ttl", format!("from 1s to {}s", max.as_secs()));
+                    Duration::ZERO
+                }
+            },
+        };
+        v.into_result(())?;
+        let asset = self.visible(&caller, name).await?;
+        match (method, asset.state) {
+            (UrlMethod::Get, AssetState::Ready) | (UrlMethod::Put, AssetState::Pending) => {}
+            (UrlMethod::Get, s) => {
+                return Err(AppError::FailedPrecondition(format!(
+                    "asset {name} is {}; GET URLs need a READY asset",
+                    s.as_str().to_uppercase()
+                ))
+                .into());
+            }
+            (UrlMethod::Put, s) => {
+                return Err(AppError::FailedPrecondition(format!(
+                    "asset {name} is {}; PUT URLs need a PENDING asset",
+                    s.as_str().to_uppercase()
+                ))
+                .into());
+            }
+        }
+        let (url, expires) = self.assets.signed_url(&asset, method, ttl).await?;
+        Ok(Response::new(pb::CreateSignedUrlResponse {
+            url,
+            expire_time: Some(prost_types::Timestamp {
+                seconds: expires,
+                nanos: 0,
+            }),
+        }))
+    }
+}

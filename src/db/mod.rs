@@ -10,6 +10,7 @@ use diesel_async::{
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
+pub mod assets;
 pub mod jobs;
 pub mod projects;
 pub mod schema;

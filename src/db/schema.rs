@@ -2,8 +2,37 @@
 
 pub mod sql_types {
     #[derive(diesel::query_builder::QueryId, Clone, diesel::sql_types::SqlType)]
+    #[diesel(postgres_type(name = "asset_state"))]
+    pub struct AssetState;
+
+    #[derive(diesel::query_builder::QueryId, Clone, diesel::sql_types::SqlType)]
     #[diesel(postgres_type(name = "job_state"))]
     pub struct JobState;
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use super::sql_types::AssetState;
+
+    assets (id) {
+        id -> Uuid,
+        project_id -> Uuid,
+        owner -> Text,
+        display_name -> Text,
+        content_type -> Text,
+        size_bytes -> Int8,
+        sha256 -> Text,
+        state -> AssetState,
+        labels -> Jsonb,
+        metadata -> Jsonb,
+        source_job -> Nullable<Uuid>,
+        object_key -> Nullable<Text>,
+        revision -> Int8,
+        request_id -> Nullable<Text>,
+        request_hash -> Nullable<Bytea>,
+        create_time -> Timestamptz,
+        update_time -> Timestamptz,
+    }
 }
 
 diesel::table! {
@@ -54,6 +83,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    object_gc (object_key) {
+        object_key -> Text,
+        not_before -> Timestamptz,
+        attempts -> Int4,
+    }
+}
+
+diesel::table! {
     projects (id) {
         id -> Uuid,
         owner -> Text,
@@ -69,7 +106,9 @@ diesel::table! {
     }
 }
 
+diesel::joinable!(assets -> jobs (source_job));
+diesel::joinable!(assets -> projects (project_id));
 diesel::joinable!(job_events -> jobs (job_id));
 diesel::joinable!(jobs -> projects (project_id));
 
-diesel::allow_tables_to_appear_in_same_query!(job_events, jobs, projects,);
+diesel::allow_tables_to_appear_in_same_query!(assets, job_events, jobs, object_gc, projects,);

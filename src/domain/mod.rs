@@ -1,4 +1,5 @@
 //! Types and rules of the service, independent of gRPC and of SQL.
+pub mod asset;
 pub mod job;
 pub mod labels;
 pub mod names;

@@ -3,3 +3,4 @@
 pub mod calls;
 pub mod cors;
 pub mod health;
+pub mod signed;

@@ -13,7 +13,7 @@ use crate::{
     db,
     domain::{
         job::{AfterFailure, Backoff, Job, JobError, JobState, NewJob, after_failure},
-        names::{JobName, ProjectName},
+        names::{AssetName, JobName, ProjectName},
     },
     proto::v1::{self as pb, job_event::Type as EventType},
     redis::RedisPool,
@@ -81,6 +81,36 @@ async fn record(
     }
     db::jobs::insert_events(conn, &rows).await?;
     Ok(published)
+}
+
+/// Output assets must be READY assets of the job's project; they record the job.
+async fn link_outputs(conn: &mut AsyncPgConnection, job: &Job, names: &[String]) -> AppResult<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let a = AssetName::parse(&format!("output_assets[{i}]"), name)?;
+        if a.project != job.project_id {
+            return Err(AppError::invalid(
+                format!("output_assets[{i}]"),
+                "must be an asset of the job's project",
+            ));
+        }
+        ids.push(a.asset);
+    }
+    let ready = db::assets::ready_in_project(conn, job.project_id, &ids).await?;
+    if let Some(missing) = names
+        .iter()
+        .zip(&ids)
+        .find(|(_, id)| !ready.contains(id))
+        .map(|(n, _)| n)
+    {
+        return Err(AppError::FailedPrecondition(format!(
+            "output asset {missing} is not a READY asset of this project"
+        )));
+    }
+    db::assets::set_source_job(conn, &ids, job.id).await
 }
 
 /// A lease id from the wire; anything else can never be current.
@@ -344,10 +374,13 @@ impl Engine {
                     LeaseOp::Complete {
                         result,
                         output_assets,
-                    } => (
-                        db::jobs::succeed(conn, job.id, result, &output_assets).await?,
-                        EventType::StateChanged,
-                    ),
+                    } => {
+                        link_outputs(conn, &job, &output_assets).await?;
+                        (
+                            db::jobs::succeed(conn, job.id, result, &output_assets).await?,
+                            EventType::StateChanged,
+                        )
+                    }
                     LeaseOp::Fail {
                         error,
                         retryable,

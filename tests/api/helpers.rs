@@ -99,10 +99,18 @@ impl ScratchDb {
     pub fn url_via(&self, host: &str) -> String {
         format!("postgres://postgres@{host}/{}", self.name)
     }
+
+    /// The local object store of this test's server.
+    pub fn storage_dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir()
+            .join("mediaplane-tests")
+            .join(&self.name)
+    }
 }
 
 impl Drop for ScratchDb {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.storage_dir());
         let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
         // Drop runs outside any runtime guarantee: use a thread with its own.
         let _ = std::thread::spawn(move || {
@@ -134,6 +142,7 @@ pub fn test_settings(db: &ScratchDb) -> Settings {
     };
     s.health_interval = Duration::from_millis(200);
     s.drain_timeout = Duration::from_secs(5);
+    s.storage.url = format!("file://{}", db.storage_dir().display());
     s
 }
 
@@ -201,6 +210,17 @@ impl TestApp {
         token: &str,
     ) -> ProjectsServiceClient<InterceptedService<Channel, Bearer>> {
         ProjectsServiceClient::with_interceptor(self.channel.clone(), Bearer::new(token))
+    }
+
+    pub fn assets(
+        &self,
+        token: &str,
+    ) -> pb::assets_service_client::AssetsServiceClient<InterceptedService<Channel, Bearer>> {
+        pb::assets_service_client::AssetsServiceClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(token),
+        )
+        .max_decoding_message_size(8 * 1024 * 1024)
     }
 
     pub fn jobs(

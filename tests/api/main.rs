@@ -1,6 +1,7 @@
 //! One integration binary (link once): every test starts the real server on port 0
 //! against its own Postgres database and talks to it over a real socket.
 mod access;
+mod assets;
 mod health;
 mod helpers;
 mod interop;

@@ -1,0 +1,4 @@
+DROP TABLE object_gc;
+DROP TABLE assets;
+DROP FUNCTION assets_collect_bytes();
+DROP TYPE asset_state;
