@@ -375,3 +375,62 @@ impl ChaosProxy {
         self.up.store(true, Ordering::SeqCst);
     }
 }
+
+/// A local S3-compatible server (moto, from the test venv) with one bucket.
+pub struct S3Server {
+    pub endpoint: String,
+    pub bucket: String,
+    child: std::process::Child,
+}
+
+impl S3Server {
+    pub async fn start() -> Self {
+        let moto = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/moto_server");
+        assert!(std::path::Path::new(moto).exists(), "{moto} not found: run scripts/test.sh, which installs it");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let bucket = format!("media-{}", uuid::Uuid::new_v4().simple());
+        let http = reqwest::Client::new();
+        let mut created = false;
+        for _ in 0..100 {
+            if let Ok(r) = http.put(format!("{endpoint}/{bucket}")).send().await
+                && r.status().is_success()
+            {
+                created = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(created, "moto did not come up at {endpoint}");
+        Self { endpoint, bucket, child }
+    }
+
+    pub fn configure(&self, s: &mut Settings) {
+        s.storage = mediaplane::storage::StorageSettings {
+            url: format!("s3://{}/assets", self.bucket),
+            s3_endpoint: Some(self.endpoint.clone()),
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: Some("testing".into()),
+            s3_secret_access_key: Some(Secret::new("testing")),
+        };
+    }
+
+    /// Keys in the bucket (via the S3 ListObjectsV2 API).
+    pub async fn keys(&self) -> Vec<String> {
+        let body = reqwest::get(format!("{}/{}?list-type=2", self.endpoint, self.bucket)).await.unwrap().text().await.unwrap();
+        body.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_owned).collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
