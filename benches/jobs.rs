@@ -7,133 +7,21 @@
 //! queue, progress latency to 1/100/1000 watchers, and the server's RSS with 10,000
 //! idle WatchJob streams.
 use std::{
-    process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use mediaplane::{
-    auth,
-    config::Secret,
-    proto::v1::{
-        self as pb, jobs_service_client::JobsServiceClient,
-        projects_service_client::ProjectsServiceClient,
-    },
+use common::{Bearer, channel, rss_mib, start_server, token};
+use mediaplane::proto::v1::{
+    self as pb, jobs_service_client::JobsServiceClient,
+    projects_service_client::ProjectsServiceClient,
 };
 use tokio_stream::StreamExt;
-use tonic::{
-    Request, Status,
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
-};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-const SECRET: &str = "bench-secret-bench-secret-bench-secret-0001";
+mod common;
 
-#[derive(Clone)]
-struct Bearer(String);
-impl Interceptor for Bearer {
-    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
-        r.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.0).parse().unwrap(),
-        );
-        Ok(r)
-    }
-}
 type Jobs = JobsServiceClient<InterceptedService<Channel, Bearer>>;
-
-struct Server {
-    child: Child,
-    addr: String,
-    db: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("psql")
-            .args([
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db),
-            ])
-            .status();
-    }
-}
-
-fn start_server() -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let db = format!("mp_bench_{}", std::process::id());
-    let child = Command::new(env!("CARGO_BIN_EXE_mediaplane"))
-        .arg("serve")
-        .env("MEDIAPLANE_ADDR", format!("127.0.0.1:{port}"))
-        .env(
-            "DATABASE_URL",
-            format!("postgres://postgres@127.0.0.1:5432/{db}"),
-        )
-        .env("MEDIAPLANE_DB_POOL_SIZE", "32")
-        .env(
-            "MEDIAPLANE_REDIS_PREFIX",
-            format!("mp_bench_{}", std::process::id()),
-        )
-        .env("MEDIAPLANE_JWT_SECRET", SECRET)
-        .env("MEDIAPLANE_MAX_CONCURRENT_STREAMS", "4096")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("server starts");
-    Server {
-        child,
-        addr: format!("http://127.0.0.1:{port}"),
-        db,
-    }
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-async fn channel(addr: &str) -> Channel {
-    for _ in 0..100 {
-        if let Ok(c) = Endpoint::from_shared(addr.to_owned())
-            .unwrap()
-            .connect()
-            .await
-        {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("server did not come up");
-}
-
-fn token(sub: &str, roles: &[&str]) -> String {
-    let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
-    auth::mint(
-        &Secret::new(SECRET),
-        sub,
-        &roles,
-        &[],
-        Duration::from_secs(3600),
-    )
-    .unwrap()
-}
 
 fn job(kind: &str) -> pb::Job {
     pb::Job {
@@ -208,7 +96,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let server = start_server();
+    let server = start_server("jobs", &[]);
     let pid = server.child.id();
     let channels: Vec<Channel> =
         futures::future::join_all((0..8).map(|_| channel(&server.addr))).await;

@@ -728,35 +728,62 @@ async fn s3_compatible_storage_round_trip_presigned_get_and_cleanup() {
     assert_eq!(asset.sha256, hex(&Sha256::digest(&data)));
     let keys = s3.keys().await;
     assert_eq!(keys.len(), 1, "{keys:?}");
-    assert!(keys[0].starts_with(&format!("assets/projects/{}/assets/", p.name.trim_start_matches("projects/"))), "{keys:?}");
+    assert!(
+        keys[0].starts_with(&format!(
+            "assets/projects/{}/assets/",
+            p.name.trim_start_matches("projects/")
+        )),
+        "{keys:?}"
+    );
 
     let (_, bytes) = download(&app, &t, &asset.name, 0, 0).await.unwrap();
     assert_eq!(bytes, data);
-    let (_, range) = download(&app, &t, &asset.name, 5_000_000, 100).await.unwrap();
+    let (_, range) = download(&app, &t, &asset.name, 5_000_000, 100)
+        .await
+        .unwrap();
     assert_eq!(range, &data[5_000_000..5_000_100]);
 
     // GET URLs are presigned by the store itself.
     let url = app
         .assets(&t)
-        .create_signed_url(pb::CreateSignedUrlRequest { name: asset.name.clone(), method: Method::Get as i32, ttl: None })
+        .create_signed_url(pb::CreateSignedUrlRequest {
+            name: asset.name.clone(),
+            method: Method::Get as i32,
+            ttl: None,
+        })
         .await
         .unwrap()
         .into_inner()
         .url;
-    assert!(url.starts_with(&s3.endpoint) && url.contains("X-Amz-Signature"), "{url}");
+    assert!(
+        url.starts_with(&s3.endpoint) && url.contains("X-Amz-Signature"),
+        "{url}"
+    );
     let got = reqwest::get(&url).await.unwrap();
     assert_eq!(got.status(), 200);
-    assert_eq!(hex(&Sha256::digest(got.bytes().await.unwrap())), asset.sha256);
+    assert_eq!(
+        hex(&Sha256::digest(got.bytes().await.unwrap())),
+        asset.sha256
+    );
 
     // A bad checksum leaves nothing in the bucket; delete removes the object.
     let wrong = hex(&Sha256::digest(b"no"));
     let err = app
         .assets(&t)
-        .upload_asset_content(tokio_stream::iter(messages(header_create(&p.name, "x", &wrong, 0), &noise(100_000, 4))))
+        .upload_asset_content(tokio_stream::iter(messages(
+            header_create(&p.name, "x", &wrong, 0),
+            &noise(100_000, 4),
+        )))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(s3.keys().await.len(), 1);
-    app.assets(&t).delete_asset(pb::DeleteAssetRequest { name: asset.name.clone(), etag: String::new() }).await.unwrap();
+    app.assets(&t)
+        .delete_asset(pb::DeleteAssetRequest {
+            name: asset.name.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
     assert!(s3.keys().await.is_empty());
 }

@@ -386,8 +386,15 @@ pub struct S3Server {
 impl S3Server {
     pub async fn start() -> Self {
         let moto = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/moto_server");
-        assert!(std::path::Path::new(moto).exists(), "{moto} not found: run scripts/test.sh, which installs it");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        assert!(
+            std::path::Path::new(moto).exists(),
+            "{moto} not found: run scripts/test.sh, which installs it"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = std::process::Command::new(moto)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
@@ -408,7 +415,11 @@ impl S3Server {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(created, "moto did not come up at {endpoint}");
-        Self { endpoint, bucket, child }
+        Self {
+            endpoint,
+            bucket,
+            child,
+        }
     }
 
     pub fn configure(&self, s: &mut Settings) {
@@ -423,8 +434,17 @@ impl S3Server {
 
     /// Keys in the bucket (via the S3 ListObjectsV2 API).
     pub async fn keys(&self) -> Vec<String> {
-        let body = reqwest::get(format!("{}/{}?list-type=2", self.endpoint, self.bucket)).await.unwrap().text().await.unwrap();
-        body.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_owned).collect()
+        let body = reqwest::get(format!("{}/{}?list-type=2", self.endpoint, self.bucket))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(str::to_owned)
+            .collect()
     }
 }
 

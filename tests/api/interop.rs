@@ -157,15 +157,31 @@ async fn python_client_uploads_and_downloads_an_asset() {
     let app = TestApp::spawn().await;
     let t = token("alice");
     let p = create_project(&app, &t, "python assets").await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/assets_client.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/assets_client.py"
+    );
     let (python, addr, project, tok) = (python(), app.addr.to_string(), p.name.clone(), t.clone());
-    let out = tokio::task::spawn_blocking(move || Command::new(python).args([script, &addr, &tok, &project]).output()).await.unwrap().unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args([script, &addr, &tok, &project])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "python assets client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python assets client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let asset = app
         .assets(&t)
-        .get_asset(pb::GetAssetRequest { name: report["name"].as_str().unwrap().into() })
+        .get_asset(pb::GetAssetRequest {
+            name: report["name"].as_str().unwrap().into(),
+        })
         .await
         .unwrap()
         .into_inner();

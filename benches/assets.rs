@@ -1,0 +1,200 @@
+//! Asset transfer benchmark: prints figures, asserts nothing about speed.
+//!
+//!     cargo bench --bench assets          (needs Postgres and Redis on localhost)
+//!
+//! Uploads and downloads a 1 GiB file over gRPC on loopback to the release server
+//! (local file storage on the same disk), next to a plain copy of the same file,
+//! and samples the server's RSS during each transfer.
+use std::{
+    io::{Read, Write},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{Bearer, channel, rss_mib, start_server, token};
+use mediaplane::proto::v1::{
+    self as pb, assets_service_client::AssetsServiceClient,
+    projects_service_client::ProjectsServiceClient, upload_asset_content_request::Payload,
+};
+use sha2::{Digest, Sha256};
+use tokio_stream::StreamExt;
+
+mod common;
+
+const SIZE: usize = 1024 * 1024 * 1024;
+const CHUNK: usize = 1024 * 1024;
+
+/// Samples `pid`'s RSS every 50 ms until stopped; returns the peak.
+fn sample_peak(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<f64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut peak: f64 = 0.0;
+        while !s.load(Ordering::Relaxed) {
+            peak = peak.max(rss_mib(pid));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peak
+    });
+    (stop, handle)
+}
+
+fn mib_per_s(bytes: usize, t: Duration) -> f64 {
+    bytes as f64 / 1024.0 / 1024.0 / t.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = std::env::temp_dir().join(format!("mediaplane-bench-assets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("source.bin");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&source).unwrap());
+        let mut block = vec![0u8; CHUNK];
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..SIZE / CHUNK {
+            for b in block.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            f.write_all(&block).unwrap();
+        }
+        f.flush().unwrap();
+    }
+    let start = Instant::now();
+    std::fs::copy(&source, dir.join("copy.bin")).unwrap();
+    let copy = start.elapsed();
+    std::fs::remove_file(dir.join("copy.bin")).unwrap();
+
+    let server = start_server(
+        "assets",
+        &[
+            (
+                "MEDIAPLANE_STORAGE_URL",
+                format!("file://{}", dir.join("store").display()),
+            ),
+            ("MEDIAPLANE_MAX_ASSET_BYTES", (2 * SIZE).to_string()),
+        ],
+    );
+    let pid = server.child.id();
+    let ch = channel(&server.addr).await;
+    let t = token("bench", &[]);
+    let project = ProjectsServiceClient::with_interceptor(ch.clone(), Bearer(t.clone()))
+        .create_project(pb::CreateProjectRequest {
+            project: Some(pb::Project {
+                display_name: "bench".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    let mut assets =
+        AssetsServiceClient::with_interceptor(ch, Bearer(t)).max_decoding_message_size(4 * CHUNK);
+    let baseline = rss_mib(pid);
+
+    // Upload: the file read in 1 MiB chunks and streamed as it is read.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let path = source.clone();
+    let project_name = project.clone();
+    let reader = std::thread::spawn(move || {
+        let header = pb::UploadAssetContentRequest {
+            payload: Some(Payload::Header(pb::UploadAssetHeader {
+                create: Some(pb::CreateAssetRequest {
+                    parent: project_name,
+                    asset: Some(pb::Asset {
+                        display_name: "1gib.bin".into(),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                }),
+                size_bytes: SIZE as i64,
+                ..Default::default()
+            })),
+        };
+        tx.blocking_send(header).unwrap();
+        let mut f = std::fs::File::open(path).unwrap();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            tx.blocking_send(pb::UploadAssetContentRequest {
+                payload: Some(Payload::Chunk(buf[..n].to_vec())),
+            })
+            .unwrap();
+        }
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
+    let (stop, peak) = sample_peak(pid);
+    let start = Instant::now();
+    let asset = assets
+        .upload_asset_content(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let upload = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let upload_peak = peak.join().unwrap();
+    let sha = reader.join().unwrap();
+    assert_eq!(asset.sha256, sha, "stored bytes match");
+
+    // Download, consumed as it arrives.
+    let (stop, peak) = sample_peak(pid);
+    let start = Instant::now();
+    let mut stream = assets
+        .download_asset_content(pb::DownloadAssetContentRequest {
+            name: asset.name.clone(),
+            offset: 0,
+            length: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0usize;
+    while let Some(msg) = stream.next().await {
+        if let Some(pb::download_asset_content_response::Payload::Chunk(c)) = msg.unwrap().payload {
+            received += c.len();
+        }
+    }
+    let download = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let download_peak = peak.join().unwrap();
+    assert_eq!(received, SIZE);
+
+    println!(
+        "mediaplane asset transfer benchmark: 1 GiB over gRPC on loopback, local storage on the same disk\n"
+    );
+    println!("plain file copy      {:>8.0} MiB/s", mib_per_s(SIZE, copy));
+    println!(
+        "gRPC upload          {:>8.0} MiB/s  ({:.0}% of the copy)",
+        mib_per_s(SIZE, upload),
+        100.0 * copy.as_secs_f64() / upload.as_secs_f64()
+    );
+    println!(
+        "gRPC download        {:>8.0} MiB/s  ({:.0}% of the copy)",
+        mib_per_s(SIZE, download),
+        100.0 * copy.as_secs_f64() / download.as_secs_f64()
+    );
+    println!(
+        "server RSS: {baseline:.1} MiB before; peak {upload_peak:.1} MiB during upload (+{:.1}), {download_peak:.1} MiB during download (+{:.1})",
+        upload_peak - baseline,
+        download_peak - baseline
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}

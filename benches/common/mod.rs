@@ -1,0 +1,120 @@
+//! Shared by the benchmarks: the release server as its own process, clients, RSS.
+#![allow(dead_code)]
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use mediaplane::{auth, config::Secret};
+use tonic::{
+    Request, Status,
+    service::Interceptor,
+    transport::{Channel, Endpoint},
+};
+
+pub const SECRET: &str = "bench-secret-bench-secret-bench-secret-0001";
+
+#[derive(Clone)]
+pub struct Bearer(pub String);
+impl Interceptor for Bearer {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.0).parse().unwrap(),
+        );
+        Ok(r)
+    }
+}
+
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub db: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("psql")
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db),
+            ])
+            .status();
+    }
+}
+
+/// The release binary on a free port, its own database, and `extra` settings.
+pub fn start_server(name: &str, extra: &[(&str, String)]) -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let db = format!("mp_bench_{name}_{}", std::process::id());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mediaplane"));
+    cmd.arg("serve")
+        .env("MEDIAPLANE_ADDR", format!("127.0.0.1:{port}"))
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:5432/{db}"),
+        )
+        .env("MEDIAPLANE_DB_POOL_SIZE", "32")
+        .env("MEDIAPLANE_REDIS_PREFIX", db.clone())
+        .env("MEDIAPLANE_JWT_SECRET", SECRET)
+        .env("MEDIAPLANE_MAX_CONCURRENT_STREAMS", "4096")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("server starts");
+    Server {
+        child,
+        addr: format!("http://127.0.0.1:{port}"),
+        db,
+    }
+}
+
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub async fn channel(addr: &str) -> Channel {
+    for _ in 0..100 {
+        if let Ok(c) = Endpoint::from_shared(addr.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("server did not come up");
+}
+
+pub fn token(sub: &str, roles: &[&str]) -> String {
+    let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+    auth::mint(
+        &Secret::new(SECRET),
+        sub,
+        &roles,
+        &[],
+        Duration::from_secs(3600),
+    )
+    .unwrap()
+}
