@@ -68,4 +68,4 @@ say "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
 say "cargo test (unit and integration)"
-cargo test --locked --all-targets -- --test-threads "${MEDIAPLANE_TEST_THREADS:-4}"
+cargo test --locked --lib --bins --tests -- --test-threads "${MEDIAPLANE_TEST_THREADS:-4}"

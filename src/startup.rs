@@ -337,17 +337,34 @@ fn router(
         // grpc-web only on the gRPC routes: on the whole router it would answer 400 to plain HTTP.
         .layer(tonic_web::GrpcWebLayer::new());
 
+    // REST/JSON: health, signed asset URLs, then every google.api.http binding,
+    // transcoded onto the same services (through the same authentication).
+    let transcoder = edge::transcode::Edge::new(grpc.clone(), settings.max_message_bytes, true)
+        .map_err(StartError::Config)?;
+    let http = edge::health::router(health)
+        .merge(edge::signed::router(assets))
+        .fallback_service(transcoder.router());
+    // Both routers have fallbacks (gRPC answers UNIMPLEMENTED, HTTP a JSON 404), so
+    // dispatch by content type rather than merging them.
+    let dispatch = tower::service_fn(move |request: axum::extract::Request| {
+        let is_grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let target = if is_grpc { grpc.clone() } else { http.clone() };
+        tower::ServiceExt::oneshot(target, request)
+    });
     let ctx = CallContext {
         request_timeout: settings.request_timeout,
         draining,
     };
-    let mut app = grpc
-        .merge(edge::health::router(health))
-        .merge(edge::signed::router(assets))
-        .layer(axum::middleware::from_fn_with_state(
-            ctx,
-            edge::calls::middleware,
-        ));
+    let mut app =
+        Router::new()
+            .fallback_service(dispatch)
+            .layer(axum::middleware::from_fn_with_state(
+                ctx,
+                edge::calls::middleware,
+            ));
     if let Some(cors) = edge::cors::layer(settings) {
         app = app.layer(cors);
     }

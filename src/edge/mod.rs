@@ -3,4 +3,6 @@
 pub mod calls;
 pub mod cors;
 pub mod health;
+pub mod rules;
 pub mod signed;
+pub mod transcode;

@@ -231,6 +231,10 @@ async fn binary_serves_with_a_first_run_token_and_exits_cleanly_on_sigterm() {
         .env("MEDIAPLANE_ADDR", "127.0.0.1:0")
         .env("DATABASE_URL", db.url())
         .env("MEDIAPLANE_LOG_FORMAT", "json")
+        .env(
+            "MEDIAPLANE_STORAGE_URL",
+            format!("file://{}", db.storage_dir().display()),
+        )
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,0 +1,701 @@
+//! The HTTP/JSON edge: routes REST calls by the `google.api.http` rules in the
+//! descriptors and calls the same tonic services in-process (through the same
+//! authentication), so no RPC is written twice and a new annotated RPC is served at
+//! once. JSON is canonical proto3 JSON (prost-reflect).
+//!
+//! Server-streaming RPCs answer newline-delimited JSON (`{"result": ...}` per line,
+//! a final `{"error": ...}` if the stream fails), or Server-Sent Events with
+//! `Accept: text/event-stream` (`id:` = the message's `sequence`, a final `status`
+//! event, keep-alive comments, `Last-Event-ID` resuming through `after_sequence`).
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    response::Response,
+};
+use base64::Engine;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use prost::Message;
+use prost_reflect::{
+    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MapKey,
+    MessageDescriptor, ReflectMessage, SerializeOptions, Value,
+};
+use tower::ServiceExt;
+
+use super::{
+    calls::code_name,
+    rules::{self, Binding},
+};
+use crate::error::http_status;
+
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+#[derive(Clone)]
+pub struct Edge {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bindings: Vec<Binding>,
+    grpc: Router,
+    max_body: usize,
+    json_in: DeserializeOptions,
+    json_out: SerializeOptions,
+}
+
+impl Edge {
+    pub fn new(grpc: Router, max_body: usize, deny_unknown_fields: bool) -> Result<Self, String> {
+        let pool =
+            DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string())?;
+        let bindings = rules::bindings(&pool)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                bindings,
+                grpc,
+                max_body,
+                json_in: DeserializeOptions::new().deny_unknown_fields(deny_unknown_fields),
+                json_out: SerializeOptions::new().skip_default_fields(false),
+            }),
+        })
+    }
+
+    pub fn bindings(&self) -> &[Binding] {
+        &self.inner.bindings
+    }
+
+    /// The fallback handler of the HTTP router.
+    pub fn router(self) -> Router {
+        Router::new().fallback(handle).with_state(self)
+    }
+}
+
+/// An error in the edge's JSON shape.
+pub fn error_response(
+    code: tonic::Code,
+    message: &str,
+    details: Vec<serde_json::Value>,
+) -> Box<Response> {
+    http_error(http_status(code), code, message, details)
+}
+
+/// An error whose HTTP status is not the code's usual one (404/405 routing, 413).
+fn http_error(
+    status: StatusCode,
+    code: tonic::Code,
+    message: &str,
+    details: Vec<serde_json::Value>,
+) -> Box<Response> {
+    let body = serde_json::json!({"error": {"code": status.as_u16(), "status": code_name(code), "message": message, "details": details}});
+    let mut r = Response::new(Body::from(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Box::new(r)
+}
+
+fn bad(message: impl Into<String>) -> Box<Response> {
+    error_response(tonic::Code::InvalidArgument, &message.into(), vec![])
+}
+
+async fn handle(State(edge): State<Edge>, request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let mut path_matched = false;
+    let mut found = None;
+    for b in &edge.inner.bindings {
+        if let Some(vars) = b.template.matches(&path) {
+            path_matched = true;
+            if b.method == request.method() {
+                found = Some((b.clone(), vars));
+                break;
+            }
+        }
+    }
+    let Some((binding, vars)) = found else {
+        return *if path_matched {
+            http_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                tonic::Code::Unimplemented,
+                &format!("method {} is not allowed on {path}", request.method()),
+                vec![],
+            )
+        } else {
+            http_error(
+                StatusCode::NOT_FOUND,
+                tonic::Code::NotFound,
+                &format!("no route for {} {path}", request.method()),
+                vec![],
+            )
+        };
+    };
+    match edge.call(binding, vars, request).await {
+        Ok(r) => r,
+        Err(r) => *r,
+    }
+}
+
+impl Edge {
+    async fn call(
+        &self,
+        b: Binding,
+        vars: Vec<(String, String)>,
+        request: Request,
+    ) -> Result<Response, Box<Response>> {
+        if b.rpc.is_client_streaming() {
+            return Err(error_response(
+                tonic::Code::Unimplemented,
+                "client-streaming RPCs are not served over HTTP/JSON; use gRPC or a signed PUT URL",
+                vec![],
+            ));
+        }
+        let (parts, body) = request.into_parts();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        let body = match http_body_util::Limited::new(body, self.inner.max_body)
+            .collect()
+            .await
+        {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let message = format!("request body larger than {} bytes", self.inner.max_body);
+                return Err(http_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    tonic::Code::ResourceExhausted,
+                    &message,
+                    vec![],
+                ));
+            }
+            Err(e) => return Err(bad(format!("cannot read the request body: {e}"))),
+        };
+        let input = b.rpc.input();
+        let mut msg = DynamicMessage::new(input.clone());
+        let mut body_keys = Vec::new();
+        if !b.body.is_empty() && !body.is_empty() {
+            let json: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+            if b.body == "*" {
+                msg = self.parse_json(input.clone(), json, "")?;
+            } else {
+                if let serde_json::Value::Object(m) = &json {
+                    body_keys = m.keys().cloned().collect();
+                }
+                let field = input
+                    .get_field_by_name(&b.body)
+                    .ok_or_else(|| bad(format!("no body field {}", b.body)))?;
+                let value = match field.kind() {
+                    Kind::Message(m) => {
+                        Value::Message(self.parse_json(m, json, &format!("{}.", b.body))?)
+                    }
+                    _ => return Err(bad("only message body fields are supported")),
+                };
+                msg.set_field(&field, value);
+            }
+        }
+        for (path, value) in &vars {
+            set_path(&mut msg, path, value)
+                .map_err(|e| bad(format!("path parameter {path}: {e}")))?;
+        }
+        let mut timeout = None;
+        for (key, value) in form_urlencoded(&query) {
+            if key == "timeout" {
+                timeout = Some(value);
+                continue;
+            }
+            if vars.iter().any(|(p, _)| p == &key) {
+                continue;
+            }
+            set_path(&mut msg, &key, &value)
+                .map_err(|e| bad(format!("query parameter {key}: {e}")))?;
+        }
+        // Last-Event-ID resumes a stream after the last event the client saw.
+        if let Some(last) = parts
+            .headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            && let Some(f) = input.get_field_by_name("after_sequence")
+        {
+            let seq: i64 = last
+                .trim()
+                .parse()
+                .map_err(|_| bad("Last-Event-ID must be a sequence number"))?;
+            msg.set_field(&f, Value::I64(seq));
+        }
+        // PATCH without update_mask: the fields present in the body.
+        if parts.method == Method::PATCH
+            && let Some(mask) = input.get_field_by_name("update_mask")
+            && !msg.has_field(&mask)
+            && !body_keys.is_empty()
+            && let Kind::Message(body_desc) = input
+                .get_field_by_name(&b.body)
+                .map(|f| f.kind())
+                .unwrap_or(Kind::Bool)
+        {
+            let paths: Vec<Value> = body_keys
+                .iter()
+                .filter_map(|k| {
+                    body_desc
+                        .get_field_by_json_name(k)
+                        .or_else(|| body_desc.get_field_by_name(k))
+                })
+                .filter(|f| !matches!(f.name(), "name" | "etag"))
+                .map(|f| Value::String(f.name().to_owned()))
+                .collect();
+            if let Kind::Message(fm) = mask.kind() {
+                let mut m = DynamicMessage::new(fm.clone());
+                if let Some(pf) = fm.get_field_by_name("paths") {
+                    m.set_field(&pf, Value::List(paths));
+                }
+                msg.set_field(&mask, Value::Message(m));
+            }
+        }
+
+        let grpc_path = format!("/{}/{}", b.rpc.parent_service().full_name(), b.rpc.name());
+        let mut frame = BytesMut::with_capacity(msg.encoded_len() + 5);
+        frame.extend_from_slice(&[0]);
+        frame.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
+        msg.encode(&mut frame).map_err(|e| bad(e.to_string()))?;
+        let mut inner = http::Request::builder()
+            .method(Method::POST)
+            .uri(grpc_path)
+            .version(http::Version::HTTP_2)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers");
+        for name in ["authorization", "x-request-id", "grpc-timeout"] {
+            if let Some(v) = parts.headers.get(name) {
+                inner = inner.header(name, v);
+            }
+        }
+        if let Some(t) = timeout {
+            let d = humantime::parse_duration(&t)
+                .map_err(|_| bad("timeout must be a duration like 5s or 500ms"))?;
+            inner = inner.header("grpc-timeout", format!("{}m", d.as_millis().max(1)));
+        }
+        let inner = inner
+            .body(Body::from(frame.freeze()))
+            .map_err(|e| bad(e.to_string()))?;
+        let response = self
+            .inner
+            .grpc
+            .clone()
+            .oneshot(inner)
+            .await
+            .unwrap_or_else(|e| match e {});
+        let (rparts, rbody) = response.into_parts();
+        if let Some(err) = status_error(&rparts.headers) {
+            return Err(err);
+        }
+        let output = b.rpc.output();
+        let mut headers = HeaderMap::new();
+        if let Some(id) = rparts.headers.get("x-request-id") {
+            headers.insert("x-request-id", id.clone());
+        }
+        if b.rpc.is_server_streaming() {
+            let sse = parts
+                .headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("text/event-stream"));
+            return Ok(self.stream(rbody, output, b.response_body.clone(), sse, headers));
+        }
+        let mut reader = FrameReader::new(rbody);
+        let first = reader.next().await;
+        let trailers = reader.trailers.take();
+        if let Some(err) = trailers.as_ref().and_then(status_error) {
+            return Err(err);
+        }
+        let bytes = match first {
+            Some(Ok(b)) => b,
+            Some(Err(e)) => return Err(error_response(tonic::Code::Internal, &e, vec![])),
+            None => Bytes::new(),
+        };
+        let out = DynamicMessage::decode(output, bytes)
+            .map_err(|e| error_response(tonic::Code::Internal, &e.to_string(), vec![]))?;
+        let json = self.render_json(&out, &b.response_body)?;
+        let mut r = Response::new(Body::from(json));
+        *r.headers_mut() = headers;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(r)
+    }
+
+    fn parse_json(
+        &self,
+        desc: MessageDescriptor,
+        json: serde_json::Value,
+        prefix: &str,
+    ) -> Result<DynamicMessage, Box<Response>> {
+        DynamicMessage::deserialize_with_options(desc, json, &self.inner.json_in).map_err(|e| {
+            bad(format!(
+                "invalid JSON for {}: {e}",
+                if prefix.is_empty() {
+                    "the body"
+                } else {
+                    prefix.trim_end_matches('.')
+                }
+            ))
+        })
+    }
+
+    fn render_json(&self, msg: &DynamicMessage, response_body: &str) -> Result<String, Box<Response>> {
+        let mut buf = Vec::new();
+        let mut ser = serde_json::Serializer::new(&mut buf);
+        let result = if response_body.is_empty() {
+            msg.serialize_with_options(&mut ser, &self.inner.json_out)
+        } else {
+            match msg.get_field_by_name(response_body).as_deref() {
+                Some(Value::Message(m)) => m.serialize_with_options(&mut ser, &self.inner.json_out),
+                _ => return Ok("null".into()),
+            }
+        };
+        result.map_err(|e| error_response(tonic::Code::Internal, &e.to_string(), vec![]))?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    fn stream(
+        &self,
+        body: Body,
+        output: MessageDescriptor,
+        response_body: String,
+        sse: bool,
+        mut headers: HeaderMap,
+    ) -> Response {
+        let this = self.clone();
+        let reader = FrameReader::new(body);
+        let seq_field = output.get_field_by_name("sequence");
+        let lines = futures::stream::unfold((reader, false), move |(mut reader, done)| {
+            let (this, output, response_body, seq_field) = (
+                this.clone(),
+                output.clone(),
+                response_body.clone(),
+                seq_field.clone(),
+            );
+            async move {
+                if done {
+                    return None;
+                }
+                let next = if sse {
+                    match tokio::time::timeout(KEEP_ALIVE, reader.next()).await {
+                        Ok(n) => n,
+                        Err(_) => {
+                            return Some((
+                                Ok::<_, std::io::Error>(Bytes::from_static(b": keep-alive\n\n")),
+                                (reader, false),
+                            ));
+                        }
+                    }
+                } else {
+                    reader.next().await
+                };
+                let chunk = match next {
+                    Some(Ok(bytes)) => {
+                        let json = DynamicMessage::decode(output, bytes)
+                            .map_err(|e| e.to_string())
+                            .and_then(|m| {
+                                this.render_json(&m, &response_body)
+                                    .map(|j| (j, m))
+                                    .map_err(|_| "cannot render message".to_owned())
+                            });
+                        match json {
+                            Ok((json, m)) if sse => {
+                                let id = seq_field
+                                    .as_ref()
+                                    .and_then(|f| m.get_field(f).as_i64())
+                                    .map(|s| format!("id: {s}\n"))
+                                    .unwrap_or_default();
+                                format!("{id}event: message\ndata: {json}\n\n")
+                            }
+                            Ok((json, _)) => format!("{{\"result\":{json}}}\n"),
+                            Err(e) => final_line(sse, tonic::Code::Internal, &e),
+                        }
+                    }
+                    Some(Err(e)) => final_line(sse, tonic::Code::Internal, &e),
+                    None => {
+                        let (code, message) = reader
+                            .trailers
+                            .as_ref()
+                            .and_then(status_of)
+                            .unwrap_or((tonic::Code::Ok, String::new()));
+                        if code == tonic::Code::Ok && !sse {
+                            return None;
+                        }
+                        return Some((
+                            Ok(Bytes::from(final_line(sse, code, &message))),
+                            (reader, true),
+                        ));
+                    }
+                };
+                Some((Ok(Bytes::from(chunk)), (reader, false)))
+            }
+        });
+        let mut r = Response::new(Body::from_stream(lines));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(if sse {
+                "text/event-stream"
+            } else {
+                "application/x-ndjson"
+            }),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        *r.headers_mut() = headers;
+        r
+    }
+}
+
+fn final_line(sse: bool, code: tonic::Code, message: &str) -> String {
+    let status = http_status(code).as_u16();
+    if sse {
+        let data =
+            serde_json::json!({"code": status, "status": code_name(code), "message": message});
+        format!("event: status\ndata: {data}\n\n")
+    } else {
+        let data = serde_json::json!({"error": {"code": status, "status": code_name(code), "message": message, "details": []}});
+        format!("{data}\n")
+    }
+}
+
+fn status_of(headers: &HeaderMap) -> Option<(tonic::Code, String)> {
+    let code = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .map(percent_decode)
+        .unwrap_or_default();
+    Some((tonic::Code::from_i32(code), message))
+}
+
+/// The JSON error for a non-OK grpc-status in `headers`, details included.
+fn status_error(headers: &HeaderMap) -> Option<Box<Response>> {
+    let (code, message) = status_of(headers)?;
+    if code == tonic::Code::Ok {
+        return None;
+    }
+    let details = headers
+        .get("grpc-status-details-bin")
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(
+                    v.as_bytes()
+                        .iter()
+                        .copied()
+                        .filter(|b| *b != b'=')
+                        .collect::<Vec<_>>(),
+                )
+                .ok()
+        })
+        .and_then(|b| tonic_types::pb::Status::decode(b.as_slice()).ok())
+        .map(|s| s.details.iter().map(render_detail).collect())
+        .unwrap_or_default();
+    Some(error_response(code, &message, details))
+}
+
+fn render_detail(any: &prost_types::Any) -> serde_json::Value {
+    if any.type_url.ends_with("google.rpc.BadRequest")
+        && let Ok(b) = tonic_types::pb::BadRequest::decode(any.value.as_slice())
+    {
+        let violations: Vec<_> = b
+            .field_violations
+            .into_iter()
+            .map(|v| serde_json::json!({"field": v.field, "description": v.description}))
+            .collect();
+        return serde_json::json!({"@type": any.type_url, "fieldViolations": violations});
+    }
+    serde_json::json!({"@type": any.type_url})
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if let Some(b) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `a=1&b.c=2&labels[k]=v` pairs, decoded.
+fn form_urlencoded(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (
+                percent_decode(&k.replace('+', " ")),
+                percent_decode(&v.replace('+', " ")),
+            )
+        })
+        .collect()
+}
+
+/// Sets `a.b.c` (or `labels[key]`) on `msg` from text, by the field's type.
+fn set_path(msg: &mut DynamicMessage, path: &str, text: &str) -> Result<(), String> {
+    let (head, rest) = match path.split_once('.') {
+        Some((h, r)) if !h.contains('[') => (h, Some(r)),
+        _ => (path, None),
+    };
+    if let Some((name, key)) = head.split_once('[') {
+        let key = key.strip_suffix(']').ok_or("expected name[key]")?;
+        let field = field_named(&msg.descriptor(), name)?;
+        let Kind::Message(entry) = field.kind() else {
+            return Err(format!("{name} is not a map"));
+        };
+        if !field.is_map() {
+            return Err(format!("{name} is not a map"));
+        }
+        let value = scalar(&entry.map_entry_value_field(), text)?;
+        if let Value::Map(map) = msg.get_field_mut(&field) {
+            map.insert(MapKey::String(key.to_owned()), value);
+        }
+        return Ok(());
+    }
+    let field = field_named(&msg.descriptor(), head)?;
+    match rest {
+        Some(rest) => {
+            let Kind::Message(_) = field.kind() else {
+                return Err(format!("{head} has no fields"));
+            };
+            match msg.get_field_mut(&field) {
+                Value::Message(inner) => set_path(inner, rest, text),
+                _ => Err(format!("{head} has no fields")),
+            }
+        }
+        None if field.is_list() => {
+            let value = scalar(&field, text)?;
+            if let Value::List(list) = msg.get_field_mut(&field) {
+                list.push(value);
+            }
+            Ok(())
+        }
+        None => {
+            let value = scalar(&field, text)?;
+            msg.set_field(&field, value);
+            Ok(())
+        }
+    }
+}
+
+fn field_named(desc: &MessageDescriptor, name: &str) -> Result<FieldDescriptor, String> {
+    desc.get_field_by_name(name)
+        .or_else(|| desc.get_field_by_json_name(name))
+        .ok_or_else(|| format!("unknown field `{name}` in {}", desc.full_name()))
+}
+
+/// A single value from text: scalars, enums by name or number, and well-known types
+/// in their JSON string forms (Timestamp, Duration, FieldMask).
+fn scalar(field: &FieldDescriptor, text: &str) -> Result<Value, String> {
+    let wrong = |what: &str| format!("{text:?} is not {what}");
+    Ok(match field.kind() {
+        Kind::String => Value::String(text.to_owned()),
+        Kind::Bool => Value::Bool(text.parse().map_err(|_| wrong("true or false"))?),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            Value::I32(text.parse().map_err(|_| wrong("a 32-bit integer"))?)
+        }
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
+            Value::I64(text.parse().map_err(|_| wrong("a 64-bit integer"))?)
+        }
+        Kind::Uint32 | Kind::Fixed32 => {
+            Value::U32(text.parse().map_err(|_| wrong("an unsigned integer"))?)
+        }
+        Kind::Uint64 | Kind::Fixed64 => {
+            Value::U64(text.parse().map_err(|_| wrong("an unsigned integer"))?)
+        }
+        Kind::Float => Value::F32(text.parse().map_err(|_| wrong("a number"))?),
+        Kind::Double => Value::F64(text.parse().map_err(|_| wrong("a number"))?),
+        Kind::Bytes => Value::Bytes(
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|_| wrong("base64"))?
+                .into(),
+        ),
+        Kind::Enum(e) => match e.get_value_by_name(text) {
+            Some(v) => Value::EnumNumber(v.number()),
+            None => Value::EnumNumber(
+                text.parse()
+                    .map_err(|_| format!("{text:?} is not a value of {}", e.full_name()))?,
+            ),
+        },
+        Kind::Message(m) => {
+            // Well-known types take their JSON string form.
+            let json = serde_json::Value::String(text.to_owned());
+            Value::Message(
+                DynamicMessage::deserialize(m.clone(), json)
+                    .map_err(|e| format!("{text:?} is not a valid {}: {e}", m.full_name()))?,
+            )
+        }
+    })
+}
+
+/// Reads gRPC length-prefixed messages from a response body, keeping the trailers.
+struct FrameReader {
+    body: Body,
+    buf: BytesMut,
+    trailers: Option<HeaderMap>,
+    ended: bool,
+}
+
+impl FrameReader {
+    fn new(body: Body) -> Self {
+        Self {
+            body,
+            buf: BytesMut::new(),
+            trailers: None,
+            ended: false,
+        }
+    }
+
+    async fn next(&mut self) -> Option<Result<Bytes, String>> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() >= 5 + len {
+                    if self.buf[0] != 0 {
+                        return Some(Err("compressed responses are not supported".into()));
+                    }
+                    self.buf.advance(5);
+                    return Some(Ok(self.buf.split_to(len).freeze()));
+                }
+            }
+            if self.ended {
+                return None;
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(t) = frame.trailers_ref() {
+                        self.trailers = Some(t.clone());
+                    } else if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Some(Err(e.to_string()));
+                }
+                None => self.ended = true,
+            }
+        }
+    }
+}
