@@ -342,7 +342,11 @@ impl Edge {
         })
     }
 
-    fn render_json(&self, msg: &DynamicMessage, response_body: &str) -> Result<String, Box<Response>> {
+    fn render_json(
+        &self,
+        msg: &DynamicMessage,
+        response_body: &str,
+    ) -> Result<String, Box<Response>> {
         let mut buf = Vec::new();
         let mut ser = serde_json::Serializer::new(&mut buf);
         let result = if response_body.is_empty() {
@@ -697,5 +701,94 @@ impl FrameReader {
                 None => self.ended = true,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(name: &str) -> DynamicMessage {
+        let pool = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        DynamicMessage::new(pool.get_message_by_name(name).unwrap())
+    }
+
+    fn json(m: &DynamicMessage) -> serde_json::Value {
+        serde_json::to_value(m).unwrap()
+    }
+
+    #[test]
+    fn query_parameters_follow_the_http_rule_mapping() {
+        // Nested fields with dots, maps as name[key], ints, and both naming styles.
+        let mut m = message("mediaplane.v1.CreateJobRequest");
+        for (k, v) in [
+            ("job.kind", "render"),
+            ("job.priority", "5"),
+            ("job.labels[env]", "prod"),
+            ("requestId", "r-1"),
+            ("job.schedule_time", "2026-01-01T00:00:00Z"),
+        ] {
+            set_path(&mut m, k, v).unwrap();
+        }
+        let j = json(&m);
+        assert_eq!(j["job"]["kind"], "render");
+        assert_eq!(j["job"]["priority"], 5);
+        assert_eq!(j["job"]["labels"]["env"], "prod");
+        assert_eq!(j["requestId"], "r-1");
+        assert_eq!(
+            j["job"]["scheduleTime"], "2026-01-01T00:00:00Z",
+            "Timestamp from its JSON form"
+        );
+
+        // Repeated fields by repeating the key; Duration in its JSON form.
+        let mut m = message("mediaplane.v1.AcquireJobsRequest");
+        for (k, v) in [
+            ("kinds", "render"),
+            ("kinds", "transcode"),
+            ("lease_duration", "1.5s"),
+            ("max_jobs", "3"),
+        ] {
+            set_path(&mut m, k, v).unwrap();
+        }
+        let j = json(&m);
+        assert_eq!(j["kinds"], serde_json::json!(["render", "transcode"]));
+        assert_eq!(j["leaseDuration"], "1.500s");
+
+        // Enums by name or number; FieldMask from its JSON form.
+        let mut m = message("mediaplane.v1.CreateSignedUrlRequest");
+        set_path(&mut m, "method", "PUT").unwrap();
+        assert_eq!(json(&m)["method"], "PUT");
+        set_path(&mut m, "method", "1").unwrap();
+        assert_eq!(json(&m)["method"], "GET");
+        let mut m = message("mediaplane.v1.UpdateProjectRequest");
+        set_path(&mut m, "updateMask", "displayName,labels").unwrap();
+        assert_eq!(json(&m)["updateMask"], "displayName,labels");
+
+        // int64 in query; errors name the problem.
+        let mut m = message("mediaplane.v1.WatchJobRequest");
+        set_path(&mut m, "after_sequence", "42").unwrap();
+        assert_eq!(json(&m)["afterSequence"], "42", "int64 as a string in JSON");
+        assert!(
+            set_path(&mut m, "after_sequence", "x")
+                .unwrap_err()
+                .contains("64-bit integer")
+        );
+        assert!(
+            set_path(&mut m, "nope", "1")
+                .unwrap_err()
+                .contains("unknown field `nope`")
+        );
+    }
+
+    #[test]
+    fn form_decoding() {
+        assert_eq!(
+            form_urlencoded("filter=labels.env%20%3D%20%22prod%22&a=b+c&flag"),
+            vec![
+                ("filter".to_owned(), "labels.env = \"prod\"".to_owned()),
+                ("a".to_owned(), "b c".to_owned()),
+                ("flag".to_owned(), String::new())
+            ]
+        );
     }
 }

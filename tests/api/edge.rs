@@ -1,0 +1,521 @@
+//! The HTTP/JSON edge over a real socket: every binding, REST CRUD, JSON edge cases,
+//! errors, isolation, and server streams as NDJSON and SSE.
+use std::time::Duration;
+
+use mediaplane::{config::CorsOrigins, edge::rules::Seg, proto::v1 as pb};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+struct Rest {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Rest {
+    fn new(app: &TestApp, token: Option<&str>) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: app.http(""),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+#[tokio::test]
+async fn every_binding_in_the_proto_is_routed_through_authentication() {
+    let app = TestApp::spawn().await;
+    let pool =
+        prost_reflect::DescriptorPool::decode(mediaplane::proto::FILE_DESCRIPTOR_SET).unwrap();
+    let bindings = mediaplane::edge::rules::bindings(&pool).unwrap();
+    let rpcs: usize = pool
+        .services()
+        .filter(|s| s.package_name() == "mediaplane.v1")
+        .map(|s| s.methods().len())
+        .sum();
+    assert_eq!(bindings.len(), rpcs, "one binding per RPC");
+    let anonymous = Rest::new(&app, None);
+    for b in &bindings {
+        // A concrete path for the template: every `*` and `**` gets an id.
+        let id = uuid::Uuid::now_v7().to_string();
+        let mut path = String::new();
+        for s in &b.template.segs {
+            path.push('/');
+            path.push_str(match s {
+                Seg::Literal(l) => l,
+                Seg::Star | Seg::DoubleStar => &id,
+            });
+        }
+        if let Some(v) = &b.template.verb {
+            path = format!("{path}:{v}");
+        }
+        let body = (!b.body.is_empty()).then(|| json!({}));
+        let (status, err) = anonymous
+            .send(
+                reqwest::Method::from_bytes(b.method.as_str().as_bytes()).unwrap(),
+                &path,
+                body,
+            )
+            .await;
+        let expected = if b.rpc.is_client_streaming() {
+            501
+        } else {
+            401
+        };
+        assert_eq!(
+            status,
+            expected,
+            "{} {path} ({}): {err}",
+            b.method,
+            b.rpc.full_name()
+        );
+        assert!(
+            err["error"]["status"].is_string(),
+            "JSON error shape for {path}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn projects_over_rest_with_canonical_json() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let rest = Rest::new(&app, Some(&t));
+    let (status, created) = rest
+        .send(reqwest::Method::POST, "/v1/projects", Some(json!({"displayName": "REST", "description": "keep", "labels": {"env": "prod"}, "metadata": {"fps": 24}})))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let name = created["name"].as_str().unwrap().to_owned();
+    assert_eq!(created["metadata"]["fps"], 24.0);
+    // Both proto names and JSON names are accepted in.
+    let (status, snake) = rest
+        .send(
+            reqwest::Method::POST,
+            "/v1/projects",
+            Some(json!({"display_name": "snake"})),
+        )
+        .await;
+    assert_eq!(
+        (status, snake["displayName"].as_str()),
+        (200, Some("snake"))
+    );
+    assert_eq!(
+        snake["description"], "",
+        "default values are emitted: a stable shape"
+    );
+
+    let (_, got) = rest
+        .send(reqwest::Method::GET, &format!("/v1/{name}"), None)
+        .await;
+    assert_eq!(got, created);
+    let (_, page) = rest
+        .send(
+            reqwest::Method::GET,
+            "/v1/projects?pageSize=1&orderBy=create_time",
+            None,
+        )
+        .await;
+    assert_eq!(page["projects"].as_array().unwrap().len(), 1);
+    assert_eq!(page["projects"][0]["name"], name.as_str());
+    assert!(!page["nextPageToken"].as_str().unwrap().is_empty());
+    let (_, filtered) = rest
+        .send(
+            reqwest::Method::GET,
+            "/v1/projects?filter=labels.env%20%3D%20%22prod%22",
+            None,
+        )
+        .await;
+    assert_eq!(filtered["projects"].as_array().unwrap().len(), 1);
+
+    // PATCH without update_mask: the mask is the fields in the body.
+    let (status, patched) = rest
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/v1/{name}"),
+            Some(json!({"displayName": "Renamed"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(
+        (
+            patched["displayName"].as_str(),
+            patched["description"].as_str()
+        ),
+        (Some("Renamed"), Some("keep"))
+    );
+    // An explicit mask (a FieldMask in the query) wins.
+    let (_, patched) = rest
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/v1/{name}?updateMask=description"),
+            Some(json!({"displayName": "ignored", "description": "changed"})),
+        )
+        .await;
+    assert_eq!(
+        (
+            patched["displayName"].as_str(),
+            patched["description"].as_str()
+        ),
+        (Some("Renamed"), Some("changed"))
+    );
+    let (status, stale) = rest
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/v1/{name}"),
+            Some(json!({"displayName": "x", "etag": "r1"})),
+        )
+        .await;
+    assert_eq!(
+        (status, stale["error"]["status"].as_str()),
+        (409, Some("ABORTED"))
+    );
+
+    let (status, _) = rest
+        .send(reqwest::Method::DELETE, &format!("/v1/{name}"), None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, gone) = rest
+        .send(reqwest::Method::GET, &format!("/v1/{name}"), None)
+        .await;
+    assert_eq!(
+        (status, gone["error"]["status"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+
+    // Jobs: int64 as strings, enums as names, custom verbs.
+    let p = create_project(&app, &t, "jobs over rest").await;
+    let (status, job) = rest
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/{}/jobs", p.name),
+            Some(json!({"kind": "render", "input": {"prompt": "cat"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(
+        (job["state"].as_str(), job["sequence"].as_str()),
+        (Some("QUEUED"), Some("1"))
+    );
+    let (status, cancelled) = rest
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/{}:cancel", job["name"].as_str().unwrap()),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, cancelled["state"].as_str()),
+        (200, Some("CANCELLED"))
+    );
+    let (_, listed) = rest
+        .send(
+            reqwest::Method::GET,
+            &format!("/v1/{}/jobs?filter=state%20%3D%20CANCELLED", p.name),
+            None,
+        )
+        .await;
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn errors_are_json_with_the_right_status_and_details() {
+    let app = TestApp::spawn_with(|s| s.max_message_bytes = 16 * 1024).await;
+    let t = token("alice");
+    let rest = Rest::new(&app, Some(&t));
+    let (status, e) = rest
+        .send(
+            reqwest::Method::POST,
+            "/v1/projects",
+            Some(json!({"displayName": ""})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(e["error"]["status"], "INVALID_ARGUMENT");
+    assert_eq!(
+        e["error"]["details"][0]["@type"],
+        "type.googleapis.com/google.rpc.BadRequest"
+    );
+    assert_eq!(
+        e["error"]["details"][0]["fieldViolations"][0]["field"],
+        "project.display_name"
+    );
+
+    let (status, e) = rest
+        .send(
+            reqwest::Method::POST,
+            "/v1/projects",
+            Some(json!({"displayNme": "typo"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("displayNme"),
+        "the unknown field is named: {e}"
+    );
+    let (status, e) = rest
+        .send(
+            reqwest::Method::POST,
+            "/v1/projects",
+            Some(json!({"displayName": 5})),
+        )
+        .await;
+    assert_eq!(status, 400, "{e}");
+    let raw = rest
+        .http
+        .post(app.http("/v1/projects"))
+        .bearer_auth(&t)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    let (status, e) = rest.send(reqwest::Method::GET, "/v1/nowhere", None).await;
+    assert_eq!(
+        (status, e["error"]["status"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+    let (status, e) = rest.send(reqwest::Method::PUT, "/v1/projects", None).await;
+    assert_eq!((status, e["error"]["code"].as_u64()), (405, Some(405)));
+    let big = json!({"displayName": "x", "description": "y".repeat(20_000)});
+    let (status, e) = rest
+        .send(reqwest::Method::POST, "/v1/projects", Some(big))
+        .await;
+    assert_eq!((status, e["error"]["code"].as_u64()), (413, Some(413)));
+    let (status, e) = Rest::new(&app, None)
+        .send(reqwest::Method::GET, "/v1/projects", None)
+        .await;
+    assert_eq!(
+        (status, e["error"]["status"].as_str()),
+        (401, Some("UNAUTHENTICATED"))
+    );
+
+    // Isolation through the edge.
+    let p = create_project(&app, &t, "private").await;
+    let (status, _) = Rest::new(&app, Some(&token("bob")))
+        .send(reqwest::Method::GET, &format!("/v1/{}", p.name), None)
+        .await;
+    assert_eq!(status, 404);
+}
+
+async fn lines(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.unwrap();
+    text.lines().map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn job_progress_streams_as_ndjson_and_sse_with_resume() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "streams").await;
+    let job = app
+        .jobs(&t)
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(pb::Job {
+                kind: "render".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let http = reqwest::Client::new();
+    let url = app.http(&format!("/v1/{}:watch", job.name));
+    let ndjson = http.get(&url).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(ndjson.headers()["content-type"], "application/x-ndjson");
+    let sse = http
+        .get(&url)
+        .bearer_auth(&t)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+
+    let worker = token_with("w", &["worker"], Duration::from_secs(60));
+    let leased = app
+        .jobs(&worker)
+        .acquire_jobs(pb::AcquireJobsRequest {
+            worker_id: "w".into(),
+            kinds: vec!["render".into()],
+            max_jobs: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .remove(0);
+    for pct in [30, 60] {
+        app.jobs(&worker)
+            .report_progress(pb::ReportProgressRequest {
+                name: job.name.clone(),
+                lease_id: leased.lease_id.clone(),
+                progress_percent: pct,
+                current_step: String::new(),
+                message: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    app.jobs(&worker)
+        .complete_job(pb::CompleteJobRequest {
+            name: job.name.clone(),
+            lease_id: leased.lease_id.clone(),
+            result: None,
+            output_assets: vec![],
+        })
+        .await
+        .unwrap();
+
+    let nd = lines(ndjson).await;
+    let results: Vec<Value> = nd
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 5, "{nd:?}");
+    assert_eq!(
+        results
+            .iter()
+            .map(|r| r["result"]["sequence"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        ["1", "2", "3", "4", "5"]
+    );
+    assert_eq!(results[4]["result"]["job"]["state"], "SUCCEEDED");
+
+    let ev = lines(sse).await;
+    let ids: Vec<&str> = ev.iter().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(
+        ids,
+        ["1", "2", "3", "4", "5"],
+        "each event carries its sequence as id"
+    );
+    assert!(
+        ev.iter().any(|l| l == "event: status"),
+        "a final status event: {ev:?}"
+    );
+    let status_line = ev
+        .iter()
+        .skip_while(|l| *l != "event: status")
+        .nth(1)
+        .unwrap();
+    assert!(status_line.contains("\"OK\""), "{status_line}");
+
+    // A reconnect with Last-Event-ID gets exactly what came after.
+    let resumed = http
+        .get(&url)
+        .bearer_auth(&t)
+        .header("accept", "text/event-stream")
+        .header("last-event-id", "3")
+        .send()
+        .await
+        .unwrap();
+    let ev = lines(resumed).await;
+    assert_eq!(
+        ev.iter()
+            .filter_map(|l| l.strip_prefix("id: "))
+            .collect::<Vec<_>>(),
+        ["4", "5"]
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_after_the_200_ends_with_an_error_line() {
+    let app = TestApp::spawn_with(|s| s.watch_resync = Duration::from_millis(300)).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "doomed").await;
+    let job = app
+        .jobs(&t)
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(pb::Job {
+                kind: "render".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(app.http(&format!("/v1/{}:watch", job.name)))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The job disappears under the watcher (its project is deleted).
+    app.projects(&t)
+        .delete_project(pb::DeleteProjectRequest {
+            name: p.name.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let all = tokio::time::timeout(Duration::from_secs(10), lines(resp))
+        .await
+        .expect("the stream ends");
+    let last: Value = serde_json::from_str(all.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["status"], "NOT_FOUND", "{all:?}");
+    assert_eq!(last["error"]["code"], 404);
+}
+
+#[tokio::test]
+async fn rest_shares_the_cors_policy_with_grpc_web() {
+    let app = TestApp::spawn_with(|s| {
+        s.cors_origins = CorsOrigins::List(vec!["http://studio.example".into()])
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let pre = http
+        .request(reqwest::Method::OPTIONS, app.http("/v1/projects"))
+        .header("origin", "http://studio.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(pre.status().is_success());
+    assert_eq!(
+        pre.headers()["access-control-allow-origin"],
+        "http://studio.example"
+    );
+    assert_eq!(pre.headers()["access-control-allow-credentials"], "true");
+    let r = http
+        .get(app.http("/v1/projects"))
+        .header("origin", "http://studio.example")
+        .bearer_auth(token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://studio.example"
+    );
+}
