@@ -3,6 +3,7 @@
 pub mod calls;
 pub mod cors;
 pub mod health;
+pub mod openapi;
 pub mod rules;
 pub mod signed;
 pub mod transcode;

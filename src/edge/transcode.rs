@@ -41,6 +41,8 @@ pub struct Edge {
 
 struct Inner {
     bindings: Vec<Binding>,
+    /// Rendered once at start.
+    openapi: Bytes,
     grpc: Router,
     max_body: usize,
     json_in: DeserializeOptions,
@@ -52,9 +54,11 @@ impl Edge {
         let pool =
             DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string())?;
         let bindings = rules::bindings(&pool)?;
+        let openapi = Bytes::from(super::openapi::document(&pool, &bindings).to_string());
         Ok(Self {
             inner: Arc::new(Inner {
                 bindings,
+                openapi,
                 grpc,
                 max_body,
                 json_in: DeserializeOptions::new().deny_unknown_fields(deny_unknown_fields),
@@ -69,7 +73,10 @@ impl Edge {
 
     /// The fallback handler of the HTTP router.
     pub fn router(self) -> Router {
-        Router::new().fallback(handle).with_state(self)
+        Router::new()
+            .route("/openapi.json", axum::routing::get(openapi))
+            .fallback(handle)
+            .with_state(self)
     }
 }
 
@@ -101,6 +108,15 @@ fn http_error(
 
 fn bad(message: impl Into<String>) -> Box<Response> {
     error_response(tonic::Code::InvalidArgument, &message.into(), vec![])
+}
+
+async fn openapi(State(edge): State<Edge>) -> Response {
+    let mut r = Response::new(Body::from(edge.inner.openapi.clone()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 async fn handle(State(edge): State<Edge>, request: Request) -> Response {

@@ -519,3 +519,71 @@ async fn rest_shares_the_cors_policy_with_grpc_web() {
         "http://studio.example"
     );
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_generated_from_the_descriptors_and_validates() {
+    let app = TestApp::spawn().await;
+    let doc: Value = reqwest::get(app.http("/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearerAuth"]["scheme"],
+        "bearer"
+    );
+    let cancel = &doc["paths"]["/v1/{name}:cancel"]["post"];
+    assert_eq!(cancel["operationId"], "JobsService.CancelJob");
+    assert!(
+        cancel["description"]
+            .as_str()
+            .unwrap()
+            .contains("QUEUED job is CANCELLED"),
+        "comments from the proto"
+    );
+    assert!(
+        cancel["requestBody"]["content"]["application/json"]["schema"]["properties"]
+            .get("name")
+            .is_none(),
+        "path fields are not repeated in the body"
+    );
+    let watch = &doc["paths"]["/v1/{name}:watch"]["get"]["responses"]["200"]["content"];
+    assert!(
+        watch.get("text/event-stream").is_some() && watch.get("application/x-ndjson").is_some()
+    );
+    let project = &doc["components"]["schemas"]["mediaplane.v1.Project"]["properties"];
+    assert_eq!(project["createTime"]["format"], "date-time");
+    let job = &doc["components"]["schemas"]["mediaplane.v1.Job"]["properties"];
+    assert_eq!(
+        (
+            job["sequence"]["type"].as_str(),
+            job["state"]["enum"][1].as_str()
+        ),
+        (Some("string"), Some("QUEUED"))
+    );
+    let list = &doc["paths"]["/v1/projects"]["get"]["parameters"];
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "pageToken" && p["in"] == "query")
+    );
+
+    // A standard validator agrees.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    let out = std::process::Command::new(python)
+        .args(["-m", "openapi_spec_validator", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
