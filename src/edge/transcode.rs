@@ -216,9 +216,15 @@ impl Edge {
                 .map_err(|e| bad(format!("path parameter {path}: {e}")))?;
         }
         let mut timeout = None;
+        // EventSource cannot send headers: a browser passes its token as `access_token`.
+        let mut query_token = None;
         for (key, value) in form_urlencoded(&query) {
             if key == "timeout" {
                 timeout = Some(value);
+                continue;
+            }
+            if key == "access_token" {
+                query_token = Some(value);
                 continue;
             }
             if vars.iter().any(|(p, _)| p == &key) {
@@ -284,6 +290,12 @@ impl Edge {
             if let Some(v) = parts.headers.get(name) {
                 inner = inner.header(name, v);
             }
+        }
+        if let (Some(t), false) = (
+            query_token,
+            parts.headers.contains_key(header::AUTHORIZATION),
+        ) {
+            inner = inner.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
         if let Some(t) = timeout {
             let d = humantime::parse_duration(&t)
