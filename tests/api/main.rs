@@ -2,6 +2,7 @@
 //! against its own Postgres database and talks to it over a real socket.
 mod access;
 mod assets;
+mod browser;
 mod edge;
 mod health;
 mod helpers;
