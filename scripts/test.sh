@@ -41,6 +41,16 @@ fi
 "$BUF" lint
 echo "proto lint clean"
 
+say "Browser test tools (Chromium, playwright-core, a TypeScript client generated from proto/)"
+if [ ! -x /usr/bin/chromium ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --silent --no-audit --no-fund)
+fi
+(cd tests/browser && rm -rf gen && "$BUF" generate)
+echo "chromium $(/usr/bin/chromium --version 2>/dev/null | awk '{print $2}'), client generated"
+
 say "schema.rs matches the migrations (diesel print-schema)"
 if ! command -v diesel >/dev/null; then
   cargo install diesel_cli --version 2.3.14 --no-default-features --features postgres --locked
