@@ -43,7 +43,8 @@ echo "proto lint clean"
 
 say "Browser test tools (Chromium, playwright-core, a TypeScript client generated from proto/)"
 if [ ! -x /usr/bin/chromium ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
 fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   (cd tests/browser && npm ci --silent --no-audit --no-fund)
