@@ -18,6 +18,7 @@ use axum::{
 };
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
 use http_body_util::BodyExt;
 use prost::Message;
 use prost_reflect::{
@@ -162,30 +163,56 @@ impl Edge {
         vars: Vec<(String, String)>,
         request: Request,
     ) -> Result<Response, Box<Response>> {
-        if b.rpc.is_client_streaming() {
+        let (parts, body) = request.into_parts();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        // Raw uploads: a client-streaming RPC whose body is a bytes field takes its first
+        // message from the path and query, then the HTTP body as that field.
+        let raw_field = b
+            .rpc
+            .is_client_streaming()
+            .then(|| b.rpc.input().get_field_by_name(&b.body))
+            .flatten()
+            .filter(|f| f.kind() == Kind::Bytes);
+        if b.rpc.is_client_streaming() && raw_field.is_none() {
             return Err(error_response(
                 tonic::Code::Unimplemented,
-                "client-streaming RPCs are not served over HTTP/JSON; use gRPC or a signed PUT URL",
+                "this client-streaming RPC is not served over HTTP/JSON; use gRPC",
                 vec![],
             ));
         }
-        let (parts, body) = request.into_parts();
-        let query = parts.uri.query().unwrap_or("").to_owned();
-        let body = match http_body_util::Limited::new(body, self.inner.max_body)
-            .collect()
-            .await
-        {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                let message = format!("request body larger than {} bytes", self.inner.max_body);
-                return Err(http_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    tonic::Code::ResourceExhausted,
-                    &message,
-                    vec![],
-                ));
-            }
-            Err(e) => return Err(bad(format!("cannot read the request body: {e}"))),
+        let (raw_upload, body) = match raw_field {
+            Some(field) => (Some((field, body)), Bytes::new()),
+            None => match http_body_util::Limited::new(body, self.inner.max_body)
+                .collect()
+                .await
+            {
+                Ok(c) => (None, c.to_bytes()),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    let message = format!("request body larger than {} bytes", self.inner.max_body);
+                    return Err(http_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        tonic::Code::ResourceExhausted,
+                        &message,
+                        vec![],
+                    ));
+                }
+                Err(e) => return Err(bad(format!("cannot read the request body: {e}"))),
+            },
+        };
+        // Raw downloads (`?alt=media` or `Accept: application/octet-stream`) of a stream
+        // of bytes; `Range` maps onto `offset`/`length`.
+        let accept = parts
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let raw_download = b.rpc.is_server_streaming()
+            && (query.split('&').any(|p| p == "alt=media")
+                || accept.contains("application/octet-stream"));
+        let range = if raw_download {
+            parse_range(&parts.headers)?
+        } else {
+            None
         };
         let input = b.rpc.input();
         let mut msg = DynamicMessage::new(input.clone());
@@ -227,6 +254,9 @@ impl Edge {
                 query_token = Some(value);
                 continue;
             }
+            if key == "alt" {
+                continue;
+            }
             if vars.iter().any(|(p, _)| p == &key) {
                 continue;
             }
@@ -245,6 +275,16 @@ impl Edge {
                 .parse()
                 .map_err(|_| bad("Last-Event-ID must be a sequence number"))?;
             msg.set_field(&f, Value::I64(seq));
+        }
+        if let Some((start, end)) = range {
+            let (Some(off), Some(len)) = (
+                input.get_field_by_name("offset"),
+                input.get_field_by_name("length"),
+            ) else {
+                return Err(bad("this stream does not take a Range"));
+            };
+            msg.set_field(&off, Value::I64(start as i64));
+            msg.set_field(&len, Value::I64(end.map_or(0, |e| (e + 1 - start) as i64)));
         }
         // PATCH without update_mask: the fields present in the body.
         if parts.method == Method::PATCH
@@ -302,9 +342,31 @@ impl Edge {
                 .map_err(|_| bad("timeout must be a duration like 5s or 500ms"))?;
             inner = inner.header("grpc-timeout", format!("{}m", d.as_millis().max(1)));
         }
-        let inner = inner
-            .body(Body::from(frame.freeze()))
-            .map_err(|e| bad(e.to_string()))?;
+        let first = frame.freeze();
+        let inner_body = match raw_upload {
+            None => Body::from(first),
+            Some((field, body)) => {
+                let data = body.into_data_stream().map(|r| {
+                    r.map_err(|e| crate::AppError::Aborted(format!("upload body broken: {e}")))
+                });
+                let chunks =
+                    crate::assets::rechunk(data, crate::domain::asset::CHUNK).map(move |chunk| {
+                        let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+                        let mut m = DynamicMessage::new(field.parent_message().clone());
+                        m.set_field(&field, Value::Bytes(chunk));
+                        let mut f = BytesMut::with_capacity(m.encoded_len() + 5);
+                        f.extend_from_slice(&[0]);
+                        f.extend_from_slice(&(m.encoded_len() as u32).to_be_bytes());
+                        m.encode(&mut f).map_err(std::io::Error::other)?;
+                        Ok::<_, std::io::Error>(f.freeze())
+                    });
+                Body::from_stream(
+                    futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
+                        .chain(chunks),
+                )
+            }
+        };
+        let inner = inner.body(inner_body).map_err(|e| bad(e.to_string()))?;
         let response = self
             .inner
             .grpc
@@ -320,6 +382,9 @@ impl Edge {
         let mut headers = HeaderMap::new();
         if let Some(id) = rparts.headers.get("x-request-id") {
             headers.insert("x-request-id", id.clone());
+        }
+        if raw_download {
+            return self.raw_download(rbody, output, range, headers).await;
         }
         if b.rpc.is_server_streaming() {
             let sse = parts
@@ -478,6 +543,146 @@ impl Edge {
         *r.headers_mut() = headers;
         r
     }
+}
+
+impl Edge {
+    /// A stream of {metadata message | bytes} as a raw HTTP body: headers from the
+    /// first message (`content_type`, `size_bytes`, `sha256`), then the bytes.
+    async fn raw_download(
+        &self,
+        body: Body,
+        output: MessageDescriptor,
+        range: Option<(u64, Option<u64>)>,
+        mut headers: HeaderMap,
+    ) -> Result<Response, Box<Response>> {
+        let Some(bytes_field) = output.fields().find(|f| f.kind() == Kind::Bytes) else {
+            return Err(bad("this stream has no bytes to download raw"));
+        };
+        let mut reader = FrameReader::new(body);
+        let first = match reader.next().await {
+            Some(Ok(b)) => DynamicMessage::decode(output.clone(), b)
+                .map_err(|e| error_response(tonic::Code::Internal, &e.to_string(), vec![]))?,
+            Some(Err(e)) => return Err(error_response(tonic::Code::Internal, &e, vec![])),
+            None => {
+                return Err(reader
+                    .trailers
+                    .as_ref()
+                    .and_then(status_error)
+                    .unwrap_or_else(|| {
+                        error_response(tonic::Code::Internal, "empty stream", vec![])
+                    }));
+            }
+        };
+        let meta = output
+            .fields()
+            .find_map(|f| match first.get_field(&f).as_ref() {
+                Value::Message(m) if first.has_field(&f) => Some(m.clone()),
+                _ => None,
+            });
+        let text = |name: &str| {
+            meta.as_ref()
+                .and_then(|m| m.get_field_by_name(name))
+                .and_then(|v| v.as_str().map(str::to_owned))
+        };
+        let size = meta
+            .as_ref()
+            .and_then(|m| m.get_field_by_name("size_bytes"))
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0)
+            .max(0) as u64;
+        let put = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(k, v);
+            }
+        };
+        put(
+            &mut headers,
+            header::CONTENT_TYPE,
+            text("content_type")
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| "application/octet-stream".into()),
+        );
+        if let Some(sha) = text("sha256") {
+            put(&mut headers, header::ETAG, format!("\"{sha}\""));
+        }
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        let status = match range {
+            Some((start, end)) => {
+                let end = end.map_or(size, |e| (e + 1).min(size));
+                put(
+                    &mut headers,
+                    header::CONTENT_RANGE,
+                    format!("bytes {start}-{}/{size}", end.saturating_sub(1)),
+                );
+                put(
+                    &mut headers,
+                    header::CONTENT_LENGTH,
+                    end.saturating_sub(start).to_string(),
+                );
+                StatusCode::PARTIAL_CONTENT
+            }
+            None => {
+                put(&mut headers, header::CONTENT_LENGTH, size.to_string());
+                StatusCode::OK
+            }
+        };
+        let chunks = futures::stream::unfold(reader, move |mut reader| {
+            let (output, bytes_field) = (output.clone(), bytes_field.clone());
+            async move {
+                match reader.next().await {
+                    Some(Ok(b)) => {
+                        let item = DynamicMessage::decode(output, b)
+                            .map_err(std::io::Error::other)
+                            .map(|m| {
+                                m.get_field(&bytes_field)
+                                    .as_bytes()
+                                    .cloned()
+                                    .unwrap_or_default()
+                            });
+                        Some((item, reader))
+                    }
+                    Some(Err(e)) => Some((Err(std::io::Error::other(e)), reader)),
+                    None => match reader.trailers.as_ref().and_then(status_of) {
+                        Some((tonic::Code::Ok, _)) | None => None,
+                        Some((code, message)) => Some((
+                            Err(std::io::Error::other(format!("{code:?}: {message}"))),
+                            reader,
+                        )),
+                    },
+                }
+            }
+        });
+        let mut r = Response::new(Body::from_stream(chunks));
+        *r.status_mut() = status;
+        *r.headers_mut() = headers;
+        Ok(r)
+    }
+}
+
+/// `Range: bytes=a-b` or `bytes=a-` as (start, inclusive end).
+fn parse_range(headers: &HeaderMap) -> Result<Option<(u64, Option<u64>)>, Box<Response>> {
+    let Some(value) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let unsatisfiable = || {
+        http_error(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            tonic::Code::OutOfRange,
+            "only one `bytes=start-[end]` range is supported",
+            vec![],
+        )
+    };
+    let spec = value.strip_prefix("bytes=").ok_or_else(unsatisfiable)?;
+    let (a, b) = spec.split_once('-').ok_or_else(unsatisfiable)?;
+    let start: u64 = a.trim().parse().map_err(|_| unsatisfiable())?;
+    let end = match b.trim() {
+        "" => None,
+        e => Some(e.parse::<u64>().map_err(|_| unsatisfiable())?),
+    };
+    if end.is_some_and(|e| e < start) {
+        return Err(unsatisfiable());
+    }
+    Ok(Some((start, end)))
 }
 
 fn final_line(sse: bool, code: tonic::Code, message: &str) -> String {
