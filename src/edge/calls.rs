@@ -90,13 +90,30 @@ pub async fn middleware(
         finished: false,
     };
     // Only streams that are still open when shutdown starts are cut, never a response in the middle of a message.
-    let native_grpc = is_grpc(&parts.headers)
-        && !parts
-            .headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"));
-    let stop = (native_grpc && header_code.is_none())
-        .then(|| Box::pin(ctx.draining.clone().cancelled_owned()));
+    // Only streams still open when shutdown starts are ended early, never a response
+    // in the middle of a message: gRPC with UNAVAILABLE trailers, NDJSON and SSE with
+    // a final error line or status event.
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let unavailable = serde_json::json!({"code": 503, "status": "UNAVAILABLE", "message": "server is shutting down"});
+    let ending = if content_type == "application/grpc"
+        || content_type.starts_with("application/grpc+")
+    {
+        (header_code.is_none()).then_some(Ending::Trailers)
+    } else if content_type.starts_with("application/x-ndjson") {
+        let line = serde_json::json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "server is shutting down", "details": []}});
+        Some(Ending::Data(Bytes::from(format!("{line}\n"))))
+    } else if content_type.starts_with("text/event-stream") {
+        Some(Ending::Data(Bytes::from(format!(
+            "event: status\ndata: {unavailable}\n\n"
+        ))))
+    } else {
+        None
+    };
+    let stop = ending.map(|e| (Box::pin(ctx.draining.clone().cancelled_owned()), e));
     Response::from_parts(
         parts,
         Body::new(LoggedBody {
@@ -229,9 +246,15 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Body,
         log: CallLog,
-        stop: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        stop: Option<(Pin<Box<WaitForCancellationFutureOwned>>, Ending)>,
         stopped: bool,
     }
+}
+
+/// How a stream is ended when the server shuts down.
+enum Ending {
+    Trailers,
+    Data(Bytes),
 }
 
 impl http_body::Body for LoggedBody {
@@ -250,21 +273,27 @@ impl http_body::Body for LoggedBody {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 // Shutdown: end an idle stream with a status the client can act on.
-                if let Some(stop) = this.stop.as_mut() {
+                if let Some((stop, ending)) = this.stop.as_mut() {
                     ready!(stop.as_mut().poll(cx));
                     *this.stopped = true;
                     this.log.code = Some(tonic::Code::Unavailable as i32);
                     this.log.finished = true;
-                    let mut trailers = HeaderMap::new();
-                    trailers.insert(
-                        "grpc-status",
-                        HeaderValue::from(tonic::Code::Unavailable as i32),
-                    );
-                    trailers.insert(
-                        "grpc-message",
-                        HeaderValue::from_static("server%20is%20shutting%20down"),
-                    );
-                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    let frame = match ending {
+                        Ending::Trailers => {
+                            let mut trailers = HeaderMap::new();
+                            trailers.insert(
+                                "grpc-status",
+                                HeaderValue::from(tonic::Code::Unavailable as i32),
+                            );
+                            trailers.insert(
+                                "grpc-message",
+                                HeaderValue::from_static("server%20is%20shutting%20down"),
+                            );
+                            Frame::trailers(trailers)
+                        }
+                        Ending::Data(data) => Frame::data(data.clone()),
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
                 }
                 return Poll::Pending;
             }

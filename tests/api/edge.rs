@@ -696,3 +696,54 @@ async fn asset_bytes_go_up_and_down_as_raw_http_bodies() {
         (400, Some("INVALID_ARGUMENT"))
     );
 }
+
+#[tokio::test]
+async fn rest_streams_end_with_a_status_when_the_server_shuts_down() {
+    let mut app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "shutdown").await;
+    let job = app
+        .jobs(&t)
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(pb::Job {
+                kind: "render".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let http = reqwest::Client::new();
+    let url = app.http(&format!("/v1/{}:watch", job.name));
+    let nd = http.get(&url).bearer_auth(&t).send().await.unwrap();
+    let sse = http
+        .get(&url)
+        .bearer_auth(&t)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = app.begin_shutdown();
+    let nd = tokio::time::timeout(Duration::from_secs(5), lines(nd))
+        .await
+        .expect("NDJSON stream ends");
+    let last: Value = serde_json::from_str(nd.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["status"], "UNAVAILABLE", "{nd:?}");
+    let ev = tokio::time::timeout(Duration::from_secs(5), lines(sse))
+        .await
+        .expect("SSE stream ends");
+    let status = ev
+        .iter()
+        .skip_while(|l| *l != "event: status")
+        .nth(1)
+        .unwrap();
+    assert!(status.contains("UNAVAILABLE"), "{ev:?}");
+    tokio::time::timeout(Duration::from_secs(6), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
