@@ -291,6 +291,79 @@ fn collect(
 mod tests {
     use super::*;
 
+    /// Rule forms our own API does not use: additional bindings, custom verbs,
+    /// response_body, a body field, `**`.
+    #[test]
+    fn every_rule_form_is_read_from_descriptors() {
+        let dir = std::env::temp_dir().join(format!("mediaplane-rules-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("t")).unwrap();
+        std::fs::write(
+            dir.join("t/t.proto"),
+            r#"syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+service S {
+  rpc Get(Req) returns (Resp) {
+    option (google.api.http) = {
+      get: "/v1/{name=shelves/*/books/*}"
+      response_body: "book"
+      additional_bindings { get: "/v1/{name=books/**}" }
+      additional_bindings { custom { kind: "HEAD" path: "/v1/{name=shelves/*}:peek" } }
+    };
+  }
+  rpc Put(Req) returns (Resp) {
+    option (google.api.http) = { put: "/v1/{name=shelves/*}" body: "book" };
+  }
+}
+message Book { string title = 1; }
+message Req { string name = 1; Book book = 2; }
+message Resp { Book book = 1; int64 count = 2; }
+"#,
+        )
+        .unwrap();
+        let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+        let mut compiler = protox::Compiler::new([dir.to_str().unwrap(), proto]).unwrap();
+        compiler.include_imports(true);
+        compiler.open_file("t/t.proto").unwrap();
+        let pool = compiler.descriptor_pool();
+        let b = bindings(&pool).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let shown: Vec<(String, String, String, String)> = b
+            .iter()
+            .map(|b| {
+                (
+                    b.method.to_string(),
+                    b.template.display(),
+                    b.body.clone(),
+                    b.response_body.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("GET".into(), "/v1/{name}".into(), "".into(), "book".into()),
+                ("GET".into(), "/v1/{name}".into(), "".into(), "".into()),
+                (
+                    "HEAD".into(),
+                    "/v1/{name}:peek".into(),
+                    "".into(),
+                    "".into()
+                ),
+                ("PUT".into(), "/v1/{name}".into(), "book".into(), "".into()),
+            ]
+        );
+        assert_eq!(
+            b[1].template.matches("/v1/books/a/b/c").unwrap()[0].1,
+            "books/a/b/c"
+        );
+        assert!(b[0].template.matches("/v1/books/a").is_none());
+        assert_eq!(
+            b[2].template.matches("/v1/shelves/s1:peek").unwrap()[0].1,
+            "shelves/s1"
+        );
+    }
+
     #[test]
     fn templates() {
         let t = Template::parse("/v1/{name=projects/*/jobs/*}:cancel").unwrap();
