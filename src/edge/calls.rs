@@ -151,7 +151,10 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// Parses `grpc-timeout` (`<digits><H|M|S|m|u|n>`, gRPC over HTTP/2 spec).
 fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
+}
+
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }

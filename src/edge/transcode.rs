@@ -337,10 +337,17 @@ impl Edge {
         ) {
             inner = inner.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
+        // The in-process call skips the transport's own deadline handling, so the edge
+        // enforces `timeout` (or the client's grpc-timeout) on unary calls itself.
+        let mut deadline = parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(|v| super::calls::parse_grpc_timeout(v.to_str().ok()?));
         if let Some(t) = timeout {
             let d = humantime::parse_duration(&t)
                 .map_err(|_| bad("timeout must be a duration like 5s or 500ms"))?;
             inner = inner.header("grpc-timeout", format!("{}m", d.as_millis().max(1)));
+            deadline = Some(d);
         }
         let first = frame.freeze();
         let inner_body = match raw_upload {
@@ -367,13 +374,16 @@ impl Edge {
             }
         };
         let inner = inner.body(inner_body).map_err(|e| bad(e.to_string()))?;
-        let response = self
-            .inner
-            .grpc
-            .clone()
-            .oneshot(inner)
-            .await
-            .unwrap_or_else(|e| match e {});
+        let call = self.inner.grpc.clone().oneshot(inner);
+        let response = match deadline
+            .filter(|_| !b.rpc.is_server_streaming() && !b.rpc.is_client_streaming())
+        {
+            Some(d) => tokio::time::timeout(d, call).await.map_err(|_| {
+                error_response(tonic::Code::DeadlineExceeded, "deadline exceeded", vec![])
+            })?,
+            None => call.await,
+        }
+        .unwrap_or_else(|e| match e {});
         let (rparts, rbody) = response.into_parts();
         if let Some(err) = status_error(&rparts.headers) {
             return Err(err);

@@ -747,3 +747,76 @@ async fn rest_streams_end_with_a_status_when_the_server_shuts_down() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn deadlines_from_the_timeout_parameter_and_headers_are_forwarded() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "deadlines").await;
+    let rest = Rest::new(&app, Some(&t));
+    let (status, _) = rest
+        .send(
+            reqwest::Method::GET,
+            &format!("/v1/{}?timeout=5s", p.name),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, e) = rest
+        .send(
+            reqwest::Method::GET,
+            &format!("/v1/{}?timeout=soon", p.name),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("timeout"),
+        "{e}"
+    );
+
+    // A deadline that has already passed by the time the call runs: 504 DEADLINE_EXCEEDED.
+    let mut lock = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
+        &app.db.url(),
+    )
+    .await
+    .unwrap();
+    let id = p.name.trim_start_matches("projects/");
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut lock,
+        &format!("BEGIN; SELECT 1 FROM projects WHERE id = '{id}' FOR UPDATE;"),
+    )
+    .await
+    .unwrap();
+    // The edge enforces it (the server-wide request timeout is 30 s).
+    let (status, e) = tokio::time::timeout(
+        Duration::from_secs(10),
+        rest.send(
+            reqwest::Method::PATCH,
+            &format!("/v1/{}?timeout=200ms", p.name),
+            Some(json!({"displayName": "late"})),
+        )
+        .await,
+    )
+    .await
+    .expect("the 200 ms deadline ends the call, not the 30 s request timeout");
+    assert_eq!(
+        (status, e["error"]["status"].as_str()),
+        (504, Some("DEADLINE_EXCEEDED")),
+        "{e}"
+    );
+    diesel_async::SimpleAsyncConnection::batch_execute(&mut lock, "COMMIT")
+        .await
+        .unwrap();
+
+    // x-request-id goes in and comes back.
+    let r = rest
+        .http
+        .get(app.http(&format!("/v1/{}", p.name)))
+        .bearer_auth(&t)
+        .header("x-request-id", "rest-trace-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "rest-trace-1");
+}
