@@ -795,8 +795,7 @@ async fn deadlines_from_the_timeout_parameter_and_headers_are_forwarded() {
             reqwest::Method::PATCH,
             &format!("/v1/{}?timeout=200ms", p.name),
             Some(json!({"displayName": "late"})),
-        )
-        .await,
+        ),
     )
     .await
     .expect("the 200 ms deadline ends the call, not the 30 s request timeout");
