@@ -115,7 +115,10 @@ impl From<diesel::result::Error> for AppError {
     fn from(error: diesel::result::Error) -> Self {
         use diesel::result::{DatabaseErrorKind as K, Error as E};
         match &error {
-            E::DatabaseError(K::ClosedConnection, _) => Self::Unavailable(error.to_string()),
+            // A dead connection (Postgres gone or restarted) is retryable, not a bug.
+            E::DatabaseError(K::ClosedConnection | K::UnableToSendCommand, _) => {
+                Self::Unavailable(error.to_string())
+            }
             E::DatabaseError(K::UniqueViolation, info) => Self::AlreadyExists(format!(
                 "conflicts with an existing resource ({})",
                 info.constraint_name().unwrap_or("unique key")

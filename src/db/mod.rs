@@ -47,6 +47,9 @@ pub fn pool(url: &str, size: u32, statement_timeout: Duration) -> Pool {
         .min_idle(Some(1))
         .connection_timeout(Duration::from_secs(3))
         .idle_timeout(Some(Duration::from_secs(300)))
+        // No `SELECT 1` before every use (a round trip per call): a dead connection fails
+        // its query as UNAVAILABLE, is marked broken and dropped.
+        .test_on_check_out(false)
         .build_unchecked(manager)
 }
 
