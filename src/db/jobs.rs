@@ -153,7 +153,8 @@ fn visible_to(owner: Option<&str>) -> VisibleTo {
         .or(owner.is_none().into_sql::<Bool>())
 }
 
-/// The owner of a project the caller can see, locked against deletion until commit.
+/// The owner of a project the caller can see, locked against deletion until commit
+/// (KEY SHARE: what the foreign key takes anyway, and compatible with other inserts).
 pub async fn lock_project(
     conn: &mut AsyncPgConnection,
     owner: Option<&str>,
@@ -167,7 +168,7 @@ pub async fn lock_project(
                 .or(owner.is_none().into_sql::<Bool>()),
         )
         .select(projects::owner)
-        .for_share()
+        .for_key_share()
         .first(conn)
         .await
         .optional()?)
