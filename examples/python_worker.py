@@ -25,8 +25,11 @@ from grpc_tools import protoc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_STUBS = tempfile.TemporaryDirectory(prefix="mediaplane-worker-")  # removed at exit
+
+
 def load_stubs():
-    out = tempfile.mkdtemp(prefix="mediaplane-worker-")
+    out = _STUBS.name
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
     files = ["mediaplane/v1/jobs.proto", "google/api/annotations.proto", "google/api/http.proto",
              "google/api/field_behavior.proto", "google/rpc/status.proto"]

@@ -19,7 +19,8 @@ from projects_client import generate  # noqa: E402
 
 def main():
     addr, token, project = sys.argv[1], sys.argv[2], sys.argv[3]
-    generate(tempfile.mkdtemp(prefix="mediaplane-py-"))
+    stubs = tempfile.TemporaryDirectory(prefix="mediaplane-py-")  # removed at exit
+    generate(stubs.name)
     from mediaplane.v1 import assets_pb2, assets_pb2_grpc
 
     stub = assets_pb2_grpc.AssetsServiceStub(grpc.insecure_channel(addr))

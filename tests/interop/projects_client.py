@@ -36,7 +36,8 @@ def generate(out):
 
 def main():
     addr, token = sys.argv[1], sys.argv[2]
-    generate(tempfile.mkdtemp(prefix="mediaplane-py-"))
+    stubs = tempfile.TemporaryDirectory(prefix="mediaplane-py-")  # removed at exit
+    generate(stubs.name)
     from mediaplane.v1 import projects_pb2, projects_pb2_grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
