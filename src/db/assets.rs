@@ -4,7 +4,7 @@ use diesel::{
     IntoSql, OptionalExtension,
     dsl::sql,
     prelude::*,
-    sql_types::{Bool, Timestamptz, Uuid as SqlUuid},
+    sql_types::{Bool, Timestamptz},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -256,13 +256,7 @@ pub async fn list(conn: &mut AsyncPgConnection, q: &ListAssets) -> AppResult<(Ve
         query = query.filter(assets::labels.contains(labels_json(&q.filter.labels)));
     }
     if let Some(after) = q.after {
-        query = query.filter(
-            sql::<Bool>("(create_time, id) < (")
-                .bind::<Timestamptz, _>(after.create_time)
-                .sql(", ")
-                .bind::<SqlUuid, _>(after.id)
-                .sql(")"),
-        );
+        query = query.filter(super::after_cursor(after, true));
     }
     let mut rows: Vec<AssetRow> = query
         .order((assets::create_time.desc(), assets::id.desc()))

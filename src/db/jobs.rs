@@ -5,7 +5,7 @@ use diesel::{
     IntoSql, OptionalExtension,
     dsl::sql,
     prelude::*,
-    sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -294,16 +294,7 @@ pub async fn list(conn: &mut AsyncPgConnection, q: &ListJobs) -> AppResult<(Vec<
         query = query.filter(jobs::kind.eq_any(q.filter.kinds.clone()));
     }
     if let Some(after) = q.after {
-        let op = if q.descending { "<" } else { ">" };
-        query = query.filter(
-            sql::<Bool>("(create_time, id) ")
-                .sql(op)
-                .sql(" (")
-                .bind::<Timestamptz, _>(after.create_time)
-                .sql(", ")
-                .bind::<SqlUuid, _>(after.id)
-                .sql(")"),
-        );
+        query = query.filter(super::after_cursor(after, q.descending));
     }
     query = if q.descending {
         query.order((jobs::create_time.desc(), jobs::id.desc()))

@@ -170,6 +170,26 @@ pub async fn revert_all(url: &str) -> Result<usize, DbError> {
     .map_err(|e| DbError::Migration(e.to_string()))?
 }
 
+/// Keyset condition after `cursor` on (create_time, id), as a row comparison so
+/// Postgres walks the (…, create_time, id) indexes from the cursor.
+pub(crate) fn after_cursor<QS>(
+    cursor: crate::domain::page::Cursor,
+    descending: bool,
+) -> Box<dyn diesel::BoxableExpression<QS, diesel::pg::Pg, SqlType = diesel::sql_types::Bool>> {
+    use diesel::sql_types::{Bool, Timestamptz, Uuid};
+    Box::new(
+        diesel::dsl::sql::<Bool>(if descending {
+            "(create_time, id) < ("
+        } else {
+            "(create_time, id) > ("
+        })
+        .bind::<Timestamptz, _>(cursor.create_time)
+        .sql(", ")
+        .bind::<Uuid, _>(cursor.id)
+        .sql(")"),
+    )
+}
+
 /// `SELECT 1` through the pool, for health probes.
 pub async fn ping(pool: &Pool) -> Result<(), String> {
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;

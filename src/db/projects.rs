@@ -1,12 +1,7 @@
 //! Project queries. Every query is scoped by owner unless the caller is an admin
 //! (`owner: None`), so another owner's project is indistinguishable from a missing one.
 use chrono::{DateTime, Utc};
-use diesel::{
-    IntoSql, OptionalExtension,
-    dsl::sql,
-    prelude::*,
-    sql_types::{Bool, Timestamptz, Uuid as SqlUuid},
-};
+use diesel::{IntoSql, OptionalExtension, prelude::*, sql_types::Bool};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -200,19 +195,7 @@ pub async fn list(conn: &mut AsyncPgConnection, q: &ListQuery) -> AppResult<(Vec
     }
     // Row comparison so Postgres walks the (owner, create_time, id) index from the cursor.
     if let Some(after) = q.after {
-        let op = match q.order {
-            Order::CreateTimeAsc => ">",
-            Order::CreateTimeDesc => "<",
-        };
-        query = query.filter(
-            sql::<Bool>("(create_time, id) ")
-                .sql(op)
-                .sql(" (")
-                .bind::<Timestamptz, _>(after.create_time)
-                .sql(", ")
-                .bind::<SqlUuid, _>(after.id)
-                .sql(")"),
-        );
+        query = query.filter(super::after_cursor(after, q.order == Order::CreateTimeDesc));
     }
     query = match q.order {
         Order::CreateTimeAsc => query.order((projects::create_time.asc(), projects::id.asc())),
