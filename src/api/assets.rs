@@ -213,16 +213,11 @@ impl pb::assets_service_server::AssetsService for AssetsApi {
             after,
         };
         let (assets, more) = db::assets::list(&mut conn, &query).await?;
-        let next_page_token = match (more, assets.last()) {
-            (true, Some(last)) => page::encode(
-                page::Cursor {
-                    create_time: last.create_time,
-                    id: last.id,
-                },
-                &fingerprint,
-            ),
-            _ => String::new(),
-        };
+        let last = assets.last().map(|l| page::Cursor {
+            create_time: l.create_time,
+            id: l.id,
+        });
+        let next_page_token = page::next_token(more, last, &fingerprint);
         Ok(Response::new(pb::ListAssetsResponse {
             assets: assets.into_iter().map(Into::into).collect(),
             next_page_token,

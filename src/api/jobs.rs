@@ -235,16 +235,11 @@ impl pb::jobs_service_server::JobsService for JobsApi {
             .await?
             .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
         let (jobs, more) = crate::db::jobs::list(&mut conn, &query).await?;
-        let next_page_token = match (more, jobs.last()) {
-            (true, Some(last)) => page::encode(
-                page::Cursor {
-                    create_time: last.create_time,
-                    id: last.id,
-                },
-                &fingerprint,
-            ),
-            _ => String::new(),
-        };
+        let last = jobs.last().map(|l| page::Cursor {
+            create_time: l.create_time,
+            id: l.id,
+        });
+        let next_page_token = page::next_token(more, last, &fingerprint);
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.into_iter().map(Into::into).collect(),
             next_page_token,

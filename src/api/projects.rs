@@ -158,10 +158,7 @@ impl pb::projects_service_server::ProjectsService for ProjectsApi {
         )?;
         let mut conn = super::conn(&self.db).await?;
         let (projects, more) = db::projects::list(&mut conn, &query).await?;
-        let next_page_token = match (more, projects.last()) {
-            (true, Some(last)) => query.next_token(last),
-            _ => String::new(),
-        };
+        let next_page_token = query.next_token(more, projects.last());
         Ok(Response::new(pb::ListProjectsResponse {
             projects: projects.into_iter().map(Into::into).collect(),
             next_page_token,

@@ -57,6 +57,14 @@ pub fn encode(cursor: Cursor, query: &str) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).unwrap_or_default())
 }
 
+/// The token of the next page: empty on the last one.
+pub fn next_token(more: bool, last: Option<Cursor>, query: &str) -> String {
+    match (more, last) {
+        (true, Some(cursor)) => encode(cursor, query),
+        _ => String::new(),
+    }
+}
+
 /// `None` for an empty token (first page).
 pub fn decode(token: &str, query: &str) -> AppResult<Option<Cursor>> {
     if token.is_empty() {

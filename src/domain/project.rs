@@ -232,14 +232,12 @@ impl ListQuery {
         })
     }
 
-    pub fn next_token(&self, last: &Project) -> String {
-        page::encode(
-            page::Cursor {
-                create_time: last.create_time,
-                id: last.id,
-            },
-            &self.fingerprint,
-        )
+    pub fn next_token(&self, more: bool, last: Option<&Project>) -> String {
+        let cursor = last.map(|p| page::Cursor {
+            create_time: p.create_time,
+            id: p.id,
+        });
+        page::next_token(more, cursor, &self.fingerprint)
     }
 }
 
