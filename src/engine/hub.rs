@@ -50,6 +50,9 @@ pub fn event_channel(prefix: &str, project: Uuid, job: Uuid) -> String {
     format!("{prefix}:ev:{project}:{job}")
 }
 
+/// Most idle workers woken by one wake-up message.
+const MAX_WAKE: usize = 1024;
+
 pub fn wake_channel(prefix: &str, kind: &str) -> String {
     format!("{prefix}:wake:{kind}")
 }
@@ -213,7 +216,16 @@ impl Hub {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(kind)
             {
-                notify.notify_waiters();
+                // One idle worker per new job, not all of them: the rest would only
+                // run empty acquires. A worker that finds nothing (another instance
+                // took it) waits again; the poll interval covers anything missed.
+                let jobs = std::str::from_utf8(payload)
+                    .ok()
+                    .and_then(|p| p.parse::<usize>().ok())
+                    .unwrap_or(1);
+                for _ in 0..jobs.clamp(1, MAX_WAKE) {
+                    notify.notify_one();
+                }
             }
             return;
         }

@@ -1,6 +1,6 @@
 //! The job engine: every change to a job happens here, in one transaction with the
 //! event it produces; events are published to Redis only after commit.
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
@@ -19,6 +19,7 @@ use crate::{
     redis::RedisPool,
 };
 
+mod batch;
 pub mod hub;
 pub mod reaper;
 pub mod watch;
@@ -38,6 +39,9 @@ pub struct EngineSettings {
     pub event_retention: Duration,
 }
 
+/// Per job kind, how many jobs just became available.
+pub type Wake = BTreeMap<String, usize>;
+
 /// A committed event, ready to publish.
 pub struct Published {
     project: Uuid,
@@ -52,6 +56,34 @@ pub struct Engine {
     pub hub: Hub,
     prefix: Arc<str>,
     pub settings: Arc<EngineSettings>,
+    /// Group commit for the hot single-job writes; `None` in the engine the lanes
+    /// themselves use, which runs each group directly.
+    groups: Option<Arc<Groups>>,
+}
+
+/// Transactions one group commit lane may have in flight, and calls per transaction.
+const GROUP_LANES: usize = 4;
+const GROUP_MAX: usize = 256;
+
+struct Groups {
+    creates: batch::Batcher<CreateCall, Job>,
+    leases: batch::Batcher<LeaseCall, Job>,
+}
+
+/// One job to create for a caller (`scope` is the owner, `None` for admins).
+pub struct CreateCall {
+    scope: Option<String>,
+    project: ProjectName,
+    job: NewJob,
+    request_id: Option<String>,
+}
+
+/// One worker write under a lease.
+pub struct LeaseCall {
+    kinds: Vec<String>,
+    name: JobName,
+    lease: Uuid,
+    op: LeaseOp,
 }
 
 pub fn event(job: &Job, ty: EventType) -> pb::JobEvent {
@@ -84,18 +116,26 @@ async fn record(
 }
 
 /// Output assets must be READY assets of the job's project; they record the job.
-async fn link_outputs(conn: &mut AsyncPgConnection, job: &Job, names: &[String]) -> AppResult<()> {
+/// The inner error is a refusal, made before anything is written.
+async fn link_outputs(
+    conn: &mut AsyncPgConnection,
+    job: &Job,
+    names: &[String],
+) -> AppResult<AppResult<()>> {
     if names.is_empty() {
-        return Ok(());
+        return Ok(Ok(()));
     }
     let mut ids = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
-        let a = AssetName::parse(&format!("output_assets[{i}]"), name)?;
+        let a = match AssetName::parse(&format!("output_assets[{i}]"), name) {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
         if a.project != job.project_id {
-            return Err(AppError::invalid(
+            return Ok(Err(AppError::invalid(
                 format!("output_assets[{i}]"),
                 "must be an asset of the job's project",
-            ));
+            )));
         }
         ids.push(a.asset);
     }
@@ -106,11 +146,12 @@ async fn link_outputs(conn: &mut AsyncPgConnection, job: &Job, names: &[String])
         .find(|(_, id)| !ready.contains(id))
         .map(|(n, _)| n)
     {
-        return Err(AppError::FailedPrecondition(format!(
+        return Ok(Err(AppError::FailedPrecondition(format!(
             "output asset {missing} is not a READY asset of this project"
-        )));
+        ))));
     }
-    db::assets::set_source_job(conn, &ids, job.id).await
+    db::assets::set_source_job(conn, &ids, job.id).await?;
+    Ok(Ok(()))
 }
 
 /// A lease id from the wire; anything else can never be current.
@@ -133,13 +174,26 @@ impl Engine {
         prefix: &str,
         settings: EngineSettings,
     ) -> Self {
-        Self {
+        let mut engine = Self {
             db,
             redis,
             hub,
             prefix: prefix.into(),
             settings: Arc::new(settings),
-        }
+            groups: None,
+        };
+        let (a, b) = (engine.clone(), engine.clone());
+        engine.groups = Some(Arc::new(Groups {
+            creates: batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
+                let engine = a.clone();
+                async move { engine.create_group(calls).await }
+            }),
+            leases: batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
+                let engine = b.clone();
+                async move { engine.lease_group(calls).await }
+            }),
+        }));
+        engine
     }
 
     async fn conn(&self) -> AppResult<db::PooledConn<'_>> {
@@ -147,8 +201,9 @@ impl Engine {
     }
 
     /// Fan-out after commit. Failure only costs latency: watchers resync from Postgres.
-    pub async fn publish(&self, events: Vec<Published>, wake_kinds: BTreeSet<String>) {
-        if events.is_empty() && wake_kinds.is_empty() {
+    /// `wake`: per kind, how many jobs became available (that many idle workers are woken).
+    pub async fn publish(&self, events: Vec<Published>, wake: Wake) {
+        if events.is_empty() && wake.is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
@@ -158,10 +213,10 @@ impl Engine {
                 .arg(e.payload.as_slice())
                 .ignore();
         }
-        for kind in &wake_kinds {
+        for (kind, jobs) in &wake {
             pipe.cmd("PUBLISH")
                 .arg(hub::wake_channel(&self.prefix, kind))
-                .arg(1)
+                .arg(*jobs)
                 .ignore();
         }
         let sent = async {
@@ -190,31 +245,119 @@ impl Engine {
         project: ProjectName,
         jobs: Vec<(NewJob, Option<String>)>,
     ) -> AppResult<Vec<Job>> {
-        let mut conn = self.conn().await?;
         let scope = caller.owner_scope().map(str::to_owned);
-        let (created, published) = conn
+        let calls: Vec<CreateCall> = jobs
+            .into_iter()
+            .map(|(job, request_id)| CreateCall {
+                scope: scope.clone(),
+                project,
+                job,
+                request_id,
+            })
+            .collect();
+        if let (Some(groups), [_]) = (&self.groups, calls.as_slice()) {
+            let call = calls
+                .into_iter()
+                .next()
+                .ok_or_else(|| AppError::internal("no job"))?;
+            return Ok(vec![groups.creates.call(call).await?]);
+        }
+        self.create_tx(&calls, true).await?.into_iter().collect()
+    }
+
+    /// Single-job creates that queued up together: one transaction, each call with
+    /// its own outcome. If the shared transaction fails, each call is retried alone,
+    /// so one call's failure is never another's.
+    async fn create_group(&self, calls: Vec<CreateCall>) -> Vec<AppResult<Job>> {
+        if calls.len() > 1 {
+            match self.create_tx(&calls, false).await {
+                Ok(results) => return results,
+                Err(e) => {
+                    tracing::debug!(error = %e, calls = calls.len(), "group create failed; retrying one by one")
+                }
+            }
+        }
+        futures::future::join_all(calls.chunks(1).map(|one| async move {
+            match self.create_tx(one, false).await {
+                Ok(mut results) => results
+                    .pop()
+                    .unwrap_or_else(|| Err(AppError::internal("no result"))),
+                Err(e) => Err(e),
+            }
+        }))
+        .await
+    }
+
+    /// Inserts `calls` in one transaction. `all_or_none`: the first failed call fails
+    /// (and rolls back) all of them.
+    async fn create_tx(
+        &self,
+        calls: &[CreateCall],
+        all_or_none: bool,
+    ) -> AppResult<Vec<AppResult<Job>>> {
+        let mut conn = self.conn().await?;
+        let (results, published, kinds) = conn
             .transaction(async |conn| {
-                let owner = db::jobs::lock_project(conn, scope.as_deref(), project.0)
-                    .await?
-                    .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
-                let mut out = Vec::with_capacity(jobs.len());
-                let mut changes = Vec::new();
-                for (new, request_id) in &jobs {
-                    let (job, fresh) =
-                        db::jobs::insert(conn, &owner, project.0, new, request_id.as_deref())
-                            .await?;
-                    if fresh {
-                        changes.push((job.clone(), EventType::Created));
+                let mut projects: Vec<Uuid> = calls.iter().map(|c| c.project.0).collect();
+                projects.sort_unstable();
+                projects.dedup();
+                let owners = db::jobs::lock_projects(conn, &projects).await?;
+                let mut results: Vec<Option<AppResult<Job>>> = Vec::with_capacity(calls.len());
+                let mut inserts = Vec::with_capacity(calls.len());
+                let mut slots = Vec::with_capacity(calls.len());
+                for (i, c) in calls.iter().enumerate() {
+                    match owners.get(&c.project.0) {
+                        Some(owner) if c.scope.as_deref().is_none_or(|s| s == owner) => {
+                            inserts.push(db::jobs::Insert {
+                                owner,
+                                project: c.project.0,
+                                job: &c.job,
+                                request_id: c.request_id.as_deref(),
+                            });
+                            slots.push(i);
+                            results.push(None);
+                        }
+                        _ => results.push(Some(Err(AppError::NotFound(format!(
+                            "project {}",
+                            c.project
+                        ))))),
                     }
-                    out.push(job);
+                }
+                let mut changes = Vec::new();
+                for (slot, outcome) in slots
+                    .into_iter()
+                    .zip(db::jobs::insert_many(conn, &inserts).await?)
+                {
+                    results[slot] = Some(outcome.map(|(job, fresh)| {
+                        if fresh {
+                            changes.push((job.clone(), EventType::Created));
+                        }
+                        job
+                    }));
+                }
+                let results: Vec<AppResult<Job>> = results
+                    .into_iter()
+                    .map(|r| {
+                        r.unwrap_or_else(|| Err(AppError::internal("job left out of its group")))
+                    })
+                    .collect();
+                if all_or_none && let Some(i) = results.iter().position(Result::is_err) {
+                    return Err(results
+                        .into_iter()
+                        .nth(i)
+                        .and_then(Result::err)
+                        .unwrap_or_else(|| AppError::internal("no error")));
+                }
+                let mut kinds = Wake::new();
+                for (job, _) in &changes {
+                    *kinds.entry(job.kind.clone()).or_default() += 1;
                 }
                 let published = record(conn, &changes).await?;
-                Ok::<_, AppError>((out, published))
+                Ok::<_, AppError>((results, published, kinds))
             })
             .await?;
-        let kinds = created.iter().map(|j| j.kind.clone()).collect();
         self.publish(published, kinds).await;
-        Ok(created)
+        Ok(results)
     }
 
     pub async fn get(&self, caller: &Caller, name: JobName) -> AppResult<Job> {
@@ -247,7 +390,7 @@ impl Engine {
                 Ok((job, published))
             })
             .await?;
-        self.publish(published, BTreeSet::new()).await;
+        self.publish(published, Wake::new()).await;
         Ok(job)
     }
 
@@ -270,7 +413,7 @@ impl Engine {
                 Ok::<_, AppError>((job, published))
             })
             .await?;
-        self.publish(published, BTreeSet::from([job.kind.clone()]))
+        self.publish(published, Wake::from([(job.kind.clone(), 1)]))
             .await;
         Ok(job)
     }
@@ -296,7 +439,7 @@ impl Engine {
                 Ok::<_, AppError>((jobs, published))
             })
             .await?;
-        self.publish(published, BTreeSet::new()).await;
+        self.publish(published, Wake::new()).await;
         Ok(jobs)
     }
 
@@ -339,80 +482,79 @@ impl Engine {
         lease_id: &str,
         op: LeaseOp,
     ) -> AppResult<Job> {
-        let lease = lease(lease_id)?;
+        let call = LeaseCall {
+            kinds: caller.kinds.clone(),
+            name,
+            lease: lease(lease_id)?,
+            op,
+        };
+        match &self.groups {
+            Some(groups) => groups.leases.call(call).await,
+            None => self
+                .lease_tx(std::slice::from_ref(&call))
+                .await?
+                .pop()
+                .unwrap_or_else(|| Err(AppError::internal("no result"))),
+        }
+    }
+
+    /// Worker writes that queued up together, like `create_group`.
+    async fn lease_group(&self, calls: Vec<LeaseCall>) -> Vec<AppResult<Job>> {
+        if calls.len() > 1 {
+            match self.lease_tx(&calls).await {
+                Ok(results) => return results,
+                Err(e) => {
+                    tracing::debug!(error = %e, calls = calls.len(), "group write failed; retrying one by one")
+                }
+            }
+        }
+        futures::future::join_all(calls.chunks(1).map(|one| async move {
+            match self.lease_tx(one).await {
+                Ok(mut results) => results
+                    .pop()
+                    .unwrap_or_else(|| Err(AppError::internal("no result"))),
+                Err(e) => Err(e),
+            }
+        }))
+        .await
+    }
+
+    /// Applies worker writes in order in one transaction. A call whose lease is not
+    /// current (or that is refused for another reason) writes nothing.
+    async fn lease_tx(&self, calls: &[LeaseCall]) -> AppResult<Vec<AppResult<Job>>> {
         let backoff = self.settings.backoff;
         let mut conn = self.conn().await?;
-        let kinds = caller.kinds.clone();
-        let (job, published) = conn
+        let (results, published, kinds) = conn
             .transaction(async |conn| {
-                let Some(job) = db::jobs::lock_leased(conn, name.job, lease).await? else {
-                    return Err(
-                        match db::jobs::get_any(conn, name.project, name.job).await? {
-                            None => AppError::NotFound(format!("job {name}")),
-                            Some(_) => stale_lease(name),
-                        },
-                    );
-                };
-                if job.project_id != name.project {
-                    return Err(AppError::NotFound(format!("job {name}")));
+                let mut ids: Vec<Uuid> = calls.iter().map(|c| c.name.job).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let mut current = db::jobs::lock_many(conn, &ids).await?;
+                let mut results = Vec::with_capacity(calls.len());
+                let mut changes = Vec::new();
+                let mut kinds = Wake::new();
+                for call in calls {
+                    let outcome = match current.get(&call.name.job) {
+                        Some(job) if job.project_id == call.name.project => {
+                            apply(conn, job, call, &backoff).await?
+                        }
+                        _ => Err(AppError::NotFound(format!("job {}", call.name))),
+                    };
+                    results.push(outcome.map(|(job, ty)| {
+                        if job.state == JobState::Queued {
+                            *kinds.entry(job.kind.clone()).or_default() += 1;
+                        }
+                        current.insert(job.id, job.clone());
+                        changes.push((job.clone(), ty));
+                        job
+                    }));
                 }
-                if !kinds.is_empty() && !kinds.contains(&job.kind) {
-                    return Err(AppError::PermissionDenied(format!(
-                        "this worker token may not run jobs of kind {:?}",
-                        job.kind
-                    )));
-                }
-                let (job, ty) = match op {
-                    LeaseOp::Progress {
-                        percent,
-                        step,
-                        message,
-                    } => (
-                        db::jobs::progress(conn, job.id, percent, &step, &message).await?,
-                        EventType::Progress,
-                    ),
-                    LeaseOp::Complete {
-                        result,
-                        output_assets,
-                    } => {
-                        link_outputs(conn, &job, &output_assets).await?;
-                        (
-                            db::jobs::succeed(conn, job.id, result, &output_assets).await?,
-                            EventType::StateChanged,
-                        )
-                    }
-                    LeaseOp::Fail {
-                        error,
-                        retryable,
-                        retry_after,
-                    } => {
-                        let next = after_failure(
-                            job.attempt,
-                            job.max_attempts,
-                            job.cancel_requested,
-                            retryable,
-                            retry_after,
-                            &backoff,
-                        );
-                        let (state, retry_in) = match next {
-                            AfterFailure::Retry { not_before } => {
-                                (JobState::Queued, Some(not_before))
-                            }
-                            AfterFailure::Fail => (JobState::Failed, None),
-                            AfterFailure::Cancel => (JobState::Cancelled, None),
-                        };
-                        (
-                            db::jobs::end_attempt(conn, job.id, state, retry_in, &error).await?,
-                            EventType::StateChanged,
-                        )
-                    }
-                };
-                let published = record(conn, &[(job.clone(), ty)]).await?;
-                Ok((job, published))
+                let published = record(conn, &changes).await?;
+                Ok::<_, AppError>((results, published, kinds))
             })
             .await?;
-        self.publish(published, BTreeSet::new()).await;
-        Ok(job)
+        self.publish(published, kinds).await;
+        Ok(results)
     }
 
     /// Expired leases: requeue with backoff, fail when attempts are used up, cancel when
@@ -424,7 +566,7 @@ impl Engine {
             .transaction(async |conn| {
                 let expired = db::jobs::lock_expired(conn, 100).await?;
                 let mut changes = Vec::with_capacity(expired.len());
-                let mut kinds = BTreeSet::new();
+                let mut kinds = Wake::new();
                 for job in expired {
                     let worker = job.worker_id.clone().unwrap_or_default();
                     let next = after_failure(job.attempt, job.max_attempts, job.cancel_requested, true, None, &backoff);
@@ -443,7 +585,7 @@ impl Engine {
                     let error = JobError { code: code as i32, message };
                     let job = db::jobs::end_attempt(conn, job.id, state, retry_in, &error).await?;
                     tracing::info!(job = %JobName { project: job.project_id, job: job.id }, state = job.state.as_str(), "lease expired");
-                    kinds.insert(job.kind.clone());
+                    *kinds.entry(job.kind.clone()).or_default() += 1;
                     changes.push((job, EventType::StateChanged));
                 }
                 let published = record(conn, &changes).await?;
@@ -466,6 +608,72 @@ impl Engine {
         )
         .await
     }
+}
+
+/// One worker write on `job` (locked, current state). The outer result fails the
+/// whole transaction (a database error); the inner one is this call's refusal, made
+/// before anything was written for it.
+async fn apply(
+    conn: &mut AsyncPgConnection,
+    job: &Job,
+    call: &LeaseCall,
+    backoff: &Backoff,
+) -> AppResult<AppResult<(Job, EventType)>> {
+    let name = call.name;
+    if job.state != JobState::Running || job.lease_id != Some(call.lease) {
+        return Ok(Err(stale_lease(name)));
+    }
+    if !call.kinds.is_empty() && !call.kinds.contains(&job.kind) {
+        return Ok(Err(AppError::PermissionDenied(format!(
+            "this worker token may not run jobs of kind {:?}",
+            job.kind
+        ))));
+    }
+    Ok(Ok(match &call.op {
+        LeaseOp::Progress {
+            percent,
+            step,
+            message,
+        } => (
+            db::jobs::progress(conn, job.id, *percent, step, message).await?,
+            EventType::Progress,
+        ),
+        LeaseOp::Complete {
+            result,
+            output_assets,
+        } => {
+            if let Err(refused) = link_outputs(conn, job, output_assets).await? {
+                return Ok(Err(refused));
+            }
+            (
+                db::jobs::succeed(conn, job.id, result.clone(), output_assets).await?,
+                EventType::StateChanged,
+            )
+        }
+        LeaseOp::Fail {
+            error,
+            retryable,
+            retry_after,
+        } => {
+            let next = after_failure(
+                job.attempt,
+                job.max_attempts,
+                job.cancel_requested,
+                *retryable,
+                *retry_after,
+                backoff,
+            );
+            let (state, retry_in) = match next {
+                AfterFailure::Retry { not_before } => (JobState::Queued, Some(not_before)),
+                AfterFailure::Fail => (JobState::Failed, None),
+                AfterFailure::Cancel => (JobState::Cancelled, None),
+            };
+            (
+                db::jobs::end_attempt(conn, job.id, state, retry_in, error).await?,
+                EventType::StateChanged,
+            )
+        }
+    }))
 }
 
 /// A worker's write about a leased job.

@@ -69,7 +69,7 @@ fn messages(
     out.extend(
         data.chunks(1024 * 1024)
             .map(|c| pb::UploadAssetContentRequest {
-                payload: Some(Payload::Chunk(c.to_vec())),
+                payload: Some(Payload::Chunk(bytes::Bytes::copy_from_slice(c))),
             }),
     );
     out
@@ -265,7 +265,7 @@ async fn upload_and_download_round_trip_with_ranges_and_sniffing() {
             })),
         },
         pb::UploadAssetContentRequest {
-            payload: Some(Payload::Chunk(b"x".to_vec())),
+            payload: Some(Payload::Chunk(bytes::Bytes::from_static(b"x"))),
         },
     ];
     let err = app
@@ -342,7 +342,7 @@ async fn a_stream_cut_in_the_middle_leaves_no_ready_asset_and_no_bytes() {
         .unwrap();
     for i in 0..12 {
         tx.send(pb::UploadAssetContentRequest {
-            payload: Some(Payload::Chunk(noise(1024 * 1024, i))),
+            payload: Some(Payload::Chunk(noise(1024 * 1024, i).into())),
         })
         .await
         .unwrap();

@@ -212,7 +212,7 @@ async fn a_job_runs_from_queued_to_succeeded_and_rejects_wrong_transitions() {
     let bad = progress(&app, l, 101, "").await.unwrap_err();
     assert_eq!(violations(&bad), vec!["progress_percent"]);
     let mut forged = l.clone();
-    forged.lease_id = uuid::Uuid::new_v4().to_string();
+    forged.lease_id = uuid::Uuid::now_v7().to_string();
     assert_eq!(
         progress(&app, &forged, 50, "").await.unwrap_err().code(),
         Code::Aborted
@@ -421,6 +421,125 @@ async fn request_ids_make_create_idempotent_under_concurrency() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.jobs.len(), 1);
+}
+
+/// Concurrent single-job writes share transactions (group commit), but each call keeps
+/// its own outcome: a refused call never fails, or is hidden by, the others.
+#[tokio::test]
+async fn concurrent_calls_share_commits_but_not_outcomes() {
+    let app = TestApp::spawn().await;
+    let (alice, bob) = (token("alice"), token("bob"));
+    let p = create_project(&app, &alice, "group").await;
+    let foreign = create_project(&app, &bob, "not alice's").await;
+    let mut calls = Vec::new();
+    for i in 0..70 {
+        let mut c = app.jobs(&alice);
+        let (parent, request_id, kind) = match i % 7 {
+            // Another owner's project: NOT_FOUND for these calls only.
+            0 => (foreign.name.clone(), String::new(), "render".to_owned()),
+            // One request id, ten different payloads: one wins, nine ALREADY_EXISTS.
+            1 => (p.name.clone(), "shared-id".to_owned(), format!("kind-{i}")),
+            _ => (p.name.clone(), String::new(), "render".to_owned()),
+        };
+        calls.push(tokio::spawn(async move {
+            c.create_job(pb::CreateJobRequest {
+                parent,
+                job: Some(job(&kind)),
+                request_id,
+            })
+            .await
+            .map(|r| r.into_inner())
+        }));
+    }
+    let mut created = Vec::new();
+    let mut codes = std::collections::BTreeMap::new();
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(j) => created.push(j),
+            Err(e) => *codes.entry(format!("{:?}", e.code())).or_insert(0) += 1,
+        }
+    }
+    assert_eq!(created.len(), 51, "{codes:?}");
+    assert_eq!(codes.get("NotFound"), Some(&10), "{codes:?}");
+    assert_eq!(codes.get("AlreadyExists"), Some(&9), "{codes:?}");
+    let listed = app
+        .jobs(&alice)
+        .list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.jobs.len(),
+        51,
+        "exactly the jobs reported created exist"
+    );
+    let foreign_jobs = app
+        .jobs(&bob)
+        .list_jobs(pb::ListJobsRequest {
+            parent: foreign.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(foreign_jobs.jobs.is_empty());
+
+    // Worker writes: every job completed with its lease and again with a wrong one,
+    // all at once. The right ones succeed, the wrong ones are refused, and nothing of
+    // a refused call is written.
+    let leased = acquire(&app, "w", &["render"], 100, 60.0, 1.0).await;
+    assert_eq!(leased.len(), 50);
+    let mut calls = Vec::new();
+    for l in &leased {
+        for lease_id in [l.lease_id.clone(), uuid::Uuid::now_v7().to_string()] {
+            let mut c = app.jobs(&worker());
+            let name = l.job.as_ref().unwrap().name.clone();
+            let good = lease_id == l.lease_id;
+            calls.push(tokio::spawn(async move {
+                let r = c
+                    .complete_job(pb::CompleteJobRequest {
+                        name,
+                        lease_id,
+                        result: None,
+                        output_assets: vec![],
+                    })
+                    .await;
+                (good, r.map(|r| r.into_inner()))
+            }));
+        }
+    }
+    for call in calls {
+        match call.await.unwrap() {
+            (true, Ok(j)) => {
+                assert_eq!(j.state, State::Succeeded as i32);
+                assert_eq!(j.sequence, 3, "created, leased, succeeded");
+            }
+            (false, Err(e)) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
+            (good, other) => panic!("lease ok={good}: {other:?}"),
+        }
+    }
+    for l in &leased {
+        let name = l.job.as_ref().unwrap().name.clone();
+        let events: Vec<pb::JobEvent> = app
+            .jobs(&alice)
+            .watch_job(pb::WatchJobRequest {
+                name,
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .map(|e| e.unwrap())
+            .collect()
+            .await;
+        let last = events.last().unwrap();
+        assert_eq!(last.sequence, 3);
+        assert_eq!(last.job.as_ref().unwrap().state, State::Succeeded as i32);
+    }
 }
 
 #[tokio::test]

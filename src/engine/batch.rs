@@ -1,0 +1,83 @@
+//! Group commit. Calls of one kind (CreateJob, worker writes) that arrive while
+//! earlier ones are being committed share the next transaction instead of each taking
+//! a connection, a BEGIN, a COMMIT and an fsync. Nothing waits for a batch to fill:
+//! an idle server commits a call at once, and batches grow only when calls queue up
+//! behind busy lanes, which is exactly when sharing pays.
+use std::{future::Future, sync::Arc};
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::{AppError, AppResult};
+
+type Pending<T, R> = (T, oneshot::Sender<AppResult<R>>);
+
+pub struct Batcher<T, R> {
+    tx: mpsc::Sender<Pending<T, R>>,
+}
+
+impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
+    /// `lanes` transactions may be in flight at once, each with at most `max` calls.
+    /// `run` returns one result per call, in order.
+    pub fn spawn<F, Fut>(lanes: usize, max: usize, run: F) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<AppResult<R>>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Pending<T, R>>(lanes * max);
+        let rx = Arc::new(Mutex::new(rx));
+        let run = Arc::new(run);
+        for _ in 0..lanes {
+            let (rx, run) = (rx.clone(), run.clone());
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else {
+                            return;
+                        };
+                        let mut batch = vec![first];
+                        while batch.len() < max {
+                            match rx.try_recv() {
+                                Ok(next) => batch.push(next),
+                                Err(_) => break,
+                            }
+                        }
+                        batch
+                    };
+                    // A caller that gave up (deadline, cancelled stream) is not run: it
+                    // was never told anything, so nothing may happen on its behalf.
+                    let (calls, replies): (Vec<T>, Vec<_>) =
+                        batch.into_iter().filter(|(_, r)| !r.is_closed()).unzip();
+                    if calls.is_empty() {
+                        continue;
+                    }
+                    let n = calls.len();
+                    // Its own task, so a panic fails this batch's calls, not the lane.
+                    let results = match tokio::spawn(run(calls)).await {
+                        Ok(results) if results.len() == n => results,
+                        Ok(_) => (0..n)
+                            .map(|_| Err(AppError::internal("batch returned the wrong count")))
+                            .collect(),
+                        Err(e) => (0..n)
+                            .map(|_| Err(AppError::internal(format!("batch failed: {e}"))))
+                            .collect(),
+                    };
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(result);
+                    }
+                }
+            });
+        }
+        Self { tx }
+    }
+
+    pub async fn call(&self, call: T) -> AppResult<R> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((call, reply))
+            .await
+            .map_err(|_| AppError::Unavailable("job engine stopped".into()))?;
+        rx.await
+            .map_err(|_| AppError::internal("job engine dropped a call"))?
+    }
+}
