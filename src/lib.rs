@@ -5,6 +5,7 @@
 pub mod api;
 pub mod assets;
 pub mod auth;
+pub mod batch;
 pub mod cli;
 pub mod client;
 pub mod config;

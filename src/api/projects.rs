@@ -3,11 +3,12 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{json_to_struct, struct_to_json, timestamp};
 use crate::{
-    AppError,
+    AppError, AppResult,
     auth::caller,
+    batch::Batcher,
     db::{
         self,
-        projects::{Created, Outcome},
+        projects::{Created, NewProject, Outcome},
     },
     domain::{
         Violations,
@@ -19,12 +20,50 @@ use crate::{
 
 pub struct ProjectsApi {
     db: db::Pool,
+    /// Concurrent creates share one INSERT and one commit (group commit).
+    creates: Batcher<NewProject, Created>,
 }
 
+/// Inserts in flight at once, and projects per INSERT.
+const CREATE_LANES: usize = 4;
+const CREATE_GROUP_MAX: usize = 128;
+
 impl ProjectsApi {
+    /// Spawns the create lanes: call within the server's runtime.
     pub fn new(db: db::Pool) -> Self {
-        Self { db }
+        let pool = db.clone();
+        let creates = Batcher::spawn(CREATE_LANES, CREATE_GROUP_MAX, move |group| {
+            let pool = pool.clone();
+            async move { create_group(&pool, group).await }
+        });
+        Self { db, creates }
     }
+}
+
+/// One INSERT for the group; if it fails as a whole, each project is tried alone so
+/// that one call's failure is never another's.
+async fn create_group(pool: &db::Pool, group: Vec<NewProject>) -> Vec<AppResult<Created>> {
+    async fn insert(pool: &db::Pool, group: &[NewProject]) -> AppResult<Vec<AppResult<Created>>> {
+        let mut conn = pool.get().await?;
+        db::projects::create_many(&mut conn, group).await
+    }
+    if group.len() > 1 {
+        match insert(pool, &group).await {
+            Ok(results) => return results,
+            Err(e) => {
+                tracing::debug!(error = %e, projects = group.len(), "group insert failed; retrying one by one")
+            }
+        }
+    }
+    futures::future::join_all(group.chunks(1).map(|one| async move {
+        match insert(pool, one).await {
+            Ok(mut results) => results
+                .pop()
+                .unwrap_or_else(|| Err(AppError::internal("no result"))),
+            Err(e) => Err(e),
+        }
+    }))
+    .await
 }
 
 /// Client-settable fields of a wire project; output-only fields are ignored (AIP-203).
@@ -114,10 +153,14 @@ impl pb::projects_service_server::ProjectsService for ProjectsApi {
             );
         }
         let fields = v.into_result(fields)?;
-        let request_id = (!request_id.is_empty()).then_some(request_id.as_str());
-
-        let mut conn = super::conn(&self.db).await?;
-        let created = db::projects::create(&mut conn, &caller.sub, &fields, request_id).await?;
+        let created = self
+            .creates
+            .call(NewProject {
+                owner: caller.sub,
+                fields,
+                request_id: (!request_id.is_empty()).then_some(request_id),
+            })
+            .await?;
         let project = match created {
             Created::New(p) => {
                 tracing::info!(project = %p.name(), "project created");

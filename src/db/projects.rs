@@ -109,48 +109,69 @@ pub enum Created {
     Replayed(Project),
 }
 
-/// Inserts a project; with a `request_id`, a repeat returns the first result.
-pub async fn create(
+/// A project to insert for `owner`.
+pub struct NewProject {
+    pub owner: String,
+    pub fields: ProjectFields,
+    pub request_id: Option<String>,
+}
+
+/// Inserts projects with one statement (atomic on its own). Per project: the new
+/// project, or with a `request_id` already used, the first result (same payload) or
+/// ALREADY_EXISTS (nothing written for that project).
+pub async fn create_many(
     conn: &mut AsyncPgConnection,
-    owner: &str,
-    fields: &ProjectFields,
-    request_id: Option<&str>,
-) -> AppResult<Created> {
-    let digest = request_id.map(|_| fields.digest());
-    let row = NewProjectRow {
-        id: Uuid::now_v7(),
-        owner,
-        display_name: &fields.display_name,
-        description: &fields.description,
-        labels: labels_json(fields),
-        metadata: serde_json::Value::Object(fields.metadata.clone()),
-        request_id,
-        request_hash: digest.clone(),
-    };
+    projects: &[NewProject],
+) -> AppResult<Vec<AppResult<Created>>> {
+    let rows: Vec<NewProjectRow> = projects
+        .iter()
+        .map(|p| NewProjectRow {
+            id: Uuid::now_v7(),
+            owner: &p.owner,
+            display_name: &p.fields.display_name,
+            description: &p.fields.description,
+            labels: labels_json(&p.fields),
+            metadata: serde_json::Value::Object(p.fields.metadata.clone()),
+            request_id: p.request_id.as_deref(),
+            request_hash: p.request_id.as_ref().map(|_| p.fields.digest()),
+        })
+        .collect();
     // ON CONFLICT waits for a concurrent insert of the same key to commit, then skips.
-    let inserted: Option<ProjectRow> = diesel::insert_into(projects::table)
-        .values(&row)
-        .on_conflict((projects::owner, projects::request_id))
-        .do_nothing()
-        .returning(ProjectRow::as_returning())
-        .get_result(conn)
-        .await
-        .optional()?;
-    if let Some(row) = inserted {
-        return Ok(Created::New(row.try_into()?));
+    let mut inserted: std::collections::HashMap<Uuid, ProjectRow> =
+        diesel::insert_into(projects::table)
+            .values(&rows)
+            .on_conflict((projects::owner, projects::request_id))
+            .do_nothing()
+            .returning(ProjectRow::as_returning())
+            .get_results::<ProjectRow>(conn)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        match inserted.remove(&row.id) {
+            Some(r) => out.push(r.try_into().map(Created::New)),
+            None => out.push(replayed(conn, row).await),
+        }
     }
-    let (Some(request_id), Some(digest)) = (request_id, digest) else {
+    Ok(out)
+}
+
+/// The project a repeated `request_id` created, if the request is the same.
+async fn replayed(conn: &mut AsyncPgConnection, row: &NewProjectRow<'_>) -> AppResult<Created> {
+    let (Some(request_id), Some(digest)) = (row.request_id, row.request_hash.as_deref()) else {
         return Err(AppError::internal(
             "insert without request_id returned no row",
         ));
     };
     let (existing, hash): (ProjectRow, Option<Vec<u8>>) = projects::table
-        .filter(projects::owner.eq(owner))
+        .filter(projects::owner.eq(row.owner))
         .filter(projects::request_id.eq(request_id))
         .select((ProjectRow::as_select(), projects::request_hash))
         .first(conn)
         .await?;
-    if hash.as_deref() == Some(digest.as_slice()) {
+    if hash.as_deref() == Some(digest) {
         Ok(Created::Replayed(existing.try_into()?))
     } else {
         Err(AppError::AlreadyExists(format!(

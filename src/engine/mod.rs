@@ -19,7 +19,6 @@ use crate::{
     redis::RedisPool,
 };
 
-mod batch;
 pub mod hub;
 pub mod reaper;
 pub mod watch;
@@ -66,8 +65,8 @@ const GROUP_LANES: usize = 4;
 const GROUP_MAX: usize = 256;
 
 struct Groups {
-    creates: batch::Batcher<CreateCall, Job>,
-    leases: batch::Batcher<LeaseCall, Job>,
+    creates: crate::batch::Batcher<CreateCall, Job>,
+    leases: crate::batch::Batcher<LeaseCall, Job>,
 }
 
 /// One job to create for a caller (`scope` is the owner, `None` for admins).
@@ -184,11 +183,11 @@ impl Engine {
         };
         let (a, b) = (engine.clone(), engine.clone());
         engine.groups = Some(Arc::new(Groups {
-            creates: batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
+            creates: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = a.clone();
                 async move { engine.create_group(calls).await }
             }),
-            leases: batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
+            leases: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = b.clone();
                 async move { engine.lease_group(calls).await }
             }),

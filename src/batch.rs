@@ -1,4 +1,4 @@
-//! Group commit. Calls of one kind (CreateJob, worker writes) that arrive while
+//! Group commit. Calls of one kind (CreateProject, CreateJob, worker writes) that arrive while
 //! earlier ones are being committed share the next transaction instead of each taking
 //! a connection, a BEGIN, a COMMIT and an fsync. Nothing waits for a batch to fill:
 //! an idle server commits a call at once, and batches grow only when calls queue up
