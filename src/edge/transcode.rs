@@ -450,18 +450,18 @@ impl Edge {
         msg: &DynamicMessage,
         response_body: &str,
     ) -> Result<String, Box<Response>> {
-        let mut buf = Vec::new();
-        let mut ser = serde_json::Serializer::new(&mut buf);
-        let result = if response_body.is_empty() {
-            msg.serialize_with_options(&mut ser, &self.inner.json_out)
+        let field;
+        let msg = if response_body.is_empty() {
+            msg
         } else {
-            match msg.get_field_by_name(response_body).as_deref() {
-                Some(Value::Message(m)) => m.serialize_with_options(&mut ser, &self.inner.json_out),
+            field = msg.get_field_by_name(response_body);
+            match field.as_deref() {
+                Some(Value::Message(m)) => m,
                 _ => return Ok("null".into()),
             }
         };
-        result.map_err(|e| error_response(tonic::Code::Internal, &e.to_string(), vec![]))?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
+        serde_json::to_string(&Json(msg, &self.inner.json_out))
+            .map_err(|e| error_response(tonic::Code::Internal, &e.to_string(), vec![]))
     }
 
     fn stream(
@@ -670,6 +670,15 @@ impl Edge {
 }
 
 /// `Range: bytes=a-b` or `bytes=a-` as (start, inclusive end).
+/// Canonical proto3 JSON of a message, written straight into a `String`.
+struct Json<'a>(&'a DynamicMessage, &'a SerializeOptions);
+
+impl serde::Serialize for Json<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize_with_options(s, self.1)
+    }
+}
+
 fn parse_range(headers: &HeaderMap) -> Result<Option<(u64, Option<u64>)>, Box<Response>> {
     let Some(value) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(None);
