@@ -238,6 +238,16 @@ impl Hub {
         let (Ok(project), Ok(job)) = (Uuid::parse_str(project), Uuid::parse_str(job)) else {
             return;
         };
+        // Most events have no watcher on this instance: skip decoding them.
+        let watched = |ids: &Mutex<HashMap<Uuid, broadcast::Sender<Signal>>>, id: &Uuid| {
+            ids.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .is_some_and(|tx| tx.receiver_count() > 0)
+        };
+        if !watched(&self.inner.jobs, &job) && !watched(&self.inner.projects, &project) {
+            return;
+        }
         match pb::JobEvent::decode(payload) {
             Ok(event) => {
                 let signal = Signal::Event(Arc::new(event));
