@@ -3,6 +3,7 @@
 pub mod calls;
 pub mod cors;
 pub mod health;
+pub mod json;
 pub mod openapi;
 pub mod rules;
 pub mod signed;

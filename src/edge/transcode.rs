@@ -415,9 +415,19 @@ impl Edge {
             Some(Err(e)) => return Err(error_response(tonic::Code::Internal, &e, vec![])),
             None => Bytes::new(),
         };
-        let out = DynamicMessage::decode(output, bytes)
-            .map_err(|e| error_response(tonic::Code::Internal, &e.to_string(), vec![]))?;
-        let json = self.render_json(&out, &b.response_body)?;
+        let fast = b
+            .response_body
+            .is_empty()
+            .then(|| super::json::render(&output, &bytes))
+            .flatten();
+        let json = match fast {
+            Some(json) => json,
+            None => {
+                let out = DynamicMessage::decode(output, bytes)
+                    .map_err(|e| error_response(tonic::Code::Internal, &e.to_string(), vec![]))?;
+                self.render_json(&out, &b.response_body)?
+            }
+        };
         let mut r = Response::new(Body::from(json));
         *r.headers_mut() = headers;
         r.headers_mut().insert(
