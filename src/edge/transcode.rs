@@ -54,6 +54,17 @@ impl Edge {
     pub fn new(grpc: Router, max_body: usize, deny_unknown_fields: bool) -> Result<Self, String> {
         let pool =
             DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string())?;
+        Self::with_pool(&pool, grpc, max_body, deny_unknown_fields)
+    }
+
+    /// The edge for the services in `pool`, calling `grpc` (tests use their own protos).
+    pub fn with_pool(
+        pool: &DescriptorPool,
+        grpc: Router,
+        max_body: usize,
+        deny_unknown_fields: bool,
+    ) -> Result<Self, String> {
+        let pool = pool.clone();
         let bindings = rules::bindings(&pool)?;
         let openapi = Bytes::from(super::openapi::document(&pool, &bindings).to_string());
         Ok(Self {
@@ -969,6 +980,136 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `response_body` and `additional_bindings` (rule forms our own API does not use)
+    /// over HTTP on a real socket: a test proto, and a gRPC stub that echoes what the
+    /// edge sent it.
+    #[tokio::test]
+    async fn response_body_and_additional_bindings_over_http() {
+        let dir = std::env::temp_dir().join(format!("mediaplane-edge-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("t")).unwrap();
+        std::fs::write(
+            dir.join("t/t.proto"),
+            r#"syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+service S {
+  rpc Get(Req) returns (Resp) {
+    option (google.api.http) = {
+      get: "/v1/{name=shelves/*/books/*}"
+      response_body: "book"
+      additional_bindings { get: "/v1/{name=books/**}" }
+      additional_bindings { post: "/v1/{name=shelves/*}:lookup" body: "book" }
+    };
+  }
+}
+message Book { string title = 1; }
+message Req { string name = 1; Book book = 2; }
+message Resp { Book book = 1; int64 count = 2; }
+"#,
+        )
+        .unwrap();
+        let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+        let mut compiler = protox::Compiler::new([dir.to_str().unwrap(), proto]).unwrap();
+        compiler.include_imports(true);
+        compiler.open_file("t/t.proto").unwrap();
+        let pool = compiler.descriptor_pool();
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // The stub answers Resp { book.title = "<name>|<book.title>", count = 7 }.
+        let stub_pool = pool.clone();
+        let stub = Router::new().route(
+            "/t.S/Get",
+            axum::routing::post(move |body: Bytes| {
+                let pool = stub_pool.clone();
+                async move {
+                    let req = DynamicMessage::decode(
+                        pool.get_message_by_name("t.Req").unwrap(),
+                        &body[5..],
+                    )
+                    .unwrap();
+                    let name = req
+                        .get_field_by_name("name")
+                        .unwrap()
+                        .as_str()
+                        .unwrap()
+                        .to_owned();
+                    let given = req
+                        .get_field_by_name("book")
+                        .and_then(|b| {
+                            b.as_message()?
+                                .get_field_by_name("title")
+                                .map(|t| t.as_str().unwrap_or_default().to_owned())
+                        })
+                        .unwrap_or_default();
+                    let mut resp = DynamicMessage::new(pool.get_message_by_name("t.Resp").unwrap());
+                    let mut book = DynamicMessage::new(pool.get_message_by_name("t.Book").unwrap());
+                    book.set_field_by_name("title", Value::String(format!("{name}|{given}")));
+                    resp.set_field_by_name("book", Value::Message(book));
+                    resp.set_field_by_name("count", Value::I64(7));
+                    let mut frame = vec![0u8];
+                    frame.extend_from_slice(&(resp.encoded_len() as u32).to_be_bytes());
+                    resp.encode(&mut frame).unwrap();
+                    (
+                        [
+                            (header::CONTENT_TYPE, "application/grpc"),
+                            (header::HeaderName::from_static("grpc-status"), "0"),
+                        ],
+                        frame,
+                    )
+                }
+            }),
+        );
+        let edge = Edge::with_pool(&pool, stub, 1 << 20, true).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, edge.router()).await });
+        let http = reqwest::Client::new();
+        let json = |r: reqwest::Response| async move {
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()
+        };
+
+        // response_body: the client gets the `book` field, not the whole Resp.
+        let r = http
+            .get(format!("{base}/v1/shelves/s1/books/b1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            json(r).await,
+            serde_json::json!({"title": "shelves/s1/books/b1|"})
+        );
+        // An additional binding (with `**`) calls the same RPC; its rule has no
+        // response_body, so the whole Resp comes back.
+        let r = http
+            .get(format!("{base}/v1/books/a/b/c"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            json(r).await,
+            serde_json::json!({"book": {"title": "books/a/b/c|"}, "count": "7"})
+        );
+        // Another additional binding: custom verb, POST, `body: "book"`.
+        let r = http
+            .post(format!("{base}/v1/shelves/s9:lookup"))
+            .json(&serde_json::json!({"title": "Dune"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            json(r).await,
+            serde_json::json!({"book": {"title": "shelves/s9|Dune"}, "count": "7"})
+        );
+        // The primary template does not match what only the additional one does.
+        let r = http
+            .get(format!("{base}/v1/shelves/s1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
 
     fn message(name: &str) -> DynamicMessage {
         let pool = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
