@@ -572,6 +572,33 @@ pub async fn succeed(
     row.try_into()
 }
 
+/// Completes running jobs with no result and no outputs, in one statement.
+pub async fn succeed_many(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+) -> AppResult<std::collections::HashMap<Uuid, Job>> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    diesel::update(jobs::table.filter(jobs::id.eq_any(ids)))
+        .set((
+            jobs::state.eq(JobState::Succeeded),
+            jobs::progress_percent.eq(100),
+            jobs::result.eq(None::<serde_json::Value>),
+            jobs::output_assets.eq(Vec::<Option<String>>::new()),
+            jobs::error.eq(None::<serde_json::Value>),
+            jobs::lease_id.eq(None::<Uuid>),
+            jobs::lease_expire_time.eq(None::<DateTime<Utc>>),
+            jobs::end_time.eq(sql::<Nullable<Timestamptz>>("now()")),
+        ))
+        .returning(JobRow::as_returning())
+        .get_results::<JobRow>(conn)
+        .await?
+        .into_iter()
+        .map(|r| Job::try_from(r).map(|j| (j.id, j)))
+        .collect()
+}
+
 /// Ends a running attempt: back to QUEUED after `retry_in`, or FAILED / CANCELLED.
 pub async fn end_attempt(
     conn: &mut AsyncPgConnection,

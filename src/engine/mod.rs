@@ -531,11 +531,29 @@ impl Engine {
                 ids.sort_unstable();
                 ids.dedup();
                 let mut current = db::jobs::lock_many(conn, &ids).await?;
+                // Plain completes (no result, no outputs) of jobs named once in the group
+                // share one UPDATE; everything else is applied call by call, in order.
+                let plain: Vec<Uuid> = calls
+                    .iter()
+                    .filter(|c| {
+                        calls.iter().filter(|o| o.name.job == c.name.job).count() == 1
+                            && matches!(&c.op, LeaseOp::Complete { result: None, output_assets } if output_assets.is_empty())
+                            && current.get(&c.name.job).is_some_and(|j| {
+                                j.project_id == c.name.project && refusal(j, c).is_none()
+                            })
+                    })
+                    .map(|c| c.name.job)
+                    .collect();
+                let mut succeeded = db::jobs::succeed_many(conn, &plain).await?;
                 let mut results = Vec::with_capacity(calls.len());
                 let mut changes = Vec::new();
                 let mut kinds = Wake::new();
                 for call in calls {
                     let outcome = match current.get(&call.name.job) {
+                        Some(_) if succeeded.contains_key(&call.name.job) => succeeded
+                            .remove(&call.name.job)
+                            .map(|job| (job, EventType::StateChanged))
+                            .ok_or_else(|| AppError::internal("job left out of its group")),
                         Some(job) if job.project_id == call.name.project => {
                             apply(conn, job, call, &backoff).await?
                         }
@@ -611,6 +629,21 @@ impl Engine {
     }
 }
 
+/// Why `call` may not write `job`, if it may not: a lease that is not current, or a
+/// kind the worker's token does not allow.
+fn refusal(job: &Job, call: &LeaseCall) -> Option<AppError> {
+    if job.state != JobState::Running || job.lease_id != Some(call.lease) {
+        return Some(stale_lease(call.name));
+    }
+    if !call.kinds.is_empty() && !call.kinds.contains(&job.kind) {
+        return Some(AppError::PermissionDenied(format!(
+            "this worker token may not run jobs of kind {:?}",
+            job.kind
+        )));
+    }
+    None
+}
+
 /// One worker write on `job` (locked, current state). The outer result fails the
 /// whole transaction (a database error); the inner one is this call's refusal, made
 /// before anything was written for it.
@@ -620,15 +653,8 @@ async fn apply(
     call: &LeaseCall,
     backoff: &Backoff,
 ) -> AppResult<AppResult<(Job, EventType)>> {
-    let name = call.name;
-    if job.state != JobState::Running || job.lease_id != Some(call.lease) {
-        return Ok(Err(stale_lease(name)));
-    }
-    if !call.kinds.is_empty() && !call.kinds.contains(&job.kind) {
-        return Ok(Err(AppError::PermissionDenied(format!(
-            "this worker token may not run jobs of kind {:?}",
-            job.kind
-        ))));
+    if let Some(refused) = refusal(job, call) {
+        return Ok(Err(refused));
     }
     Ok(Ok(match &call.op {
         LeaseOp::Progress {
