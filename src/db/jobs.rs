@@ -240,13 +240,25 @@ pub async fn insert_many(
     let mut inserted: std::collections::HashMap<Uuid, JobRow> = std::collections::HashMap::new();
     // Bind parameters are limited to 65,535 per statement.
     for chunk in rows.chunks(2000) {
-        let returned: Vec<JobRow> = diesel::insert_into(jobs::table)
-            .values(chunk)
-            .on_conflict((jobs::owner, jobs::request_id))
-            .do_nothing()
-            .returning(JobRow::as_returning())
-            .get_results(conn)
-            .await?;
+        let returned: Vec<JobRow> = if let [one] = chunk {
+            // One row: a statement diesel prepares once per connection (multi-row
+            // inserts vary in shape and are planned on every call).
+            diesel::insert_into(jobs::table)
+                .values(one)
+                .on_conflict((jobs::owner, jobs::request_id))
+                .do_nothing()
+                .returning(JobRow::as_returning())
+                .get_results(conn)
+                .await?
+        } else {
+            diesel::insert_into(jobs::table)
+                .values(chunk)
+                .on_conflict((jobs::owner, jobs::request_id))
+                .do_nothing()
+                .returning(JobRow::as_returning())
+                .get_results(conn)
+                .await?
+        };
         inserted.extend(returned.into_iter().map(|r| (r.id, r)));
     }
     let mut out = Vec::with_capacity(rows.len());
@@ -666,10 +678,18 @@ pub async fn insert_events(
         })
         .collect();
     for chunk in rows.chunks(5000) {
-        diesel::insert_into(job_events::table)
-            .values(chunk)
-            .execute(conn)
-            .await?;
+        if let [one] = chunk {
+            // Prepared once per connection, unlike multi-row inserts.
+            diesel::insert_into(job_events::table)
+                .values(one)
+                .execute(conn)
+                .await?;
+        } else {
+            diesel::insert_into(job_events::table)
+                .values(chunk)
+                .execute(conn)
+                .await?;
+        }
     }
     Ok(())
 }

@@ -137,17 +137,26 @@ pub async fn create_many(
         })
         .collect();
     // ON CONFLICT waits for a concurrent insert of the same key to commit, then skips.
-    let mut inserted: std::collections::HashMap<Uuid, ProjectRow> =
+    let returned: Vec<ProjectRow> = if let [one] = rows.as_slice() {
+        // One row: prepared once per connection (multi-row inserts are planned per call).
+        diesel::insert_into(projects::table)
+            .values(one)
+            .on_conflict((projects::owner, projects::request_id))
+            .do_nothing()
+            .returning(ProjectRow::as_returning())
+            .get_results(conn)
+            .await?
+    } else {
         diesel::insert_into(projects::table)
             .values(&rows)
             .on_conflict((projects::owner, projects::request_id))
             .do_nothing()
             .returning(ProjectRow::as_returning())
-            .get_results::<ProjectRow>(conn)
+            .get_results(conn)
             .await?
-            .into_iter()
-            .map(|r| (r.id, r))
-            .collect();
+    };
+    let mut inserted: std::collections::HashMap<Uuid, ProjectRow> =
+        returned.into_iter().map(|r| (r.id, r)).collect();
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         match inserted.remove(&row.id) {
