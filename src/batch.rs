@@ -81,3 +81,32 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
             .map_err(|_| AppError::internal("job engine dropped a call"))?
     }
 }
+
+/// Runs `calls` as one group with `tx`, one result per call; if the group fails as a
+/// whole, each call is retried alone, so one call's failure is never another's.
+pub async fn shared_or_alone<'a, T, R, F, Fut>(calls: &'a [T], tx: F) -> Vec<AppResult<R>>
+where
+    F: Fn(&'a [T]) -> Fut,
+    Fut: Future<Output = AppResult<Vec<AppResult<R>>>> + 'a,
+{
+    if calls.len() > 1 {
+        match tx(calls).await {
+            Ok(results) => return results,
+            Err(e) => {
+                tracing::debug!(error = %e, calls = calls.len(), "group failed; retrying one by one")
+            }
+        }
+    }
+    futures::future::join_all(calls.chunks(1).map(|one| {
+        let alone = tx(one);
+        async move {
+            match alone.await {
+                Ok(mut results) => results
+                    .pop()
+                    .unwrap_or_else(|| Err(AppError::internal("no result"))),
+                Err(e) => Err(e),
+            }
+        }
+    }))
+    .await
+}

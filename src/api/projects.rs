@@ -34,36 +34,16 @@ impl ProjectsApi {
         let pool = db.clone();
         let creates = Batcher::spawn(CREATE_LANES, CREATE_GROUP_MAX, move |group| {
             let pool = pool.clone();
-            async move { create_group(&pool, group).await }
+            async move { crate::batch::shared_or_alone(&group, |g| insert(&pool, g)).await }
         });
         Self { db, creates }
     }
 }
 
-/// One INSERT for the group; if it fails as a whole, each project is tried alone so
-/// that one call's failure is never another's.
-async fn create_group(pool: &db::Pool, group: Vec<NewProject>) -> Vec<AppResult<Created>> {
-    async fn insert(pool: &db::Pool, group: &[NewProject]) -> AppResult<Vec<AppResult<Created>>> {
-        let mut conn = pool.get().await?;
-        db::projects::create_many(&mut conn, group).await
-    }
-    if group.len() > 1 {
-        match insert(pool, &group).await {
-            Ok(results) => return results,
-            Err(e) => {
-                tracing::debug!(error = %e, projects = group.len(), "group insert failed; retrying one by one")
-            }
-        }
-    }
-    futures::future::join_all(group.chunks(1).map(|one| async move {
-        match insert(pool, one).await {
-            Ok(mut results) => results
-                .pop()
-                .unwrap_or_else(|| Err(AppError::internal("no result"))),
-            Err(e) => Err(e),
-        }
-    }))
-    .await
+/// One INSERT for the group (atomic on its own).
+async fn insert(pool: &db::Pool, group: &[NewProject]) -> AppResult<Vec<AppResult<Created>>> {
+    let mut conn = pool.get().await?;
+    db::projects::create_many(&mut conn, group).await
 }
 
 /// Client-settable fields of a wire project; output-only fields are ignored (AIP-203).

@@ -560,44 +560,37 @@ pub async fn progress(
     row.try_into()
 }
 
+/// RUNNING -> SUCCEEDED with `result` and `output_assets`.
 pub async fn succeed(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     result: Option<serde_json::Value>,
     output_assets: &[String],
 ) -> AppResult<Job> {
+    succeed_many(conn, &[id], result, output_assets)
+        .await?
+        .remove(&id)
+        .ok_or_else(|| AppError::internal(format!("job {id} vanished while locked")))
+}
+
+/// RUNNING -> SUCCEEDED for all of `ids`, with the same result and outputs, in one
+/// statement.
+pub async fn succeed_many(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+    result: Option<serde_json::Value>,
+    output_assets: &[String],
+) -> AppResult<std::collections::HashMap<Uuid, Job>> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
     let assets: Vec<Option<String>> = output_assets.iter().cloned().map(Some).collect();
-    let row: JobRow = diesel::update(jobs::table.filter(jobs::id.eq(id)))
+    diesel::update(jobs::table.filter(jobs::id.eq_any(ids)))
         .set((
             jobs::state.eq(JobState::Succeeded),
             jobs::progress_percent.eq(100),
             jobs::result.eq(result),
             jobs::output_assets.eq(assets),
-            jobs::error.eq(None::<serde_json::Value>),
-            jobs::lease_id.eq(None::<Uuid>),
-            jobs::lease_expire_time.eq(None::<DateTime<Utc>>),
-            jobs::end_time.eq(sql::<Nullable<Timestamptz>>("now()")),
-        ))
-        .returning(JobRow::as_returning())
-        .get_result(conn)
-        .await?;
-    row.try_into()
-}
-
-/// Completes running jobs with no result and no outputs, in one statement.
-pub async fn succeed_many(
-    conn: &mut AsyncPgConnection,
-    ids: &[Uuid],
-) -> AppResult<std::collections::HashMap<Uuid, Job>> {
-    if ids.is_empty() {
-        return Ok(Default::default());
-    }
-    diesel::update(jobs::table.filter(jobs::id.eq_any(ids)))
-        .set((
-            jobs::state.eq(JobState::Succeeded),
-            jobs::progress_percent.eq(100),
-            jobs::result.eq(None::<serde_json::Value>),
-            jobs::output_assets.eq(Vec::<Option<String>>::new()),
             jobs::error.eq(None::<serde_json::Value>),
             jobs::lease_id.eq(None::<Uuid>),
             jobs::lease_expire_time.eq(None::<DateTime<Utc>>),

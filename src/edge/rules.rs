@@ -295,10 +295,7 @@ mod tests {
     /// response_body, a body field, `**`.
     #[test]
     fn every_rule_form_is_read_from_descriptors() {
-        let dir = std::env::temp_dir().join(format!("mediaplane-rules-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("t")).unwrap();
-        std::fs::write(
-            dir.join("t/t.proto"),
+        let pool = super::super::test_pool(
             r#"syntax = "proto3";
 package t;
 import "google/api/annotations.proto";
@@ -319,15 +316,8 @@ message Book { string title = 1; }
 message Req { string name = 1; Book book = 2; }
 message Resp { Book book = 1; int64 count = 2; }
 "#,
-        )
-        .unwrap();
-        let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
-        let mut compiler = protox::Compiler::new([dir.to_str().unwrap(), proto]).unwrap();
-        compiler.include_imports(true);
-        compiler.open_file("t/t.proto").unwrap();
-        let pool = compiler.descriptor_pool();
+        );
         let b = bindings(&pool).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
         let shown: Vec<(String, String, String, String)> = b
             .iter()
             .map(|b| {

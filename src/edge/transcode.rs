@@ -986,10 +986,7 @@ mod tests {
     /// edge sent it.
     #[tokio::test]
     async fn response_body_and_additional_bindings_over_http() {
-        let dir = std::env::temp_dir().join(format!("mediaplane-edge-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("t")).unwrap();
-        std::fs::write(
-            dir.join("t/t.proto"),
+        let pool = super::super::test_pool(
             r#"syntax = "proto3";
 package t;
 import "google/api/annotations.proto";
@@ -1007,14 +1004,7 @@ message Book { string title = 1; }
 message Req { string name = 1; Book book = 2; }
 message Resp { Book book = 1; int64 count = 2; }
 "#,
-        )
-        .unwrap();
-        let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
-        let mut compiler = protox::Compiler::new([dir.to_str().unwrap(), proto]).unwrap();
-        compiler.include_imports(true);
-        compiler.open_file("t/t.proto").unwrap();
-        let pool = compiler.descriptor_pool();
-        std::fs::remove_dir_all(&dir).unwrap();
+        );
 
         // The stub answers Resp { book.title = "<name>|<book.title>", count = 7 }.
         let stub_pool = pool.clone();

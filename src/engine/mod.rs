@@ -187,11 +187,13 @@ impl Engine {
         engine.groups = Some(Arc::new(Groups {
             creates: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = a.clone();
-                async move { engine.create_group(calls).await }
+                async move {
+                    crate::batch::shared_or_alone(&calls, |c| engine.create_tx(c, false)).await
+                }
             }),
             leases: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = b.clone();
-                async move { engine.lease_group(calls).await }
+                async move { crate::batch::shared_or_alone(&calls, |c| engine.lease_tx(c)).await }
             }),
         }));
         engine
@@ -264,29 +266,6 @@ impl Engine {
             return Ok(vec![groups.creates.call(call).await?]);
         }
         self.create_tx(&calls, true).await?.into_iter().collect()
-    }
-
-    /// Single-job creates that queued up together: one transaction, each call with
-    /// its own outcome. If the shared transaction fails, each call is retried alone,
-    /// so one call's failure is never another's.
-    async fn create_group(&self, calls: Vec<CreateCall>) -> Vec<AppResult<Job>> {
-        if calls.len() > 1 {
-            match self.create_tx(&calls, false).await {
-                Ok(results) => return results,
-                Err(e) => {
-                    tracing::debug!(error = %e, calls = calls.len(), "group create failed; retrying one by one")
-                }
-            }
-        }
-        futures::future::join_all(calls.chunks(1).map(|one| async move {
-            match self.create_tx(one, false).await {
-                Ok(mut results) => results
-                    .pop()
-                    .unwrap_or_else(|| Err(AppError::internal("no result"))),
-                Err(e) => Err(e),
-            }
-        }))
-        .await
     }
 
     /// Inserts `calls` in one transaction. `all_or_none`: the first failed call fails
@@ -499,27 +478,6 @@ impl Engine {
         }
     }
 
-    /// Worker writes that queued up together, like `create_group`.
-    async fn lease_group(&self, calls: Vec<LeaseCall>) -> Vec<AppResult<Job>> {
-        if calls.len() > 1 {
-            match self.lease_tx(&calls).await {
-                Ok(results) => return results,
-                Err(e) => {
-                    tracing::debug!(error = %e, calls = calls.len(), "group write failed; retrying one by one")
-                }
-            }
-        }
-        futures::future::join_all(calls.chunks(1).map(|one| async move {
-            match self.lease_tx(one).await {
-                Ok(mut results) => results
-                    .pop()
-                    .unwrap_or_else(|| Err(AppError::internal("no result"))),
-                Err(e) => Err(e),
-            }
-        }))
-        .await
-    }
-
     /// Applies worker writes in order in one transaction. A call whose lease is not
     /// current (or that is refused for another reason) writes nothing.
     async fn lease_tx(&self, calls: &[LeaseCall]) -> AppResult<Vec<AppResult<Job>>> {
@@ -533,10 +491,14 @@ impl Engine {
                 let mut current = db::jobs::lock_many(conn, &ids).await?;
                 // Plain completes (no result, no outputs) of jobs named once in the group
                 // share one UPDATE; everything else is applied call by call, in order.
+                let mut named = std::collections::HashMap::<Uuid, usize>::new();
+                for c in calls {
+                    *named.entry(c.name.job).or_default() += 1;
+                }
                 let plain: Vec<Uuid> = calls
                     .iter()
                     .filter(|c| {
-                        calls.iter().filter(|o| o.name.job == c.name.job).count() == 1
+                        named.get(&c.name.job) == Some(&1)
                             && matches!(&c.op, LeaseOp::Complete { result: None, output_assets } if output_assets.is_empty())
                             && current.get(&c.name.job).is_some_and(|j| {
                                 j.project_id == c.name.project && refusal(j, c).is_none()
@@ -544,7 +506,7 @@ impl Engine {
                     })
                     .map(|c| c.name.job)
                     .collect();
-                let mut succeeded = db::jobs::succeed_many(conn, &plain).await?;
+                let mut succeeded = db::jobs::succeed_many(conn, &plain, None, &[]).await?;
                 let mut results = Vec::with_capacity(calls.len());
                 let mut changes = Vec::new();
                 let mut kinds = Wake::new();
