@@ -22,6 +22,9 @@ use crate::{
 /// How long an upload may run before its object counts as abandoned.
 const UPLOAD_GRACE: Duration = Duration::from_secs(24 * 3600);
 const SNIFF_BYTES: usize = 8192;
+/// How long after its URL expires a presigned PUT is still looked for (S3 checks the
+/// expiry when a request starts; a large PUT may finish well after).
+const DIRECT_UPLOAD_SLACK: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct AssetLimits {
@@ -112,65 +115,70 @@ impl Assets {
                 return Err(e);
             }
         };
-        let mismatch = match (&expected.sha256, &expected.size) {
-            (Some(want), _) if !want.eq_ignore_ascii_case(&sha256) => Some(AppError::invalid(
-                "sha256",
-                format!("declared {want} but the uploaded bytes hash to {sha256}"),
-            )),
-            (_, Some(want)) if *want != size => Some(AppError::invalid(
-                "size_bytes",
-                format!("declared {want} bytes but {size} were uploaded"),
-            )),
-            _ => None,
-        };
-        if let Some(e) = mismatch {
+        let committed = self
+            .commit_ready(&asset, &key, size, &sha256, &head, &expected)
+            .await;
+        if committed.is_err() {
             self.discard(&key).await;
+        }
+        committed
+    }
+
+    /// Checks what was stored at `key` against what was declared and the limits, and
+    /// makes the asset READY with it. The caller removes the object on error.
+    async fn commit_ready(
+        &self,
+        asset: &Asset,
+        key: &str,
+        size: i64,
+        sha256: &str,
+        head: &[u8],
+        expected: &Expected,
+    ) -> AppResult<Asset> {
+        match (&expected.sha256, &expected.size) {
+            (Some(want), _) if !want.eq_ignore_ascii_case(sha256) => {
+                return Err(AppError::invalid(
+                    "sha256",
+                    format!("declared {want} but the uploaded bytes hash to {sha256}"),
+                ));
+            }
+            (_, Some(want)) if *want != size => {
+                return Err(AppError::invalid(
+                    "size_bytes",
+                    format!("declared {want} bytes but {size} were uploaded"),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(e) = self.too_big(size) {
             return Err(e);
         }
-        let content_type = infer::get(&head)
+        let content_type = infer::get(head)
             .map(|t| t.mime_type().to_owned())
             .or_else(|| (!asset.content_type.is_empty()).then(|| asset.content_type.clone()))
             .unwrap_or_else(|| "application/octet-stream".to_owned());
 
-        let limits = self.limits.clone();
         let mut conn = self.db.get().await?;
-        let committed = conn
-            .transaction(async |conn| {
-                db::assets::lock_project(conn, None, asset.project_id).await?;
-                let used = db::assets::project_usage(conn, asset.project_id).await?;
-                if used + size > limits.project_quota_bytes {
-                    return Err(AppError::ResourceExhausted(format!(
-                        "project storage quota of {} bytes exceeded ({used} bytes in use)",
-                        limits.project_quota_bytes
-                    )));
-                }
-                let ready = db::assets::mark_ready(
-                    conn,
-                    asset.id,
-                    &key,
-                    size,
-                    &sha256,
-                    &content_type,
-                )
+        conn.transaction(async |conn| {
+            db::assets::lock_project(conn, None, asset.project_id).await?;
+            let used = db::assets::project_usage(conn, asset.project_id).await?;
+            if used + size > self.limits.project_quota_bytes {
+                return Err(self.quota_error(used));
+            }
+            let ready = db::assets::mark_ready(conn, asset.id, key, size, sha256, &content_type)
                 .await?
                 .ok_or_else(|| {
                     AppError::FailedPrecondition(format!(
                         "asset {} is no longer PENDING (deleted, or uploaded by another call)",
-                        name(&asset)
+                        name(asset)
                     ))
                 })?;
-                db::assets::gc_dequeue(conn, &key).await?;
-                Ok(ready)
-            })
-            .await;
-        drop(conn);
-        match committed {
-            Ok(ready) => Ok(ready),
-            Err(e) => {
-                self.discard(&key).await;
-                Err(e)
-            }
-        }
+            db::assets::gc_dequeue(conn, key).await?;
+            // Presigned PUT URLs still out for this asset can no longer make it READY.
+            db::assets::direct_uploads_remove_asset(conn, asset.id).await?;
+            Ok(ready)
+        })
+        .await
     }
 
     fn quota_error(&self, used: i64) -> AppError {
@@ -186,48 +194,29 @@ impl Assets {
         S: Stream<Item = AppResult<Bytes>> + Unpin + Send,
     {
         let mut upload = self.storage.uploader(key).await?;
-        // SHA-256 runs on its own thread, beside the network and the storage writes:
-        // inline it would cost as much time as the rest of the upload together.
-        let (to_hash, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-        let hasher = tokio::task::spawn_blocking(move || {
-            let mut hasher = Sha256::new();
-            while let Some(chunk) = hash_rx.blocking_recv() {
-                hasher.update(&chunk);
-            }
-            hasher.finalize()
-        });
-        let mut size: i64 = 0;
-        let mut head = Vec::with_capacity(SNIFF_BYTES);
+        let mut digest = Digester::new();
         let failed = loop {
             let chunk = match chunks.next().await {
                 None => break None,
                 Some(Ok(c)) => c,
                 Some(Err(e)) => break Some(e),
             };
-            size += chunk.len() as i64;
-            if let Some(e) = self.too_big(size) {
+            if let Err(e) = digest.add(chunk.clone()).await {
                 break Some(e);
             }
-            if head.len() < SNIFF_BYTES {
-                head.extend_from_slice(&chunk[..chunk.len().min(SNIFF_BYTES - head.len())]);
-            }
-            if to_hash.send(chunk.clone()).await.is_err() {
-                break Some(AppError::internal("upload hasher stopped"));
+            if let Some(e) = self.too_big(digest.size) {
+                break Some(e);
             }
             if let Err(e) = upload.write(chunk).await {
                 break Some(e.into());
             }
         };
-        drop(to_hash);
         if let Some(e) = failed {
             upload.abort().await;
             return Err(e);
         }
         upload.finish().await?;
-        let digest = hasher
-            .await
-            .map_err(|e| AppError::internal(format!("upload hasher: {e}")))?;
-        Ok((size, asset::hex(&digest), head))
+        digest.finish().await
     }
 
     /// Best-effort removal of an object that will never be READY; the collector
@@ -271,11 +260,8 @@ impl Assets {
         ttl: Duration,
     ) -> AppResult<(String, i64)> {
         let expires = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
-        if method == UrlMethod::Get
-            && let Some(key) = &asset.object_key
-            && let Some(url) = self.storage.presigned_get(key, ttl).await?
-        {
-            return Ok((url, expires));
+        if self.storage.presigns() {
+            return self.presigned_url(asset, method, ttl, expires).await;
         }
         let signature = asset::url_signature(
             &self.signing_key,
@@ -294,6 +280,150 @@ impl Assets {
             ),
             expires,
         ))
+    }
+
+    /// A URL signed by S3 itself. A PUT goes to a fresh key of its own, registered first,
+    /// so the verifier looks for the object and the collector removes it after expiry.
+    async fn presigned_url(
+        &self,
+        asset: &Asset,
+        method: UrlMethod,
+        ttl: Duration,
+        expires: i64,
+    ) -> AppResult<(String, i64)> {
+        let key = match method {
+            UrlMethod::Get => asset
+                .object_key
+                .clone()
+                .ok_or_else(|| AppError::internal("READY asset without bytes"))?,
+            UrlMethod::Put => {
+                let key = Storage::new_key(asset.project_id, asset.id);
+                let expire_time = chrono::DateTime::from_timestamp(expires, 0)
+                    .ok_or_else(|| AppError::internal("expiry out of range"))?;
+                let mut conn = self.db.get().await?;
+                conn.transaction(async |conn| {
+                    db::assets::gc_enqueue(conn, &key, ttl + DIRECT_UPLOAD_SLACK).await?;
+                    db::assets::direct_upload_add(conn, &key, asset.id, expire_time).await
+                })
+                .await?;
+                key
+            }
+        };
+        let http_method = match method {
+            UrlMethod::Get => http::Method::GET,
+            UrlMethod::Put => http::Method::PUT,
+        };
+        let url = self
+            .storage
+            .presigned(http_method, &key, ttl)
+            .await?
+            .ok_or_else(|| AppError::internal("store does not presign"))?;
+        Ok((url, expires))
+    }
+
+    /// Looks for objects uploaded through presigned PUT URLs until `stop`.
+    pub fn spawn_verifier(&self, every: Duration, stop: CancellationToken) {
+        if !self.storage.presigns() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = this.verify_direct_uploads_once().await {
+                            tracing::warn!(error = %e, "direct upload verifier failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// One look at the direct uploads that are due; returns how many became READY.
+    pub async fn verify_direct_uploads_once(&self) -> AppResult<usize> {
+        let due = {
+            let mut conn = self.db.get().await?;
+            db::assets::direct_uploads_claim_due(&mut conn, 16).await?
+        };
+        let mut ready = 0;
+        for upload in due {
+            match self.verify_direct_upload(&upload).await {
+                Ok(true) => ready += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(key = upload.upload_key, error = %e, "direct upload check failed; will retry")
+                }
+            }
+        }
+        Ok(ready)
+    }
+
+    /// The object of a presigned PUT, once there, is copied to a key only the server
+    /// writes (the URL may be used again until it expires), then hashed, sniffed and
+    /// checked like any upload. An upload that breaks a limit is discarded and the
+    /// asset stays PENDING.
+    async fn verify_direct_upload(&self, upload: &db::assets::DirectUpload) -> AppResult<bool> {
+        let key = upload.upload_key.as_str();
+        let asset = {
+            let mut conn = self.db.get().await?;
+            db::assets::by_id(&mut conn, upload.asset_id).await?
+        };
+        let pending = asset.filter(|a| a.state == AssetState::Pending);
+        let asset_done = pending.is_none();
+        let arrived = !asset_done && self.storage.exists(key).await?;
+        let (Some(asset), true) = (pending, arrived) else {
+            // Nothing to wait for any more (the asset is READY or gone), or nothing yet.
+            if asset_done_or_expired(asset_done, upload.expire_time) {
+                let mut conn = self.db.get().await?;
+                db::assets::direct_upload_remove(&mut conn, key).await?;
+            }
+            return Ok(false);
+        };
+        {
+            let mut conn = self.db.get().await?;
+            db::assets::direct_upload_hold(&mut conn, key, Duration::from_secs(600)).await?;
+        }
+        let final_key = Storage::new_key(asset.project_id, asset.id);
+        {
+            let mut conn = self.db.get().await?;
+            db::assets::gc_enqueue(&mut conn, &final_key, UPLOAD_GRACE).await?;
+        }
+        // From here the uploaded object is not needed (a PUT made again with the same
+        // URL lands there anew; its gc entry removes it once the URL has expired).
+        self.storage.copy(key, &final_key).await?;
+        let _ = self.storage.delete(key).await;
+        let verified = async {
+            let mut digest = Digester::new();
+            let mut chunks = self.storage.read(&final_key, None, asset::CHUNK).await?;
+            while let Some(chunk) = chunks.next().await {
+                digest.add(chunk?).await?;
+            }
+            let (size, sha256, head) = digest.finish().await?;
+            self.commit_ready(
+                &asset,
+                &final_key,
+                size,
+                &sha256,
+                &head,
+                &Expected::default(),
+            )
+            .await
+        }
+        .await;
+        match verified {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                self.discard(&final_key).await;
+                let mut conn = self.db.get().await?;
+                db::assets::direct_upload_remove(&mut conn, key).await?;
+                tracing::warn!(asset = name(&asset), error = %e, "direct upload rejected; the asset stays PENDING");
+                Ok(false)
+            }
+        }
     }
 
     /// Deletes due objects (deleted assets, abandoned uploads) until `stop`.
@@ -332,6 +462,64 @@ impl Assets {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Whether a direct upload needs no more looks: its asset is no longer PENDING, or its
+/// URL expired long enough ago for a PUT started just before expiry to have finished.
+fn asset_done_or_expired(asset_done: bool, expire_time: chrono::DateTime<chrono::Utc>) -> bool {
+    asset_done
+        || chrono::Utc::now()
+            > expire_time + chrono::Duration::from_std(DIRECT_UPLOAD_SLACK).unwrap_or_default()
+}
+
+/// Size, SHA-256 and the first bytes of a byte stream. SHA-256 runs on its own thread,
+/// beside the network and the storage writes: inline it would cost as much time as
+/// the rest of an upload together.
+struct Digester {
+    to_hash: tokio::sync::mpsc::Sender<Bytes>,
+    hasher: tokio::task::JoinHandle<sha2::digest::Output<Sha256>>,
+    size: i64,
+    head: Vec<u8>,
+}
+
+impl Digester {
+    fn new() -> Self {
+        let (to_hash, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = Sha256::new();
+            while let Some(chunk) = hash_rx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hasher.finalize()
+        });
+        Self {
+            to_hash,
+            hasher,
+            size: 0,
+            head: Vec::with_capacity(SNIFF_BYTES),
+        }
+    }
+
+    async fn add(&mut self, chunk: Bytes) -> AppResult<()> {
+        self.size += chunk.len() as i64;
+        if self.head.len() < SNIFF_BYTES {
+            let take = chunk.len().min(SNIFF_BYTES - self.head.len());
+            self.head.extend_from_slice(&chunk[..take]);
+        }
+        self.to_hash
+            .send(chunk)
+            .await
+            .map_err(|_| AppError::internal("upload hasher stopped"))
+    }
+
+    async fn finish(self) -> AppResult<(i64, String, Vec<u8>)> {
+        drop(self.to_hash);
+        let digest = self
+            .hasher
+            .await
+            .map_err(|e| AppError::internal(format!("upload hasher: {e}")))?;
+        Ok((self.size, asset::hex(&digest), self.head))
     }
 }
 

@@ -187,6 +187,7 @@ impl Application {
             background,
         } = self;
         assets.spawn_collector(settings.reap_interval * 5, background.clone());
+        assets.spawn_verifier(Duration::from_secs(1), background.clone());
         health.spawn_prober(db, redis, settings.health_interval, background.clone());
         reaper::spawn(engine, background.clone());
 

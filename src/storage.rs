@@ -59,7 +59,11 @@ impl Storage {
             let dir = dir
                 .canonicalize()
                 .map_err(|e| StorageError(format!("{}: {e}", dir.display())))?;
-            let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)?;
+            // An upload is acknowledged (and the asset READY in Postgres) only once its
+            // bytes and directory entry are on disk, as S3 acknowledges a PUT: without
+            // fsync a crash could leave a READY asset pointing at a truncated file.
+            let store =
+                object_store::local::LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true);
             return Ok(Self {
                 store: Arc::new(store),
                 signer: None,
@@ -158,21 +162,33 @@ impl Storage {
         }
     }
 
-    /// A presigned GET URL when the store can make one (S3).
-    pub async fn presigned_get(
+    /// Whether the store hands out its own signed URLs (S3); a local store does not.
+    pub fn presigns(&self) -> bool {
+        self.signer.is_some()
+    }
+
+    /// A URL signed by the store itself for `method` on `key` (S3); `None` for a local
+    /// store, whose URLs mediaplane signs and serves.
+    pub async fn presigned(
         &self,
+        method: http::Method,
         key: &str,
         ttl: Duration,
     ) -> Result<Option<String>, StorageError> {
         match &self.signer {
             Some(signer) => Ok(Some(
                 signer
-                    .signed_url(http::Method::GET, &self.path(key), ttl)
+                    .signed_url(method, &self.path(key), ttl)
                     .await?
                     .to_string(),
             )),
             None => Ok(None),
         }
+    }
+
+    /// A copy made by the store (server-side on S3: the bytes do not pass through here).
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        Ok(self.store.copy(&self.path(from), &self.path(to)).await?)
     }
 }
 

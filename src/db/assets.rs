@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     projects::Outcome,
-    schema::{assets, object_gc, projects},
+    schema::{assets, direct_uploads, object_gc, projects},
 };
 use crate::{
     AppError, AppResult,
@@ -471,4 +471,111 @@ pub async fn gc_claim_due(conn: &mut AsyncPgConnection, limit: i64) -> AppResult
     .load(conn)
     .await?;
     Ok(keys.into_iter().map(|k| k.object_key).collect())
+}
+
+/// A presigned PUT URL handed out for `asset`: its object is looked for at `key` until
+/// it arrives or the URL has expired.
+pub async fn direct_upload_add(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+    asset: Uuid,
+    expire_time: DateTime<Utc>,
+) -> AppResult<()> {
+    diesel::insert_into(direct_uploads::table)
+        .values((
+            direct_uploads::upload_key.eq(key),
+            direct_uploads::asset_id.eq(asset),
+            direct_uploads::expire_time.eq(expire_time),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Queryable, Selectable)]
+#[diesel(table_name = direct_uploads, check_for_backend(diesel::pg::Pg))]
+pub struct DirectUpload {
+    pub upload_key: String,
+    pub asset_id: Uuid,
+    pub expire_time: DateTime<Utc>,
+}
+
+/// Direct uploads due for a look, claimed (the next look pushed back: 1 s, 2 s, 4 s ...
+/// up to 10 s) so verifiers on other instances skip them meanwhile.
+pub async fn direct_uploads_claim_due(
+    conn: &mut AsyncPgConnection,
+    limit: i64,
+) -> AppResult<Vec<DirectUpload>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        upload_key: String,
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        asset_id: Uuid,
+        #[diesel(sql_type = Timestamptz)]
+        expire_time: DateTime<Utc>,
+    }
+    let rows: Vec<Row> = diesel::sql_query(
+        "WITH due AS (SELECT upload_key FROM direct_uploads WHERE check_after <= now() ORDER BY check_after LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         UPDATE direct_uploads d SET checks = d.checks + 1, check_after = now() + LEAST(2 ^ LEAST(d.checks, 4), 10) * interval '1 second' \
+         FROM due WHERE d.upload_key = due.upload_key RETURNING d.upload_key, d.asset_id, d.expire_time",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| DirectUpload {
+            upload_key: r.upload_key,
+            asset_id: r.asset_id,
+            expire_time: r.expire_time,
+        })
+        .collect())
+}
+
+/// Keeps other verifiers off `key` for `hold` (while its object is copied and hashed).
+pub async fn direct_upload_hold(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+    hold: std::time::Duration,
+) -> AppResult<()> {
+    diesel::update(direct_uploads::table.filter(direct_uploads::upload_key.eq(key)))
+        .set(
+            direct_uploads::check_after.eq(sql::<Timestamptz>("now() + ")
+                .bind::<diesel::sql_types::BigInt, _>(hold.as_millis() as i64)
+                .sql(" * interval '1 millisecond'")),
+        )
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn direct_upload_remove(conn: &mut AsyncPgConnection, key: &str) -> AppResult<()> {
+    diesel::delete(direct_uploads::table.filter(direct_uploads::upload_key.eq(key)))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Every direct upload of `asset` (it is READY: the other URLs can no longer succeed).
+pub async fn direct_uploads_remove_asset(
+    conn: &mut AsyncPgConnection,
+    asset: Uuid,
+) -> AppResult<()> {
+    diesel::delete(direct_uploads::table.filter(direct_uploads::asset_id.eq(asset)))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// An asset by id alone, for background work that has no caller.
+pub async fn by_id(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult<Option<Asset>> {
+    assets::table
+        .filter(assets::id.eq(id))
+        .select(AssetRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+        .map(Asset::try_from)
+        .transpose()
 }

@@ -36,6 +36,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    direct_uploads (upload_key) {
+        upload_key -> Text,
+        asset_id -> Uuid,
+        expire_time -> Timestamptz,
+        check_after -> Timestamptz,
+        checks -> Int4,
+    }
+}
+
+diesel::table! {
     job_events (job_id, sequence) {
         job_id -> Uuid,
         sequence -> Int8,
@@ -108,7 +118,15 @@ diesel::table! {
 
 diesel::joinable!(assets -> jobs (source_job));
 diesel::joinable!(assets -> projects (project_id));
+diesel::joinable!(direct_uploads -> assets (asset_id));
 diesel::joinable!(job_events -> jobs (job_id));
 diesel::joinable!(jobs -> projects (project_id));
 
-diesel::allow_tables_to_appear_in_same_query!(assets, job_events, jobs, object_gc, projects,);
+diesel::allow_tables_to_appear_in_same_query!(
+    assets,
+    direct_uploads,
+    job_events,
+    jobs,
+    object_gc,
+    projects,
+);
