@@ -23,9 +23,11 @@ pub struct StorageSettings {
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
-    /// Present for S3: presigned GET URLs come from the store itself.
+    /// Present for S3: presigned URLs come from the store itself.
     signer: Option<Arc<dyn Signer>>,
     prefix: Path,
+    /// The directory of a local store: uploads are written there directly.
+    local_dir: Option<Arc<std::path::Path>>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -68,6 +70,7 @@ impl Storage {
                 store: Arc::new(store),
                 signer: None,
                 prefix: Path::default(),
+                local_dir: Some(dir.into()),
             });
         }
         if let Some(rest) = settings.url.strip_prefix("s3://") {
@@ -93,6 +96,7 @@ impl Storage {
                 store: s3.clone(),
                 signer: Some(s3),
                 prefix: Path::from(prefix),
+                local_dir: None,
             });
         }
         Err(StorageError(format!(
@@ -116,10 +120,18 @@ impl Storage {
     ) -> impl Future<Output = Result<Upload, StorageError>> + Send + '_ {
         let path = self.path(key);
         async move {
+            if let Some(dir) = &self.local_dir {
+                let file = dir.join(path.as_ref());
+                return Ok(Upload::Local(
+                    tokio::task::spawn_blocking(move || LocalWriter::start(file))
+                        .await
+                        .map_err(|e| StorageError(format!("upload: {e}")))??,
+                ));
+            }
             let upload = self.store.put_multipart(&path).await?;
-            Ok(Upload {
-                writer: Some(WriteMultipart::new_with_chunk_size(upload, 5 * 1024 * 1024)),
-            })
+            Ok(Upload::Multipart(Some(
+                WriteMultipart::new_with_chunk_size(upload, 5 * 1024 * 1024),
+            )))
         }
     }
 
@@ -256,34 +268,171 @@ where
 }
 
 /// A streaming write; memory is bounded by the part size times the parts in flight.
-pub struct Upload {
-    writer: Option<WriteMultipart>,
+pub enum Upload {
+    /// S3: parts of 5 MiB, two in flight.
+    Multipart(Option<WriteMultipart>),
+    Local(LocalWriter),
 }
 
 impl Upload {
-    /// Queues `chunk` for the next part without copying it.
+    /// Queues `chunk` for writing without copying it.
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
-        let writer = self
-            .writer
-            .as_mut()
-            .ok_or_else(|| StorageError("upload already finished".into()))?;
-        writer.wait_for_capacity(2).await?;
-        writer.put(chunk);
-        Ok(())
-    }
-
-    pub async fn finish(mut self) -> Result<(), StorageError> {
-        let writer = self
-            .writer
-            .take()
-            .ok_or_else(|| StorageError("upload already finished".into()))?;
-        writer.finish().await?;
-        Ok(())
-    }
-
-    pub async fn abort(mut self) {
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.abort().await;
+        match self {
+            Upload::Multipart(writer) => {
+                let writer = writer
+                    .as_mut()
+                    .ok_or_else(|| StorageError("upload already finished".into()))?;
+                writer.wait_for_capacity(2).await?;
+                writer.put(chunk);
+                Ok(())
+            }
+            Upload::Local(local) => local.write(chunk).await,
         }
+    }
+
+    /// Returns once the object is stored durably.
+    pub async fn finish(self) -> Result<(), StorageError> {
+        match self {
+            Upload::Multipart(mut writer) => {
+                let writer = writer
+                    .take()
+                    .ok_or_else(|| StorageError("upload already finished".into()))?;
+                writer.finish().await?;
+                Ok(())
+            }
+            Upload::Local(local) => local.finish().await,
+        }
+    }
+
+    pub async fn abort(self) {
+        match self {
+            Upload::Multipart(mut writer) => {
+                if let Some(writer) = writer.take() {
+                    let _ = writer.abort().await;
+                }
+            }
+            Upload::Local(local) => local.abort().await,
+        }
+    }
+}
+
+/// Bytes handed to a local writer before it starts their writeback.
+const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
+
+/// A local upload, written in place at its key by a blocking thread (the key is only
+/// read once the asset is READY, and the collector's queue holds it until then, so a
+/// crash leaves nothing behind). Writeback starts every few MiB (`sync_file_range`), so
+/// the fsync that makes the upload durable finds little left to write: object_store's
+/// local store would leave the whole file dirty until that fsync.
+pub struct LocalWriter {
+    chunks: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+    path: std::path::PathBuf,
+    /// Finished or aborted; dropped otherwise (the call went away) removes the file.
+    settled: bool,
+}
+
+impl LocalWriter {
+    fn start(path: std::path::PathBuf) -> Result<Self, StorageError> {
+        let fail = |e: std::io::Error| StorageError(format!("writing {}: {e}", path.display()));
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(fail)?;
+        }
+        let file = std::fs::File::create(&path).map_err(fail)?;
+        let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let dir = path.parent().map(std::path::Path::to_path_buf);
+        let writer = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut file = file;
+            let (mut written, mut flushed) = (0u64, 0u64);
+            while let Some(chunk) = rx.blocking_recv() {
+                file.write_all(&chunk)?;
+                written += chunk.len() as u64;
+                if written - flushed >= WRITEBACK_EVERY {
+                    start_writeback(&file, flushed, written - flushed);
+                    flushed = written;
+                }
+            }
+            file.sync_all()?;
+            // The directory entry too, or a crash could lose the file itself.
+            if let Some(dir) = dir {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        });
+        Ok(Self {
+            chunks: Some(chunks),
+            writer,
+            path,
+            settled: false,
+        })
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        let sent = match &self.chunks {
+            Some(tx) => tx.send(chunk).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The writer stopped early: its error says why.
+        self.chunks = None;
+        Err(match (&mut self.writer).await {
+            Ok(Err(e)) => StorageError(format!("writing {}: {e}", self.path.display())),
+            _ => StorageError("upload writer stopped".into()),
+        })
+    }
+
+    async fn finish(mut self) -> Result<(), StorageError> {
+        drop(self.chunks.take());
+        self.settled = true;
+        match (&mut self.writer).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StorageError(format!(
+                "writing {}: {e}",
+                self.path.display()
+            ))),
+            Err(e) => Err(StorageError(format!("upload writer: {e}"))),
+        }
+    }
+
+    async fn abort(mut self) {
+        if let Some(removal) = self.discard() {
+            let _ = removal.await;
+        }
+    }
+
+    /// Stops the writer and removes the file on a blocking thread, which finishes even
+    /// when the call awaiting it is dropped (hyper drops a handler whose stream is reset).
+    fn discard(&mut self) -> Option<tokio::task::JoinHandle<std::io::Result<()>>> {
+        if std::mem::replace(&mut self.settled, true) {
+            return None;
+        }
+        drop(self.chunks.take());
+        let path = std::mem::take(&mut self.path);
+        tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|rt| rt.spawn_blocking(move || std::fs::remove_file(path)))
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` to disk, without waiting.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; the call only schedules I/O for its pages.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }

@@ -331,7 +331,15 @@ async fn a_stream_cut_in_the_middle_leaves_no_ready_asset_and_no_bytes() {
     let t = token("alice");
     let p = create_project(&app, &t, "cut").await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut client = app.assets(&t);
+    // Through a proxy that can cut the connection, as when the client's host goes away.
+    let proxy = ChaosProxy::start(Box::leak(app.addr.to_string().into_boxed_str())).await;
+    let own = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        pb::assets_service_client::AssetsServiceClient::with_interceptor(own, Bearer::new(&t));
     let call = tokio::spawn(async move {
         client
             .upload_asset_content(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -347,14 +355,17 @@ async fn a_stream_cut_in_the_middle_leaves_no_ready_asset_and_no_bytes() {
         .await
         .unwrap();
     }
-    // Parts have reached storage (the upload is really under way) when the cut comes.
-    eventually(Duration::from_secs(10), "parts written", || async {
-        !stored_files(&app).is_empty()
+    // Bytes have reached storage (the upload is really under way) when the cut comes.
+    eventually(Duration::from_secs(10), "bytes written", || async {
+        stored_files(&app)
+            .iter()
+            .any(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
     })
     .await;
-    // The client goes away mid-upload.
+    // The connection goes away mid-upload, the request stream still open (ending the
+    // stream would make it a complete upload).
+    proxy.cut().await;
     call.abort();
-    drop(tx);
     eventually(
         Duration::from_secs(10),
         "bytes of the broken upload removed",
@@ -377,6 +388,7 @@ async fn a_stream_cut_in_the_middle_leaves_no_ready_asset_and_no_bytes() {
         State::Pending,
         "nothing READY"
     );
+    drop(tx);
 }
 
 #[tokio::test]
