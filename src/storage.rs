@@ -61,9 +61,9 @@ impl Storage {
             let dir = dir
                 .canonicalize()
                 .map_err(|e| StorageError(format!("{}: {e}", dir.display())))?;
-            // An upload is acknowledged (and the asset READY in Postgres) only once its
-            // bytes and directory entry are on disk, as S3 acknowledges a PUT: without
-            // fsync a crash could leave a READY asset pointing at a truncated file.
+            // Whatever is written is on disk before it is acknowledged, as S3 acknowledges
+            // a PUT (uploads themselves go through `LocalWriter`, which fsyncs too):
+            // otherwise a crash could leave a READY asset pointing at a truncated file.
             let store =
                 object_store::local::LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true);
             return Ok(Self {
