@@ -123,6 +123,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Sections to run: all, or those named on the command line
+/// (`cargo bench --bench jobs -- e2e latency`; names: e2e batch prefilled latency idle).
+fn wanted(section: &str) -> bool {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    args.is_empty() || args.iter().any(|a| a == section)
+}
+
 #[tokio::main]
 async fn main() {
     let server = start_server("jobs", &[]);
@@ -155,247 +165,254 @@ async fn main() {
     );
 
     // 1. End to end, one CreateJob per job, producers and workers running together.
-    println!("end to end: CreateJob per job -> AcquireJobs -> CompleteJob");
-    println!(
-        "{:>8} {:>9} {:>8} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
-        "workers", "max_jobs", "jobs", "jobs/s"
-    );
-    for (workers, max_jobs) in [(1, 1), (4, 1), (16, 1), (4, 10), (16, 10), (32, 50)] {
-        let total = 4000;
-        let kind = format!("e2e-{workers}-{max_jobs}");
+    if wanted("e2e") {
+        println!("end to end: CreateJob per job -> AcquireJobs -> CompleteJob");
+        println!(
+            "{:>8} {:>9} {:>8} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
+            "workers", "max_jobs", "jobs", "jobs/s"
+        );
+        for (workers, max_jobs) in [(1, 1), (4, 1), (16, 1), (4, 10), (16, 10), (32, 50)] {
+            let total = 4000;
+            let kind = format!("e2e-{workers}-{max_jobs}");
+            let start = Instant::now();
+            let lat = Arc::new(Latencies::default());
+            let producers: Vec<_> = (0..16)
+                .map(|p| {
+                    let mut c = client(p);
+                    let (project, kind, lat) = (project.clone(), kind.clone(), lat.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..total / 16 {
+                            let t = Instant::now();
+                            c.create_job(pb::CreateJobRequest {
+                                parent: project.clone(),
+                                job: Some(job(&kind)),
+                                request_id: String::new(),
+                            })
+                            .await
+                            .unwrap();
+                            Latencies::record(&lat.create, t);
+                        }
+                    })
+                })
+                .collect();
+            run_workers(&channels, &kind, workers, max_jobs, total, lat.clone()).await;
+            for p in producers {
+                p.await.unwrap();
+            }
+            println!(
+                "{workers:>8} {max_jobs:>9} {total:>8} {:>10.0}   {}, {}, {}",
+                total as f64 / start.elapsed().as_secs_f64(),
+                Latencies::p50_p99(&lat.create),
+                Latencies::p50_p99(&lat.acquire),
+                Latencies::p50_p99(&lat.complete),
+            );
+        }
+    }
+    // 2. End to end with BatchCreateJobs.
+    if wanted("batch") {
+        let total = 10_000;
+        let kind = "e2e-batch";
         let start = Instant::now();
-        let lat = Arc::new(Latencies::default());
-        let producers: Vec<_> = (0..16)
-            .map(|p| {
-                let mut c = client(p);
-                let (project, kind, lat) = (project.clone(), kind.clone(), lat.clone());
-                tokio::spawn(async move {
-                    for _ in 0..total / 16 {
-                        let t = Instant::now();
-                        c.create_job(pb::CreateJobRequest {
-                            parent: project.clone(),
-                            job: Some(job(&kind)),
+        let producer = {
+            let mut c = client(0);
+            let project = project.clone();
+            tokio::spawn(async move {
+                for _ in 0..total / 500 {
+                    let requests = (0..500)
+                        .map(|_| pb::CreateJobRequest {
+                            parent: String::new(),
+                            job: Some(job(kind)),
                             request_id: String::new(),
                         })
-                        .await
-                        .unwrap();
-                        Latencies::record(&lat.create, t);
-                    }
-                })
+                        .collect();
+                    c.batch_create_jobs(pb::BatchCreateJobsRequest {
+                        parent: project.clone(),
+                        requests,
+                    })
+                    .await
+                    .unwrap();
+                }
             })
-            .collect();
-        run_workers(&channels, &kind, workers, max_jobs, total, lat.clone()).await;
-        for p in producers {
-            p.await.unwrap();
-        }
+        };
+        run_workers(&channels, kind, 16, 50, total, Arc::default()).await;
+        producer.await.unwrap();
         println!(
-            "{workers:>8} {max_jobs:>9} {total:>8} {:>10.0}   {}, {}, {}",
-            total as f64 / start.elapsed().as_secs_f64(),
-            Latencies::p50_p99(&lat.create),
-            Latencies::p50_p99(&lat.acquire),
-            Latencies::p50_p99(&lat.complete),
+            "\nend to end with BatchCreateJobs (500 per call), 16 workers, max_jobs 50: {:.0} jobs/s",
+            total as f64 / start.elapsed().as_secs_f64()
         );
     }
-
-    // 2. End to end with BatchCreateJobs.
-    let total = 10_000;
-    let kind = "e2e-batch";
-    let start = Instant::now();
-    let producer = {
-        let mut c = client(0);
-        let project = project.clone();
-        tokio::spawn(async move {
-            for _ in 0..total / 500 {
-                let requests = (0..500)
-                    .map(|_| pb::CreateJobRequest {
-                        parent: String::new(),
-                        job: Some(job(kind)),
-                        request_id: String::new(),
-                    })
-                    .collect();
-                c.batch_create_jobs(pb::BatchCreateJobsRequest {
+    // 3. Draining a pre-filled queue.
+    if wanted("prefilled") {
+        let total = 20_000;
+        let kind = "prefilled";
+        for _ in 0..total / 1000 {
+            let requests = (0..1000)
+                .map(|_| pb::CreateJobRequest {
+                    parent: String::new(),
+                    job: Some(job(kind)),
+                    request_id: String::new(),
+                })
+                .collect();
+            client(0)
+                .batch_create_jobs(pb::BatchCreateJobsRequest {
                     parent: project.clone(),
                     requests,
                 })
                 .await
                 .unwrap();
+        }
+        let start = Instant::now();
+        run_workers(&channels, kind, 16, 50, total, Arc::default()).await;
+        println!(
+            "pre-filled queue of {total}, 16 workers, max_jobs 50: {:.0} jobs/s",
+            total as f64 / start.elapsed().as_secs_f64()
+        );
+    }
+    // 4. Progress latency to N watchers.
+    if wanted("latency") {
+        println!("\nprogress latency, ReportProgress returned -> event received by every watcher");
+        println!(
+            "{:>9} {:>8} {:>9} {:>9} {:>9} {:>6}",
+            "watchers", "reports", "p50 ms", "p99 ms", "max ms", "lost"
+        );
+        for watchers in [1usize, 100, 1000] {
+            let created = client(0)
+                .create_job(pb::CreateJobRequest {
+                    parent: project.clone(),
+                    job: Some(job("latency")),
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let reports = 50;
+            let sent_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+                Arc::new(std::sync::Mutex::new(vec![None; 101]));
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i32, Instant)>();
+            let mut streams = Vec::new();
+            for w in 0..watchers {
+                let mut s = client(w)
+                    .watch_job(pb::WatchJobRequest {
+                        name: created.name.clone(),
+                        after_sequence: 0,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let tx = tx.clone();
+                streams.push(tokio::spawn(async move {
+                    let mut received = 0;
+                    while let Some(Ok(e)) = s.next().await {
+                        let pct = e.job.map_or(0, |j| j.progress_percent);
+                        if pb::job_event::Type::try_from(e.r#type)
+                            == Ok(pb::job_event::Type::Progress)
+                        {
+                            received += 1;
+                            let _ = tx.send((pct, Instant::now()));
+                        }
+                    }
+                    received
+                }));
             }
-        })
-    };
-    run_workers(&channels, kind, 16, 50, total, Arc::default()).await;
-    producer.await.unwrap();
-    println!(
-        "\nend to end with BatchCreateJobs (500 per call), 16 workers, max_jobs 50: {:.0} jobs/s",
-        total as f64 / start.elapsed().as_secs_f64()
-    );
-
-    // 3. Draining a pre-filled queue.
-    let total = 20_000;
-    let kind = "prefilled";
-    for _ in 0..total / 1000 {
-        let requests = (0..1000)
-            .map(|_| pb::CreateJobRequest {
-                parent: String::new(),
-                job: Some(job(kind)),
-                request_id: String::new(),
-            })
-            .collect();
-        client(0)
-            .batch_create_jobs(pb::BatchCreateJobsRequest {
-                parent: project.clone(),
-                requests,
+            drop(tx);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut wc: Jobs = JobsServiceClient::with_interceptor(
+                channels[0].clone(),
+                Bearer(token("bench-worker", &["worker"])),
+            );
+            let l = wc
+                .acquire_jobs(pb::AcquireJobsRequest {
+                    worker_id: "lat".into(),
+                    kinds: vec!["latency".into()],
+                    max_jobs: 1,
+                    lease_duration: dur(60),
+                    wait_timeout: dur(5),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .jobs
+                .remove(0);
+            let name = l.job.unwrap().name;
+            for pct in 1..=reports {
+                wc.report_progress(pb::ReportProgressRequest {
+                    name: name.clone(),
+                    lease_id: l.lease_id.clone(),
+                    progress_percent: pct,
+                    current_step: String::new(),
+                    message: String::new(),
+                })
+                .await
+                .unwrap();
+                sent_at.lock().unwrap()[pct as usize] = Some(Instant::now());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            wc.complete_job(pb::CompleteJobRequest {
+                name,
+                lease_id: l.lease_id,
+                result: None,
+                output_assets: vec![],
             })
             .await
             .unwrap();
+            let mut received = 0;
+            for s in streams {
+                received += s.await.unwrap();
+            }
+            let sent = sent_at.lock().unwrap().clone();
+            let mut lat = Vec::new();
+            while let Some((pct, at)) = rx.recv().await {
+                if let Some(Some(t)) = sent.get(pct as usize) {
+                    lat.push(at.saturating_duration_since(*t).as_secs_f64() * 1000.0);
+                }
+            }
+            lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let lost = watchers * reports as usize - received;
+            println!(
+                "{watchers:>9} {reports:>8} {:>9.2} {:>9.2} {:>9.2} {lost:>6}",
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99),
+                lat.last().copied().unwrap_or(f64::NAN)
+            );
+        }
     }
-    let start = Instant::now();
-    run_workers(&channels, kind, 16, 50, total, Arc::default()).await;
-    println!(
-        "pre-filled queue of {total}, 16 workers, max_jobs 50: {:.0} jobs/s",
-        total as f64 / start.elapsed().as_secs_f64()
-    );
-
-    // 4. Progress latency to N watchers.
-    println!("\nprogress latency, ReportProgress returned -> event received by every watcher");
-    println!(
-        "{:>9} {:>8} {:>9} {:>9} {:>9} {:>6}",
-        "watchers", "reports", "p50 ms", "p99 ms", "max ms", "lost"
-    );
-    for watchers in [1usize, 100, 1000] {
-        let created = client(0)
+    // 5. Memory with 10,000 idle watch streams.
+    if wanted("idle") {
+        let idle = client(0)
             .create_job(pb::CreateJobRequest {
                 parent: project.clone(),
-                job: Some(job("latency")),
+                job: Some(job("idle")),
                 request_id: String::new(),
             })
             .await
             .unwrap()
             .into_inner();
-        let reports = 50;
-        let sent_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
-            Arc::new(std::sync::Mutex::new(vec![None; 101]));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i32, Instant)>();
+        let before = rss_mib(pid);
         let mut streams = Vec::new();
-        for w in 0..watchers {
-            let mut s = client(w)
+        let idle_channels: Vec<Channel> =
+            futures::future::join_all((0..10).map(|_| channel(&server.addr))).await;
+        for i in 0..10_000 {
+            let mut c: Jobs = JobsServiceClient::with_interceptor(
+                idle_channels[i % 10].clone(),
+                Bearer(owner.clone()),
+            );
+            let mut s = c
                 .watch_job(pb::WatchJobRequest {
-                    name: created.name.clone(),
+                    name: idle.name.clone(),
                     after_sequence: 0,
                 })
                 .await
                 .unwrap()
                 .into_inner();
-            let tx = tx.clone();
-            streams.push(tokio::spawn(async move {
-                let mut received = 0;
-                while let Some(Ok(e)) = s.next().await {
-                    let pct = e.job.map_or(0, |j| j.progress_percent);
-                    if pb::job_event::Type::try_from(e.r#type) == Ok(pb::job_event::Type::Progress)
-                    {
-                        received += 1;
-                        let _ = tx.send((pct, Instant::now()));
-                    }
-                }
-                received
-            }));
+            let _ = s.next().await;
+            streams.push(s);
         }
-        drop(tx);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut wc: Jobs = JobsServiceClient::with_interceptor(
-            channels[0].clone(),
-            Bearer(token("bench-worker", &["worker"])),
-        );
-        let l = wc
-            .acquire_jobs(pb::AcquireJobsRequest {
-                worker_id: "lat".into(),
-                kinds: vec!["latency".into()],
-                max_jobs: 1,
-                lease_duration: dur(60),
-                wait_timeout: dur(5),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .jobs
-            .remove(0);
-        let name = l.job.unwrap().name;
-        for pct in 1..=reports {
-            wc.report_progress(pb::ReportProgressRequest {
-                name: name.clone(),
-                lease_id: l.lease_id.clone(),
-                progress_percent: pct,
-                current_step: String::new(),
-                message: String::new(),
-            })
-            .await
-            .unwrap();
-            sent_at.lock().unwrap()[pct as usize] = Some(Instant::now());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        wc.complete_job(pb::CompleteJobRequest {
-            name,
-            lease_id: l.lease_id,
-            result: None,
-            output_assets: vec![],
-        })
-        .await
-        .unwrap();
-        let mut received = 0;
-        for s in streams {
-            received += s.await.unwrap();
-        }
-        let sent = sent_at.lock().unwrap().clone();
-        let mut lat = Vec::new();
-        while let Some((pct, at)) = rx.recv().await {
-            if let Some(Some(t)) = sent.get(pct as usize) {
-                lat.push(at.saturating_duration_since(*t).as_secs_f64() * 1000.0);
-            }
-        }
-        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let lost = watchers * reports as usize - received;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = rss_mib(pid);
         println!(
-            "{watchers:>9} {reports:>8} {:>9.2} {:>9.2} {:>9.2} {lost:>6}",
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            lat.last().copied().unwrap_or(f64::NAN)
+            "\n10,000 idle WatchJob streams: server RSS {before:.1} MiB before, {after:.1} MiB with the streams open (+{:.1} MiB)",
+            after - before
         );
+        drop(streams);
     }
-
-    // 5. Memory with 10,000 idle watch streams.
-    let idle = client(0)
-        .create_job(pb::CreateJobRequest {
-            parent: project.clone(),
-            job: Some(job("idle")),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let before = rss_mib(pid);
-    let mut streams = Vec::new();
-    let idle_channels: Vec<Channel> =
-        futures::future::join_all((0..10).map(|_| channel(&server.addr))).await;
-    for i in 0..10_000 {
-        let mut c: Jobs = JobsServiceClient::with_interceptor(
-            idle_channels[i % 10].clone(),
-            Bearer(owner.clone()),
-        );
-        let mut s = c
-            .watch_job(pb::WatchJobRequest {
-                name: idle.name.clone(),
-                after_sequence: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let _ = s.next().await;
-        streams.push(s);
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_mib(pid);
-    println!(
-        "\n10,000 idle WatchJob streams: server RSS {before:.1} MiB before, {after:.1} MiB with the streams open (+{:.1} MiB)",
-        after - before
-    );
-    drop(streams);
 }

@@ -461,7 +461,9 @@ pub async fn acquire(
     for kind in kinds {
         due.extend(
             jobs::table
-                .filter(jobs::state.eq(JobState::Queued))
+                // Literal, not a bind: the planner must see it to use the partial fetch
+                // index in the generic plan of this prepared statement.
+                .filter(sql::<Bool>("state = 'queued'"))
                 .filter(jobs::kind.eq(kind))
                 .filter(jobs::schedule_time.le(diesel::dsl::now))
                 .order((
@@ -637,7 +639,7 @@ pub async fn end_attempt(
 pub async fn lock_expired(conn: &mut AsyncPgConnection, limit: i64) -> AppResult<Vec<Job>> {
     jobs_from(
         jobs::table
-            .filter(jobs::state.eq(JobState::Running))
+            .filter(sql::<Bool>("state = 'running'")) // literal: matches the partial index
             .filter(jobs::lease_expire_time.lt(diesel::dsl::now))
             .order(jobs::lease_expire_time.asc())
             .limit(limit)
@@ -718,11 +720,8 @@ pub async fn prune(
 ) -> AppResult<(usize, usize)> {
     let jobs_deleted = diesel::delete(
         jobs::table
-            .filter(jobs::state.eq_any([
-                JobState::Succeeded,
-                JobState::Failed,
-                JobState::Cancelled,
-            ]))
+            // Literal: matches the partial index on finished jobs.
+            .filter(sql::<Bool>("state IN ('succeeded', 'failed', 'cancelled')"))
             .filter(jobs::end_time.lt(finished_before)),
     )
     .execute(conn)
