@@ -1,10 +1,17 @@
 //! Live progress: subscribe first, then read Postgres, then follow events; any sign
 //! of a gap (sequence jump, lagging, Redis reconnect, the periodic resync) sends the
 //! watcher back to Postgres. Postgres is the only source of what watchers are told.
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
 
+use futures::StreamExt;
 use prost::Message;
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::sync::{
+    broadcast::{self, error::RecvError},
+    mpsc,
+};
 use tonic::Status;
 use uuid::Uuid;
 
@@ -20,11 +27,11 @@ use crate::{
     proto::v1::{self as pb, job_event::Type as EventType},
 };
 
-/// Messages buffered per stream; a client slower than this makes its watcher lag,
-/// and a lagging watcher gets the newest snapshot instead of a backlog.
+/// Messages buffered per WatchJobs stream; a client slower than this makes its watcher
+/// lag, and a lagging watcher gets the newest snapshot instead of a backlog.
 const STREAM_BUFFER: usize = 16;
 
-pub type EventStream = tokio_stream::wrappers::ReceiverStream<Result<pb::JobEvent, Status>>;
+pub type EventStream = futures::stream::BoxStream<'static, Result<pb::JobEvent, Status>>;
 
 fn is_terminal(event: &pb::JobEvent) -> bool {
     event.job.as_ref().is_some_and(|j| {
@@ -35,12 +42,17 @@ fn is_terminal(event: &pb::JobEvent) -> bool {
     })
 }
 
+/// One WatchJob stream. It runs inside the stream itself (polled by the connection's
+/// stream task), not in a task of its own: one wake-up per event per watcher, no
+/// channel between. A client that reads slowly stops the polling, its broadcast
+/// receiver lags, and it gets the newest snapshot instead of a backlog.
 struct JobWatcher {
     engine: Engine,
     owner: Option<String>,
     name: JobName,
-    tx: mpsc::Sender<Result<pb::JobEvent, Status>>,
-    /// Sequence of the last event sent.
+    /// Events decided but not yet taken by the stream.
+    out: VecDeque<pb::JobEvent>,
+    /// Sequence of the last event queued.
     last: i64,
 }
 
@@ -50,14 +62,11 @@ enum Flow {
 }
 
 impl JobWatcher {
-    async fn send(&mut self, event: pb::JobEvent) -> Flow {
+    fn send(&mut self, event: pb::JobEvent) -> Flow {
         self.last = event.sequence;
         let terminal = is_terminal(&event);
-        if self.tx.send(Ok(event)).await.is_err() || terminal {
-            Flow::Done
-        } else {
-            Flow::Continue
-        }
+        self.out.push_back(event);
+        if terminal { Flow::Done } else { Flow::Continue }
     }
 
     async fn current(&self) -> AppResult<Job> {
@@ -81,11 +90,11 @@ impl JobWatcher {
                 Flow::Continue
             });
         }
-        Ok(self.send(event(&job, EventType::Snapshot)).await)
+        Ok(self.send(event(&job, EventType::Snapshot)))
     }
 
-    /// Sends what was missed after `self.last`: the events themselves when they are all
-    /// still stored, else a snapshot.
+    /// Queues what was missed after `self.last`: the events themselves when they are
+    /// all still stored, else a snapshot.
     async fn catch_up(&mut self) -> AppResult<Flow> {
         let (payloads, oldest) = {
             let mut conn = self.engine.db.get().await?;
@@ -101,7 +110,7 @@ impl JobWatcher {
             if event.sequence != self.last + 1 {
                 return self.snapshot().await;
             }
-            if let Flow::Done = self.send(event).await {
+            if let Flow::Done = self.send(event) {
                 return Ok(Flow::Done);
             }
         }
@@ -109,31 +118,56 @@ impl JobWatcher {
         self.snapshot().await
     }
 
-    async fn run(mut self, mut rx: tokio::sync::broadcast::Receiver<Signal>) {
-        let mut resync = tokio::time::interval(self.engine.settings.watch_resync);
-        resync.tick().await;
-        loop {
-            let step = tokio::select! {
-                () = self.tx.closed() => return,
-                signal = rx.recv() => match signal {
-                    Ok(Signal::Event(ev)) if ev.sequence <= self.last => Ok(Flow::Continue),
-                    Ok(Signal::Event(ev)) if ev.sequence == self.last + 1 => Ok(self.send(Arc::unwrap_or_clone(ev)).await),
-                    Ok(Signal::Event(_)) | Ok(Signal::Resync) => self.catch_up().await,
-                    // Too slow: the newest state, not a backlog.
-                    Err(RecvError::Lagged(_)) => self.snapshot().await,
-                    Err(RecvError::Closed) => Err(AppError::Unavailable("event hub closed".into())),
-                },
-                _ = resync.tick() => self.catch_up().await,
-            };
-            match step {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Done) => return,
-                Err(e) => {
-                    let _ = self.tx.send(Err(e.into())).await;
-                    return;
-                }
-            }
+    /// Waits for the next signal and queues what it calls for.
+    async fn step(
+        &mut self,
+        rx: &mut broadcast::Receiver<Signal>,
+        resync: &mut tokio::time::Interval,
+    ) -> AppResult<Flow> {
+        tokio::select! {
+            signal = rx.recv() => match signal {
+                Ok(Signal::Event(ev)) if ev.sequence <= self.last => Ok(Flow::Continue),
+                Ok(Signal::Event(ev)) if ev.sequence == self.last + 1 => Ok(self.send(Arc::unwrap_or_clone(ev))),
+                Ok(Signal::Event(_)) | Ok(Signal::Resync) => self.catch_up().await,
+                // Too slow: the newest state, not a backlog.
+                Err(RecvError::Lagged(_)) => self.snapshot().await,
+                Err(RecvError::Closed) => Err(AppError::Unavailable("event hub closed".into())),
+            },
+            _ = resync.tick() => self.catch_up().await,
         }
+    }
+
+    /// The stream: queued events first, then one step at a time until the terminal
+    /// event or an error (sent as the stream's last item).
+    fn into_stream(self, rx: broadcast::Receiver<Signal>, done: bool) -> EventStream {
+        let resync = {
+            let period = self.engine.settings.watch_resync;
+            tokio::time::interval_at(tokio::time::Instant::now() + period, period)
+        };
+        let failed: Option<Status> = None;
+        futures::stream::unfold(
+            (self, rx, resync, done, failed),
+            |(mut w, mut rx, mut resync, mut done, mut failed)| async move {
+                loop {
+                    if let Some(event) = w.out.pop_front() {
+                        return Some((Ok(event), (w, rx, resync, done, failed)));
+                    }
+                    if let Some(status) = failed.take() {
+                        return Some((Err(status), (w, rx, resync, true, None)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    match w.step(&mut rx, &mut resync).await {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Done) => done = true,
+                        // What was queued before the error goes first.
+                        Err(e) => (done, failed) = (true, Some(e.into())),
+                    }
+                }
+            },
+        )
+        .boxed()
     }
 }
 
@@ -147,12 +181,11 @@ impl Engine {
         after_sequence: i64,
     ) -> AppResult<EventStream> {
         let rx = self.hub.job(name.job);
-        let (tx, out) = mpsc::channel(STREAM_BUFFER);
         let mut watcher = JobWatcher {
             engine: self.clone(),
             owner: caller.owner_scope().map(str::to_owned),
             name,
-            tx,
+            out: VecDeque::new(),
             last: 0,
         };
         let job = watcher.current().await?;
@@ -167,12 +200,9 @@ impl Engine {
                 Flow::Continue
             }
         } else {
-            watcher.send(event(&job, EventType::Snapshot)).await
+            watcher.send(event(&job, EventType::Snapshot))
         };
-        if let Flow::Continue = flow {
-            tokio::spawn(watcher.run(rx));
-        }
-        Ok(tokio_stream::wrappers::ReceiverStream::new(out))
+        Ok(watcher.into_stream(rx, matches!(flow, Flow::Done)))
     }
 
     /// Snapshots of the project's jobs that match `filter` (newest 1,000), then every
@@ -202,7 +232,7 @@ impl Engine {
             synced: None,
         };
         tokio::spawn(watcher.run(rx));
-        Ok(tokio_stream::wrappers::ReceiverStream::new(out))
+        Ok(tokio_stream::wrappers::ReceiverStream::new(out).boxed())
     }
 }
 
