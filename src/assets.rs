@@ -327,19 +327,9 @@ impl Assets {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        if let Err(e) = this.verify_direct_uploads_once().await {
-                            tracing::warn!(error = %e, "direct upload verifier failed");
-                        }
-                    }
-                }
-            }
+        every_until(every, stop, "direct upload verifier", move || {
+            let this = this.clone();
+            async move { this.verify_direct_uploads_once().await }
         });
     }
 
@@ -429,19 +419,9 @@ impl Assets {
     /// Deletes due objects (deleted assets, abandoned uploads) until `stop`.
     pub fn spawn_collector(&self, every: Duration, stop: CancellationToken) {
         let this = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        if let Err(e) = this.collect_once().await {
-                            tracing::warn!(error = %e, "object collector failed");
-                        }
-                    }
-                }
-            }
+        every_until(every, stop, "object collector", move || {
+            let this = this.clone();
+            async move { this.collect_once().await }
         });
     }
 
@@ -463,6 +443,29 @@ impl Assets {
         }
         Ok(removed)
     }
+}
+
+/// Runs `work` every `period` until `stop`; a failed round is logged and retried at
+/// the next tick.
+fn every_until<F, Fut>(period: Duration, stop: CancellationToken, what: &'static str, work: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = AppResult<usize>> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = work().await {
+                        tracing::warn!(error = %e, "{what} failed; retrying at the next round");
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Whether a direct upload needs no more looks: its asset is no longer PENDING, or its
