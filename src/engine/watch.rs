@@ -8,10 +8,7 @@ use std::{
 
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::{
-    broadcast::{self, error::RecvError},
-    mpsc,
-};
+use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 use uuid::Uuid;
 
@@ -27,10 +24,6 @@ use crate::{
     proto::v1::{self as pb, job_event::Type as EventType},
 };
 
-/// Messages buffered per WatchJobs stream; a client slower than this makes its watcher
-/// lag, and a lagging watcher gets the newest snapshot instead of a backlog.
-const STREAM_BUFFER: usize = 16;
-
 pub type EventStream = futures::stream::BoxStream<'static, Result<pb::JobEvent, Status>>;
 
 fn is_terminal(event: &pb::JobEvent) -> bool {
@@ -42,10 +35,7 @@ fn is_terminal(event: &pb::JobEvent) -> bool {
     })
 }
 
-/// One WatchJob stream. It runs inside the stream itself (polled by the connection's
-/// stream task), not in a task of its own: one wake-up per event per watcher, no
-/// channel between. A client that reads slowly stops the polling, its broadcast
-/// receiver lags, and it gets the newest snapshot instead of a backlog.
+/// One WatchJob stream (see `into_stream`).
 struct JobWatcher {
     engine: Engine,
     owner: Option<String>,
@@ -117,8 +107,13 @@ impl JobWatcher {
         // Events may lag the row by nothing (same transaction), but be sure.
         self.snapshot().await
     }
+}
 
-    /// Waits for the next signal and queues what it calls for.
+impl Watcher for JobWatcher {
+    fn queued(&mut self) -> &mut VecDeque<pb::JobEvent> {
+        &mut self.out
+    }
+
     async fn step(
         &mut self,
         rx: &mut broadcast::Receiver<Signal>,
@@ -136,39 +131,55 @@ impl JobWatcher {
             _ = resync.tick() => self.catch_up().await,
         }
     }
+}
 
-    /// The stream: queued events first, then one step at a time until the terminal
-    /// event or an error (sent as the stream's last item).
-    fn into_stream(self, rx: broadcast::Receiver<Signal>, done: bool) -> EventStream {
-        let resync = {
-            let period = self.engine.settings.watch_resync;
-            tokio::time::interval_at(tokio::time::Instant::now() + period, period)
-        };
-        let failed: Option<Status> = None;
-        futures::stream::unfold(
-            (self, rx, resync, done, failed),
-            |(mut w, mut rx, mut resync, mut done, mut failed)| async move {
-                loop {
-                    if let Some(event) = w.out.pop_front() {
-                        return Some((Ok(event), (w, rx, resync, done, failed)));
-                    }
-                    if let Some(status) = failed.take() {
-                        return Some((Err(status), (w, rx, resync, true, None)));
-                    }
-                    if done {
-                        return None;
-                    }
-                    match w.step(&mut rx, &mut resync).await {
-                        Ok(Flow::Continue) => {}
-                        Ok(Flow::Done) => done = true,
-                        // What was queued before the error goes first.
-                        Err(e) => (done, failed) = (true, Some(e.into())),
-                    }
+/// A watcher behind a stream: events it has decided wait in `queued`; `step` waits
+/// for the next signal (or the periodic resync) and queues what it calls for.
+trait Watcher: Send + 'static {
+    fn queued(&mut self) -> &mut VecDeque<pb::JobEvent>;
+
+    fn step<'a>(
+        &'a mut self,
+        rx: &'a mut broadcast::Receiver<Signal>,
+        resync: &'a mut tokio::time::Interval,
+    ) -> impl Future<Output = AppResult<Flow>> + Send + 'a;
+}
+
+/// The stream of a watcher. It runs inside the stream itself (polled by the
+/// connection's stream task), not in a task of its own: one wake-up per event per
+/// watcher and no channel between. A client that reads slowly stops the polling, its
+/// broadcast receiver lags, and it gets the newest state instead of a backlog.
+/// Queued events first, then a step at a time until `Done` or an error (sent last).
+fn into_stream<W: Watcher>(
+    watcher: W,
+    rx: broadcast::Receiver<Signal>,
+    resync: tokio::time::Interval,
+    done: bool,
+) -> EventStream {
+    let failed: Option<Status> = None;
+    futures::stream::unfold(
+        (watcher, rx, resync, done, failed),
+        |(mut w, mut rx, mut resync, mut done, mut failed)| async move {
+            loop {
+                if let Some(event) = w.queued().pop_front() {
+                    return Some((Ok(event), (w, rx, resync, done, failed)));
                 }
-            },
-        )
-        .boxed()
-    }
+                if let Some(status) = failed.take() {
+                    return Some((Err(status), (w, rx, resync, true, None)));
+                }
+                if done {
+                    return None;
+                }
+                match w.step(&mut rx, &mut resync).await {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Done) => done = true,
+                    // What was queued before the error goes first.
+                    Err(e) => (done, failed) = (true, Some(e.into())),
+                }
+            }
+        },
+    )
+    .boxed()
 }
 
 impl Engine {
@@ -202,7 +213,9 @@ impl Engine {
         } else {
             watcher.send(event(&job, EventType::Snapshot))
         };
-        Ok(watcher.into_stream(rx, matches!(flow, Flow::Done)))
+        let period = self.settings.watch_resync;
+        let resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        Ok(into_stream(watcher, rx, resync, matches!(flow, Flow::Done)))
     }
 
     /// Snapshots of the project's jobs that match `filter` (newest 1,000), then every
@@ -221,18 +234,18 @@ impl Engine {
                 .await?
                 .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
         }
-        let (tx, out) = mpsc::channel(STREAM_BUFFER);
         let watcher = ProjectWatcher {
             engine: self.clone(),
             owner,
             project: project.0,
             filter,
-            tx,
+            out: VecDeque::new(),
             seen: HashMap::new(),
             synced: None,
         };
-        tokio::spawn(watcher.run(rx));
-        Ok(tokio_stream::wrappers::ReceiverStream::new(out).boxed())
+        // The first tick is at once: the stream starts with the snapshots.
+        let resync = tokio::time::interval(self.settings.watch_resync);
+        Ok(into_stream(watcher, rx, resync, false))
     }
 }
 
@@ -241,15 +254,16 @@ struct ProjectWatcher {
     owner: Option<String>,
     project: Uuid,
     filter: JobFilter,
-    tx: mpsc::Sender<Result<pb::JobEvent, Status>>,
-    /// Last sequence sent per job.
+    /// Events decided but not yet taken by the stream.
+    out: VecDeque<pb::JobEvent>,
+    /// Last sequence queued per job.
     seen: HashMap<Uuid, i64>,
     synced: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl ProjectWatcher {
     /// Snapshots of jobs changed since the last sync that the stream has not seen yet.
-    async fn sync(&mut self) -> AppResult<bool> {
+    async fn sync(&mut self) -> AppResult<Flow> {
         let started = chrono::Utc::now();
         // A little overlap: update_time is the writer's transaction time.
         let since = self.synced.map(|t| t - chrono::Duration::seconds(5));
@@ -266,52 +280,42 @@ impl ProjectWatcher {
                 continue;
             }
             self.seen.insert(job.id, job.sequence);
-            if self
-                .tx
-                .send(Ok(event(&job, EventType::Snapshot)))
-                .await
-                .is_err()
-            {
-                return Ok(false);
-            }
+            self.out.push_back(event(&job, EventType::Snapshot));
         }
         self.synced = Some(started);
-        Ok(true)
+        Ok(Flow::Continue)
+    }
+}
+
+impl Watcher for ProjectWatcher {
+    fn queued(&mut self) -> &mut VecDeque<pb::JobEvent> {
+        &mut self.out
     }
 
-    async fn run(mut self, mut rx: tokio::sync::broadcast::Receiver<Signal>) {
-        let mut resync = tokio::time::interval(self.engine.settings.watch_resync);
-        loop {
-            let step = tokio::select! {
-                () = self.tx.closed() => return,
-                _ = resync.tick() => self.sync().await,
-                signal = rx.recv() => match signal {
-                    Ok(Signal::Event(ev)) => {
-                        let job = ev.job.as_ref();
-                        let id = job.and_then(|j| JobName::parse("name", &j.name).ok()).map(|n| n.job);
-                        let state = job.and_then(|j| pb::job::State::try_from(j.state).ok()).and_then(state_of);
-                        match (id, state, job) {
-                            (Some(id), Some(state), Some(job))
-                                if self.filter.matches(state, &job.kind) && self.seen.get(&id).is_none_or(|s| *s < ev.sequence) =>
-                            {
-                                self.seen.insert(id, ev.sequence);
-                                Ok(self.tx.send(Ok(Arc::unwrap_or_clone(ev))).await.is_ok())
-                            }
-                            _ => Ok(true),
-                        }
+    async fn step(
+        &mut self,
+        rx: &mut broadcast::Receiver<Signal>,
+        resync: &mut tokio::time::Interval,
+    ) -> AppResult<Flow> {
+        tokio::select! {
+            _ = resync.tick() => self.sync().await,
+            signal = rx.recv() => match signal {
+                Ok(Signal::Event(ev)) => {
+                    let job = ev.job.as_ref();
+                    let id = job.and_then(|j| JobName::parse("name", &j.name).ok()).map(|n| n.job);
+                    let state = job.and_then(|j| pb::job::State::try_from(j.state).ok()).and_then(state_of);
+                    if let (Some(id), Some(state), Some(job)) = (id, state, job)
+                        && self.filter.matches(state, &job.kind)
+                        && self.seen.get(&id).is_none_or(|s| *s < ev.sequence)
+                    {
+                        self.seen.insert(id, ev.sequence);
+                        self.out.push_back(Arc::unwrap_or_clone(ev));
                     }
-                    Ok(Signal::Resync) | Err(RecvError::Lagged(_)) => self.sync().await,
-                    Err(RecvError::Closed) => Err(AppError::Unavailable("event hub closed".into())),
-                },
-            };
-            match step {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    let _ = self.tx.send(Err(e.into())).await;
-                    return;
+                    Ok(Flow::Continue)
                 }
-            }
+                Ok(Signal::Resync) | Err(RecvError::Lagged(_)) => self.sync().await,
+                Err(RecvError::Closed) => Err(AppError::Unavailable("event hub closed".into())),
+            },
         }
     }
 }
