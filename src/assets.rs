@@ -373,13 +373,10 @@ impl Assets {
             }
             return Ok(false);
         };
-        {
-            let mut conn = self.db.get().await?;
-            db::assets::direct_upload_hold(&mut conn, key, Duration::from_secs(600)).await?;
-        }
         let final_key = Storage::new_key(asset.project_id, asset.id);
         {
             let mut conn = self.db.get().await?;
+            db::assets::direct_upload_hold(&mut conn, key, Duration::from_secs(600)).await?;
             db::assets::gc_enqueue(&mut conn, &final_key, UPLOAD_GRACE).await?;
         }
         // From here the uploaded object is not needed (a PUT made again with the same

@@ -129,8 +129,9 @@ impl Storage {
                 ));
             }
             let upload = self.store.put_multipart(&path).await?;
-            Ok(Upload::Multipart(Some(
-                WriteMultipart::new_with_chunk_size(upload, 5 * 1024 * 1024),
+            Ok(Upload::Multipart(WriteMultipart::new_with_chunk_size(
+                upload,
+                5 * 1024 * 1024,
             )))
         }
     }
@@ -270,7 +271,7 @@ where
 /// A streaming write; memory is bounded by the part size times the parts in flight.
 pub enum Upload {
     /// S3: parts of 5 MiB, two in flight.
-    Multipart(Option<WriteMultipart>),
+    Multipart(WriteMultipart),
     Local(LocalWriter),
 }
 
@@ -279,9 +280,6 @@ impl Upload {
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
         match self {
             Upload::Multipart(writer) => {
-                let writer = writer
-                    .as_mut()
-                    .ok_or_else(|| StorageError("upload already finished".into()))?;
                 writer.wait_for_capacity(2).await?;
                 writer.put(chunk);
                 Ok(())
@@ -293,10 +291,7 @@ impl Upload {
     /// Returns once the object is stored durably.
     pub async fn finish(self) -> Result<(), StorageError> {
         match self {
-            Upload::Multipart(mut writer) => {
-                let writer = writer
-                    .take()
-                    .ok_or_else(|| StorageError("upload already finished".into()))?;
+            Upload::Multipart(writer) => {
                 writer.finish().await?;
                 Ok(())
             }
@@ -306,10 +301,8 @@ impl Upload {
 
     pub async fn abort(self) {
         match self {
-            Upload::Multipart(mut writer) => {
-                if let Some(writer) = writer.take() {
-                    let _ = writer.abort().await;
-                }
+            Upload::Multipart(writer) => {
+                let _ = writer.abort().await;
             }
             Upload::Local(local) => local.abort().await,
         }

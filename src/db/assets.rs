@@ -436,9 +436,7 @@ pub async fn gc_enqueue(
     diesel::insert_into(object_gc::table)
         .values((
             object_gc::object_key.eq(key),
-            object_gc::not_before.eq(sql::<Timestamptz>("now() + ")
-                .bind::<diesel::sql_types::BigInt, _>(delay.as_millis() as i64)
-                .sql(" * interval '1 millisecond'")),
+            object_gc::not_before.eq(super::now_plus::<Timestamptz>(delay.as_millis() as i64)),
         ))
         .on_conflict(object_gc::object_key)
         .do_nothing()
@@ -541,9 +539,7 @@ pub async fn direct_upload_hold(
 ) -> AppResult<()> {
     diesel::update(direct_uploads::table.filter(direct_uploads::upload_key.eq(key)))
         .set(
-            direct_uploads::check_after.eq(sql::<Timestamptz>("now() + ")
-                .bind::<diesel::sql_types::BigInt, _>(hold.as_millis() as i64)
-                .sql(" * interval '1 millisecond'")),
+            direct_uploads::check_after.eq(super::now_plus::<Timestamptz>(hold.as_millis() as i64)),
         )
         .execute(conn)
         .await?;

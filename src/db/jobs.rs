@@ -5,7 +5,7 @@ use diesel::{
     IntoSql, OptionalExtension,
     dsl::sql,
     prelude::*,
-    sql_types::{BigInt, Bool, Integer, Nullable, Timestamptz},
+    sql_types::{Bool, Integer, Nullable, Timestamptz},
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -500,9 +500,7 @@ pub async fn acquire(
                 "gen_random_uuid()",
             )),
             jobs::lease_duration_ms.eq(lease_ms),
-            jobs::lease_expire_time.eq(sql::<Nullable<Timestamptz>>("now() + ")
-                .bind::<BigInt, _>(lease_ms)
-                .sql(" * interval '1 millisecond'")),
+            jobs::lease_expire_time.eq(super::now_plus::<Nullable<Timestamptz>>(lease_ms)),
             jobs::start_time.eq(sql::<Nullable<Timestamptz>>("COALESCE(start_time, now())")),
             jobs::progress_percent.eq(0),
             jobs::current_step.eq(""),
@@ -622,9 +620,7 @@ pub async fn end_attempt(
             jobs::error.eq(Some(error)),
             jobs::lease_id.eq(None::<Uuid>),
             jobs::lease_expire_time.eq(None::<DateTime<Utc>>),
-            jobs::schedule_time.eq(sql::<Timestamptz>("now() + ")
-                .bind::<BigInt, _>(retry_ms)
-                .sql(" * interval '1 millisecond'")),
+            jobs::schedule_time.eq(super::now_plus::<Timestamptz>(retry_ms)),
             jobs::end_time.eq(sql::<Nullable<Timestamptz>>("CASE WHEN ")
                 .bind::<Bool, _>(next.is_terminal())
                 .sql(" THEN now() END")),

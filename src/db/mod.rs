@@ -15,6 +15,21 @@ pub mod jobs;
 pub mod projects;
 pub mod schema;
 
+/// `now() + ms` milliseconds, on the database's clock (the one every instance shares).
+pub type NowPlus<ST> = diesel::expression::SqlLiteral<
+    ST,
+    diesel::expression::UncheckedBind<
+        diesel::expression::SqlLiteral<ST>,
+        <i64 as diesel::expression::AsExpression<diesel::sql_types::BigInt>>::Expression,
+    >,
+>;
+
+pub fn now_plus<ST: diesel::expression::TypedExpressionType>(ms: i64) -> NowPlus<ST> {
+    diesel::dsl::sql::<ST>("now() + ")
+        .bind::<diesel::sql_types::BigInt, _>(ms)
+        .sql(" * interval '1 millisecond'")
+}
+
 pub type Pool = bb8::Pool<AsyncPgConnection>;
 pub type PooledConn<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
 
