@@ -1,5 +1,5 @@
-//! Job queries. Writes here run inside the engine's transactions, which also record
-//! the job's events; every UPDATE bumps `sequence` through the table's trigger.
+//! Job queries. Every UPDATE bumps `sequence` (a row trigger), and every INSERT or
+//! UPDATE of jobs records its events in the same statement (statement triggers).
 use chrono::{DateTime, Utc};
 use diesel::{
     IntoSql, OptionalExtension,
@@ -647,64 +647,41 @@ pub async fn lock_expired(conn: &mut AsyncPgConnection, limit: i64) -> AppResult
     )
 }
 
-pub async fn insert_events(
-    conn: &mut AsyncPgConnection,
-    events: &[(Uuid, i64, Uuid, Vec<u8>)],
-) -> AppResult<()> {
-    #[derive(Insertable)]
-    #[diesel(table_name = job_events)]
-    struct EventRow<'a> {
-        job_id: Uuid,
-        sequence: i64,
-        project_id: Uuid,
-        payload: &'a [u8],
-    }
-    let rows: Vec<EventRow> = events
-        .iter()
-        .map(|(job_id, sequence, project_id, payload)| EventRow {
-            job_id: *job_id,
-            sequence: *sequence,
-            project_id: *project_id,
-            payload,
-        })
-        .collect();
-    for chunk in rows.chunks(5000) {
-        if let [one] = chunk {
-            // Prepared once per connection, unlike multi-row inserts.
-            diesel::insert_into(job_events::table)
-                .values(one)
-                .execute(conn)
-                .await?;
-        } else {
-            diesel::insert_into(job_events::table)
-                .values(chunk)
-                .execute(conn)
-                .await?;
-        }
-    }
-    Ok(())
-}
-
-/// Encoded events after `after`, in order, and the oldest sequence still kept.
+/// Events after `after`, in order, as (type, job as the event left it), and the oldest
+/// sequence still kept. The triggers of migration 000005 write them; a stored event
+/// keeps the changing columns, the rest comes from the job.
 pub async fn events_after(
     conn: &mut AsyncPgConnection,
     job: Uuid,
     after: i64,
-) -> AppResult<(Vec<Vec<u8>>, Option<i64>)> {
+) -> AppResult<(Vec<(i16, Job)>, Option<i64>)> {
+    #[derive(QueryableByName)]
+    struct Replayed {
+        #[diesel(sql_type = diesel::sql_types::SmallInt)]
+        event_type: i16,
+        #[diesel(embed)]
+        job: JobRow,
+    }
     let oldest: Option<i64> = job_events::table
         .filter(job_events::job_id.eq(job))
         .select(diesel::dsl::min(job_events::sequence))
         .first(conn)
         .await?;
-    let payloads = job_events::table
-        .filter(job_events::job_id.eq(job))
-        .filter(job_events::sequence.gt(after))
-        .order(job_events::sequence.asc())
-        .limit(10_000)
-        .select(job_events::payload)
-        .load(conn)
-        .await?;
-    Ok((payloads, oldest))
+    let rows: Vec<Replayed> = diesel::sql_query(
+        "SELECT e.type AS event_type, r.* \
+         FROM job_events e JOIN jobs j ON j.id = e.job_id, \
+              LATERAL jsonb_populate_record(j, e.snapshot) AS r \
+         WHERE e.job_id = $1 AND e.sequence > $2 ORDER BY e.sequence LIMIT 10000",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(job)
+    .bind::<diesel::sql_types::BigInt, _>(after)
+    .load(conn)
+    .await?;
+    let events = rows
+        .into_iter()
+        .map(|r| Ok((r.event_type, Job::try_from(r.job)?)))
+        .collect::<AppResult<_>>()?;
+    Ok((events, oldest))
 }
 
 /// Deletes finished jobs (with their events) older than `finished_before`, and

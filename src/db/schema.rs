@@ -50,8 +50,10 @@ diesel::table! {
         job_id -> Uuid,
         sequence -> Int8,
         project_id -> Uuid,
-        payload -> Bytea,
         event_time -> Timestamptz,
+        #[sql_name = "type"]
+        type_ -> Int2,
+        snapshot -> Jsonb,
     }
 }
 

@@ -96,24 +96,16 @@ pub fn event(job: &Job, ty: EventType) -> pb::JobEvent {
     }
 }
 
-/// Writes the events of `changes` in the caller's transaction.
-async fn record(
-    conn: &mut AsyncPgConnection,
-    changes: &[(Job, EventType)],
-) -> AppResult<Vec<Published>> {
-    let mut rows = Vec::with_capacity(changes.len());
-    let mut published = Vec::with_capacity(changes.len());
-    for (job, ty) in changes {
-        let payload = event(job, *ty).encode_to_vec();
-        rows.push((job.id, job.sequence, job.project_id, payload.clone()));
-        published.push(Published {
+/// What to publish after commit for `changes` (the database recorded them already).
+fn to_publish(changes: &[(Job, EventType)]) -> Vec<Published> {
+    changes
+        .iter()
+        .map(|(job, ty)| Published {
             project: job.project_id,
             job: job.id,
-            payload,
-        });
-    }
-    db::jobs::insert_events(conn, &rows).await?;
-    Ok(published)
+            payload: event(job, *ty).encode_to_vec(),
+        })
+        .collect()
 }
 
 /// Output assets must be READY assets of the job's project; they record the job.
@@ -332,7 +324,7 @@ impl Engine {
                 for (job, _) in &changes {
                     *kinds.entry(job.kind.clone()).or_default() += 1;
                 }
-                let published = record(conn, &changes).await?;
+                let published = to_publish(&changes);
                 Ok::<_, AppError>((results, published, kinds))
             })
             .await?;
@@ -366,7 +358,7 @@ impl Engine {
                         )));
                     }
                 };
-                let published = record(conn, &[(job.clone(), ty)]).await?;
+                let published = to_publish(&[(job.clone(), ty)]);
                 Ok((job, published))
             })
             .await?;
@@ -389,7 +381,7 @@ impl Engine {
                     )));
                 }
                 let job = db::jobs::requeue(conn, job.id).await?;
-                let published = record(conn, &[(job.clone(), EventType::StateChanged)]).await?;
+                let published = to_publish(&[(job.clone(), EventType::StateChanged)]);
                 Ok::<_, AppError>((job, published))
             })
             .await?;
@@ -415,7 +407,7 @@ impl Engine {
                     .iter()
                     .map(|j| (j.clone(), EventType::StateChanged))
                     .collect();
-                let published = record(conn, &changes).await?;
+                let published = to_publish(&changes);
                 Ok::<_, AppError>((jobs, published))
             })
             .await?;
@@ -530,7 +522,7 @@ impl Engine {
                         job
                     }));
                 }
-                let published = record(conn, &changes).await?;
+                let published = to_publish(&changes);
                 Ok::<_, AppError>((results, published, kinds))
             })
             .await?;
@@ -569,7 +561,7 @@ impl Engine {
                     *kinds.entry(job.kind.clone()).or_default() += 1;
                     changes.push((job, EventType::StateChanged));
                 }
-                let published = record(conn, &changes).await?;
+                let published = to_publish(&changes);
                 Ok::<_, AppError>((changes.len(), published, kinds))
             })
             .await?;

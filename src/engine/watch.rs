@@ -7,7 +7,6 @@ use std::{
 };
 
 use futures::StreamExt;
-use prost::Message;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 use uuid::Uuid;
@@ -86,21 +85,21 @@ impl JobWatcher {
     /// Queues what was missed after `self.last`: the events themselves when they are
     /// all still stored, else a snapshot.
     async fn catch_up(&mut self) -> AppResult<Flow> {
-        let (payloads, oldest) = {
+        let (events, oldest) = {
             let mut conn = self.engine.db.get().await?;
             db::jobs::events_after(&mut conn, self.name.job, self.last).await?
         };
-        let complete = oldest.is_some_and(|o| o <= self.last + 1) && !payloads.is_empty();
+        let complete = oldest.is_some_and(|o| o <= self.last + 1) && !events.is_empty();
         if !complete {
             return self.snapshot().await;
         }
-        for payload in payloads {
-            let event = pb::JobEvent::decode(payload.as_slice())
-                .map_err(|e| AppError::internal(format!("stored event: {e}")))?;
-            if event.sequence != self.last + 1 {
+        for (ty, job) in events {
+            let ty = EventType::try_from(i32::from(ty))
+                .map_err(|_| AppError::internal(format!("stored event type {ty}")))?;
+            if job.sequence != self.last + 1 {
                 return self.snapshot().await;
             }
-            if let Flow::Done = self.send(event) {
+            if let Flow::Done = self.send(event(&job, ty)) {
                 return Ok(Flow::Done);
             }
         }

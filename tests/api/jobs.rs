@@ -1084,12 +1084,24 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
     let app = TestApp::spawn().await;
     let t = token("alice");
     let p = create_project(&app, &t, "resume").await;
-    let created = create_job(&app, &t, &p.name, job("render")).await;
+    let mut labelled = job("render");
+    labelled.labels = [("shot".to_owned(), "12".to_owned())].into();
+    let created = create_job(&app, &t, &p.name, labelled).await;
+    // Sees every change live, to compare with what a resume replays from Postgres.
+    let mut live = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: created.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let l = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
         .await
         .remove(0);
-    for pct in [20, 40, 60] {
-        progress(&app, &l, pct, "").await.unwrap();
+    for (pct, step) in [(20, "decode"), (40, "render"), (60, "encode")] {
+        progress(&app, &l, pct, step).await.unwrap();
     }
     // Seen up to sequence 3 (created, leased, 20%): resume gets 4 and 5, then live events.
     let mut stream = app
@@ -1108,6 +1120,16 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
         vec![4, 5, 6]
     );
     assert_eq!(Type::try_from(events[0].r#type).unwrap(), Type::Progress);
+    // Replayed events are the events as they were published, snapshot and all.
+    let live = collect(&mut live, Duration::from_secs(10)).await;
+    assert_eq!(
+        live.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    // (6 may arrive as a snapshot: it can be committed before the replay ends.)
+    assert_eq!(events[..2], live[3..5]);
+    assert_eq!(events[0].job.as_ref().unwrap().current_step, "render");
+    assert_eq!(events[0].job.as_ref().unwrap().labels["shot"], "12");
 
     // When the events are gone (pruned), a resume gets a fresh snapshot.
     let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
