@@ -272,6 +272,109 @@ pub async fn insert_many(
     Ok(out)
 }
 
+/// Inserts jobs in one statement, each only if its project exists and is visible to
+/// its scope (`None`: any) and its request id is new. Runs as its own transaction: the
+/// jobs it returns (by their position in `inserts`) are committed, with their events.
+/// The others wrote nothing; `insert_many` in a transaction tells why.
+pub async fn insert_visible(
+    conn: &mut AsyncPgConnection,
+    inserts: &[(Option<&str>, Uuid, &NewJob, Option<&str>)],
+) -> AppResult<Vec<(usize, Job)>> {
+    use diesel::sql_types::{Array, Bytea, Int4, Jsonb, Nullable as N, Text};
+    struct InsertVisible {
+        ids: Vec<Uuid>,
+        projects: Vec<Uuid>,
+        scopes: Vec<Option<String>>,
+        kinds: Vec<String>,
+        inputs: Vec<serde_json::Value>,
+        labels: Vec<serde_json::Value>,
+        priorities: Vec<i32>,
+        max_attempts: Vec<i32>,
+        schedule_times: Vec<Option<DateTime<Utc>>>,
+        request_ids: Vec<Option<String>>,
+        request_hashes: Vec<Option<Vec<u8>>>,
+    }
+    impl super::Statement for InsertVisible {
+        fn walk<'b>(
+            &'b self,
+            mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+        ) -> QueryResult<()> {
+            out.push_sql(
+                "INSERT INTO jobs (id, project_id, owner, kind, input, labels, priority, \
+                 max_attempts, schedule_time, request_id, request_hash) \
+                 SELECT c.id, p.id, p.owner, c.kind, c.input, c.labels, c.priority, \
+                 c.max_attempts, COALESCE(c.schedule_time, now()), c.request_id, c.request_hash \
+                 FROM unnest(",
+            );
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Text>>, _>(&self.scopes)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Text>, _>(&self.kinds)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Jsonb>, _>(&self.inputs)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Jsonb>, _>(&self.labels)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Int4>, _>(&self.priorities)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Int4>, _>(&self.max_attempts)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Timestamptz>>, _>(&self.schedule_times)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Text>>, _>(&self.request_ids)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Bytea>>, _>(&self.request_hashes)?;
+            out.push_sql(
+                ") AS c(id, project, scope, kind, input, labels, priority, max_attempts, \
+                 schedule_time, request_id, request_hash) \
+                 JOIN projects p ON p.id = c.project AND (c.scope IS NULL OR p.owner = c.scope) \
+                 ON CONFLICT (owner, request_id) DO NOTHING RETURNING *",
+            );
+            Ok(())
+        }
+    }
+    let ids: Vec<Uuid> = inserts.iter().map(|_| Uuid::now_v7()).collect();
+    let statement = InsertVisible {
+        ids: ids.clone(),
+        projects: inserts.iter().map(|i| i.1).collect(),
+        scopes: inserts.iter().map(|i| i.0.map(str::to_owned)).collect(),
+        kinds: inserts.iter().map(|i| i.2.kind.clone()).collect(),
+        inputs: inserts
+            .iter()
+            .map(|i| serde_json::Value::Object(i.2.input.clone()))
+            .collect(),
+        labels: inserts.iter().map(|i| labels_json(&i.2.labels)).collect(),
+        priorities: inserts.iter().map(|i| i.2.priority).collect(),
+        max_attempts: inserts.iter().map(|i| i.2.max_attempts).collect(),
+        schedule_times: inserts.iter().map(|i| i.2.schedule_time).collect(),
+        request_ids: inserts.iter().map(|i| i.3.map(str::to_owned)).collect(),
+        request_hashes: inserts.iter().map(|i| i.3.map(|_| i.2.digest())).collect(),
+    };
+    let rows: Vec<JobRow> = match super::Prepared(statement).load(conn).await {
+        Ok(rows) => rows,
+        // A project deleted while the jobs went in: nothing was written.
+        Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::ForeignKeyViolation,
+            _,
+        )) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let position: std::collections::HashMap<Uuid, usize> =
+        ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    rows.into_iter()
+        .map(|r| {
+            let at = position
+                .get(&r.id)
+                .copied()
+                .ok_or_else(|| AppError::internal("inserted a job nobody asked for"))?;
+            Ok((at, Job::try_from(r)?))
+        })
+        .collect()
+}
+
 /// The job a repeated request id refers to, if the request is the same.
 async fn existing(conn: &mut AsyncPgConnection, row: &NewJobRow<'_>) -> AppResult<(Job, bool)> {
     let (Some(request_id), Some(digest)) = (row.request_id, row.request_hash.as_deref()) else {

@@ -30,6 +30,36 @@ pub fn now_plus<ST: diesel::expression::TypedExpressionType>(ms: i64) -> NowPlus
         .sql(" * interval '1 millisecond'")
 }
 
+/// A hand-written statement (unnest, CTEs: what the query builder cannot say). Unlike
+/// `sql_query`, which diesel never prepares (a Parse and a plan on every call), a
+/// `Prepared` statement is prepared once per connection: its SQL is fixed per type.
+pub trait Statement: Send + Sync + 'static {
+    fn walk<'b>(
+        &'b self,
+        out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> diesel::QueryResult<()>;
+}
+
+pub struct Prepared<S>(pub S);
+
+impl<S: Statement> diesel::query_builder::QueryId for Prepared<S> {
+    type QueryId = S;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<S: Statement> diesel::query_builder::QueryFragment<diesel::pg::Pg> for Prepared<S> {
+    fn walk_ast<'b>(
+        &'b self,
+        out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> diesel::QueryResult<()> {
+        self.0.walk(out)
+    }
+}
+
+impl<S: Statement> diesel::query_builder::Query for Prepared<S> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
 pub type Pool = bb8::Pool<AsyncPgConnection>;
 pub type PooledConn<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
 

@@ -267,6 +267,9 @@ impl Engine {
         calls: &[CreateCall],
         all_or_none: bool,
     ) -> AppResult<Vec<AppResult<Job>>> {
+        if !all_or_none {
+            return self.create_each(calls).await;
+        }
         let mut conn = self.conn().await?;
         let (results, published, kinds) = conn
             .transaction(async |conn| {
@@ -330,6 +333,50 @@ impl Engine {
             .await?;
         self.publish(published, kinds).await;
         Ok(results)
+    }
+
+    /// Independent creates (a CreateJob group): one statement, its own transaction, for
+    /// every call whose project is visible and whose request id is new; the calls it
+    /// left out (refused or repeated) go through the transactional path, which tells
+    /// them apart.
+    async fn create_each(&self, calls: &[CreateCall]) -> AppResult<Vec<AppResult<Job>>> {
+        let inserts: Vec<_> = calls
+            .iter()
+            .map(|c| {
+                (
+                    c.scope.as_deref(),
+                    c.project.0,
+                    &c.job,
+                    c.request_id.as_deref(),
+                )
+            })
+            .collect();
+        let inserted = {
+            let mut conn = self.conn().await?;
+            db::jobs::insert_visible(&mut conn, &inserts).await?
+        };
+        let mut results: Vec<Option<AppResult<Job>>> = calls.iter().map(|_| None).collect();
+        let mut changes = Vec::with_capacity(inserted.len());
+        let mut kinds = Wake::new();
+        for (at, job) in inserted {
+            *kinds.entry(job.kind.clone()).or_default() += 1;
+            changes.push((job.clone(), EventType::Created));
+            results[at] = Some(Ok(job));
+        }
+        self.publish(to_publish(&changes), kinds).await;
+        let mut out = Vec::with_capacity(calls.len());
+        for (at, result) in results.into_iter().enumerate() {
+            out.push(match result {
+                Some(done) => done,
+                None => match Box::pin(self.create_tx(&calls[at..=at], true)).await {
+                    Ok(mut one) => one
+                        .pop()
+                        .unwrap_or_else(|| Err(AppError::internal("no result"))),
+                    Err(e) => Err(e),
+                },
+            });
+        }
+        Ok(out)
     }
 
     pub async fn get(&self, caller: &Caller, name: JobName) -> AppResult<Job> {
