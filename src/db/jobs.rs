@@ -663,6 +663,165 @@ pub async fn progress(
     row.try_into()
 }
 
+/// A worker's write that needs no decision in Rust: progress, or a complete without
+/// output assets.
+pub enum Fenced {
+    Progress {
+        percent: i32,
+        step: String,
+        message: String,
+    },
+    Complete {
+        result: Option<serde_json::Value>,
+    },
+}
+
+/// One worker write: applied only if the job is `id` in `project`, RUNNING under
+/// `lease`, and of one of `kinds` (when the worker's token is limited to some).
+pub struct FencedWrite<'a> {
+    pub project: Uuid,
+    pub id: Uuid,
+    pub lease: Uuid,
+    pub kinds: &'a [String],
+    pub op: &'a Fenced,
+}
+
+/// Applies `writes` (each job named once) in one statement, its own transaction: the
+/// lease check and the change together, so no lock is held across a round trip.
+/// Returns the jobs written, by position in `writes`; the others wrote nothing.
+pub async fn write_fenced(
+    conn: &mut AsyncPgConnection,
+    writes: &[FencedWrite<'_>],
+) -> AppResult<Vec<(usize, Job)>> {
+    use diesel::sql_types::{Array, Int4, Jsonb, Nullable as N, Text};
+    struct WriteFenced {
+        at: Vec<i32>,
+        ids: Vec<Uuid>,
+        projects: Vec<Uuid>,
+        leases: Vec<Uuid>,
+        done: Vec<bool>,
+        percents: Vec<i32>,
+        steps: Vec<String>,
+        messages: Vec<String>,
+        results: Vec<Option<serde_json::Value>>,
+        limited: Vec<bool>,
+        kind_at: Vec<i32>,
+        kinds: Vec<String>,
+    }
+    impl super::Statement for WriteFenced {
+        fn walk<'b>(
+            &'b self,
+            mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+        ) -> QueryResult<()> {
+            out.push_sql(
+                "UPDATE jobs SET \
+                 state = CASE WHEN c.done THEN 'succeeded'::job_state ELSE jobs.state END, \
+                 progress_percent = CASE WHEN c.done THEN 100 ELSE c.percent END, \
+                 current_step = CASE WHEN c.done THEN jobs.current_step ELSE c.step END, \
+                 message = CASE WHEN c.done THEN jobs.message ELSE c.message END, \
+                 result = CASE WHEN c.done THEN c.result ELSE jobs.result END, \
+                 output_assets = CASE WHEN c.done THEN '{}' ELSE jobs.output_assets END, \
+                 error = CASE WHEN c.done THEN NULL ELSE jobs.error END, \
+                 lease_id = CASE WHEN c.done THEN NULL ELSE jobs.lease_id END, \
+                 lease_expire_time = CASE WHEN c.done THEN NULL \
+                     ELSE now() + jobs.lease_duration_ms * interval '1 millisecond' END, \
+                 end_time = CASE WHEN c.done THEN now() ELSE jobs.end_time END \
+                 FROM unnest(",
+            );
+            out.push_bind_param::<Array<Int4>, _>(&self.at)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.leases)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Bool>, _>(&self.done)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Int4>, _>(&self.percents)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Text>, _>(&self.steps)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Text>, _>(&self.messages)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Jsonb>>, _>(&self.results)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Bool>, _>(&self.limited)?;
+            out.push_sql(
+                ") AS c(at, id, project, lease, done, percent, step, message, result, limited) \
+                 WHERE jobs.id = c.id AND jobs.project_id = c.project \
+                 AND jobs.state = 'running' AND jobs.lease_id = c.lease \
+                 AND (NOT c.limited OR jobs.kind IN (SELECT k.kind FROM unnest(",
+            );
+            out.push_bind_param::<Array<Int4>, _>(&self.kind_at)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Text>, _>(&self.kinds)?;
+            out.push_sql(") AS k(at, kind) WHERE k.at = c.at)) RETURNING c.at, jobs.*");
+            Ok(())
+        }
+    }
+    #[derive(QueryableByName)]
+    struct Written {
+        #[diesel(sql_type = Integer)]
+        at: i32,
+        #[diesel(embed)]
+        job: JobRow,
+    }
+    // Rows are locked in this order: by id, as everywhere jobs are locked in bulk.
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by_key(|&i| writes[i].id);
+    let mut st = WriteFenced {
+        at: Vec::new(),
+        ids: Vec::new(),
+        projects: Vec::new(),
+        leases: Vec::new(),
+        done: Vec::new(),
+        percents: Vec::new(),
+        steps: Vec::new(),
+        messages: Vec::new(),
+        results: Vec::new(),
+        limited: Vec::new(),
+        kind_at: Vec::new(),
+        kinds: Vec::new(),
+    };
+    for i in order {
+        let w = &writes[i];
+        st.at.push(i as i32);
+        st.ids.push(w.id);
+        st.projects.push(w.project);
+        st.leases.push(w.lease);
+        st.limited.push(!w.kinds.is_empty());
+        for kind in w.kinds {
+            st.kind_at.push(i as i32);
+            st.kinds.push(kind.clone());
+        }
+        match w.op {
+            Fenced::Progress {
+                percent,
+                step,
+                message,
+            } => {
+                st.done.push(false);
+                st.percents.push(*percent);
+                st.steps.push(step.clone());
+                st.messages.push(message.clone());
+                st.results.push(None);
+            }
+            Fenced::Complete { result } => {
+                st.done.push(true);
+                st.percents.push(100);
+                st.steps.push(String::new());
+                st.messages.push(String::new());
+                st.results.push(result.clone());
+            }
+        }
+    }
+    let rows: Vec<Written> = super::Prepared(st).load(conn).await?;
+    rows.into_iter()
+        .map(|r| Ok((r.at as usize, Job::try_from(r.job)?)))
+        .collect()
+}
+
 /// RUNNING -> SUCCEEDED with `result` and `output_assets`.
 pub async fn succeed(
     conn: &mut AsyncPgConnection,

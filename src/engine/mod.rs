@@ -517,9 +517,99 @@ impl Engine {
         }
     }
 
-    /// Applies worker writes in order in one transaction. A call whose lease is not
-    /// current (or that is refused for another reason) writes nothing.
+    /// Applies a group of worker writes. Progress and plain completes of jobs named
+    /// once in the group go in one statement that checks the lease as it writes; the
+    /// rest (fails, completes with outputs, a job named twice, and fenced writes that
+    /// were refused, to tell why) are applied in order in a transaction. Once the fast
+    /// statement committed, every call gets its own result: an error here would have
+    /// the group retried and committed writes applied twice.
     async fn lease_tx(&self, calls: &[LeaseCall]) -> AppResult<Vec<AppResult<Job>>> {
+        let mut named = std::collections::HashMap::<Uuid, usize>::new();
+        for c in calls {
+            *named.entry(c.name.job).or_default() += 1;
+        }
+        let fenced: Vec<(usize, db::jobs::Fenced)> = calls
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| named.get(&c.name.job) == Some(&1))
+            .filter_map(|(i, c)| match &c.op {
+                LeaseOp::Progress {
+                    percent,
+                    step,
+                    message,
+                } => Some((
+                    i,
+                    db::jobs::Fenced::Progress {
+                        percent: *percent,
+                        step: step.clone(),
+                        message: message.clone(),
+                    },
+                )),
+                LeaseOp::Complete {
+                    result,
+                    output_assets,
+                } if output_assets.is_empty() => Some((
+                    i,
+                    db::jobs::Fenced::Complete {
+                        result: result.clone(),
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        let mut results: Vec<Option<AppResult<Job>>> = calls.iter().map(|_| None).collect();
+        if !fenced.is_empty() {
+            let writes: Vec<_> = fenced
+                .iter()
+                .map(|(i, op)| db::jobs::FencedWrite {
+                    project: calls[*i].name.project,
+                    id: calls[*i].name.job,
+                    lease: calls[*i].lease,
+                    kinds: &calls[*i].kinds,
+                    op,
+                })
+                .collect();
+            let written = {
+                let mut conn = self.conn().await?;
+                db::jobs::write_fenced(&mut conn, &writes).await?
+            };
+            let mut changes = Vec::with_capacity(written.len());
+            for (w, job) in written {
+                let (at, op) = &fenced[w];
+                let ty = match op {
+                    db::jobs::Fenced::Progress { .. } => EventType::Progress,
+                    db::jobs::Fenced::Complete { .. } => EventType::StateChanged,
+                };
+                changes.push((job.clone(), ty));
+                results[*at] = Some(Ok(job));
+            }
+            self.publish(to_publish(&changes), Wake::new()).await;
+        }
+        let rest: Vec<&LeaseCall> = calls
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .map(|(c, _)| c)
+            .collect();
+        let mut locked = crate::batch::shared_or_alone(&rest, |c| self.lease_locked(c))
+            .await
+            .into_iter();
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.or_else(|| locked.next())
+                    .unwrap_or_else(|| Err(AppError::internal("call left out of its group")))
+            })
+            .collect())
+    }
+
+    /// Applies worker writes in order in one transaction, each after locking its job
+    /// and checking the lease. A call whose lease is not current (or that is refused
+    /// for another reason) writes nothing.
+    async fn lease_locked(&self, calls: &[&LeaseCall]) -> AppResult<Vec<AppResult<Job>>> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
         let backoff = self.settings.backoff;
         let mut conn = self.conn().await?;
         let (results, published, kinds) = conn
@@ -528,33 +618,11 @@ impl Engine {
                 ids.sort_unstable();
                 ids.dedup();
                 let mut current = db::jobs::lock_many(conn, &ids).await?;
-                // Plain completes (no result, no outputs) of jobs named once in the group
-                // share one UPDATE; everything else is applied call by call, in order.
-                let mut named = std::collections::HashMap::<Uuid, usize>::new();
-                for c in calls {
-                    *named.entry(c.name.job).or_default() += 1;
-                }
-                let plain: Vec<Uuid> = calls
-                    .iter()
-                    .filter(|c| {
-                        named.get(&c.name.job) == Some(&1)
-                            && matches!(&c.op, LeaseOp::Complete { result: None, output_assets } if output_assets.is_empty())
-                            && current.get(&c.name.job).is_some_and(|j| {
-                                j.project_id == c.name.project && refusal(j, c).is_none()
-                            })
-                    })
-                    .map(|c| c.name.job)
-                    .collect();
-                let mut succeeded = db::jobs::succeed_many(conn, &plain, None, &[]).await?;
                 let mut results = Vec::with_capacity(calls.len());
                 let mut changes = Vec::new();
                 let mut kinds = Wake::new();
                 for call in calls {
                     let outcome = match current.get(&call.name.job) {
-                        Some(_) if succeeded.contains_key(&call.name.job) => succeeded
-                            .remove(&call.name.job)
-                            .map(|job| (job, EventType::StateChanged))
-                            .ok_or_else(|| AppError::internal("job left out of its group")),
                         Some(job) if job.project_id == call.name.project => {
                             apply(conn, job, call, &backoff).await?
                         }

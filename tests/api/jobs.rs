@@ -979,6 +979,78 @@ async fn worker_tokens_limited_to_kinds() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Holding a current lease of another kind does not let it write either.
+    let render = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    let render_name = render.job.as_ref().unwrap().name.clone();
+    let err = app
+        .jobs(&limited)
+        .report_progress(pb::ReportProgressRequest {
+            name: render_name.clone(),
+            lease_id: render.lease_id.clone(),
+            progress_percent: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = app
+        .jobs(&limited)
+        .complete_job(pb::CompleteJobRequest {
+            name: render_name.clone(),
+            lease_id: render.lease_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let untouched = get(&app, &t, &render_name).await;
+    assert_eq!(
+        (untouched.state(), untouched.progress_percent),
+        (State::Running, 0)
+    );
+
+    // Its own kind: acquire, progress and complete.
+    let transcode = create_job(&app, &t, &p.name, job("transcode")).await;
+    let leased = app
+        .jobs(&limited)
+        .acquire_jobs(pb::AcquireJobsRequest {
+            worker_id: "gpu-1".into(),
+            kinds: vec!["transcode".into()],
+            max_jobs: 1,
+            lease_duration: secs(30.0),
+            wait_timeout: secs(0.0),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .remove(0);
+    let progress = app
+        .jobs(&limited)
+        .report_progress(pb::ReportProgressRequest {
+            name: transcode.name.clone(),
+            lease_id: leased.lease_id.clone(),
+            progress_percent: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!progress.cancel_requested);
+    let done = app
+        .jobs(&limited)
+        .complete_job(pb::CompleteJobRequest {
+            name: transcode.name.clone(),
+            lease_id: leased.lease_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.state(), State::Succeeded);
 }
 
 #[tokio::test]
