@@ -331,8 +331,12 @@ pub async fn insert_visible(
                 ") AS c(id, project, scope, kind, input, labels, priority, max_attempts, \
                  schedule_time, request_id, request_hash) \
                  JOIN projects p ON p.id = c.project AND (c.scope IS NULL OR p.owner = c.scope) \
-                 ON CONFLICT (owner, request_id) DO NOTHING RETURNING *",
+                 WHERE p.id = ANY(",
             );
+            // Redundant with the join, but it makes the generic plan probe the primary
+            // key instead of hashing the projects table.
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
+            out.push_sql(") ON CONFLICT (owner, request_id) DO NOTHING RETURNING *");
             Ok(())
         }
     }
@@ -547,12 +551,12 @@ pub async fn requeue(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult<Job> {
     row.try_into()
 }
 
-/// Leases up to `limit` queued jobs of `kinds` that are due. Each kind is read in the
-/// fetch index's order (one kind per query: `kind = ANY(..)` cannot use the index
-/// order and sorts the whole queue), locked FOR UPDATE SKIP LOCKED so concurrent
-/// callers skip each other's rows instead of waiting or double-leasing. Both
-/// statements are built with the query builder, so they are prepared once per
-/// connection rather than planned on every call.
+/// Leases up to `limit` queued jobs of `kinds` that are due, in one statement (its own
+/// transaction). Each kind is read in the fetch index's order (one index scan per kind:
+/// `kind = ANY(..)` cannot use the index order and sorts the whole queue), locked FOR
+/// UPDATE SKIP LOCKED so concurrent callers skip each other's rows instead of waiting
+/// or double-leasing; the best `limit` across kinds are leased, and the locks on the
+/// others end with the statement.
 pub async fn acquire(
     conn: &mut AsyncPgConnection,
     kinds: &[String],
@@ -560,58 +564,62 @@ pub async fn acquire(
     worker_id: &str,
     lease_ms: i64,
 ) -> AppResult<Vec<Job>> {
-    let mut due: Vec<(Uuid, i32, DateTime<Utc>, DateTime<Utc>)> = Vec::new();
-    for kind in kinds {
-        due.extend(
-            jobs::table
-                // Literal, not a bind: the planner must see it to use the partial fetch
-                // index in the generic plan of this prepared statement.
-                .filter(sql::<Bool>("state = 'queued'"))
-                .filter(jobs::kind.eq(kind))
-                .filter(jobs::schedule_time.le(diesel::dsl::now))
-                .order((
-                    jobs::priority.desc(),
-                    jobs::schedule_time.asc(),
-                    jobs::create_time.asc(),
-                ))
-                .limit(limit)
-                .select((
-                    jobs::id,
-                    jobs::priority,
-                    jobs::schedule_time,
-                    jobs::create_time,
-                ))
-                .for_update()
-                .skip_locked()
-                .load::<(Uuid, i32, DateTime<Utc>, DateTime<Utc>)>(conn)
-                .await?,
-        );
+    use diesel::sql_types::{Array, BigInt, Text};
+    struct Acquire {
+        kinds: Vec<String>,
+        limit: i64,
+        worker_id: String,
+        lease_ms: i64,
     }
-    // Across kinds, the best `limit`; the rest stay queued (their locks end at commit).
-    due.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
-    due.truncate(limit.max(0) as usize);
-    if due.is_empty() {
+    impl super::Statement for Acquire {
+        fn walk<'b>(
+            &'b self,
+            mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+        ) -> QueryResult<()> {
+            // `state = 'queued'` is a literal: the planner must see it to use the
+            // partial fetch index in the generic plan. `id = ANY(ARRAY(..))`, not a
+            // join: the generic plan cannot know the LIMIT and would hash the table.
+            out.push_sql("WITH due AS (SELECT q.id FROM unnest(");
+            out.push_bind_param::<Array<Text>, _>(&self.kinds)?;
+            out.push_sql(
+                ") AS k(kind) CROSS JOIN LATERAL (\
+                 SELECT id, priority, schedule_time, create_time FROM jobs \
+                 WHERE state = 'queued' AND kind = k.kind AND schedule_time <= now() \
+                 ORDER BY priority DESC, schedule_time, create_time LIMIT ",
+            );
+            out.push_bind_param::<BigInt, _>(&self.limit)?;
+            out.push_sql(
+                " FOR UPDATE SKIP LOCKED) q \
+                 ORDER BY q.priority DESC, q.schedule_time, q.create_time LIMIT ",
+            );
+            out.push_bind_param::<BigInt, _>(&self.limit)?;
+            out.push_sql(
+                ") UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = ",
+            );
+            out.push_bind_param::<Text, _>(&self.worker_id)?;
+            out.push_sql(", lease_id = gen_random_uuid(), lease_duration_ms = ");
+            out.push_bind_param::<BigInt, _>(&self.lease_ms)?;
+            out.push_sql(", lease_expire_time = now() + ");
+            out.push_bind_param::<BigInt, _>(&self.lease_ms)?;
+            out.push_sql(
+                " * interval '1 millisecond', start_time = COALESCE(start_time, now()), \
+                 progress_percent = 0, current_step = '', message = '' \
+                 WHERE jobs.id = ANY(ARRAY(SELECT id FROM due)) RETURNING jobs.*",
+            );
+            Ok(())
+        }
+    }
+    if kinds.is_empty() || limit <= 0 {
         return Ok(Vec::new());
     }
-    let ids: Vec<Uuid> = due.iter().map(|d| d.0).collect();
-    let rows: Vec<JobRow> = diesel::update(jobs::table.filter(jobs::id.eq_any(&ids)))
-        .set((
-            jobs::state.eq(JobState::Running),
-            jobs::attempt.eq(jobs::attempt + 1),
-            jobs::worker_id.eq(worker_id),
-            jobs::lease_id.eq(sql::<Nullable<diesel::sql_types::Uuid>>(
-                "gen_random_uuid()",
-            )),
-            jobs::lease_duration_ms.eq(lease_ms),
-            jobs::lease_expire_time.eq(super::now_plus::<Nullable<Timestamptz>>(lease_ms)),
-            jobs::start_time.eq(sql::<Nullable<Timestamptz>>("COALESCE(start_time, now())")),
-            jobs::progress_percent.eq(0),
-            jobs::current_step.eq(""),
-            jobs::message.eq(""),
-        ))
-        .returning(JobRow::as_returning())
-        .get_results(conn)
-        .await?;
+    let rows: Vec<JobRow> = super::Prepared(Acquire {
+        kinds: kinds.to_vec(),
+        limit,
+        worker_id: worker_id.to_owned(),
+        lease_ms,
+    })
+    .load(conn)
+    .await?;
     let mut jobs = jobs_from(rows)?;
     // RETURNING does not keep the fetch order.
     jobs.sort_by(|a, b| {
@@ -751,8 +759,12 @@ pub async fn write_fenced(
                 ") AS c(at, id, project, lease, done, percent, step, message, result, limited) \
                  WHERE jobs.id = c.id AND jobs.project_id = c.project \
                  AND jobs.state = 'running' AND jobs.lease_id = c.lease \
-                 AND (NOT c.limited OR jobs.kind IN (SELECT k.kind FROM unnest(",
+                 AND jobs.id = ANY(",
             );
+            // Redundant with the join: the generic plan then probes the primary key
+            // instead of scanning every running job.
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
+            out.push_sql(") AND (NOT c.limited OR jobs.kind IN (SELECT k.kind FROM unnest(");
             out.push_bind_param::<Array<Int4>, _>(&self.kind_at)?;
             out.push_sql(", ");
             out.push_bind_param::<Array<Text>, _>(&self.kinds)?;

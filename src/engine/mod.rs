@@ -445,20 +445,16 @@ impl Engine {
         max: i64,
         lease: Duration,
     ) -> AppResult<Vec<Job>> {
-        let mut conn = self.conn().await?;
         let lease_ms = lease.as_millis() as i64;
-        let (jobs, published) = conn
-            .transaction(async |conn| {
-                let jobs = db::jobs::acquire(conn, kinds, max, worker_id, lease_ms).await?;
-                let changes: Vec<_> = jobs
-                    .iter()
-                    .map(|j| (j.clone(), EventType::StateChanged))
-                    .collect();
-                let published = to_publish(&changes);
-                Ok::<_, AppError>((jobs, published))
-            })
-            .await?;
-        self.publish(published, Wake::new()).await;
+        let jobs = {
+            let mut conn = self.conn().await?;
+            db::jobs::acquire(&mut conn, kinds, max, worker_id, lease_ms).await?
+        };
+        let changes: Vec<_> = jobs
+            .iter()
+            .map(|j| (j.clone(), EventType::StateChanged))
+            .collect();
+        self.publish(to_publish(&changes), Wake::new()).await;
         Ok(jobs)
     }
 
