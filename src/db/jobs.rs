@@ -6,6 +6,7 @@ use diesel::{
     dsl::sql,
     prelude::*,
     sql_types::{Bool, Integer, Nullable, Timestamptz},
+    upsert::DecoratableTarget,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -246,6 +247,7 @@ pub async fn insert_many(
             diesel::insert_into(jobs::table)
                 .values(one)
                 .on_conflict((jobs::owner, jobs::request_id))
+                .filter_target(jobs::request_id.is_not_null())
                 .do_nothing()
                 .returning(JobRow::as_returning())
                 .get_results(conn)
@@ -254,6 +256,7 @@ pub async fn insert_many(
             diesel::insert_into(jobs::table)
                 .values(chunk)
                 .on_conflict((jobs::owner, jobs::request_id))
+                .filter_target(jobs::request_id.is_not_null())
                 .do_nothing()
                 .returning(JobRow::as_returning())
                 .get_results(conn)
@@ -336,7 +339,7 @@ pub async fn insert_visible(
             // Redundant with the join, but it makes the generic plan probe the primary
             // key instead of hashing the projects table.
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
-            out.push_sql(") ON CONFLICT (owner, request_id) DO NOTHING RETURNING *");
+            out.push_sql(") ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *");
             Ok(())
         }
     }

@@ -1,0 +1,4 @@
+DROP INDEX job_events_time_idx;
+CREATE INDEX job_events_time_idx ON job_events (event_time);
+DROP INDEX jobs_owner_request_id_key;
+ALTER TABLE jobs ADD CONSTRAINT jobs_owner_request_id_key UNIQUE (owner, request_id);
