@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use chrono::Utc;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use prost::Message;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::{
@@ -51,9 +52,8 @@ pub struct Published {
 #[derive(Clone)]
 pub struct Engine {
     pub db: db::Pool,
-    redis: RedisPool,
+    publisher: mpsc::Sender<(Vec<Published>, Wake)>,
     pub hub: Hub,
-    prefix: Arc<str>,
     pub settings: Arc<EngineSettings>,
     /// Group commit for the hot single-job writes; `None` in the engine the lanes
     /// themselves use, which runs each group directly.
@@ -106,6 +106,55 @@ fn to_publish(changes: &[(Job, EventType)]) -> Vec<Published> {
             payload: event(job, *ty).encode_to_vec(),
         })
         .collect()
+}
+
+/// Batches of events (and wake-ups) queued for Redis; beyond this, new ones are dropped.
+const PUBLISH_QUEUE: usize = 8192;
+
+/// The task that sends committed events to Redis: everything queued goes in one
+/// pipeline, in commit order.
+fn spawn_publisher(redis: RedisPool, prefix: Arc<str>) -> mpsc::Sender<(Vec<Published>, Wake)> {
+    let (tx, mut rx) = mpsc::channel::<(Vec<Published>, Wake)>(PUBLISH_QUEUE);
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while rx.recv_many(&mut batch, PUBLISH_QUEUE).await > 0 {
+            let mut pipe = redis::pipe();
+            let mut events = 0;
+            for (published, wake) in batch.drain(..) {
+                events += published.len();
+                for e in &published {
+                    pipe.cmd("PUBLISH")
+                        .arg(hub::event_channel(&prefix, e.project, e.job))
+                        .arg(e.payload.as_slice())
+                        .ignore();
+                }
+                for (kind, jobs) in &wake {
+                    pipe.cmd("PUBLISH")
+                        .arg(hub::wake_channel(&prefix, kind))
+                        .arg(*jobs)
+                        .ignore();
+                }
+            }
+            let sent = async {
+                let mut conn = redis.get().await.map_err(|e| e.to_string())?;
+                pipe.query_async::<()>(&mut *conn)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(Duration::from_secs(2), sent).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(redis = "down", error = %e, events, "publish failed; watchers will resync")
+                }
+                Err(_) => tracing::warn!(
+                    redis = "down",
+                    events,
+                    "publish timed out; watchers will resync"
+                ),
+            }
+        }
+    });
+    tx
 }
 
 /// Output assets must be READY assets of the job's project; they record the job.
@@ -169,9 +218,8 @@ impl Engine {
     ) -> Self {
         let mut engine = Self {
             db,
-            redis,
+            publisher: spawn_publisher(redis, prefix.into()),
             hub,
-            prefix: prefix.into(),
             settings: Arc::new(settings),
             groups: None,
         };
@@ -195,41 +243,21 @@ impl Engine {
         Ok(self.db.get().await?)
     }
 
-    /// Fan-out after commit. Failure only costs latency: watchers resync from Postgres.
+    /// Fan-out after commit, without waiting: the publisher sends it to Redis in order
+    /// with whatever else is queued. Failure only costs latency (watchers resync from
+    /// Postgres), so a write never waits for Redis, nor fails when it is away.
     /// `wake`: per kind, how many jobs became available (that many idle workers are woken).
-    pub async fn publish(&self, events: Vec<Published>, wake: Wake) {
+    pub fn publish(&self, events: Vec<Published>, wake: Wake) {
         if events.is_empty() && wake.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
-        for e in &events {
-            pipe.cmd("PUBLISH")
-                .arg(hub::event_channel(&self.prefix, e.project, e.job))
-                .arg(e.payload.as_slice())
-                .ignore();
-        }
-        for (kind, jobs) in &wake {
-            pipe.cmd("PUBLISH")
-                .arg(hub::wake_channel(&self.prefix, kind))
-                .arg(*jobs)
-                .ignore();
-        }
-        let sent = async {
-            let mut conn = self.redis.get().await.map_err(|e| e.to_string())?;
-            pipe.query_async::<()>(&mut *conn)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(Duration::from_secs(2), sent).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(redis = "down", error = %e, events = events.len(), "publish failed; watchers will resync")
-            }
-            Err(_) => tracing::warn!(
-                redis = "down",
-                events = events.len(),
-                "publish timed out; watchers will resync"
-            ),
+        let n = events.len();
+        if let Err(e) = self.publisher.try_send((events, wake)) {
+            let why = match e {
+                mpsc::error::TrySendError::Full(_) => "publisher queue full",
+                mpsc::error::TrySendError::Closed(_) => "publisher stopped",
+            };
+            tracing::warn!(events = n, "{why}; events dropped, watchers will resync");
         }
     }
 
@@ -331,7 +359,7 @@ impl Engine {
                 Ok::<_, AppError>((results, published, kinds))
             })
             .await?;
-        self.publish(published, kinds).await;
+        self.publish(published, kinds);
         Ok(results)
     }
 
@@ -363,7 +391,7 @@ impl Engine {
             changes.push((job.clone(), EventType::Created));
             results[at] = Some(Ok(job));
         }
-        self.publish(to_publish(&changes), kinds).await;
+        self.publish(to_publish(&changes), kinds);
         let mut out = Vec::with_capacity(calls.len());
         for (at, result) in results.into_iter().enumerate() {
             out.push(match result {
@@ -409,7 +437,7 @@ impl Engine {
                 Ok((job, published))
             })
             .await?;
-        self.publish(published, Wake::new()).await;
+        self.publish(published, Wake::new());
         Ok(job)
     }
 
@@ -432,8 +460,7 @@ impl Engine {
                 Ok::<_, AppError>((job, published))
             })
             .await?;
-        self.publish(published, Wake::from([(job.kind.clone(), 1)]))
-            .await;
+        self.publish(published, Wake::from([(job.kind.clone(), 1)]));
         Ok(job)
     }
 
@@ -454,7 +481,7 @@ impl Engine {
             .iter()
             .map(|j| (j.clone(), EventType::StateChanged))
             .collect();
-        self.publish(to_publish(&changes), Wake::new()).await;
+        self.publish(to_publish(&changes), Wake::new());
         Ok(jobs)
     }
 
@@ -579,7 +606,7 @@ impl Engine {
                 changes.push((job.clone(), ty));
                 results[*at] = Some(Ok(job));
             }
-            self.publish(to_publish(&changes), Wake::new()).await;
+            self.publish(to_publish(&changes), Wake::new());
         }
         let rest: Vec<&LeaseCall> = calls
             .iter()
@@ -637,7 +664,7 @@ impl Engine {
                 Ok::<_, AppError>((results, published, kinds))
             })
             .await?;
-        self.publish(published, kinds).await;
+        self.publish(published, kinds);
         Ok(results)
     }
 
@@ -676,7 +703,7 @@ impl Engine {
                 Ok::<_, AppError>((changes.len(), published, kinds))
             })
             .await?;
-        self.publish(published, kinds).await;
+        self.publish(published, kinds);
         Ok(count)
     }
 
