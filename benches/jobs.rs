@@ -171,8 +171,12 @@ async fn main() {
             "{:>8} {:>9} {:>8} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
             "workers", "max_jobs", "jobs", "jobs/s"
         );
+        let only = std::env::var("MP_BENCH_E2E").ok();
         for (workers, max_jobs) in [(1, 1), (4, 1), (16, 1), (4, 10), (16, 10), (32, 50)] {
-            let total = 4000;
+            if only.as_deref().is_some_and(|o| o != format!("{workers}x{max_jobs}")) {
+                continue;
+            }
+            let total: usize = std::env::var("MP_BENCH_TOTAL").ok().and_then(|t| t.parse().ok()).unwrap_or(4000);
             let kind = format!("e2e-{workers}-{max_jobs}");
             let start = Instant::now();
             let lat = Arc::new(Latencies::default());

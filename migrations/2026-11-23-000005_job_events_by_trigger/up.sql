@@ -14,32 +14,33 @@ ALTER TABLE job_events
     ADD COLUMN type smallint NOT NULL CHECK (type BETWEEN 2 AND 5),
     ADD COLUMN snapshot jsonb NOT NULL;
 
--- The columns a job's events can differ in (STABLE: timestamps render in the
--- session's time zone).
-CREATE FUNCTION jobs_event_snapshot(j jobs) RETURNS jsonb AS $$
-    SELECT to_jsonb(j) - '{id,project_id,owner,kind,input,labels,request_id,request_hash,create_time}'::text[]
-$$ LANGUAGE sql STABLE;
+-- The type of the job's latest event, set by the row trigger that bumps `sequence`
+-- (it sees OLD and NEW, so the statement trigger below needs no old rows): a new
+-- state, else a cancel request, else progress (progress, step, message, lease).
+ALTER TABLE jobs ADD COLUMN last_event smallint NOT NULL DEFAULT 2;
 
-CREATE FUNCTION jobs_record_created() RETURNS trigger AS $$
+CREATE OR REPLACE FUNCTION jobs_touch_row() RETURNS trigger AS $$
 BEGIN
-    INSERT INTO job_events (job_id, sequence, project_id, type, snapshot, event_time)
-    SELECT n.id, n.sequence, n.project_id, 2, jobs_event_snapshot(n), n.update_time
-    FROM new_rows n;
-    RETURN NULL;
+    NEW.update_time := now();
+    NEW.sequence := OLD.sequence + 1;
+    NEW.last_event := CASE WHEN NEW.state <> OLD.state THEN 3
+                           WHEN NEW.cancel_requested AND NOT OLD.cancel_requested THEN 5
+                           ELSE 4 END;
+    RETURN NEW;
 END;
 $$ LANGUAGE plpgsql;
 
--- The type of an update's event: a new state, else a cancel request, else progress
--- (progress, step, message or lease expiry).
-CREATE FUNCTION jobs_record_changed() RETURNS trigger AS $$
+-- The columns a job's events can differ in (STABLE: timestamps render in the
+-- session's time zone).
+CREATE FUNCTION jobs_event_snapshot(j jobs) RETURNS jsonb AS $$
+    SELECT to_jsonb(j) - '{id,project_id,owner,kind,input,labels,request_id,request_hash,create_time,last_event}'::text[]
+$$ LANGUAGE sql STABLE;
+
+CREATE FUNCTION jobs_record_events() RETURNS trigger AS $$
 BEGIN
     INSERT INTO job_events (job_id, sequence, project_id, type, snapshot, event_time)
-    SELECT n.id, n.sequence, n.project_id,
-           CASE WHEN n.state <> o.state THEN 3
-                WHEN n.cancel_requested AND NOT o.cancel_requested THEN 5
-                ELSE 4 END,
-           jobs_event_snapshot(n), n.update_time
-    FROM new_rows n JOIN old_rows o ON o.id = n.id;
+    SELECT n.id, n.sequence, n.project_id, n.last_event, jobs_event_snapshot(n), n.update_time
+    FROM new_rows n;
     RETURN NULL;
 END;
 $$ LANGUAGE plpgsql;
@@ -47,7 +48,7 @@ $$ LANGUAGE plpgsql;
 -- Statement triggers: one INSERT per statement, however many jobs it changed.
 CREATE TRIGGER jobs_created AFTER INSERT ON jobs
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION jobs_record_created();
+    FOR EACH STATEMENT EXECUTE FUNCTION jobs_record_events();
 CREATE TRIGGER jobs_changed AFTER UPDATE ON jobs
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION jobs_record_changed();
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION jobs_record_events();

@@ -91,6 +91,7 @@ diesel::table! {
         start_time -> Nullable<Timestamptz>,
         end_time -> Nullable<Timestamptz>,
         update_time -> Timestamptz,
+        last_event -> Int2,
     }
 }
 
