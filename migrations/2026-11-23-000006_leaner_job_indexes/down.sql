@@ -1,3 +1,4 @@
+ALTER TABLE jobs DROP CONSTRAINT jobs_lease_only_while_running;
 DROP INDEX job_events_time_idx;
 CREATE INDEX job_events_time_idx ON job_events (event_time);
 DROP INDEX jobs_owner_request_id_key;

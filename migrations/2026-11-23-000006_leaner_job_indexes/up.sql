@@ -8,3 +8,8 @@ CREATE UNIQUE INDEX jobs_owner_request_id_key ON jobs (owner, request_id)
 -- per block range, rarely updated) serves that instead of a B-tree entry per event.
 DROP INDEX job_events_time_idx;
 CREATE INDEX job_events_time_idx ON job_events USING brin (event_time);
+-- A lease exists exactly while a job runs, so a lease check needs only the lease id
+-- and finds the job by primary key (a predicate on state would steer the planner to
+-- the partial index of all running jobs).
+ALTER TABLE jobs ADD CONSTRAINT jobs_lease_only_while_running
+    CHECK ((state = 'running') = (lease_id IS NOT NULL));

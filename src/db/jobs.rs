@@ -761,11 +761,12 @@ pub async fn write_fenced(
             out.push_sql(
                 ") AS c(at, id, project, lease, done, percent, step, message, result, limited) \
                  WHERE jobs.id = c.id AND jobs.project_id = c.project \
-                 AND jobs.state = 'running' AND jobs.lease_id = c.lease \
-                 AND jobs.id = ANY(",
+                 AND jobs.lease_id = c.lease AND jobs.id = ANY(",
             );
-            // Redundant with the join: the generic plan then probes the primary key
-            // instead of scanning every running job.
+            // A job has a lease only while RUNNING (a CHECK constraint), so the lease
+            // alone says it runs; a state predicate here would steer the generic plan
+            // to scan every running job. `id = ANY`, redundant with the join, makes it
+            // probe the primary key.
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
             out.push_sql(") AND (NOT c.limited OR jobs.kind IN (SELECT k.kind FROM unnest(");
             out.push_bind_param::<Array<Int4>, _>(&self.kind_at)?;
