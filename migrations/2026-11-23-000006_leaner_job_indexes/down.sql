@@ -1,3 +1,6 @@
+ALTER TABLE jobs RESET (fillfactor);
+DROP INDEX jobs_running_idx;
+CREATE INDEX jobs_lease_idx ON jobs (lease_expire_time) WHERE state = 'running';
 ALTER TABLE jobs DROP CONSTRAINT jobs_lease_only_while_running;
 DROP INDEX job_events_time_idx;
 CREATE INDEX job_events_time_idx ON job_events (event_time);
