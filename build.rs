@@ -14,6 +14,9 @@ const FILES: &[&str] = &[
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tonic-prost-build does not emit rerun-if-changed for protox input.
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
+    // embed_migrations! reads the directory at compile time: a new or changed
+    // migration must rebuild the crate (cargo scans a directory recursively).
+    println!("cargo:rerun-if-changed=migrations");
     for entry in walk(PROTO_ROOT.into())? {
         println!("cargo:rerun-if-changed={}", entry.display());
     }

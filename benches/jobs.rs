@@ -173,10 +173,16 @@ async fn main() {
         );
         let only = std::env::var("MP_BENCH_E2E").ok();
         for (workers, max_jobs) in [(1, 1), (4, 1), (16, 1), (4, 10), (16, 10), (32, 50)] {
-            if only.as_deref().is_some_and(|o| o != format!("{workers}x{max_jobs}")) {
+            if only
+                .as_deref()
+                .is_some_and(|o| o != format!("{workers}x{max_jobs}"))
+            {
                 continue;
             }
-            let total: usize = std::env::var("MP_BENCH_TOTAL").ok().and_then(|t| t.parse().ok()).unwrap_or(4000);
+            let total: usize = std::env::var("MP_BENCH_TOTAL")
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(4000);
             let kind = format!("e2e-{workers}-{max_jobs}");
             let start = Instant::now();
             let lat = Arc::new(Latencies::default());

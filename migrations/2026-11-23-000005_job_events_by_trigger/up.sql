@@ -30,10 +30,19 @@ BEGIN
 END;
 $$ LANGUAGE plpgsql;
 
--- The columns a job's events can differ in (STABLE: timestamps render in the
--- session's time zone).
+-- The columns a job's events can differ in, named one by one: `input` (up to 256 KiB)
+-- and the other columns fixed at creation are never rendered for an event. STABLE:
+-- timestamps render in the session's time zone.
 CREATE FUNCTION jobs_event_snapshot(j jobs) RETURNS jsonb AS $$
-    SELECT to_jsonb(j) - '{id,project_id,owner,kind,input,labels,request_id,request_hash,create_time,last_event}'::text[]
+    SELECT jsonb_build_object(
+        'state', j.state, 'max_attempts', j.max_attempts, 'attempt', j.attempt,
+        'schedule_time', j.schedule_time, 'progress_percent', j.progress_percent,
+        'current_step', j.current_step, 'message', j.message,
+        'cancel_requested', j.cancel_requested, 'worker_id', j.worker_id,
+        'lease_id', j.lease_id, 'lease_duration_ms', j.lease_duration_ms,
+        'lease_expire_time', j.lease_expire_time, 'result', j.result,
+        'output_assets', j.output_assets, 'error', j.error, 'sequence', j.sequence,
+        'start_time', j.start_time, 'end_time', j.end_time, 'update_time', j.update_time)
 $$ LANGUAGE sql STABLE;
 
 CREATE FUNCTION jobs_record_events() RETURNS trigger AS $$
