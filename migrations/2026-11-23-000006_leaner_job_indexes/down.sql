@@ -1,3 +1,8 @@
+DROP TRIGGER jobs_deleted ON jobs;
+DROP FUNCTION jobs_forget_events();
+DELETE FROM job_events e WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = e.job_id);
+ALTER TABLE job_events ADD CONSTRAINT job_events_job_id_fkey
+    FOREIGN KEY (job_id) REFERENCES jobs (id) ON DELETE CASCADE;
 ALTER TABLE jobs RESET (fillfactor);
 DROP INDEX jobs_running_idx;
 CREATE INDEX jobs_lease_idx ON jobs (lease_expire_time) WHERE state = 'running';

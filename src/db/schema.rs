@@ -122,7 +122,6 @@ diesel::table! {
 diesel::joinable!(assets -> jobs (source_job));
 diesel::joinable!(assets -> projects (project_id));
 diesel::joinable!(direct_uploads -> assets (asset_id));
-diesel::joinable!(job_events -> jobs (job_id));
 diesel::joinable!(jobs -> projects (project_id));
 
 diesel::allow_tables_to_appear_in_same_query!(

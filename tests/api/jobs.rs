@@ -151,6 +151,28 @@ async fn collect(
     out
 }
 
+/// How many events Postgres keeps for the job `name`.
+async fn stored_events(app: &TestApp, name: &str) -> i64 {
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let id = uuid::Uuid::parse_str(name.rsplit('/').next().unwrap()).unwrap();
+    let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
+        &app.db.url(),
+    )
+    .await
+    .unwrap();
+    diesel::sql_query("SELECT count(*) AS n FROM job_events WHERE job_id = $1")
+        .bind::<diesel::sql_types::Uuid, _>(id)
+        .get_result::<Count>(&mut conn)
+        .await
+        .unwrap()
+        .n
+}
+
 fn state(e: &pb::JobEvent) -> State {
     State::try_from(e.job.as_ref().unwrap().state).unwrap()
 }
@@ -1304,6 +1326,12 @@ async fn finished_jobs_are_pruned_after_the_retention() {
     })
     .await;
     get(&app, &t, &keep.name).await;
+    assert_eq!(
+        stored_events(&app, &done.name).await,
+        0,
+        "events go with the job"
+    );
+    assert_eq!(stored_events(&app, &keep.name).await, 1);
 }
 
 #[tokio::test]
@@ -1312,6 +1340,7 @@ async fn deleting_a_project_deletes_its_jobs() {
     let t = token("alice");
     let p = create_project(&app, &t, "doomed").await;
     let j = create_job(&app, &t, &p.name, job("render")).await;
+    assert_eq!(stored_events(&app, &j.name).await, 1);
     app.projects(&t)
         .delete_project(pb::DeleteProjectRequest {
             name: p.name.clone(),
@@ -1331,6 +1360,11 @@ async fn deleting_a_project_deletes_its_jobs() {
         acquire(&app, "w", &["render"], 1, 30.0, 0.0)
             .await
             .is_empty()
+    );
+    assert_eq!(
+        stored_events(&app, &j.name).await,
+        0,
+        "events go with the job"
     );
 }
 
