@@ -112,7 +112,8 @@ fn to_publish(changes: &[(Job, EventType)]) -> Vec<Published> {
 const PUBLISH_QUEUE: usize = 8192;
 
 /// The task that sends committed events to Redis: everything queued goes in one
-/// pipeline, in commit order.
+/// pipeline, in the order the writes handed it over (watchers order events by
+/// sequence and fill any gap from Postgres).
 fn spawn_publisher(redis: RedisPool, prefix: Arc<str>) -> mpsc::Sender<(Vec<Published>, Wake)> {
     let (tx, mut rx) = mpsc::channel::<(Vec<Published>, Wake)>(PUBLISH_QUEUE);
     tokio::spawn(async move {
@@ -243,8 +244,8 @@ impl Engine {
         Ok(self.db.get().await?)
     }
 
-    /// Fan-out after commit, without waiting: the publisher sends it to Redis in order
-    /// with whatever else is queued. Failure only costs latency (watchers resync from
+    /// Fan-out after commit, without waiting: the publisher sends it to Redis with
+    /// whatever else is queued. Failure only costs latency (watchers resync from
     /// Postgres), so a write never waits for Redis, nor fails when it is away.
     /// `wake`: per kind, how many jobs became available (that many idle workers are woken).
     pub fn publish(&self, events: Vec<Published>, wake: Wake) {
