@@ -1207,23 +1207,57 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
         .await
         .unwrap()
         .into_inner();
+    app.jobs(&t)
+        .cancel_job(pb::CancelJobRequest {
+            name: created.name.clone(),
+        })
+        .await
+        .unwrap();
     complete(&app, &l).await.unwrap();
     let events = collect(&mut stream, Duration::from_secs(10)).await;
     assert_eq!(
         events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
-        vec![4, 5, 6]
+        vec![4, 5, 6, 7]
     );
     assert_eq!(Type::try_from(events[0].r#type).unwrap(), Type::Progress);
     // Replayed events are the events as they were published, snapshot and all.
     let live = collect(&mut live, Duration::from_secs(10)).await;
     assert_eq!(
         live.iter().map(|e| e.sequence).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4, 5, 6]
+        vec![1, 2, 3, 4, 5, 6, 7]
     );
-    // (6 may arrive as a snapshot: it can be committed before the replay ends.)
+    // (6 and 7 may arrive as a snapshot: they can commit before the replay ends.)
     assert_eq!(events[..2], live[3..5]);
     assert_eq!(events[0].job.as_ref().unwrap().current_step, "render");
     assert_eq!(events[0].job.as_ref().unwrap().labels["shot"], "12");
+    // Of a finished job, every event after the first is replayed from Postgres: the
+    // types the database records (leased, progress, cancel requested, succeeded) are
+    // the ones that were published.
+    let mut replay = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: created.name.clone(),
+            after_sequence: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let replayed = collect(&mut replay, Duration::from_secs(10)).await;
+    assert_eq!(replayed[..], live[1..]);
+    assert_eq!(
+        replayed
+            .iter()
+            .map(|e| Type::try_from(e.r#type).unwrap())
+            .collect::<Vec<_>>(),
+        vec![
+            Type::StateChanged,
+            Type::Progress,
+            Type::Progress,
+            Type::Progress,
+            Type::CancelRequested,
+            Type::StateChanged
+        ]
+    );
 
     // When the events are gone (pruned), a resume gets a fresh snapshot.
     let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
@@ -1233,7 +1267,7 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
     .unwrap();
     diesel_async::SimpleAsyncConnection::batch_execute(
         &mut conn,
-        "DELETE FROM job_events WHERE sequence < 6",
+        "DELETE FROM job_events WHERE sequence < 7",
     )
     .await
     .unwrap();
@@ -1253,7 +1287,7 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
             Type::try_from(events[0].r#type).unwrap(),
             events[0].sequence
         ),
-        (Type::Snapshot, 6)
+        (Type::Snapshot, 7)
     );
 }
 
