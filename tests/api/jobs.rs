@@ -56,7 +56,19 @@ async fn acquire(
     lease: f64,
     wait: f64,
 ) -> Vec<pb::LeasedJob> {
-    app.jobs(&worker())
+    acquire_as(app, &worker(), worker_id, kinds, max, lease, wait).await
+}
+
+async fn acquire_as(
+    app: &TestApp,
+    token: &str,
+    worker_id: &str,
+    kinds: &[&str],
+    max: i32,
+    lease: f64,
+    wait: f64,
+) -> Vec<pb::LeasedJob> {
+    app.jobs(token)
         .acquire_jobs(pb::AcquireJobsRequest {
             worker_id: worker_id.into(),
             kinds: kinds.iter().map(|k| k.to_string()).collect(),
@@ -1036,19 +1048,8 @@ async fn worker_tokens_limited_to_kinds() {
 
     // Its own kind: acquire, progress and complete.
     let transcode = create_job(&app, &t, &p.name, job("transcode")).await;
-    let leased = app
-        .jobs(&limited)
-        .acquire_jobs(pb::AcquireJobsRequest {
-            worker_id: "gpu-1".into(),
-            kinds: vec!["transcode".into()],
-            max_jobs: 1,
-            lease_duration: secs(30.0),
-            wait_timeout: secs(0.0),
-        })
+    let leased = acquire_as(&app, &limited, "gpu-1", &["transcode"], 1, 30.0, 0.0)
         .await
-        .unwrap()
-        .into_inner()
-        .jobs
         .remove(0);
     let progress = app
         .jobs(&limited)
