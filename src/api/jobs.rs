@@ -9,6 +9,7 @@ use super::convert::{datetime, duration, struct_to_json};
 use crate::{
     AppError,
     auth::{Caller, caller},
+    db::jobs::Fenced,
     domain::{
         Violations,
         job::{self, JobError, JobFilter, NewJob},
@@ -388,11 +389,11 @@ impl pb::jobs_service_server::JobsService for JobsApi {
         let step = text(r.current_step, "current_step", &mut v);
         let message = text(r.message, "message", &mut v);
         v.into_result(())?;
-        let op = LeaseOp::Progress {
+        let op = LeaseOp::Fenced(Fenced::Progress {
             percent: r.progress_percent,
             step,
             message,
-        };
+        });
         let job = self.engine.leased(&caller, name, &r.lease_id, op).await?;
         Ok(Response::new(pb::ReportProgressResponse {
             cancel_requested: job.cancel_requested,
@@ -442,10 +443,7 @@ impl pb::jobs_service_server::JobsService for JobsApi {
             }
         }
         v.into_result(())?;
-        let op = LeaseOp::Complete {
-            result: result.map(serde_json::Value::Object),
-            output_assets: r.output_assets,
-        };
+        let op = LeaseOp::complete(result.map(serde_json::Value::Object), r.output_assets);
         Ok(Response::new(
             self.engine
                 .leased(&caller, name, &r.lease_id, op)

@@ -552,32 +552,12 @@ impl Engine {
         for c in calls {
             *named.entry(c.name.job).or_default() += 1;
         }
-        let fenced: Vec<(usize, db::jobs::Fenced)> = calls
+        let fenced: Vec<(usize, &db::jobs::Fenced)> = calls
             .iter()
             .enumerate()
             .filter(|(_, c)| named.get(&c.name.job) == Some(&1))
             .filter_map(|(i, c)| match &c.op {
-                LeaseOp::Progress {
-                    percent,
-                    step,
-                    message,
-                } => Some((
-                    i,
-                    db::jobs::Fenced::Progress {
-                        percent: *percent,
-                        step: step.clone(),
-                        message: message.clone(),
-                    },
-                )),
-                LeaseOp::Complete {
-                    result,
-                    output_assets,
-                } if output_assets.is_empty() => Some((
-                    i,
-                    db::jobs::Fenced::Complete {
-                        result: result.clone(),
-                    },
-                )),
+                LeaseOp::Fenced(op) => Some((i, op)),
                 _ => None,
             })
             .collect();
@@ -750,15 +730,19 @@ async fn apply(
         return Ok(Err(refused));
     }
     Ok(Ok(match &call.op {
-        LeaseOp::Progress {
+        LeaseOp::Fenced(db::jobs::Fenced::Progress {
             percent,
             step,
             message,
-        } => (
+        }) => (
             db::jobs::progress(conn, job.id, *percent, step, message).await?,
             EventType::Progress,
         ),
-        LeaseOp::Complete {
+        LeaseOp::Fenced(db::jobs::Fenced::Complete { result }) => (
+            db::jobs::succeed(conn, job.id, result.clone(), &[]).await?,
+            EventType::StateChanged,
+        ),
+        LeaseOp::CompleteWithOutputs {
             result,
             output_assets,
         } => {
@@ -798,12 +782,11 @@ async fn apply(
 
 /// A worker's write about a leased job.
 pub enum LeaseOp {
-    Progress {
-        percent: i32,
-        step: String,
-        message: String,
-    },
-    Complete {
+    /// Progress, or a complete without outputs: the database checks the lease as it
+    /// writes (one statement for a whole group).
+    Fenced(db::jobs::Fenced),
+    /// A complete whose output assets are checked and linked first.
+    CompleteWithOutputs {
         result: Option<serde_json::Value>,
         output_assets: Vec<String>,
     },
@@ -812,4 +795,17 @@ pub enum LeaseOp {
         retryable: bool,
         retry_after: Option<Duration>,
     },
+}
+
+impl LeaseOp {
+    pub fn complete(result: Option<serde_json::Value>, output_assets: Vec<String>) -> Self {
+        if output_assets.is_empty() {
+            Self::Fenced(db::jobs::Fenced::Complete { result })
+        } else {
+            Self::CompleteWithOutputs {
+                result,
+                output_assets,
+            }
+        }
+    }
 }
