@@ -580,13 +580,16 @@ pub async fn acquire(
             mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
         ) -> QueryResult<()> {
             // `state = 'queued'` is a literal: the planner must see it to use the
-            // partial fetch index in the generic plan. `id = ANY(ARRAY(..))`, not a
-            // join: the generic plan cannot know the LIMIT and would hash the table.
-            out.push_sql("WITH due AS (SELECT q.id FROM unnest(");
+            // partial fetch index in the generic plan. The locked rows are updated by
+            // their tuple ids (a TID scan whatever the statistics say): by `id` the
+            // generic plan depends on the table's size when it was made, and one made
+            // on a fresh table scans the whole table on every call. The row locks keep
+            // those tuples in place until the statement ends.
+            out.push_sql("WITH due AS (SELECT q.tid FROM unnest(");
             out.push_bind_param::<Array<Text>, _>(&self.kinds)?;
             out.push_sql(
                 ") AS k(kind) CROSS JOIN LATERAL (\
-                 SELECT id, priority, schedule_time, create_time FROM jobs \
+                 SELECT ctid AS tid, priority, schedule_time, create_time FROM jobs \
                  WHERE state = 'queued' AND kind = k.kind AND schedule_time <= now() \
                  ORDER BY priority DESC, schedule_time, create_time LIMIT ",
             );
@@ -607,7 +610,8 @@ pub async fn acquire(
             out.push_sql(
                 " * interval '1 millisecond', start_time = COALESCE(start_time, now()), \
                  progress_percent = 0, current_step = '', message = '' \
-                 WHERE jobs.id = ANY(ARRAY(SELECT id FROM due)) RETURNING jobs.*",
+                 WHERE jobs.ctid = ANY(ARRAY(SELECT tid FROM due)) AND jobs.state = 'queued' \
+                 RETURNING jobs.*",
             );
             Ok(())
         }
