@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Bearer, channel, rss_mib, start_server, token};
+use common::{Bearer, channel, cpu_secs, machine_busy_secs, rss_mib, start_server, token};
 use mediaplane::proto::v1::{
     self as pb, jobs_service_client::JobsServiceClient,
     projects_service_client::ProjectsServiceClient,
@@ -166,10 +166,12 @@ async fn main() {
 
     // 1. End to end, one CreateJob per job, producers and workers running together.
     if wanted("e2e") {
-        println!("end to end: CreateJob per job -> AcquireJobs -> CompleteJob");
         println!(
-            "{:>8} {:>9} {:>8} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
-            "workers", "max_jobs", "jobs", "jobs/s"
+            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob (CPU per job: the server, this load generator, the whole machine)"
+        );
+        println!(
+            "{:>8} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
+            "workers", "max_jobs", "jobs", "jobs/s", "server µs", "load µs", "machine µs"
         );
         let only = std::env::var("MP_BENCH_E2E").ok();
         for (workers, max_jobs) in [(1, 1), (4, 1), (16, 1), (4, 10), (16, 10), (32, 50)] {
@@ -185,6 +187,9 @@ async fn main() {
                 .unwrap_or(4000);
             let kind = format!("e2e-{workers}-{max_jobs}");
             let start = Instant::now();
+            let me = std::process::id();
+            let (server_cpu, load_cpu, machine_cpu) =
+                (cpu_secs(pid), cpu_secs(me), machine_busy_secs());
             let lat = Arc::new(Latencies::default());
             let producers: Vec<_> = (0..16)
                 .map(|p| {
@@ -209,9 +214,14 @@ async fn main() {
             for p in producers {
                 p.await.unwrap();
             }
+            // CPU per job: steadier than jobs/s for comparing changes on a shared machine.
+            let per_job = |secs: f64| secs * 1e6 / total as f64;
             println!(
-                "{workers:>8} {max_jobs:>9} {total:>8} {:>10.0}   {}, {}, {}",
+                "{workers:>8} {max_jobs:>9} {total:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0}   {}, {}, {}",
                 total as f64 / start.elapsed().as_secs_f64(),
+                per_job(cpu_secs(pid) - server_cpu),
+                per_job(cpu_secs(me) - load_cpu),
+                per_job(machine_busy_secs() - machine_cpu),
                 Latencies::p50_p99(&lat.create),
                 Latencies::p50_p99(&lat.acquire),
                 Latencies::p50_p99(&lat.complete),
