@@ -170,33 +170,54 @@ async fn main() {
             "end to end: CreateJob per job -> AcquireJobs -> CompleteJob (CPU per job: the server, this load generator, the whole machine)"
         );
         println!(
-            "{:>8} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
-            "workers", "max_jobs", "jobs", "jobs/s", "server µs", "load µs", "machine µs"
+            "{:>9} {:>8} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
+            "producers",
+            "workers",
+            "max_jobs",
+            "jobs",
+            "jobs/s",
+            "server µs",
+            "load µs",
+            "machine µs"
         );
         let only = std::env::var("MP_BENCH_E2E").ok();
-        for (workers, max_jobs) in [(1, 1), (4, 1), (16, 1), (4, 10), (16, 10), (32, 50)] {
+        // Producers are concurrent CreateJob callers (each waits for its call); more of
+        // them means bigger write groups on the server.
+        for (producers, workers, max_jobs) in [
+            (16, 1, 1),
+            (16, 4, 1),
+            (16, 16, 1),
+            (16, 4, 10),
+            (16, 16, 10),
+            (64, 16, 10),
+            (64, 32, 50),
+        ] {
             if only
                 .as_deref()
-                .is_some_and(|o| o != format!("{workers}x{max_jobs}"))
+                .is_some_and(|o| o != format!("{producers}x{workers}x{max_jobs}"))
             {
                 continue;
             }
+            // Long enough runs that start-up (connections, first plans) does not
+            // dominate; the single-job configurations are slow.
             let total: usize = std::env::var("MP_BENCH_TOTAL")
                 .ok()
                 .and_then(|t| t.parse().ok())
-                .unwrap_or(4000);
-            let kind = format!("e2e-{workers}-{max_jobs}");
+                .unwrap_or(if max_jobs == 1 { 4000 } else { 20_000 });
+            let kind = format!("e2e-{producers}-{workers}-{max_jobs}");
             let start = Instant::now();
             let me = std::process::id();
             let (server_cpu, load_cpu, machine_cpu) =
                 (cpu_secs(pid), cpu_secs(me), machine_busy_secs());
             let lat = Arc::new(Latencies::default());
-            let producers: Vec<_> = (0..16)
+            let producer_tasks: Vec<_> = (0..producers)
                 .map(|p| {
                     let mut c = client(p);
                     let (project, kind, lat) = (project.clone(), kind.clone(), lat.clone());
                     tokio::spawn(async move {
-                        for _ in 0..total / 16 {
+                        // Shares that add up to `total`.
+                        let share = total / producers + usize::from(p < total % producers);
+                        for _ in 0..share {
                             let t = Instant::now();
                             c.create_job(pb::CreateJobRequest {
                                 parent: project.clone(),
@@ -211,13 +232,13 @@ async fn main() {
                 })
                 .collect();
             run_workers(&channels, &kind, workers, max_jobs, total, lat.clone()).await;
-            for p in producers {
+            for p in producer_tasks {
                 p.await.unwrap();
             }
             // CPU per job: steadier than jobs/s for comparing changes on a shared machine.
             let per_job = |secs: f64| secs * 1e6 / total as f64;
             println!(
-                "{workers:>8} {max_jobs:>9} {total:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0}   {}, {}, {}",
+                "{producers:>9} {workers:>8} {max_jobs:>9} {total:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0}   {}, {}, {}",
                 total as f64 / start.elapsed().as_secs_f64(),
                 per_job(cpu_secs(pid) - server_cpu),
                 per_job(cpu_secs(me) - load_cpu),
@@ -281,11 +302,22 @@ async fn main() {
                 .await
                 .unwrap();
         }
+        let (workers, max_jobs) = std::env::var("MP_BENCH_PREFILLED")
+            .ok()
+            .and_then(|v| {
+                let (w, m) = v.split_once('x')?;
+                Some((w.parse().ok()?, m.parse().ok()?))
+            })
+            .unwrap_or((64, 50));
         let start = Instant::now();
-        run_workers(&channels, kind, 16, 50, total, Arc::default()).await;
+        let (server_cpu, machine_cpu) = (cpu_secs(pid), machine_busy_secs());
+        run_workers(&channels, kind, workers, max_jobs, total, Arc::default()).await;
         println!(
-            "pre-filled queue of {total}, 16 workers, max_jobs 50: {:.0} jobs/s",
-            total as f64 / start.elapsed().as_secs_f64()
+            "pre-filled queue of {total}, {workers} workers, max_jobs {max_jobs}: {:.0} jobs/s \
+             (CPU per job: server {:.0} µs, machine {:.0} µs)",
+            total as f64 / start.elapsed().as_secs_f64(),
+            (cpu_secs(pid) - server_cpu) * 1e6 / total as f64,
+            (machine_busy_secs() - machine_cpu) * 1e6 / total as f64,
         );
     }
     // 4. Progress latency to N watchers.
