@@ -36,14 +36,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .build_client(true)
-        .build_server(true)
+        // Servers are generated below.
+        .build_server(false)
         // Deterministic map order: request hashes (idempotency) and JSON output are stable.
         .btree_map(".")
         // Asset bytes as `Bytes`: decoded without a copy, sent without one into a Vec.
         .bytes(".mediaplane.v1.UploadAssetContentRequest.chunk")
         .bytes(".mediaplane.v1.DownloadAssetContentResponse.chunk")
+        .extern_path(".google.rpc.Status", "::tonic_types::pb::Status")
+        .compile_fds(compiler.file_descriptor_set())?;
+
+    // The server's side of the services again, with every message taken from the code
+    // above except `JobEvent`, which the server sends already encoded: an event is
+    // encoded once per instance and shared by all its watchers instead of cloned and
+    // encoded per watcher (clients decode the plain generated `JobEvent`).
+    let server_dir = out_dir.join("server");
+    std::fs::create_dir_all(&server_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
         // RPCs not implemented yet answer UNIMPLEMENTED.
         .generate_default_stubs(true)
+        .out_dir(&server_dir)
+        .extern_path(".mediaplane.v1.JobEvent", "crate::proto::EncodedJobEvent")
+        .extern_path(".mediaplane.v1", "crate::proto::v1")
+        .extern_path(".google.api", "crate::proto::google::api")
         .extern_path(".google.rpc.Status", "::tonic_types::pb::Status")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())

@@ -16,7 +16,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     db,
-    proto::v1::{
+    proto::server::{
         assets_service_server::AssetsServiceServer, jobs_service_server::JobsServiceServer,
         projects_service_server::ProjectsServiceServer,
     },

@@ -22,7 +22,7 @@ use crate::{
     edge::{self, calls::CallContext},
     engine::{Engine, EngineSettings, Hub, reaper},
     health::Health,
-    proto::{self, v1},
+    proto::{self, server},
     redis::{self, RedisPool},
     storage::Storage,
 };
@@ -308,16 +308,16 @@ fn router(
 ) -> Result<Router, StartError> {
     let limit = settings.max_message_bytes;
     let auth = Authenticate(verifier);
-    let projects = v1::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(
+    let projects = server::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(
         engine.db.clone(),
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
-    let jobs = v1::jobs_service_server::JobsServiceServer::new(JobsApi::new(engine))
+    let jobs = server::jobs_service_server::JobsServiceServer::new(JobsApi::new(engine))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let assets_service =
-        v1::assets_service_server::AssetsServiceServer::new(AssetsApi::new(assets.clone()))
+        server::assets_service_server::AssetsServiceServer::new(AssetsApi::new(assets.clone()))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
 

@@ -152,7 +152,7 @@ impl AssetsApi {
 }
 
 #[tonic::async_trait]
-impl pb::assets_service_server::AssetsService for AssetsApi {
+impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
     #[tracing::instrument(skip_all)]
     async fn create_asset(
         &self,

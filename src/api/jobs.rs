@@ -30,7 +30,9 @@ impl JobsApi {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+use crate::proto::EncodedJobEvent;
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedJobEvent, Status>> + Send>>;
 
 fn require_worker(caller: &Caller) -> Result<(), Status> {
     if caller.is_worker() || caller.is_admin() {
@@ -121,7 +123,7 @@ fn positive_duration(
 }
 
 #[tonic::async_trait]
-impl pb::jobs_service_server::JobsService for JobsApi {
+impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
     #[tracing::instrument(skip_all)]
     async fn create_job(
         &self,

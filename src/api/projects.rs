@@ -109,7 +109,7 @@ fn etag_conflict(name: ProjectName) -> Status {
 }
 
 #[tonic::async_trait]
-impl pb::projects_service_server::ProjectsService for ProjectsApi {
+impl crate::proto::server::projects_service_server::ProjectsService for ProjectsApi {
     #[tracing::instrument(skip_all)]
     async fn create_project(
         &self,

@@ -25,9 +25,17 @@ use crate::proto::v1 as pb;
 const JOB_CAPACITY: usize = 64;
 const PROJECT_CAPACITY: usize = 256;
 
+/// An event from Redis: decoded once for the watchers' decisions, and the bytes it
+/// came as, which every watcher sends as they are.
+#[derive(Debug)]
+pub struct HubEvent {
+    pub event: pb::JobEvent,
+    pub encoded: crate::proto::EncodedJobEvent,
+}
+
 #[derive(Debug, Clone)]
 pub enum Signal {
-    Event(Arc<pb::JobEvent>),
+    Event(Arc<HubEvent>),
     /// Events may have been missed: read Postgres again.
     Resync,
 }
@@ -250,7 +258,10 @@ impl Hub {
         }
         match pb::JobEvent::decode(payload) {
             Ok(event) => {
-                let signal = Signal::Event(Arc::new(event));
+                let signal = Signal::Event(Arc::new(HubEvent {
+                    event,
+                    encoded: crate::proto::EncodedJobEvent(bytes::Bytes::copy_from_slice(payload)),
+                }));
                 send(&self.inner.jobs, &job, signal.clone());
                 send(&self.inner.projects, &project, signal);
             }

@@ -1,10 +1,7 @@
 //! Live progress: subscribe first, then read Postgres, then follow events; any sign
 //! of a gap (sequence jump, lagging, Redis reconnect, the periodic resync) sends the
 //! watcher back to Postgres. Postgres is the only source of what watchers are told.
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-};
+use std::collections::{HashMap, VecDeque};
 
 use futures::StreamExt;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -20,10 +17,13 @@ use crate::{
         job::{Job, JobFilter, JobState},
         names::{JobName, ProjectName},
     },
-    proto::v1::{self as pb, job_event::Type as EventType},
+    proto::{
+        EncodedJobEvent,
+        v1::{self as pb, job_event::Type as EventType},
+    },
 };
 
-pub type EventStream = futures::stream::BoxStream<'static, Result<pb::JobEvent, Status>>;
+pub type EventStream = futures::stream::BoxStream<'static, Result<EncodedJobEvent, Status>>;
 
 fn is_terminal(event: &pb::JobEvent) -> bool {
     event.job.as_ref().is_some_and(|j| {
@@ -40,7 +40,7 @@ struct JobWatcher {
     owner: Option<String>,
     name: JobName,
     /// Events decided but not yet taken by the stream.
-    out: VecDeque<pb::JobEvent>,
+    out: VecDeque<EncodedJobEvent>,
     /// Sequence of the last event queued.
     last: i64,
 }
@@ -52,10 +52,19 @@ enum Flow {
 
 impl JobWatcher {
     fn send(&mut self, event: pb::JobEvent) -> Flow {
+        let encoded = EncodedJobEvent::new(&event);
+        self.send_encoded(&event, encoded)
+    }
+
+    /// `encoded` is `event`, encoded (shared with the instance's other watchers).
+    fn send_encoded(&mut self, event: &pb::JobEvent, encoded: EncodedJobEvent) -> Flow {
         self.last = event.sequence;
-        let terminal = is_terminal(&event);
-        self.out.push_back(event);
-        if terminal { Flow::Done } else { Flow::Continue }
+        self.out.push_back(encoded);
+        if is_terminal(event) {
+            Flow::Done
+        } else {
+            Flow::Continue
+        }
     }
 
     async fn current(&self) -> AppResult<Job> {
@@ -109,7 +118,7 @@ impl JobWatcher {
 }
 
 impl Watcher for JobWatcher {
-    fn queued(&mut self) -> &mut VecDeque<pb::JobEvent> {
+    fn queued(&mut self) -> &mut VecDeque<EncodedJobEvent> {
         &mut self.out
     }
 
@@ -120,8 +129,10 @@ impl Watcher for JobWatcher {
     ) -> AppResult<Flow> {
         tokio::select! {
             signal = rx.recv() => match signal {
-                Ok(Signal::Event(ev)) if ev.sequence <= self.last => Ok(Flow::Continue),
-                Ok(Signal::Event(ev)) if ev.sequence == self.last + 1 => Ok(self.send(Arc::unwrap_or_clone(ev))),
+                Ok(Signal::Event(ev)) if ev.event.sequence <= self.last => Ok(Flow::Continue),
+                Ok(Signal::Event(ev)) if ev.event.sequence == self.last + 1 => {
+                    Ok(self.send_encoded(&ev.event, ev.encoded.clone()))
+                }
                 Ok(Signal::Event(_)) | Ok(Signal::Resync) => self.catch_up().await,
                 // Too slow: the newest state, not a backlog.
                 Err(RecvError::Lagged(_)) => self.snapshot().await,
@@ -135,7 +146,7 @@ impl Watcher for JobWatcher {
 /// A watcher behind a stream: events it has decided wait in `queued`; `step` waits
 /// for the next signal (or the periodic resync) and queues what it calls for.
 trait Watcher: Send + 'static {
-    fn queued(&mut self) -> &mut VecDeque<pb::JobEvent>;
+    fn queued(&mut self) -> &mut VecDeque<EncodedJobEvent>;
 
     fn step<'a>(
         &'a mut self,
@@ -254,7 +265,7 @@ struct ProjectWatcher {
     project: Uuid,
     filter: JobFilter,
     /// Events decided but not yet taken by the stream.
-    out: VecDeque<pb::JobEvent>,
+    out: VecDeque<EncodedJobEvent>,
     /// Last sequence queued per job.
     seen: HashMap<Uuid, i64>,
     synced: Option<chrono::DateTime<chrono::Utc>>,
@@ -279,7 +290,8 @@ impl ProjectWatcher {
                 continue;
             }
             self.seen.insert(job.id, job.sequence);
-            self.out.push_back(event(&job, EventType::Snapshot));
+            self.out
+                .push_back(EncodedJobEvent::new(&event(&job, EventType::Snapshot)));
         }
         self.synced = Some(started);
         Ok(Flow::Continue)
@@ -287,7 +299,7 @@ impl ProjectWatcher {
 }
 
 impl Watcher for ProjectWatcher {
-    fn queued(&mut self) -> &mut VecDeque<pb::JobEvent> {
+    fn queued(&mut self) -> &mut VecDeque<EncodedJobEvent> {
         &mut self.out
     }
 
@@ -300,15 +312,16 @@ impl Watcher for ProjectWatcher {
             _ = resync.tick() => self.sync().await,
             signal = rx.recv() => match signal {
                 Ok(Signal::Event(ev)) => {
-                    let job = ev.job.as_ref();
+                    let sequence = ev.event.sequence;
+                    let job = ev.event.job.as_ref();
                     let id = job.and_then(|j| JobName::parse("name", &j.name).ok()).map(|n| n.job);
                     let state = job.and_then(|j| pb::job::State::try_from(j.state).ok()).and_then(state_of);
                     if let (Some(id), Some(state), Some(job)) = (id, state, job)
                         && self.filter.matches(state, &job.kind)
-                        && self.seen.get(&id).is_none_or(|s| *s < ev.sequence)
+                        && self.seen.get(&id).is_none_or(|s| *s < sequence)
                     {
-                        self.seen.insert(id, ev.sequence);
-                        self.out.push_back(Arc::unwrap_or_clone(ev));
+                        self.seen.insert(id, sequence);
+                        self.out.push_back(ev.encoded.clone());
                     }
                     Ok(Flow::Continue)
                 }
