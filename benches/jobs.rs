@@ -275,10 +275,10 @@ async fn main() {
                 }
             })
         };
-        run_workers(&channels, kind, 16, 50, total, Arc::default()).await;
+        run_workers(&channels, kind, 64, 50, total, Arc::default()).await;
         producer.await.unwrap();
         println!(
-            "\nend to end with BatchCreateJobs (500 per call), 16 workers, max_jobs 50: {:.0} jobs/s",
+            "\nend to end with BatchCreateJobs (500 per call), 64 workers, max_jobs 50: {:.0} jobs/s",
             total as f64 / start.elapsed().as_secs_f64()
         );
     }
