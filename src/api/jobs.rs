@@ -17,7 +17,7 @@ use crate::{
         page,
     },
     engine::{Engine, LeaseOp},
-    proto::v1 as pb,
+    proto::{EncodedJobEvent, v1 as pb},
 };
 
 pub struct JobsApi {
@@ -29,8 +29,6 @@ impl JobsApi {
         Self { engine }
     }
 }
-
-use crate::proto::EncodedJobEvent;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedJobEvent, Status>> + Send>>;
 
