@@ -152,6 +152,23 @@ async fn get(app: &TestApp, t: &str, name: &str) -> pb::Job {
         .into_inner()
 }
 
+/// Opens a WatchJob stream for `name` after `after_sequence`.
+async fn watch(
+    app: &TestApp,
+    token: &str,
+    name: &str,
+    after_sequence: i64,
+) -> tonic::Streaming<pb::JobEvent> {
+    app.jobs(token)
+        .watch_job(pb::WatchJobRequest {
+            name: name.to_owned(),
+            after_sequence,
+        })
+        .await
+        .expect("watch job")
+        .into_inner()
+}
+
 async fn collect(
     stream: &mut tonic::Streaming<pb::JobEvent>,
     timeout: Duration,
@@ -287,15 +304,7 @@ async fn a_job_runs_from_queued_to_succeeded_and_rejects_wrong_transitions() {
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     // A watch after the end gets the final snapshot and ends.
-    let mut stream = app
-        .jobs(&t)
-        .watch_job(pb::WatchJobRequest {
-            name: done.name.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&app, &t, &done.name, 0).await;
     let events = collect(&mut stream, Duration::from_secs(5)).await;
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -690,15 +699,7 @@ async fn a_worker_presumed_dead_is_fenced_off_and_the_job_completes_once() {
     let t = token("alice");
     let p = create_project(&app, &t, "zombie").await;
     let created = create_job(&app, &t, &p.name, job("render")).await;
-    let mut stream = app
-        .jobs(&t)
-        .watch_job(pb::WatchJobRequest {
-            name: created.name.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&app, &t, &created.name, 0).await;
 
     let zombie = acquire(&app, "zombie", &["render"], 1, 1.0, 0.0)
         .await
@@ -1116,15 +1117,7 @@ async fn two_instances_a_watcher_on_one_and_a_worker_on_the_other_see_every_even
     let t = token("alice");
     let p = create_project(&a, &t, "fleet").await;
     let created = create_job(&a, &t, &p.name, job("render")).await;
-    let mut watch = a
-        .jobs(&t)
-        .watch_job(pb::WatchJobRequest {
-            name: created.name.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watcher = watch(&a, &t, &created.name, 0).await;
     let mut dashboard = a
         .jobs(&t)
         .watch_jobs(pb::WatchJobsRequest {
@@ -1143,7 +1136,7 @@ async fn two_instances_a_watcher_on_one_and_a_worker_on_the_other_see_every_even
     }
     complete(&b, &l).await.unwrap();
 
-    let events = collect(&mut watch, Duration::from_secs(10)).await;
+    let events = collect(&mut watcher, Duration::from_secs(10)).await;
     let seqs: Vec<i64> = events.iter().map(|e| e.sequence).collect();
     assert_eq!(
         seqs,
@@ -1183,15 +1176,7 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
     labelled.labels = [("shot".to_owned(), "12".to_owned())].into();
     let created = create_job(&app, &t, &p.name, labelled).await;
     // Sees every change live, to compare with what a resume replays from Postgres.
-    let mut live = app
-        .jobs(&t)
-        .watch_job(pb::WatchJobRequest {
-            name: created.name.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut live = watch(&app, &t, &created.name, 0).await;
     let l = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
         .await
         .remove(0);
@@ -1199,15 +1184,7 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
         progress(&app, &l, pct, step).await.unwrap();
     }
     // Seen up to sequence 3 (created, leased, 20%): resume gets 4 and 5, then live events.
-    let mut stream = app
-        .jobs(&t)
-        .watch_job(pb::WatchJobRequest {
-            name: created.name.clone(),
-            after_sequence: 3,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&app, &t, &created.name, 3).await;
     app.jobs(&t)
         .cancel_job(pb::CancelJobRequest {
             name: created.name.clone(),
@@ -1234,15 +1211,7 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
     // Of a finished job, every event after the first is replayed from Postgres: the
     // types the database records (leased, progress, cancel requested, succeeded) are
     // the ones that were published.
-    let mut replay = app
-        .jobs(&t)
-        .watch_job(pb::WatchJobRequest {
-            name: created.name.clone(),
-            after_sequence: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut replay = watch(&app, &t, &created.name, 1).await;
     let replayed = collect(&mut replay, Duration::from_secs(10)).await;
     assert_eq!(replayed[..], live[1..]);
     assert_eq!(
@@ -1272,15 +1241,7 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
     )
     .await
     .unwrap();
-    let mut stream = app
-        .jobs(&t)
-        .watch_job(pb::WatchJobRequest {
-            name: created.name.clone(),
-            after_sequence: 2,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&app, &t, &created.name, 2).await;
     let events = collect(&mut stream, Duration::from_secs(10)).await;
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -1303,15 +1264,7 @@ async fn a_watch_survives_a_redis_outage_and_still_sees_the_terminal_state() {
     let t = token("alice");
     let p = create_project(&app, &t, "outage").await;
     let created = create_job(&app, &t, &p.name, job("render")).await;
-    let mut stream = app
-        .jobs(&t)
-        .watch_job(pb::WatchJobRequest {
-            name: created.name.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&app, &t, &created.name, 0).await;
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(state(&first), State::Queued);
 
