@@ -94,20 +94,26 @@ async fn run_workers(
                 if !leased.is_empty() {
                     Latencies::record(&lat.acquire, t);
                 }
-                for l in leased {
-                    let name = l.job.unwrap().name;
-                    let t = Instant::now();
-                    c.complete_job(pb::CompleteJobRequest {
-                        name,
-                        lease_id: l.lease_id,
-                        result: None,
-                        output_assets: vec![],
-                    })
-                    .await
-                    .unwrap();
-                    Latencies::record(&lat.complete, t);
-                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                // A worker runs the jobs it leased at once (as `mediaplane worker`
+                // does with --concurrency), so their completes overlap.
+                futures::future::join_all(leased.into_iter().map(|l| {
+                    let (mut c, lat, done) = (c.clone(), lat.clone(), done.clone());
+                    async move {
+                        let name = l.job.unwrap().name;
+                        let t = Instant::now();
+                        c.complete_job(pb::CompleteJobRequest {
+                            name,
+                            lease_id: l.lease_id,
+                            result: None,
+                            output_assets: vec![],
+                        })
+                        .await
+                        .unwrap();
+                        Latencies::record(&lat.complete, t);
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }))
+                .await;
             }
         }));
     }

@@ -6,9 +6,9 @@
 //! `Resync` and re-reads Postgres, so whatever was published while this instance was
 //! not listening is recovered from the source of truth.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -49,8 +49,74 @@ struct Inner {
     prefix: String,
     jobs: Mutex<HashMap<Uuid, broadcast::Sender<Signal>>>,
     projects: Mutex<HashMap<Uuid, broadcast::Sender<Signal>>>,
-    wake: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per kind, idle AcquireJobs calls in the order they started waiting.
+    idle: Mutex<HashMap<String, IdleQueue>>,
     connected: AtomicBool,
+}
+
+/// One idle AcquireJobs call: woken at most once, by whichever of its kinds gets jobs first.
+struct Slot {
+    /// Jobs the call would take.
+    want: usize,
+    woken: AtomicBool,
+    /// The call saw its wake-up (see `Idle`'s drop).
+    seen: AtomicBool,
+    /// The kind and number of jobs the wake-up counted this call for.
+    woken_for: Mutex<Option<(String, usize)>>,
+    notify: Notify,
+}
+
+impl Slot {
+    /// Wakes the call unless it was woken already; the permit is kept if it is not
+    /// waiting yet.
+    fn wake(&self, woken_for: Option<(String, usize)>) -> bool {
+        let first = !self.woken.swap(true, Ordering::AcqRel);
+        if first {
+            *self.woken_for.lock().unwrap_or_else(|p| p.into_inner()) = woken_for;
+            self.notify.notify_one();
+        }
+        first
+    }
+}
+
+#[derive(Default)]
+struct IdleQueue {
+    slots: VecDeque<Weak<Slot>>,
+    /// Length at which finished calls are swept out of `slots`.
+    prune_at: usize,
+}
+
+/// An idle AcquireJobs call's registration; dropping it withdraws the call.
+pub struct Idle {
+    slot: Arc<Slot>,
+    hub: Hub,
+}
+
+impl Idle {
+    /// Resolves when jobs of one of the kinds arrived (or events may have been missed).
+    pub async fn woken(&self) {
+        self.slot.notify.notified().await;
+        self.slot.seen.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Idle {
+    /// A call woken while it was still looking (and then done, with other jobs) did
+    /// not take the jobs it was woken for: hand the wake-up on to the next idle call,
+    /// or those jobs would wait for the poll interval.
+    fn drop(&mut self) {
+        if self.slot.woken.load(Ordering::Acquire) && !self.slot.seen.load(Ordering::Acquire) {
+            let woken_for = self
+                .slot
+                .woken_for
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some((kind, jobs)) = woken_for {
+                self.hub.wake_idle(&kind, jobs);
+            }
+        }
+    }
 }
 
 /// Channel names, shared by publishers and the hub.
@@ -58,8 +124,8 @@ pub fn event_channel(prefix: &str, project: Uuid, job: Uuid) -> String {
     format!("{prefix}:ev:{project}:{job}")
 }
 
-/// Most idle workers woken by one wake-up message.
-const MAX_WAKE: usize = 1024;
+/// Finished registrations tolerated in a kind's idle queue before it is swept.
+const IDLE_PRUNE_MIN: usize = 256;
 
 pub fn wake_channel(prefix: &str, kind: &str) -> String {
     format!("{prefix}:wake:{kind}")
@@ -106,17 +172,21 @@ impl Hub {
     pub fn start(redis_url: &str, prefix: &str, stop: CancellationToken) -> Result<Self, String> {
         let client =
             redis::Client::open(redis_url).map_err(|e| format!("invalid REDIS_URL: {e}"))?;
-        let hub = Self {
+        let hub = Self::new(prefix);
+        tokio::spawn(hub.clone().run(client, stop));
+        Ok(hub)
+    }
+
+    fn new(prefix: &str) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 prefix: prefix.to_owned(),
                 jobs: Mutex::default(),
                 projects: Mutex::default(),
-                wake: Mutex::default(),
+                idle: Mutex::default(),
                 connected: AtomicBool::new(false),
             }),
-        };
-        tokio::spawn(hub.clone().run(client, stop));
-        Ok(hub)
+        }
     }
 
     pub fn job(&self, id: Uuid) -> broadcast::Receiver<Signal> {
@@ -127,9 +197,55 @@ impl Hub {
         subscribe(&self.inner.projects, id, PROJECT_CAPACITY)
     }
 
-    pub fn wake(&self, kind: &str) -> Arc<Notify> {
-        let mut map = self.inner.wake.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(kind.to_owned()).or_default().clone()
+    /// Registers an idle AcquireJobs call that would take up to `want` jobs of `kinds`.
+    /// Register before looking for jobs: a wake-up that comes in between is kept.
+    pub fn idle(&self, kinds: &[String], want: usize) -> Idle {
+        let slot = Arc::new(Slot {
+            want: want.max(1),
+            woken: AtomicBool::new(false),
+            seen: AtomicBool::new(false),
+            woken_for: Mutex::new(None),
+            notify: Notify::new(),
+        });
+        let mut map = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for kind in kinds {
+            let queue = map.entry(kind.clone()).or_default();
+            if queue.slots.len() >= queue.prune_at.max(IDLE_PRUNE_MIN) {
+                queue.slots.retain(|w| {
+                    w.upgrade()
+                        .is_some_and(|s| !s.woken.load(Ordering::Acquire))
+                });
+                queue.prune_at = queue.slots.len() * 2;
+            }
+            queue.slots.push_back(Arc::downgrade(&slot));
+        }
+        Idle {
+            slot,
+            hub: self.clone(),
+        }
+    }
+
+    /// Wakes the longest-idle calls for `kind` until they would take `jobs` between
+    /// them: one call wanting 50 jobs is enough for 20 new ones, and the rest stay idle
+    /// instead of running acquires that find nothing. Returns how many were woken.
+    fn wake_idle(&self, kind: &str, jobs: usize) -> usize {
+        let mut map = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(queue) = map.get_mut(kind) else {
+            return 0;
+        };
+        let (mut left, mut woken) = (jobs.max(1), 0);
+        while left > 0 {
+            let Some(weak) = queue.slots.pop_front() else {
+                break;
+            };
+            if let Some(slot) = weak.upgrade()
+                && slot.wake(Some((kind.to_owned(), left.min(slot.want))))
+            {
+                left = left.saturating_sub(slot.want);
+                woken += 1;
+            }
+        }
+        woken
     }
 
     pub fn connected(&self) -> bool {
@@ -178,6 +294,7 @@ impl Hub {
                     _ = sweep_tick.tick() => {
                         sweep(&self.inner.jobs);
                         sweep(&self.inner.projects);
+                        self.sweep_idle();
                     }
                     msg = messages.next() => match msg {
                         Some(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
@@ -198,17 +315,26 @@ impl Hub {
         *retry = (*retry * 2).min(Duration::from_secs(5));
     }
 
+    fn sweep_idle(&self) {
+        let mut map = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, queue| {
+            queue.slots.retain(|w| {
+                w.upgrade()
+                    .is_some_and(|s| !s.woken.load(Ordering::Acquire))
+            });
+            !queue.slots.is_empty()
+        });
+    }
+
     fn resync_all(&self) {
         send_all(&self.inner.jobs, &Signal::Resync);
         send_all(&self.inner.projects, &Signal::Resync);
-        for notify in self
-            .inner
-            .wake
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
-            notify.notify_waiters();
+        // Wake-ups may have been missed too: every idle call looks again.
+        let mut map = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for queue in map.values_mut() {
+            for slot in queue.slots.drain(..).filter_map(|w| w.upgrade()) {
+                slot.wake(None);
+            }
         }
     }
 
@@ -217,24 +343,14 @@ impl Hub {
             return;
         };
         if let Some(kind) = rest.strip_prefix(":wake:") {
-            if let Some(notify) = self
-                .inner
-                .wake
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(kind)
-            {
-                // One idle worker per new job, not all of them: the rest would only
-                // run empty acquires. A worker that finds nothing (another instance
-                // took it) waits again; the poll interval covers anything missed.
-                let jobs = std::str::from_utf8(payload)
-                    .ok()
-                    .and_then(|p| p.parse::<usize>().ok())
-                    .unwrap_or(1);
-                for _ in 0..jobs.clamp(1, MAX_WAKE) {
-                    notify.notify_one();
-                }
-            }
+            // Enough idle workers for the new jobs, not all of them: the rest would
+            // only run empty acquires. A worker that finds nothing (another instance's
+            // took them) waits again; the poll interval covers anything missed.
+            let jobs = std::str::from_utf8(payload)
+                .ok()
+                .and_then(|p| p.parse::<usize>().ok())
+                .unwrap_or(1);
+            self.wake_idle(kind, jobs);
             return;
         }
         let Some(ids) = rest.strip_prefix(":ev:") else {
@@ -267,5 +383,81 @@ impl Hub {
             }
             Err(e) => tracing::warn!(error = %e, channel, "undecodable job event"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn kinds(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    async fn is_woken(idle: &Idle) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), idle.woken())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn wakes_idle_calls_by_what_they_would_take() {
+        let hub = Hub::new("t");
+        let calls: Vec<Idle> = (0..3).map(|_| hub.idle(&kinds(&["render"]), 50)).collect();
+        assert_eq!(hub.wake_idle("render", 20), 1, "one call takes all 20");
+        assert!(is_woken(&calls[0]).await, "the longest idle goes first");
+        assert!(!is_woken(&calls[1]).await);
+        assert_eq!(hub.wake_idle("render", 120), 2);
+        assert!(is_woken(&calls[1]).await && is_woken(&calls[2]).await);
+        assert_eq!(hub.wake_idle("render", 5), 0, "nobody is idle any more");
+        assert_eq!(hub.wake_idle("transcode", 5), 0);
+    }
+
+    #[tokio::test]
+    async fn a_call_is_woken_once_whatever_its_kinds() {
+        let hub = Hub::new("t");
+        let both = hub.idle(&kinds(&["render", "transcode"]), 1);
+        let render = hub.idle(&kinds(&["render"]), 1);
+        assert_eq!(hub.wake_idle("transcode", 1), 1);
+        assert!(is_woken(&both).await);
+        // `both` is done: a render job wakes the next render call.
+        assert_eq!(hub.wake_idle("render", 1), 1);
+        assert!(is_woken(&render).await);
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_the_call_never_saw_goes_to_the_next_idle_call() {
+        let hub = Hub::new("t");
+        let busy = hub.idle(&kinds(&["render"]), 10);
+        let next = hub.idle(&kinds(&["render"]), 10);
+        assert_eq!(hub.wake_idle("render", 3), 1);
+        assert!(!is_woken(&next).await);
+        // `busy` found other jobs while it was still looking and returns.
+        drop(busy);
+        assert!(is_woken(&next).await);
+        // A call that did see its wake-up keeps it.
+        let after = hub.idle(&kinds(&["render"]), 10);
+        drop(next);
+        assert!(!is_woken(&after).await);
+    }
+
+    #[tokio::test]
+    async fn finished_calls_do_not_pile_up() {
+        let hub = Hub::new("t");
+        for _ in 0..10_000 {
+            drop(hub.idle(&kinds(&["render"]), 1));
+        }
+        let len = hub
+            .inner
+            .idle
+            .lock()
+            .unwrap()
+            .get("render")
+            .map_or(0, |q| q.slots.len());
+        assert!(len <= IDLE_PRUNE_MIN, "{len} registrations kept");
+        hub.sweep_idle();
+        assert!(hub.inner.idle.lock().unwrap().is_empty());
     }
 }

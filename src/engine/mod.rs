@@ -497,13 +497,10 @@ impl Engine {
         wait: Duration,
     ) -> AppResult<Vec<Job>> {
         let deadline = tokio::time::Instant::now() + wait;
-        let notifies: Vec<_> = kinds.iter().map(|k| self.hub.wake(k)).collect();
+        let want = usize::try_from(max).unwrap_or(1);
         loop {
-            // Register interest before looking, so a wake-up between the two is not lost.
-            let mut waits: Vec<_> = notifies.iter().map(|n| Box::pin(n.notified())).collect();
-            for w in &mut waits {
-                w.as_mut().enable();
-            }
+            // Register before looking, so a wake-up between the two is not lost.
+            let idle = self.hub.idle(kinds, want);
             let jobs = self.try_acquire(worker_id, kinds, max, lease).await?;
             let now = tokio::time::Instant::now();
             if !jobs.is_empty() || now >= deadline {
@@ -511,7 +508,7 @@ impl Engine {
             }
             let nap = (deadline - now).min(self.settings.poll_interval);
             tokio::select! {
-                _ = futures::future::select_all(waits) => {}
+                () = idle.woken() => {}
                 () = tokio::time::sleep(nap) => {}
             }
         }
