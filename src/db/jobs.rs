@@ -951,7 +951,7 @@ pub async fn events_after(
     let rows: Vec<Replayed> = diesel::sql_query(
         "SELECT e.type AS event_type, r.* \
          FROM job_events e JOIN jobs j ON j.id = e.job_id, \
-              LATERAL jsonb_populate_record(j, e.snapshot) AS r \
+              LATERAL jsonb_populate_record(j, to_jsonb(e.snapshot)) AS r \
          WHERE e.job_id = $1 AND e.sequence > $2 ORDER BY e.sequence LIMIT 10000",
     )
     .bind::<diesel::sql_types::Uuid, _>(job)

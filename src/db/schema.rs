@@ -6,6 +6,10 @@ pub mod sql_types {
     pub struct AssetState;
 
     #[derive(diesel::query_builder::QueryId, Clone, diesel::sql_types::SqlType)]
+    #[diesel(postgres_type(name = "job_snapshot"))]
+    pub struct JobSnapshot;
+
+    #[derive(diesel::query_builder::QueryId, Clone, diesel::sql_types::SqlType)]
     #[diesel(postgres_type(name = "job_state"))]
     pub struct JobState;
 }
@@ -46,6 +50,9 @@ diesel::table! {
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use super::sql_types::JobSnapshot;
+
     job_events (job_id, sequence) {
         job_id -> Uuid,
         sequence -> Int8,
@@ -53,7 +60,7 @@ diesel::table! {
         event_time -> Timestamptz,
         #[sql_name = "type"]
         type_ -> Int2,
-        snapshot -> Jsonb,
+        snapshot -> JobSnapshot,
     }
 }
 
