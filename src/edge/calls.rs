@@ -89,7 +89,6 @@ pub async fn middleware(
         code: header_code,
         finished: false,
     };
-    // Only streams that are still open when shutdown starts are cut, never a response in the middle of a message.
     // Only streams still open when shutdown starts are ended early, never a response
     // in the middle of a message: gRPC with UNAVAILABLE trailers, NDJSON and SSE with
     // a final error line or status event.
@@ -98,7 +97,6 @@ pub async fn middleware(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let unavailable = serde_json::json!({"code": 503, "status": "UNAVAILABLE", "message": "server is shutting down"});
     let ending = if content_type == "application/grpc"
         || content_type.starts_with("application/grpc+")
     {
@@ -107,6 +105,7 @@ pub async fn middleware(
         let line = serde_json::json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "server is shutting down", "details": []}});
         Some(Ending::Data(Bytes::from(format!("{line}\n"))))
     } else if content_type.starts_with("text/event-stream") {
+        let unavailable = serde_json::json!({"code": 503, "status": "UNAVAILABLE", "message": "server is shutting down"});
         Some(Ending::Data(Bytes::from(format!(
             "event: status\ndata: {unavailable}\n\n"
         ))))
