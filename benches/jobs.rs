@@ -59,6 +59,18 @@ impl Latencies {
     }
 }
 
+/// Completes a leased job with an empty result.
+async fn complete(c: &mut Jobs, leased: pb::LeasedJob) {
+    c.complete_job(pb::CompleteJobRequest {
+        name: leased.job.unwrap().name,
+        lease_id: leased.lease_id,
+        result: None,
+        output_assets: vec![],
+    })
+    .await
+    .unwrap();
+}
+
 /// Workers acquire `max_jobs` at a time and complete each; returns when `total` are done.
 async fn run_workers(
     channels: &[Channel],
@@ -99,16 +111,8 @@ async fn run_workers(
                 futures::future::join_all(leased.into_iter().map(|l| {
                     let (mut c, lat, done) = (c.clone(), lat.clone(), done.clone());
                     async move {
-                        let name = l.job.unwrap().name;
                         let t = Instant::now();
-                        c.complete_job(pb::CompleteJobRequest {
-                            name,
-                            lease_id: l.lease_id,
-                            result: None,
-                            output_assets: vec![],
-                        })
-                        .await
-                        .unwrap();
+                        complete(&mut c, l).await;
                         Latencies::record(&lat.complete, t);
                         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -391,7 +395,7 @@ async fn main() {
                 .into_inner()
                 .jobs
                 .remove(0);
-            let name = l.job.unwrap().name;
+            let name = l.job.as_ref().unwrap().name.clone();
             for pct in 1..=reports {
                 wc.report_progress(pb::ReportProgressRequest {
                     name: name.clone(),
@@ -405,14 +409,7 @@ async fn main() {
                 sent_at.lock().unwrap()[pct as usize] = Some(Instant::now());
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            wc.complete_job(pb::CompleteJobRequest {
-                name,
-                lease_id: l.lease_id,
-                result: None,
-                output_assets: vec![],
-            })
-            .await
-            .unwrap();
+            complete(&mut wc, l).await;
             let mut received = 0;
             for s in streams {
                 received += s.await.unwrap();

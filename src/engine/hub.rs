@@ -70,12 +70,16 @@ impl Slot {
     /// Wakes the call unless it was woken already; the permit is kept if it is not
     /// waiting yet.
     fn wake(&self, woken_for: Option<(String, usize)>) -> bool {
-        let first = !self.woken.swap(true, Ordering::AcqRel);
-        if first {
-            *self.woken_for.lock().unwrap_or_else(|p| p.into_inner()) = woken_for;
-            self.notify.notify_one();
+        {
+            // Under the lock, so `Idle`'s drop sees the flag and the reason together.
+            let mut reason = self.woken_for.lock().unwrap_or_else(|p| p.into_inner());
+            if self.woken.swap(true, Ordering::AcqRel) {
+                return false;
+            }
+            *reason = woken_for;
         }
-        first
+        self.notify.notify_one();
+        true
     }
 }
 
@@ -105,16 +109,20 @@ impl Drop for Idle {
     /// not take the jobs it was woken for: hand the wake-up on to the next idle call,
     /// or those jobs would wait for the poll interval.
     fn drop(&mut self) {
-        if self.slot.woken.load(Ordering::Acquire) && !self.slot.seen.load(Ordering::Acquire) {
-            let woken_for = self
+        let unseen = {
+            let mut reason = self
                 .slot
                 .woken_for
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some((kind, jobs)) = woken_for {
-                self.hub.wake_idle(&kind, jobs);
+                .unwrap_or_else(|p| p.into_inner());
+            if self.slot.woken.load(Ordering::Acquire) && !self.slot.seen.load(Ordering::Acquire) {
+                reason.take()
+            } else {
+                None
             }
+        };
+        if let Some((kind, jobs)) = unseen {
+            self.hub.wake_idle(&kind, jobs);
         }
     }
 }

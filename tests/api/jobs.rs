@@ -1111,6 +1111,68 @@ async fn idle_workers_are_woken_through_redis_not_by_polling() {
 }
 
 #[tokio::test]
+async fn new_jobs_wake_as_many_idle_workers_as_they_need_and_none_waits_for_the_poll() {
+    let app = TestApp::spawn_with(|s| s.poll_interval = Duration::from_secs(60)).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "wake-by-capacity").await;
+    let idle = |id: &str| {
+        let mut c = app.jobs(&worker());
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            c.acquire_jobs(pb::AcquireJobsRequest {
+                worker_id: id,
+                kinds: vec!["render".into()],
+                max_jobs: 5,
+                lease_duration: secs(30.0),
+                wait_timeout: secs(20.0),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+        })
+    };
+    let mut first = idle("w1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = idle("w2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Three new jobs: the longest idle worker, who would take five, is enough.
+    let request = || pb::CreateJobRequest {
+        parent: String::new(),
+        job: Some(job("render")),
+        request_id: String::new(),
+    };
+    app.jobs(&t)
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: p.name.clone(),
+            requests: vec![request(), request(), request()],
+        })
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), &mut first)
+        .await
+        .expect("woken before the wait ends")
+        .unwrap();
+    assert_eq!(got.len(), 3, "one worker took the three");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut second)
+            .await
+            .is_err(),
+        "the other worker is still idle"
+    );
+
+    // One more: the worker still idle is woken for it.
+    let created = create_job(&app, &t, &p.name, job("render")).await;
+    let got = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("woken before the wait ends")
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].job.as_ref().unwrap().name, created.name);
+}
+
+#[tokio::test]
 async fn two_instances_a_watcher_on_one_and_a_worker_on_the_other_see_every_event_in_order() {
     let a = TestApp::spawn().await;
     let b = a.spawn_peer().await;
