@@ -82,6 +82,29 @@ async fn acquire_as(
         .jobs
 }
 
+/// An AcquireJobs call for "render" jobs that waits up to 20 s, running in the background.
+fn spawn_acquire(
+    app: &TestApp,
+    worker_id: &str,
+    max: i32,
+) -> tokio::task::JoinHandle<Vec<pb::LeasedJob>> {
+    let mut c = app.jobs(&worker());
+    let worker_id = worker_id.to_owned();
+    tokio::spawn(async move {
+        c.acquire_jobs(pb::AcquireJobsRequest {
+            worker_id,
+            kinds: vec!["render".into()],
+            max_jobs: max,
+            lease_duration: secs(30.0),
+            wait_timeout: secs(20.0),
+        })
+        .await
+        .expect("acquire")
+        .into_inner()
+        .jobs
+    })
+}
+
 async fn progress(
     app: &TestApp,
     leased: &pb::LeasedJob,
@@ -1083,23 +1106,7 @@ async fn idle_workers_are_woken_through_redis_not_by_polling() {
     let app = TestApp::spawn_with(|s| s.poll_interval = Duration::from_secs(60)).await;
     let t = token("alice");
     let p = create_project(&app, &t, "wake").await;
-    let waiting = {
-        let app_jobs = app.jobs(&worker());
-        tokio::spawn(async move {
-            let mut c = app_jobs;
-            c.acquire_jobs(pb::AcquireJobsRequest {
-                worker_id: "idle".into(),
-                kinds: vec!["render".into()],
-                max_jobs: 1,
-                lease_duration: secs(30.0),
-                wait_timeout: secs(20.0),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .jobs
-        })
-    };
+    let waiting = spawn_acquire(&app, "idle", 1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let created = create_job(&app, &t, &p.name, job("render")).await;
     let got = tokio::time::timeout(Duration::from_secs(15), waiting)
@@ -1115,26 +1122,9 @@ async fn new_jobs_wake_as_many_idle_workers_as_they_need_and_none_waits_for_the_
     let app = TestApp::spawn_with(|s| s.poll_interval = Duration::from_secs(60)).await;
     let t = token("alice");
     let p = create_project(&app, &t, "wake-by-capacity").await;
-    let idle = |id: &str| {
-        let mut c = app.jobs(&worker());
-        let id = id.to_owned();
-        tokio::spawn(async move {
-            c.acquire_jobs(pb::AcquireJobsRequest {
-                worker_id: id,
-                kinds: vec!["render".into()],
-                max_jobs: 5,
-                lease_duration: secs(30.0),
-                wait_timeout: secs(20.0),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .jobs
-        })
-    };
-    let mut first = idle("w1");
+    let mut first = spawn_acquire(&app, "w1", 5);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut second = idle("w2");
+    let mut second = spawn_acquire(&app, "w2", 5);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Three new jobs: the longest idle worker, who would take five, is enough.
