@@ -90,6 +90,16 @@ struct IdleQueue {
     prune_at: usize,
 }
 
+impl IdleQueue {
+    /// Drops the registrations of calls that are done or already woken.
+    fn prune(&mut self) {
+        self.slots.retain(|w| {
+            w.upgrade()
+                .is_some_and(|s| !s.woken.load(Ordering::Acquire))
+        });
+    }
+}
+
 /// An idle AcquireJobs call's registration; dropping it withdraws the call.
 pub struct Idle {
     slot: Arc<Slot>,
@@ -219,10 +229,7 @@ impl Hub {
         for kind in kinds {
             let queue = map.entry(kind.clone()).or_default();
             if queue.slots.len() >= queue.prune_at.max(IDLE_PRUNE_MIN) {
-                queue.slots.retain(|w| {
-                    w.upgrade()
-                        .is_some_and(|s| !s.woken.load(Ordering::Acquire))
-                });
+                queue.prune();
                 queue.prune_at = queue.slots.len() * 2;
             }
             queue.slots.push_back(Arc::downgrade(&slot));
@@ -326,10 +333,7 @@ impl Hub {
     fn sweep_idle(&self) {
         let mut map = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, queue| {
-            queue.slots.retain(|w| {
-                w.upgrade()
-                    .is_some_and(|s| !s.woken.load(Ordering::Acquire))
-            });
+            queue.prune();
             !queue.slots.is_empty()
         });
     }
