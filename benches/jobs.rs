@@ -334,10 +334,15 @@ async fn main() {
     if wanted("latency") {
         println!("\nprogress latency, ReportProgress returned -> event received by every watcher");
         println!(
-            "{:>9} {:>8} {:>9} {:>9} {:>9} {:>6}",
-            "watchers", "reports", "p50 ms", "p99 ms", "max ms", "lost"
+            "{:>9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>10} {:>10}",
+            "watchers", "reports", "p50 ms", "p99 ms", "max ms", "lost", "server µs", "load µs"
         );
-        for watchers in [1usize, 100, 1000] {
+        // MP_BENCH_WATCHERS=1000 (a comma-separated list) runs only those counts.
+        let counts: Vec<usize> = std::env::var("MP_BENCH_WATCHERS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 100, 1000]);
+        for watchers in counts {
             let created = client(0)
                 .create_job(pb::CreateJobRequest {
                     parent: project.clone(),
@@ -396,6 +401,8 @@ async fn main() {
                 .jobs
                 .remove(0);
             let name = l.job.as_ref().unwrap().name.clone();
+            // CPU per delivered event (one event to one watcher), during the reports only.
+            let (server_cpu, load_cpu) = (cpu_secs(pid), cpu_secs(std::process::id()));
             for pct in 1..=reports {
                 wc.report_progress(pb::ReportProgressRequest {
                     name: name.clone(),
@@ -409,6 +416,9 @@ async fn main() {
                 sent_at.lock().unwrap()[pct as usize] = Some(Instant::now());
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            let deliveries = (watchers * reports as usize) as f64;
+            let server_us = (cpu_secs(pid) - server_cpu) * 1e6 / deliveries;
+            let load_us = (cpu_secs(std::process::id()) - load_cpu) * 1e6 / deliveries;
             complete(&mut wc, l).await;
             let mut received = 0;
             for s in streams {
@@ -424,7 +434,7 @@ async fn main() {
             lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
             let lost = watchers * reports as usize - received;
             println!(
-                "{watchers:>9} {reports:>8} {:>9.2} {:>9.2} {:>9.2} {lost:>6}",
+                "{watchers:>9} {reports:>8} {:>9.2} {:>9.2} {:>9.2} {lost:>6} {server_us:>10.1} {load_us:>10.1}",
                 percentile(&lat, 0.5),
                 percentile(&lat, 0.99),
                 lat.last().copied().unwrap_or(f64::NAN)

@@ -228,7 +228,7 @@ impl Application {
                     };
                     let _ = stream.set_nodelay(true);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service.clone());
-                    let conn = graceful.watch(conn.into_owned());
+                    let conn = edge::coalesce::coalesced(graceful.watch(conn.into_owned()));
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -1,6 +1,7 @@
 //! Everything HTTP on the shared port besides native gRPC: health endpoints for people
 //! and load balancers, CORS for browsers, and the per-call middleware.
 pub mod calls;
+pub mod coalesce;
 pub mod cors;
 pub mod health;
 pub mod json;
