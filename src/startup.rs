@@ -211,7 +211,6 @@ impl Application {
             .header_read_timeout(Duration::from_secs(30));
 
         let graceful = GracefulShutdown::new();
-        let service = TowerToHyperService::new(router);
         tokio::pin!(shutdown);
         tracing::info!(addr = %listener.local_addr()?, "serving gRPC, grpc-web and HTTP");
         loop {
@@ -227,8 +226,10 @@ impl Application {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service.clone());
-                    let conn = edge::coalesce::coalesced(graceful.watch(conn.into_owned()));
+                    let open = edge::coalesce::OpenCalls::default();
+                    let service = TowerToHyperService::new(edge::coalesce::CountCalls::new(router.clone(), open.clone()));
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn = edge::coalesce::coalesced(graceful.watch(conn.into_owned()), open);
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -8,6 +8,9 @@
 //! Here a woken connection first lets every task already runnable on its worker run
 //! (tokio's deferred wake-up, as `yield_now` uses: at the latest when the worker
 //! would park, or at its next driver poll), then writes what they all queued at once.
+//! Only while two or more calls are open on the connection: with one (every HTTP/1
+//! connection, whose call also runs inside the connection's task) nobody else is
+//! about to queue a frame, and waiting would only delay the call.
 use std::{
     future::Future,
     pin::Pin,
@@ -15,8 +18,11 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    task::{Context, Poll, Wake, Waker},
+    task::{Context, Poll, Wake, Waker, ready},
 };
+
+use axum::{body::Body, response::Response};
+use bytes::Bytes;
 
 pin_project_lite::pin_project! {
     /// `conn`, polled only once the work runnable before its wake-up has run.
@@ -25,6 +31,122 @@ pin_project_lite::pin_project! {
         conn: F,
         state: State,
         due: Arc<Due>,
+        open: OpenCalls,
+    }
+}
+
+/// The calls open on one connection: counted from the request until its response
+/// body is dropped (ended, or the client went away).
+#[derive(Clone, Default)]
+pub struct OpenCalls(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenCalls {
+    fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn open(&self) -> OpenCall {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        OpenCall(self.clone())
+    }
+}
+
+struct OpenCall(OpenCalls);
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's service: `inner`, with its calls counted in `open`.
+#[derive(Clone)]
+pub struct CountCalls<S> {
+    inner: S,
+    open: OpenCalls,
+}
+
+impl<S> CountCalls<S> {
+    pub fn new(inner: S, open: OpenCalls) -> Self {
+        Self { inner, open }
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CountCalls<S>
+where
+    S: tower::Service<http::Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = CountedCall<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        CountedCall {
+            open: Some(self.open.open()),
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct CountedCall<F> {
+        #[pin]
+        inner: F,
+        open: Option<OpenCall>,
+    }
+}
+
+impl<F, E> Future for CountedCall<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx));
+        let open = this.open.take();
+        Poll::Ready(response.map(|r| match open {
+            Some(open) => r.map(|body| {
+                Body::new(CountedBody {
+                    inner: body,
+                    _open: open,
+                })
+            }),
+            None => r,
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct CountedBody {
+        #[pin]
+        inner: Body,
+        _open: OpenCall,
+    }
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -58,11 +180,13 @@ impl Wake for Due {
     }
 }
 
-pub fn coalesced<F: Future>(conn: F) -> Coalesced<F> {
+/// `conn`, whose service counts its calls in `open`.
+pub fn coalesced<F: Future>(conn: F, open: OpenCalls) -> Coalesced<F> {
     Coalesced {
         conn,
         state: State::Ready,
         due: Arc::default(),
+        open,
     }
 }
 
@@ -80,6 +204,7 @@ impl<F: Future> Future for Coalesced<F> {
                     }
                     return out;
                 }
+                State::Waiting if this.open.count() < 2 => *this.state = State::Ready,
                 State::Waiting => {
                     this.due.fired.store(false, Ordering::Release);
                     if let Ok(mut task) = this.due.task.lock() {
@@ -134,18 +259,21 @@ mod tests {
         }
     }
 
-    /// 100 tasks each queue a frame and wake the connection, as watch streams do: the
-    /// connection sees them all in one poll instead of one poll per frame.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn a_connection_polls_once_for_frames_queued_together() {
+    /// 100 tasks each queue a frame and wake the connection, as watch streams do, with
+    /// `calls` calls open on it; returns what the connection saw at each of its polls.
+    async fn polls_for_100_frames(calls: usize) -> Vec<usize> {
         let (queued, waker) = (Arc::new(AtomicUsize::new(0)), Arc::default());
-        let conn = tokio::spawn(coalesced(Conn {
-            queued: queued.clone(),
-            seen: Vec::new(),
-            frames: 100,
-            waker: Arc::clone(&waker),
-        }));
-        tokio::task::yield_now().await;
+        let open = OpenCalls::default();
+        let calls: Vec<OpenCall> = (0..calls).map(|_| open.open()).collect();
+        let conn = tokio::spawn(coalesced(
+            Conn {
+                queued: queued.clone(),
+                seen: Vec::new(),
+                frames: 100,
+                waker: Arc::clone(&waker),
+            },
+            open,
+        ));
         while waker.lock().unwrap().is_none() {
             tokio::task::yield_now().await;
         }
@@ -166,15 +294,51 @@ mod tests {
                     .collect::<Vec<_>>()
             })
         };
-        let streams = spawner.await.unwrap();
-        for s in streams {
+        for s in spawner.await.unwrap() {
             s.await.unwrap();
         }
         let seen = conn.await.unwrap();
+        drop(calls);
+        seen
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_connection_with_open_calls_polls_once_for_frames_queued_together() {
+        let seen = polls_for_100_frames(2).await;
         assert_eq!(seen.first(), Some(&0));
         assert_eq!(seen.last(), Some(&100));
         // Uncoalesced it is polled after every frame (101 polls); the worker's driver
         // poll every 61 tasks may add one.
         assert!(seen.len() <= 4, "polled at {seen:?}");
+    }
+
+    /// With one call open nothing is put off: polled after every frame, as hyper does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_connection_with_one_call_is_polled_at_once() {
+        let seen = polls_for_100_frames(1).await;
+        assert_eq!(seen, (0..=100).collect::<Vec<_>>());
+    }
+
+    /// A call counts from the request until its response body is dropped.
+    #[tokio::test]
+    async fn calls_count_until_their_body_is_dropped() {
+        use tower::{Service, ServiceExt};
+        let open = OpenCalls::default();
+        let mut service = CountCalls::new(
+            tower::service_fn(|_: http::Request<()>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(Body::from("x")))
+            }),
+            open.clone(),
+        );
+        let call = service.ready().await.unwrap().call(http::Request::new(()));
+        assert_eq!(open.count(), 1);
+        let response = call.await.unwrap();
+        assert_eq!(open.count(), 1);
+        let second = service.call(http::Request::new(()));
+        assert_eq!(open.count(), 2);
+        drop(second);
+        assert_eq!(open.count(), 1);
+        drop(response);
+        assert_eq!(open.count(), 0);
     }
 }
