@@ -31,10 +31,10 @@ pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const PG_HOST: &str = "127.0.0.1:5432";
 pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
-static TELEMETRY: LazyLock<()> = LazyLock::new(|| {
-    if std::env::var_os("TEST_LOG").is_some() {
-        mediaplane::telemetry::init(mediaplane::config::LogFormat::Human);
-    }
+static TELEMETRY: LazyLock<Option<mediaplane::telemetry::LogGuard>> = LazyLock::new(|| {
+    std::env::var_os("TEST_LOG")
+        .is_some()
+        .then(|| mediaplane::telemetry::init(mediaplane::config::LogFormat::Human))
 });
 
 /// Databases of test runs that crashed are named with their creation time; sweep old ones.
