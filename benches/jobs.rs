@@ -402,7 +402,8 @@ async fn main() {
                 .remove(0);
             let name = l.job.as_ref().unwrap().name.clone();
             // CPU per delivered event (one event to one watcher), during the reports only.
-            let (server_cpu, load_cpu) = (cpu_secs(pid), cpu_secs(std::process::id()));
+            let me = std::process::id();
+            let (server_cpu, load_cpu) = (cpu_secs(pid), cpu_secs(me));
             for pct in 1..=reports {
                 wc.report_progress(pb::ReportProgressRequest {
                     name: name.clone(),
@@ -418,7 +419,7 @@ async fn main() {
             }
             let deliveries = (watchers * reports as usize) as f64;
             let server_us = (cpu_secs(pid) - server_cpu) * 1e6 / deliveries;
-            let load_us = (cpu_secs(std::process::id()) - load_cpu) * 1e6 / deliveries;
+            let load_us = (cpu_secs(me) - load_cpu) * 1e6 / deliveries;
             complete(&mut wc, l).await;
             let mut received = 0;
             for s in streams {

@@ -16,7 +16,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Wake, Waker, ready},
 };
@@ -38,7 +38,7 @@ pin_project_lite::pin_project! {
 /// The calls open on one connection: counted from the request until its response
 /// body is dropped (ended, or the client went away).
 #[derive(Clone, Default)]
-pub struct OpenCalls(Arc<std::sync::atomic::AtomicUsize>);
+pub struct OpenCalls(Arc<AtomicUsize>);
 
 impl OpenCalls {
     fn count(&self) -> usize {
@@ -233,8 +233,6 @@ impl<F: Future> Future for Coalesced<F> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-
     use super::*;
 
     /// Each poll records how many frames were queued at that moment; pending until

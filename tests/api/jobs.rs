@@ -83,6 +83,18 @@ async fn acquire_as(
 }
 
 /// An AcquireJobs call for "render" jobs that waits up to 20 s, running in the background.
+/// What a waiting AcquireJobs (see `spawn_acquire`) returned, woken within `secs`
+/// (less than its 20 s wait: an empty return at the wait's end fails too).
+async fn woken(
+    waiting: impl Future<Output = Result<Vec<pb::LeasedJob>, tokio::task::JoinError>>,
+    secs: u64,
+) -> Vec<pb::LeasedJob> {
+    tokio::time::timeout(Duration::from_secs(secs), waiting)
+        .await
+        .expect("woken before the wait ends")
+        .unwrap()
+}
+
 fn spawn_acquire(
     app: &TestApp,
     worker_id: &str,
@@ -1109,10 +1121,7 @@ async fn idle_workers_are_woken_through_redis_not_by_polling() {
     let waiting = spawn_acquire(&app, "idle", 1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let created = create_job(&app, &t, &p.name, job("render")).await;
-    let got = tokio::time::timeout(Duration::from_secs(15), waiting)
-        .await
-        .expect("woken before the wait ends")
-        .unwrap();
+    let got = woken(waiting, 15).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].job.as_ref().unwrap().name, created.name);
 }
@@ -1140,10 +1149,7 @@ async fn new_jobs_wake_as_many_idle_workers_as_they_need_and_none_waits_for_the_
         })
         .await
         .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), &mut first)
-        .await
-        .expect("woken before the wait ends")
-        .unwrap();
+    let got = woken(&mut first, 10).await;
     assert_eq!(got.len(), 3, "one worker took the three");
     assert!(
         tokio::time::timeout(Duration::from_millis(500), &mut second)
@@ -1154,10 +1160,7 @@ async fn new_jobs_wake_as_many_idle_workers_as_they_need_and_none_waits_for_the_
 
     // One more: the worker still idle is woken for it.
     let created = create_job(&app, &t, &p.name, job("render")).await;
-    let got = tokio::time::timeout(Duration::from_secs(10), second)
-        .await
-        .expect("woken before the wait ends")
-        .unwrap();
+    let got = woken(second, 10).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].job.as_ref().unwrap().name, created.name);
 }
