@@ -50,6 +50,23 @@ impl AppError {
         Self::Internal(context.to_string())
     }
 
+    /// This error as `google.rpc.Status`, for one item of a batch answer: the code,
+    /// message and details the whole call would have carried (logged the same way).
+    pub fn into_rpc_status(self) -> tonic_types::pb::Status {
+        let status = Status::from(self);
+        let details = status.details();
+        if !details.is_empty()
+            && let Ok(full) = <tonic_types::pb::Status as prost::Message>::decode(details)
+        {
+            return full;
+        }
+        tonic_types::pb::Status {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            details: Vec::new(),
+        }
+    }
+
     pub fn code(&self) -> Code {
         // Exhaustive on purpose: a new variant must be placed in the table.
         match self {

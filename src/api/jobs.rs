@@ -100,6 +100,44 @@ fn text(value: String, field: &str, v: &mut Violations) -> String {
     value
 }
 
+/// Validates a completion of `name` (fields prefixed `requests[3].` in a batch) into
+/// the write the engine applies under its lease.
+fn completion(
+    name: JobName,
+    r: pb::CompleteJobRequest,
+    prefix: &str,
+    v: &mut Violations,
+) -> LeaseOp {
+    let result = match r.result.map(struct_to_json).transpose() {
+        Ok(result) => result,
+        Err(why) => {
+            v.add(format!("{prefix}result"), why);
+            None
+        }
+    };
+    if result
+        .as_ref()
+        .is_some_and(|m| serde_json::to_vec(m).map_or(true, |b| b.len() > job::MAX_RESULT_BYTES))
+    {
+        v.add(
+            format!("{prefix}result"),
+            format!("at most {} bytes as JSON", job::MAX_RESULT_BYTES),
+        );
+    }
+    if r.output_assets.len() > 1000 {
+        v.add(format!("{prefix}output_assets"), "at most 1000 assets");
+    }
+    for (i, asset) in r.output_assets.iter().enumerate() {
+        let field = format!("{prefix}output_assets[{i}]");
+        match AssetName::parse(&field, asset) {
+            Ok(a) if a.project == name.project => {}
+            Ok(_) => v.add(field, "must be an asset of the job's project"),
+            Err(_) => v.add(field, "expected projects/{project}/assets/{asset}"),
+        }
+    }
+    LeaseOp::complete(result.map(serde_json::Value::Object), r.output_assets)
+}
+
 fn positive_duration(
     d: Option<prost_types::Duration>,
     field: &str,
@@ -410,49 +448,66 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         require_worker(&caller)?;
         let r = request.into_inner();
         let name = JobName::parse("name", &r.name)?;
+        let lease_id = r.lease_id.clone();
         let mut v = Violations::default();
-        let result = match r.result.map(struct_to_json).transpose() {
-            Ok(result) => result,
-            Err(why) => {
-                v.add("result", why);
-                None
-            }
-        };
-        if result.as_ref().is_some_and(|m| {
-            serde_json::to_vec(m).map_or(true, |b| b.len() > job::MAX_RESULT_BYTES)
-        }) {
-            v.add(
-                "result",
-                format!("at most {} bytes as JSON", job::MAX_RESULT_BYTES),
-            );
-        }
-        if r.output_assets.len() > 1000 {
-            v.add("output_assets", "at most 1000 assets");
-        }
-        for (i, asset) in r.output_assets.iter().enumerate() {
-            match AssetName::parse(&format!("output_assets[{i}]"), asset) {
-                Ok(a) if a.project == name.project => {}
-                Ok(_) => v.add(
-                    format!("output_assets[{i}]"),
-                    "must be an asset of the job's project",
-                ),
-                Err(_) => v.add(
-                    format!("output_assets[{i}]"),
-                    "expected projects/{project}/assets/{asset}",
-                ),
-            }
-        }
+        let op = completion(name, r, "", &mut v);
         v.into_result(())?;
-        let op = LeaseOp::complete(result.map(serde_json::Value::Object), r.output_assets);
         Ok(Response::new(
             self.engine
-                .leased(&caller, name, &r.lease_id, op)
+                .leased(&caller, name, &lease_id, op)
                 .await?
                 .into(),
         ))
     }
 
-    #[tracing::instrument(skip_all)]
+    async fn batch_complete_jobs(
+        &self,
+        request: Request<pb::BatchCompleteJobsRequest>,
+    ) -> Result<Response<pb::BatchCompleteJobsResponse>, Status> {
+        let caller = caller(&request)?;
+        require_worker(&caller)?;
+        let requests = request.into_inner().requests;
+        let mut v = Violations::default();
+        if requests.is_empty() || requests.len() > job::MAX_BATCH {
+            v.add(
+                "requests",
+                format!("1 to {} completions per batch", job::MAX_BATCH),
+            );
+        }
+        let mut seen = std::collections::HashSet::with_capacity(requests.len());
+        let mut writes = Vec::with_capacity(requests.len());
+        for (i, r) in requests.into_iter().enumerate() {
+            let prefix = format!("requests[{i}].");
+            let lease = v.check(crate::engine::parse_lease(
+                &format!("{prefix}lease_id"),
+                &r.lease_id,
+            ))?;
+            let Some(name) = v.check(JobName::parse(&format!("{prefix}name"), &r.name))? else {
+                continue;
+            };
+            if !seen.insert(name.job) {
+                v.add(format!("{prefix}name"), "names a job already in this batch");
+            }
+            let op = completion(name, r, &prefix, &mut v);
+            if let Some(lease) = lease {
+                writes.push((name, lease, op));
+            }
+        }
+        let writes = v.into_result(writes)?;
+        let results = self.engine.leased_many(&caller, writes).await;
+        Ok(Response::new(pb::BatchCompleteJobsResponse {
+            results: results
+                .into_iter()
+                .map(|r| pb::CompleteJobResult {
+                    outcome: Some(match r {
+                        Ok(job) => pb::complete_job_result::Outcome::Job(job.into()),
+                        Err(e) => pb::complete_job_result::Outcome::Error(e.into_rpc_status()),
+                    }),
+                })
+                .collect(),
+        }))
+    }
+
     async fn fail_job(
         &self,
         request: Request<pb::FailJobRequest>,

@@ -197,10 +197,11 @@ async fn link_outputs(
     Ok(Ok(()))
 }
 
-/// A lease id from the wire; anything else can never be current.
-fn lease(lease_id: &str) -> AppResult<Uuid> {
+/// A lease id from the wire (`field` names it in the error); anything else can never
+/// be current.
+pub fn parse_lease(field: &str, lease_id: &str) -> AppResult<Uuid> {
     Uuid::try_parse(lease_id)
-        .map_err(|_| AppError::invalid("lease_id", "not a lease id issued by AcquireJobs"))
+        .map_err(|_| AppError::invalid(field, "not a lease id issued by AcquireJobs"))
 }
 
 fn stale_lease(name: JobName) -> AppError {
@@ -525,7 +526,7 @@ impl Engine {
         let call = LeaseCall {
             kinds: caller.kinds.clone(),
             name,
-            lease: lease(lease_id)?,
+            lease: parse_lease("lease_id", lease_id)?,
             op,
         };
         match &self.groups {
@@ -535,6 +536,32 @@ impl Engine {
                 .await?
                 .pop()
                 .unwrap_or_else(|| Err(AppError::internal("no result"))),
+        }
+    }
+
+    /// Applies several worker writes, each under its own lease (BatchCompleteJobs): one
+    /// result per write, in order; a refused write takes nothing else back. They join
+    /// the group commit like single writes, so a batch costs a few transactions, and
+    /// the lanes still bound how many run at once.
+    pub async fn leased_many(
+        &self,
+        caller: &Caller,
+        writes: Vec<(JobName, Uuid, LeaseOp)>,
+    ) -> Vec<AppResult<Job>> {
+        let calls: Vec<LeaseCall> = writes
+            .into_iter()
+            .map(|(name, lease, op)| LeaseCall {
+                kinds: caller.kinds.clone(),
+                name,
+                lease,
+                op,
+            })
+            .collect();
+        match &self.groups {
+            Some(groups) => {
+                futures::future::join_all(calls.into_iter().map(|c| groups.leases.call(c))).await
+            }
+            None => crate::batch::shared_or_alone(&calls, |c| self.lease_tx(c)).await,
         }
     }
 

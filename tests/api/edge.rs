@@ -819,3 +819,67 @@ async fn deadlines_from_the_timeout_parameter_and_headers_are_forwarded() {
         .unwrap();
     assert_eq!(r.headers()["x-request-id"], "rest-trace-1");
 }
+
+#[tokio::test]
+async fn a_worker_over_rest_acquires_and_completes_a_batch() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "rest worker").await;
+    let client = Rest::new(&app, Some(&t));
+    for _ in 0..2 {
+        let (status, _) = client
+            .send(
+                reqwest::Method::POST,
+                &format!("/v1/{}/jobs", p.name),
+                Some(json!({"kind": "render"})),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let worker = Rest::new(
+        &app,
+        Some(&token_with("w", &["worker"], Duration::from_secs(60))),
+    );
+    let (status, acquired) = worker
+        .send(
+            reqwest::Method::POST,
+            "/v1/jobs:acquire",
+            Some(
+                json!({"workerId": "w", "kinds": ["render"], "maxJobs": 2, "leaseDuration": "30s"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{acquired}");
+    let leased = acquired["jobs"].as_array().unwrap();
+    assert_eq!(leased.len(), 2);
+    let (status, answer) = worker
+        .send(
+            reqwest::Method::POST,
+            "/v1/jobs:batchComplete",
+            Some(json!({"requests": [
+                {"name": leased[0]["job"]["name"], "leaseId": leased[0]["leaseId"], "result": {"frames": 240}},
+                {"name": leased[1]["job"]["name"], "leaseId": uuid::Uuid::new_v4().to_string()},
+            ]})),
+        )
+        .await;
+    assert_eq!(status, 200, "refused items do not fail the call: {answer}");
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results[0]["job"]["state"], "SUCCEEDED", "{answer}");
+    assert_eq!(results[0]["job"]["result"]["frames"], 240.0);
+    assert_eq!(results[1]["error"]["code"], 10, "ABORTED: {answer}");
+    assert!(
+        results[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not the current lease"),
+        "{answer}"
+    );
+    let (_, still) = client
+        .send(
+            reqwest::Method::GET,
+            &format!("/v1/{}", leased[1]["job"]["name"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(still["state"], "RUNNING");
+}

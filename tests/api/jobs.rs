@@ -1112,6 +1112,238 @@ async fn worker_tokens_limited_to_kinds() {
     assert_eq!(done.state(), State::Succeeded);
 }
 
+/// One completion of a BatchCompleteJobs request.
+fn completion(leased: &pb::LeasedJob) -> pb::CompleteJobRequest {
+    pb::CompleteJobRequest {
+        name: leased.job.as_ref().unwrap().name.clone(),
+        lease_id: leased.lease_id.clone(),
+        ..Default::default()
+    }
+}
+
+/// The code of each result of a batch; OK for a completed job.
+fn outcomes(results: &[pb::CompleteJobResult]) -> Vec<Code> {
+    use pb::complete_job_result::Outcome;
+    results
+        .iter()
+        .map(
+            |r| match r.outcome.as_ref().expect("an outcome per result") {
+                Outcome::Job(job) => {
+                    assert_eq!(job.state(), State::Succeeded);
+                    Code::Ok
+                }
+                Outcome::Error(status) => Code::from(status.code),
+            },
+        )
+        .collect()
+}
+
+#[tokio::test]
+async fn batch_complete_applies_each_completion_on_its_own() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "batch complete").await;
+    for _ in 0..5 {
+        create_job(&app, &t, &p.name, job("render")).await;
+    }
+    create_job(&app, &t, &p.name, job("transcode")).await;
+    let render_only = mediaplane::auth::mint(
+        &mediaplane::config::Secret::new(SECRET),
+        "gpu-1",
+        &["worker".into()],
+        &["render".into()],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let mut leased = acquire(&app, "w", &["render"], 5, 30.0, 0.0).await;
+    assert_eq!(leased.len(), 5);
+    let transcode = acquire(&app, "w", &["transcode"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    // `stale`'s first lease is replaced: fail it for a retry at once and lease it again.
+    let stale = leased.remove(0);
+    fail(&app, &stale, true, secs(0.0)).await.unwrap();
+    let relet = acquire(&app, "w2", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    assert_eq!(
+        relet.job.as_ref().unwrap().name,
+        stale.job.as_ref().unwrap().name
+    );
+    let [good, with_missing_asset, also_good, left_running] = <[_; 4]>::try_from(leased).unwrap();
+    let good_name = good.job.as_ref().unwrap().name.clone();
+    let mut watching = watch(&app, &t, &good_name, 0).await;
+
+    let mut missing_asset = completion(&with_missing_asset);
+    missing_asset.output_assets = vec![format!("{}/assets/{}", p.name, uuid::Uuid::new_v4())];
+    let mut with_result = completion(&good);
+    with_result.result = Some(Struct {
+        fields: [(
+            "frames".to_owned(),
+            Value {
+                kind: Some(Kind::NumberValue(240.0)),
+            },
+        )]
+        .into(),
+    });
+    let unknown = pb::CompleteJobRequest {
+        name: format!("{}/jobs/{}", p.name, uuid::Uuid::new_v4()),
+        lease_id: uuid::Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let results = app
+        .jobs(&render_only)
+        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: vec![
+                with_result,
+                completion(&stale),
+                missing_asset,
+                completion(&transcode),
+                unknown,
+                completion(&also_good),
+            ],
+        })
+        .await
+        .expect("a batch with refused completions still answers")
+        .into_inner()
+        .results;
+    assert_eq!(
+        outcomes(&results),
+        vec![
+            Code::Ok,
+            Code::Aborted,
+            Code::FailedPrecondition,
+            Code::PermissionDenied,
+            Code::NotFound,
+            Code::Ok,
+        ]
+    );
+    let pb::complete_job_result::Outcome::Error(why) = results[1].outcome.clone().unwrap() else {
+        unreachable!()
+    };
+    assert!(
+        why.message.contains("not the current lease"),
+        "{}",
+        why.message
+    );
+
+    // Stored: the accepted completions, and nothing of the refused ones.
+    let done = get(&app, &t, &good_name).await;
+    assert_eq!(done.state(), State::Succeeded);
+    assert_eq!(
+        done.result.unwrap().fields["frames"].kind,
+        Some(Kind::NumberValue(240.0))
+    );
+    assert_eq!(
+        get(&app, &t, &also_good.job.unwrap().name).await.state(),
+        State::Succeeded
+    );
+    for (refused, by) in [
+        (&relet, "w2"),
+        (&with_missing_asset, "w"),
+        (&transcode, "w"),
+    ] {
+        let job = get(&app, &t, &refused.job.as_ref().unwrap().name).await;
+        assert_eq!((job.state(), job.worker_id.as_str()), (State::Running, by));
+    }
+    // The replacing lease still completes its job.
+    complete(&app, &relet)
+        .await
+        .expect("the current lease completes");
+    let events = collect(&mut watching, Duration::from_secs(2)).await;
+    assert_eq!(
+        events.iter().map(state).collect::<Vec<_>>(),
+        vec![State::Running, State::Succeeded],
+        "a watcher sees a batch's completion as any other"
+    );
+
+    // Malformed batches are refused whole, every problem listed, nothing written.
+    let mut c = app.jobs(&worker());
+    let bad_name = pb::CompleteJobRequest {
+        name: "projects/nope".into(),
+        ..completion(&left_running)
+    };
+    let bad_lease = pb::CompleteJobRequest {
+        lease_id: "not-a-lease".into(),
+        ..completion(&relet)
+    };
+    let err = c
+        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: vec![
+                completion(&left_running),
+                bad_name,
+                completion(&left_running),
+                bad_lease,
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        violations(&err),
+        vec![
+            "requests[1].name",
+            "requests[2].name",
+            "requests[3].lease_id"
+        ]
+    );
+    assert_eq!(
+        get(&app, &t, &left_running.job.as_ref().unwrap().name)
+            .await
+            .state(),
+        State::Running
+    );
+    let unknown = |_| pb::CompleteJobRequest {
+        name: format!("{}/jobs/{}", p.name, uuid::Uuid::new_v4()),
+        lease_id: uuid::Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    for requests in [vec![], (0..1001).map(unknown).collect()] {
+        let err = c
+            .batch_complete_jobs(pb::BatchCompleteJobsRequest { requests })
+            .await
+            .unwrap_err();
+        assert_eq!(violations(&err), vec!["requests"]);
+    }
+    // 999 problems: the first ones are listed, not all (the details travel in a header
+    // whose overflow would fail the connection); the connection serves on.
+    let err = c
+        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: (0..1000).map(|_| completion(&left_running)).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("999 invalid fields: requests[1].name, "),
+        "{}",
+        err.message()
+    );
+    assert_eq!(violations(&err).len(), mediaplane::domain::MAX_REPORTED);
+    let err = app
+        .jobs(&t)
+        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: vec![completion(&left_running)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "a client token is not a worker"
+    );
+    let results = c
+        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: vec![completion(&left_running)],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(outcomes(&results), vec![Code::Ok]);
+}
+
 #[tokio::test]
 async fn idle_workers_are_woken_through_redis_not_by_polling() {
     // A poll interval longer than the wait: only a wake-up can deliver the job in time.
