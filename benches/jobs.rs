@@ -59,24 +59,39 @@ impl Latencies {
     }
 }
 
-/// Completes a leased job with an empty result.
-async fn complete(c: &mut Jobs, leased: pb::LeasedJob) {
-    c.complete_job(pb::CompleteJobRequest {
+/// The completion of a leased job, with an empty result.
+fn completion(leased: pb::LeasedJob) -> pb::CompleteJobRequest {
+    pb::CompleteJobRequest {
         name: leased.job.unwrap().name,
         lease_id: leased.lease_id,
         result: None,
         output_assets: vec![],
-    })
-    .await
-    .unwrap();
+    }
 }
 
-/// Workers acquire `max_jobs` at a time and complete each; returns when `total` are done.
+/// How a worker reports the jobs it leased as done.
+#[derive(Clone, Copy, PartialEq)]
+enum Completes {
+    /// One CompleteJob per job, all at once (as `mediaplane worker` does).
+    Each,
+    /// One BatchCompleteJobs for everything one AcquireJobs returned.
+    Batched,
+}
+
+impl Completes {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Each => "each",
+            Self::Batched => "batch",
+        }
+    }
+}
+
+/// Workers acquire `max_jobs` at a time and complete them; returns when `total` are done.
 async fn run_workers(
     channels: &[Channel],
     kind: &str,
-    workers: usize,
-    max_jobs: i32,
+    (workers, max_jobs, completes): (usize, i32, Completes),
     total: usize,
     lat: Arc<Latencies>,
 ) {
@@ -103,8 +118,31 @@ async fn run_workers(
                     .unwrap()
                     .into_inner()
                     .jobs;
-                if !leased.is_empty() {
-                    Latencies::record(&lat.acquire, t);
+                if leased.is_empty() {
+                    continue;
+                }
+                Latencies::record(&lat.acquire, t);
+                let n = leased.len();
+                if completes == Completes::Batched {
+                    let t = Instant::now();
+                    let results = c
+                        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+                            requests: leased.into_iter().map(completion).collect(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .results;
+                    assert!(
+                        results.iter().all(|r| matches!(
+                            r.outcome,
+                            Some(pb::complete_job_result::Outcome::Job(_))
+                        )),
+                        "every completion accepted"
+                    );
+                    Latencies::record(&lat.complete, t);
+                    done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    continue;
                 }
                 // A worker runs the jobs it leased at once (as `mediaplane worker`
                 // does with --concurrency), so their completes overlap.
@@ -112,7 +150,7 @@ async fn run_workers(
                     let (mut c, lat, done) = (c.clone(), lat.clone(), done.clone());
                     async move {
                         let t = Instant::now();
-                        complete(&mut c, l).await;
+                        c.complete_job(completion(l)).await.unwrap();
                         Latencies::record(&lat.complete, t);
                         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -177,13 +215,14 @@ async fn main() {
     // 1. End to end, one CreateJob per job, producers and workers running together.
     if wanted("e2e") {
         println!(
-            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob (CPU per job: the server, this load generator, the whole machine)"
+            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob per job, or one BatchCompleteJobs per acquire (CPU per job: the server, this load generator, the whole machine)"
         );
         println!(
-            "{:>9} {:>8} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
+            "{:>9} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
             "producers",
             "workers",
             "max_jobs",
+            "complete",
             "jobs",
             "jobs/s",
             "server µs",
@@ -193,19 +232,22 @@ async fn main() {
         let only = std::env::var("MP_BENCH_E2E").ok();
         // Producers are concurrent CreateJob callers (each waits for its call); more of
         // them means bigger write groups on the server.
-        for (producers, workers, max_jobs) in [
-            (16, 1, 1),
-            (16, 4, 1),
-            (16, 16, 1),
-            (16, 4, 10),
-            (16, 16, 10),
-            (64, 16, 10),
-            (64, 32, 50),
+        for (producers, workers, max_jobs, completes) in [
+            (16, 1, 1, Completes::Each),
+            (16, 4, 1, Completes::Each),
+            (16, 16, 1, Completes::Each),
+            (16, 4, 10, Completes::Each),
+            (16, 16, 10, Completes::Each),
+            (64, 16, 10, Completes::Each),
+            (64, 32, 50, Completes::Each),
+            (64, 32, 50, Completes::Batched),
         ] {
-            if only
-                .as_deref()
-                .is_some_and(|o| o != format!("{producers}x{workers}x{max_jobs}"))
-            {
+            // MP_BENCH_E2E=64x32x50 (or 64x32x50-batch) runs one row.
+            let row = match completes {
+                Completes::Each => format!("{producers}x{workers}x{max_jobs}"),
+                Completes::Batched => format!("{producers}x{workers}x{max_jobs}-batch"),
+            };
+            if only.as_deref().is_some_and(|o| o != row) {
                 continue;
             }
             // Long enough runs that start-up (connections, first plans) does not
@@ -214,7 +256,7 @@ async fn main() {
                 .ok()
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(if max_jobs == 1 { 4000 } else { 20_000 });
-            let kind = format!("e2e-{producers}-{workers}-{max_jobs}");
+            let kind = format!("e2e-{row}");
             let start = Instant::now();
             let me = std::process::id();
             let (server_cpu, load_cpu, machine_cpu) =
@@ -241,14 +283,22 @@ async fn main() {
                     })
                 })
                 .collect();
-            run_workers(&channels, &kind, workers, max_jobs, total, lat.clone()).await;
+            run_workers(
+                &channels,
+                &kind,
+                (workers, max_jobs, completes),
+                total,
+                lat.clone(),
+            )
+            .await;
             for p in producer_tasks {
                 p.await.unwrap();
             }
             // CPU per job: steadier than jobs/s for comparing changes on a shared machine.
             let per_job = |secs: f64| secs * 1e6 / total as f64;
             println!(
-                "{producers:>9} {workers:>8} {max_jobs:>9} {total:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0}   {}, {}, {}",
+                "{producers:>9} {workers:>8} {max_jobs:>9} {:>9} {total:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0}   {}, {}, {}",
+                completes.label(),
                 total as f64 / start.elapsed().as_secs_f64(),
                 per_job(cpu_secs(pid) - server_cpu),
                 per_job(cpu_secs(me) - load_cpu),
@@ -285,33 +335,23 @@ async fn main() {
                 }
             })
         };
-        run_workers(&channels, kind, 64, 50, total, Arc::default()).await;
+        run_workers(
+            &channels,
+            kind,
+            (64, 50, Completes::Each),
+            total,
+            Arc::default(),
+        )
+        .await;
         producer.await.unwrap();
         println!(
             "\nend to end with BatchCreateJobs (500 per call), 64 workers, max_jobs 50: {:.0} jobs/s",
             total as f64 / start.elapsed().as_secs_f64()
         );
     }
-    // 3. Draining a pre-filled queue.
+    // 3. Draining a pre-filled queue, completing per job and in batches.
     if wanted("prefilled") {
         let total = 20_000;
-        let kind = "prefilled";
-        for _ in 0..total / 1000 {
-            let requests = (0..1000)
-                .map(|_| pb::CreateJobRequest {
-                    parent: String::new(),
-                    job: Some(job(kind)),
-                    request_id: String::new(),
-                })
-                .collect();
-            client(0)
-                .batch_create_jobs(pb::BatchCreateJobsRequest {
-                    parent: project.clone(),
-                    requests,
-                })
-                .await
-                .unwrap();
-        }
         let (workers, max_jobs) = std::env::var("MP_BENCH_PREFILLED")
             .ok()
             .and_then(|v| {
@@ -319,16 +359,47 @@ async fn main() {
                 Some((w.parse().ok()?, m.parse().ok()?))
             })
             .unwrap_or((64, 50));
-        let start = Instant::now();
-        let (server_cpu, machine_cpu) = (cpu_secs(pid), machine_busy_secs());
-        run_workers(&channels, kind, workers, max_jobs, total, Arc::default()).await;
-        println!(
-            "pre-filled queue of {total}, {workers} workers, max_jobs {max_jobs}: {:.0} jobs/s \
-             (CPU per job: server {:.0} µs, machine {:.0} µs)",
-            total as f64 / start.elapsed().as_secs_f64(),
-            (cpu_secs(pid) - server_cpu) * 1e6 / total as f64,
-            (machine_busy_secs() - machine_cpu) * 1e6 / total as f64,
-        );
+        println!();
+        for completes in [Completes::Each, Completes::Batched] {
+            let kind = format!("prefilled-{}", completes.label());
+            for _ in 0..total / 1000 {
+                let requests = (0..1000)
+                    .map(|_| pb::CreateJobRequest {
+                        parent: String::new(),
+                        job: Some(job(&kind)),
+                        request_id: String::new(),
+                    })
+                    .collect();
+                client(0)
+                    .batch_create_jobs(pb::BatchCreateJobsRequest {
+                        parent: project.clone(),
+                        requests,
+                    })
+                    .await
+                    .unwrap();
+            }
+            let start = Instant::now();
+            let (server_cpu, machine_cpu) = (cpu_secs(pid), machine_busy_secs());
+            run_workers(
+                &channels,
+                &kind,
+                (workers, max_jobs, completes),
+                total,
+                Arc::default(),
+            )
+            .await;
+            println!(
+                "pre-filled queue of {total}, {workers} workers, max_jobs {max_jobs}, {}: {:.0} jobs/s \
+                 (CPU per job: server {:.0} µs, machine {:.0} µs)",
+                match completes {
+                    Completes::Each => "CompleteJob per job",
+                    Completes::Batched => "one BatchCompleteJobs per acquire",
+                },
+                total as f64 / start.elapsed().as_secs_f64(),
+                (cpu_secs(pid) - server_cpu) * 1e6 / total as f64,
+                (machine_busy_secs() - machine_cpu) * 1e6 / total as f64,
+            );
+        }
     }
     // 4. Progress latency to N watchers.
     if wanted("latency") {
@@ -420,7 +491,7 @@ async fn main() {
             let deliveries = (watchers * reports as usize) as f64;
             let server_us = (cpu_secs(pid) - server_cpu) * 1e6 / deliveries;
             let load_us = (cpu_secs(me) - load_cpu) * 1e6 / deliveries;
-            complete(&mut wc, l).await;
+            wc.complete_job(completion(l)).await.unwrap();
             let mut received = 0;
             for s in streams {
                 received += s.await.unwrap();
