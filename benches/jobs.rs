@@ -379,25 +379,31 @@ async fn main() {
                     .unwrap();
             }
             let start = Instant::now();
-            let (server_cpu, machine_cpu) = (cpu_secs(pid), machine_busy_secs());
+            let me = std::process::id();
+            let (server_cpu, load_cpu, machine_cpu) =
+                (cpu_secs(pid), cpu_secs(me), machine_busy_secs());
+            let lat = Arc::new(Latencies::default());
             run_workers(
                 &channels,
                 &kind,
                 (workers, max_jobs, completes),
                 total,
-                Arc::default(),
+                lat.clone(),
             )
             .await;
             println!(
                 "pre-filled queue of {total}, {workers} workers, max_jobs {max_jobs}, {}: {:.0} jobs/s \
-                 (CPU per job: server {:.0} µs, machine {:.0} µs)",
+                 (CPU per job: server {:.0} µs, load {:.0} µs, machine {:.0} µs; p50/p99 ms: acquire {}, complete {})",
                 match completes {
                     Completes::Each => "CompleteJob per job",
                     Completes::Batched => "one BatchCompleteJobs per acquire",
                 },
                 total as f64 / start.elapsed().as_secs_f64(),
                 (cpu_secs(pid) - server_cpu) * 1e6 / total as f64,
+                (cpu_secs(me) - load_cpu) * 1e6 / total as f64,
                 (machine_busy_secs() - machine_cpu) * 1e6 / total as f64,
+                Latencies::p50_p99(&lat.acquire),
+                Latencies::p50_p99(&lat.complete),
             );
         }
     }

@@ -554,25 +554,35 @@ pub async fn requeue(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult<Job> {
     row.try_into()
 }
 
-/// Leases up to `limit` queued jobs of `kinds` that are due, in one statement (its own
-/// transaction). Each kind is read in the fetch index's order (one index scan per kind:
-/// `kind = ANY(..)` cannot use the index order and sorts the whole queue), locked FOR
-/// UPDATE SKIP LOCKED so concurrent callers skip each other's rows instead of waiting
-/// or double-leasing; the best `limit` across kinds are leased, and the locks on the
-/// others end with the statement.
-pub async fn acquire(
+/// One AcquireJobs call of a group that shares a leasing statement.
+pub struct Taker<'a> {
+    pub worker_id: &'a str,
+    pub max: i64,
+    pub lease_ms: i64,
+}
+
+/// Leases queued jobs of `kinds` that are due for one or several AcquireJobs calls, in
+/// one statement (its own transaction): the best due jobs, the first `takers[0].max` of
+/// them to the first call, the next ones to the second, and so on (each job with its
+/// caller's worker id and lease). One list of jobs per taker. Each kind is read in the
+/// fetch index's order (one index scan per kind: `kind = ANY(..)` cannot use the index
+/// order and sorts the whole queue), locked FOR UPDATE SKIP LOCKED so concurrent
+/// statements skip each other's rows instead of waiting or double-leasing; the best
+/// across kinds are leased, and the locks on the others end with the statement. Calls
+/// that arrive together share a statement rather than each locking its way past the
+/// rows the others hold at the head of the same index.
+pub async fn acquire_for(
     conn: &mut AsyncPgConnection,
     kinds: &[String],
-    limit: i64,
-    worker_id: &str,
-    lease_ms: i64,
-) -> AppResult<Vec<Job>> {
+    takers: &[Taker<'_>],
+) -> AppResult<Vec<Vec<Job>>> {
     use diesel::sql_types::{Array, BigInt, Text};
     struct Acquire {
         kinds: Vec<String>,
-        limit: i64,
-        worker_id: String,
-        lease_ms: i64,
+        total: i64,
+        workers: Vec<String>,
+        lease_ms: Vec<i64>,
+        upto: Vec<i64>,
     }
     impl super::Statement for Acquire {
         fn walk<'b>(
@@ -584,8 +594,20 @@ pub async fn acquire(
             // their tuple ids (a TID scan whatever the statistics say): by `id` the
             // generic plan depends on the table's size when it was made, and one made
             // on a fresh table scans the whole table on every call. The row locks keep
-            // those tuples in place until the statement ends.
-            out.push_sql("WITH due AS (SELECT q.tid FROM unnest(");
+            // those tuples in place until the statement ends. Job number `n` (in fetch
+            // order) goes to the first taker whose running total `upto` reaches it.
+            out.push_sql("WITH takers AS (SELECT * FROM unnest(");
+            out.push_bind_param::<Array<Text>, _>(&self.workers)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<BigInt>, _>(&self.lease_ms)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<BigInt>, _>(&self.upto)?;
+            out.push_sql(
+                ") WITH ORDINALITY AS t(worker_id, lease_ms, upto, taker)), \
+                 due AS (SELECT f.tid, row_number() OVER \
+                 (ORDER BY f.priority DESC, f.schedule_time, f.create_time) AS n FROM \
+                 (SELECT q.* FROM unnest(",
+            );
             out.push_bind_param::<Array<Text>, _>(&self.kinds)?;
             out.push_sql(
                 ") AS k(kind) CROSS JOIN LATERAL (\
@@ -593,49 +615,76 @@ pub async fn acquire(
                  WHERE state = 'queued' AND kind = k.kind AND schedule_time <= now() \
                  ORDER BY priority DESC, schedule_time, create_time LIMIT ",
             );
-            out.push_bind_param::<BigInt, _>(&self.limit)?;
+            out.push_bind_param::<BigInt, _>(&self.total)?;
             out.push_sql(
                 " FOR UPDATE SKIP LOCKED) q \
                  ORDER BY q.priority DESC, q.schedule_time, q.create_time LIMIT ",
             );
-            out.push_bind_param::<BigInt, _>(&self.limit)?;
+            out.push_bind_param::<BigInt, _>(&self.total)?;
             out.push_sql(
-                ") UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = ",
-            );
-            out.push_bind_param::<Text, _>(&self.worker_id)?;
-            out.push_sql(", lease_id = gen_random_uuid(), lease_duration_ms = ");
-            out.push_bind_param::<BigInt, _>(&self.lease_ms)?;
-            out.push_sql(", lease_expire_time = now() + ");
-            out.push_bind_param::<BigInt, _>(&self.lease_ms)?;
-            out.push_sql(
-                " * interval '1 millisecond', start_time = COALESCE(start_time, now()), \
+                ") f), \
+                 assigned AS (SELECT d.tid, t.worker_id, t.lease_ms, t.taker FROM due d \
+                 CROSS JOIN LATERAL (SELECT * FROM takers WHERE takers.upto >= d.n \
+                 ORDER BY takers.upto LIMIT 1) t) \
+                 UPDATE jobs SET state = 'running', attempt = attempt + 1, \
+                 worker_id = a.worker_id, lease_id = gen_random_uuid(), \
+                 lease_duration_ms = a.lease_ms, \
+                 lease_expire_time = now() + a.lease_ms * interval '1 millisecond', \
+                 start_time = COALESCE(start_time, now()), \
                  progress_percent = 0, current_step = '', message = '' \
-                 WHERE jobs.ctid = ANY(ARRAY(SELECT tid FROM due)) AND jobs.state = 'queued' \
-                 RETURNING jobs.*",
+                 FROM assigned a \
+                 WHERE jobs.ctid = ANY(ARRAY(SELECT tid FROM assigned)) AND jobs.ctid = a.tid \
+                 AND jobs.state = 'queued' \
+                 RETURNING jobs.*, a.taker",
             );
             Ok(())
         }
     }
-    if kinds.is_empty() || limit <= 0 {
-        return Ok(Vec::new());
+    #[derive(QueryableByName)]
+    struct Taken {
+        #[diesel(embed)]
+        job: JobRow,
+        #[diesel(sql_type = BigInt)]
+        taker: i64,
     }
-    let rows: Vec<JobRow> = super::Prepared(Acquire {
+    let mut out: Vec<Vec<Job>> = takers.iter().map(|_| Vec::new()).collect();
+    let total: i64 = takers.iter().map(|t| t.max.max(0)).sum();
+    if kinds.is_empty() || total <= 0 {
+        return Ok(out);
+    }
+    let upto = takers
+        .iter()
+        .scan(0i64, |sum, t| {
+            *sum += t.max.max(0);
+            Some(*sum)
+        })
+        .collect();
+    let rows: Vec<Taken> = super::Prepared(Acquire {
         kinds: kinds.to_vec(),
-        limit,
-        worker_id: worker_id.to_owned(),
-        lease_ms,
+        total,
+        workers: takers.iter().map(|t| t.worker_id.to_owned()).collect(),
+        lease_ms: takers.iter().map(|t| t.lease_ms).collect(),
+        upto,
     })
     .load(conn)
     .await?;
-    let mut jobs = jobs_from(rows)?;
+    for row in rows {
+        let slot = usize::try_from(row.taker - 1)
+            .ok()
+            .and_then(|i| out.get_mut(i))
+            .ok_or_else(|| AppError::internal("leased job without its taker"))?;
+        slot.push(Job::try_from(row.job)?);
+    }
     // RETURNING does not keep the fetch order.
-    jobs.sort_by(|a, b| {
-        b.priority
-            .cmp(&a.priority)
-            .then(a.schedule_time.cmp(&b.schedule_time))
-            .then(a.create_time.cmp(&b.create_time))
-    });
-    Ok(jobs)
+    for jobs in &mut out {
+        jobs.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.schedule_time.cmp(&b.schedule_time))
+                .then(a.create_time.cmp(&b.create_time))
+        });
+    }
+    Ok(out)
 }
 
 /// Jobs by id, locked in id order (so two batches never wait on each other in a cycle).

@@ -69,6 +69,15 @@ const GROUP_MAX: usize = 256;
 struct Groups {
     creates: crate::batch::Batcher<CreateCall, Job>,
     leases: crate::batch::Batcher<LeaseCall, Job>,
+    acquires: crate::batch::Batcher<AcquireCall, Vec<Job>>,
+}
+
+/// One AcquireJobs attempt (no waiting).
+pub struct AcquireCall {
+    kinds: Vec<String>,
+    worker_id: String,
+    max: i64,
+    lease_ms: i64,
 }
 
 /// One job to create for a caller (`scope` is the owner, `None` for admins).
@@ -225,7 +234,7 @@ impl Engine {
             settings: Arc::new(settings),
             groups: None,
         };
-        let (a, b) = (engine.clone(), engine.clone());
+        let (a, b, c) = (engine.clone(), engine.clone(), engine.clone());
         engine.groups = Some(Arc::new(Groups {
             creates: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = a.clone();
@@ -236,6 +245,10 @@ impl Engine {
             leases: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = b.clone();
                 async move { crate::batch::shared_or_alone(&calls, |c| engine.lease_tx(c)).await }
+            }),
+            acquires: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
+                let engine = c.clone();
+                async move { engine.acquire_group(&calls).await }
             }),
         }));
         engine
@@ -466,7 +479,8 @@ impl Engine {
         Ok(job)
     }
 
-    /// One attempt to lease jobs (no waiting).
+    /// One attempt to lease jobs (no waiting). Concurrent attempts for the same kinds
+    /// share one leasing statement (group commit).
     pub async fn try_acquire(
         &self,
         worker_id: &str,
@@ -474,17 +488,89 @@ impl Engine {
         max: i64,
         lease: Duration,
     ) -> AppResult<Vec<Job>> {
-        let lease_ms = lease.as_millis() as i64;
-        let jobs = {
-            let mut conn = self.conn().await?;
-            db::jobs::acquire(&mut conn, kinds, max, worker_id, lease_ms).await?
+        let call = AcquireCall {
+            kinds: kinds.to_vec(),
+            worker_id: worker_id.to_owned(),
+            max,
+            lease_ms: lease.as_millis() as i64,
         };
-        let changes: Vec<_> = jobs
+        match &self.groups {
+            Some(groups) => groups.acquires.call(call).await,
+            None => self
+                .acquire_group(std::slice::from_ref(&call))
+                .await
+                .pop()
+                .unwrap_or_else(|| Err(AppError::internal("no result"))),
+        }
+    }
+
+    /// Leases jobs for a group of attempts: one statement per distinct set of kinds,
+    /// jobs handed out in the callers' order. A statement that fails leased nothing, so
+    /// its calls are tried again one by one (one call's failure is not another's).
+    async fn acquire_group(&self, calls: &[AcquireCall]) -> Vec<AppResult<Vec<Job>>> {
+        let mut by_kinds = BTreeMap::<Vec<&str>, Vec<usize>>::new();
+        for (i, c) in calls.iter().enumerate() {
+            let mut key: Vec<&str> = c.kinds.iter().map(String::as_str).collect();
+            key.sort_unstable();
+            key.dedup();
+            by_kinds.entry(key).or_default().push(i);
+        }
+        let mut results: Vec<Option<AppResult<Vec<Job>>>> = calls.iter().map(|_| None).collect();
+        for members in by_kinds.into_values() {
+            let together = self.acquire_for(calls, &members).await;
+            match together {
+                Ok(leased) => {
+                    for (i, jobs) in members.iter().zip(leased) {
+                        results[*i] = Some(Ok(jobs));
+                    }
+                }
+                Err(e) if members.len() == 1 => results[members[0]] = Some(Err(e)),
+                Err(e) => {
+                    tracing::debug!(error = %e, calls = members.len(), "acquire group failed; retrying one by one");
+                    for i in members {
+                        results[i] = Some(
+                            self.acquire_for(calls, &[i])
+                                .await
+                                .map(|mut one| one.pop().unwrap_or_default()),
+                        );
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(AppError::internal("call left out of its group"))))
+            .collect()
+    }
+
+    /// One leasing statement for `calls[members]` (same kinds); publishes the leases.
+    async fn acquire_for(
+        &self,
+        calls: &[AcquireCall],
+        members: &[usize],
+    ) -> AppResult<Vec<Vec<Job>>> {
+        let takers: Vec<db::jobs::Taker> = members
             .iter()
+            .map(|&i| db::jobs::Taker {
+                worker_id: &calls[i].worker_id,
+                max: calls[i].max,
+                lease_ms: calls[i].lease_ms,
+            })
+            .collect();
+        let Some(&first) = members.first() else {
+            return Ok(Vec::new());
+        };
+        let leased = {
+            let mut conn = self.conn().await?;
+            db::jobs::acquire_for(&mut conn, &calls[first].kinds, &takers).await?
+        };
+        let changes: Vec<_> = leased
+            .iter()
+            .flatten()
             .map(|j| (j.clone(), EventType::StateChanged))
             .collect();
         self.publish(to_publish(&changes), Wake::new());
-        Ok(jobs)
+        Ok(leased)
     }
 
     /// Long-polls until jobs are leased or `wait` is over. Wake-ups come through Redis;
