@@ -460,6 +460,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         ))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn batch_complete_jobs(
         &self,
         request: Request<pb::BatchCompleteJobsRequest>,
@@ -508,6 +509,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn fail_job(
         &self,
         request: Request<pb::FailJobRequest>,
