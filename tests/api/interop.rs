@@ -188,3 +188,76 @@ async fn python_client_uploads_and_downloads_an_asset() {
     assert_eq!(asset.sha256, report["sha256"].as_str().unwrap());
     assert_eq!(asset.size_bytes, report["size"].as_i64().unwrap());
 }
+
+#[tokio::test]
+async fn python_worker_completes_its_jobs_in_one_batch() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "python batch").await;
+    let requests = (0..3)
+        .map(|_| pb::CreateJobRequest {
+            parent: String::new(),
+            job: Some(pb::Job {
+                kind: "render".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .collect();
+    let created = app
+        .jobs(&t)
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: p.name.clone(),
+            requests,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let worker = token_with("py", &["worker"], std::time::Duration::from_secs(60));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python_worker.py");
+    let (python, addr) = (python(), app.addr.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args([
+                script,
+                &addr,
+                &worker,
+                "--kinds",
+                "render",
+                "--batch",
+                "3",
+                "--max-jobs",
+                "3",
+            ])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python worker failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for job in &created {
+        assert!(
+            stdout.contains(&format!("completed {} (batch)", job.name)),
+            "{stdout}"
+        );
+        let stored = app
+            .jobs(&t)
+            .get_job(pb::GetJobRequest {
+                name: job.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stored.state(), pb::job::State::Succeeded);
+        assert_eq!(
+            stored.result.unwrap().fields["worker"].kind,
+            Some(prost_types::value::Kind::StringValue("python".into()))
+        );
+    }
+}
