@@ -54,6 +54,28 @@ async fn python_grpcio_client_creates_and_reads_a_project_and_checks_health() {
     assert_eq!(p.display_name, "from python");
 }
 
+/// Runs `examples/python_worker.py` for "render" jobs with `args`; its stdout, once it
+/// exited successfully.
+async fn run_python_worker(app: &TestApp, args: &[&str]) -> String {
+    let worker = token_with("py", &["worker"], std::time::Duration::from_secs(600));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python_worker.py");
+    let mut command = Command::new(python());
+    command
+        .args([script, &app.addr.to_string(), &worker, "--kinds", "render"])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python worker failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[tokio::test]
 async fn python_worker_completes_a_job() {
     let app = TestApp::spawn().await;
@@ -92,31 +114,7 @@ async fn python_worker_completes_a_job() {
         .unwrap()
         .into_inner();
 
-    let worker = token_with("py", &["worker"], std::time::Duration::from_secs(600));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python_worker.py");
-    let (python, addr) = (python(), app.addr.to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args([
-                script,
-                &addr,
-                &worker,
-                "--kinds",
-                "render",
-                "--max-jobs",
-                "1",
-            ])
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "python worker failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python_worker(&app, &["--max-jobs", "1"]).await;
 
     let mut percents = Vec::new();
     let mut last = None;
@@ -214,33 +212,7 @@ async fn python_worker_completes_its_jobs_in_one_batch() {
         .unwrap()
         .into_inner()
         .jobs;
-    let worker = token_with("py", &["worker"], std::time::Duration::from_secs(60));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python_worker.py");
-    let (python, addr) = (python(), app.addr.to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args([
-                script,
-                &addr,
-                &worker,
-                "--kinds",
-                "render",
-                "--batch",
-                "3",
-                "--max-jobs",
-                "3",
-            ])
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "python worker failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_python_worker(&app, &["--batch", "3", "--max-jobs", "3"]).await;
     for job in &created {
         assert!(
             stdout.contains(&format!("completed {} (batch)", job.name)),
