@@ -648,17 +648,17 @@ pub async fn acquire_for(
         taker: i64,
     }
     let mut out: Vec<Vec<Job>> = takers.iter().map(|_| Vec::new()).collect();
-    let total: i64 = takers.iter().map(|t| t.max.max(0)).sum();
-    if kinds.is_empty() || total <= 0 {
-        return Ok(out);
-    }
-    let upto = takers
+    let upto: Vec<i64> = takers
         .iter()
         .scan(0i64, |sum, t| {
             *sum += t.max.max(0);
             Some(*sum)
         })
         .collect();
+    let total = upto.last().copied().unwrap_or(0);
+    if kinds.is_empty() || total <= 0 {
+        return Ok(out);
+    }
     let rows: Vec<Taken> = super::Prepared(Acquire {
         kinds: kinds.to_vec(),
         total,
