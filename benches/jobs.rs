@@ -351,7 +351,12 @@ async fn main() {
     }
     // 3. Draining a pre-filled queue, completing per job and in batches.
     if wanted("prefilled") {
-        let total = 20_000;
+        // Big enough that the pipeline's fill and drain (workers x max_jobs in flight,
+        // a few hundred ms) do not weigh on the rate.
+        let total: usize = std::env::var("MP_BENCH_PREFILLED_TOTAL")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(100_000);
         let (workers, max_jobs) = std::env::var("MP_BENCH_PREFILLED")
             .ok()
             .and_then(|v| {
