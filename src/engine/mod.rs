@@ -63,10 +63,16 @@ pub struct Engine {
 /// Group transactions in flight at once per kind of write, and calls per transaction.
 /// One lane: calls that queue behind a commit share the next one. Measured end to end
 /// (same hour, alternating): with 2 lanes every configuration cost 10-35% more machine
-/// CPU per job than with 1 (smaller groups, and two groups contending for the same
-/// index pages); with 4, three groups in four held a single call.
+/// CPU per job than with 1 (groups half the size: twice the statements, each planned
+/// and committed); with 4, three groups in four held a single call. Batched completes on
+/// a full queue were about 5% faster with 2, the one place a second lane paid.
 const GROUP_LANES: usize = 1;
-const GROUP_MAX: usize = 256;
+/// With one lane a group takes everything queued: 256 calls made a full queue's
+/// completions wait for several statements in turn (per-job completes 5% slower).
+const GROUP_MAX: usize = 1024;
+/// Leasing calls per statement: each takes up to `job::MAX_ACQUIRE` jobs, and a statement
+/// holds its rows locked until it ends.
+const ACQUIRE_GROUP_MAX: usize = 256;
 
 struct Groups {
     creates: crate::batch::Batcher<CreateCall, Job>,
@@ -248,7 +254,7 @@ impl Engine {
                 let engine = b.clone();
                 async move { crate::batch::shared_or_alone(&calls, |c| engine.lease_tx(c)).await }
             }),
-            acquires: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
+            acquires: crate::batch::Batcher::spawn(GROUP_LANES, ACQUIRE_GROUP_MAX, move |calls| {
                 let engine = c.clone();
                 async move { engine.acquire_group(&calls).await }
             }),
