@@ -241,6 +241,10 @@ async fn main() {
             (64, 16, 10, Completes::Each),
             (64, 32, 50, Completes::Each),
             (64, 32, 50, Completes::Batched),
+            // With one statement in flight per kind of write, 64 waiting producers left
+            // a third of the machine idle: more concurrent callers, bigger groups.
+            (256, 32, 50, Completes::Each),
+            (256, 32, 50, Completes::Batched),
         ] {
             // MP_BENCH_E2E=64x32x50 (or 64x32x50-batch) runs one row.
             let row = match completes {
