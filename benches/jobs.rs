@@ -164,6 +164,14 @@ async fn run_workers(
     }
 }
 
+/// A count from the environment, or `default` when unset or not a number.
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -256,10 +264,7 @@ async fn main() {
             }
             // Long enough runs that start-up (connections, first plans) does not
             // dominate; the single-job configurations are slow.
-            let total: usize = std::env::var("MP_BENCH_TOTAL")
-                .ok()
-                .and_then(|t| t.parse().ok())
-                .unwrap_or(if max_jobs == 1 { 4000 } else { 20_000 });
+            let total = env_count("MP_BENCH_TOTAL", if max_jobs == 1 { 4000 } else { 20_000 });
             let kind = format!("e2e-{row}");
             let start = Instant::now();
             let me = std::process::id();
@@ -357,10 +362,7 @@ async fn main() {
     if wanted("prefilled") {
         // Big enough that the pipeline's fill and drain (workers x max_jobs in flight,
         // a few hundred ms) do not weigh on the rate.
-        let total: usize = std::env::var("MP_BENCH_PREFILLED_TOTAL")
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(100_000);
+        let total = env_count("MP_BENCH_PREFILLED_TOTAL", 100_000);
         let (workers, max_jobs) = std::env::var("MP_BENCH_PREFILLED")
             .ok()
             .and_then(|v| {
