@@ -193,8 +193,12 @@ fn wanted(section: &str) -> bool {
 async fn main() {
     let server = start_server("jobs", &[]);
     let pid = server.child.id();
-    let channels: Vec<Channel> =
-        futures::future::join_all((0..8).map(|_| channel(&server.addr))).await;
+    // HTTP/2 connections the load shares (MP_BENCH_CHANNELS): each is one task on
+    // either side, so fewer of them batch more frames per read and write.
+    let channels: Vec<Channel> = futures::future::join_all(
+        (0..env_count("MP_BENCH_CHANNELS", 8).max(1)).map(|_| channel(&server.addr)),
+    )
+    .await;
     let owner = token("bench", &[]);
     let mut projects =
         ProjectsServiceClient::with_interceptor(channels[0].clone(), Bearer(owner.clone()));
@@ -254,12 +258,16 @@ async fn main() {
             (256, 32, 50, Completes::Each),
             (256, 32, 50, Completes::Batched),
         ] {
-            // MP_BENCH_E2E=64x32x50 (or 64x32x50-batch) runs one row.
+            // MP_BENCH_E2E=64x32x50 (or 64x32x50-batch, or a comma-separated list) runs
+            // only those rows.
             let row = match completes {
                 Completes::Each => format!("{producers}x{workers}x{max_jobs}"),
                 Completes::Batched => format!("{producers}x{workers}x{max_jobs}-batch"),
             };
-            if only.as_deref().is_some_and(|o| o != row) {
+            if only
+                .as_deref()
+                .is_some_and(|o| !o.split(',').any(|r| r == row))
+            {
                 continue;
             }
             // Long enough runs that start-up (connections, first plans) does not
