@@ -19,7 +19,7 @@ const connection = () =>
 
 const perSecond = (jobs, t0) => Math.round(jobs / ((performance.now() - t0) / 1000));
 
-/** Resolves with the worker once `total` jobs have completed. */
+/** Resolves with the worker once `total` jobs have completed (each removed as it completes). */
 function bullWorker(concurrency, total) {
   let done = 0;
   return new Promise((resolve) => {
@@ -44,7 +44,7 @@ async function bullE2e(producers, concurrency, total) {
     Array.from({ length: producers }, async () => {
       while (added < total) {
         added++;
-        await queue.add('bench', {}, { removeOnComplete: true });
+        await queue.add('bench', {});
       }
     }),
   );
@@ -59,7 +59,7 @@ async function bullFull(concurrency, total) {
   const queue = new Queue(queueName, { connection: connection() });
   for (let i = 0; i < total; i += 1000) {
     const size = Math.min(1000, total - i);
-    await queue.addBulk(Array.from({ length: size }, () => ({ name: 'bench', data: {}, opts: { removeOnComplete: true } })));
+    await queue.addBulk(Array.from({ length: size }, () => ({ name: 'bench', data: {} })));
   }
   const t0 = performance.now();
   const worker = await bullWorker(concurrency, total);
