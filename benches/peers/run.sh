@@ -4,7 +4,9 @@
 # 127.0.0.1:5432 (user postgres); uses a scratch database and Redis keys of its own.
 set -euo pipefail
 cd "$(dirname "$0")"
-[ -d node_modules ] || npm ci --no-audit --no-fund --loglevel=error
+# Not `npm ci`: npm 11 leaves some optional platform packages of msgpackr out of the
+# lock file it writes, and then refuses it as out of sync. `install` keeps the lock's versions.
+[ -d node_modules ] || npm install --no-audit --no-fund --loglevel=error
 db="peer_bench_$$"
 psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db"
 trap 'psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"' EXIT
