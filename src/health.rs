@@ -5,14 +5,23 @@
 //! probed and reported, but does not gate readiness: every RPC that exists works
 //! without it. Shutdown flips everything to NOT_SERVING first.
 use std::{
+    pin::Pin,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic::{Code, Request, Response, Status, server::NamedService};
+use tonic_health::{
+    ServingStatus,
+    pb::{
+        HealthCheckRequest, HealthCheckResponse, health_check_response,
+        health_server::{self, HealthServer},
+    },
+    server::{HealthReporter, HealthService},
+};
 
 use crate::{
     db,
@@ -22,6 +31,50 @@ use crate::{
     },
     redis::RedisPool,
 };
+
+/// `grpc.health.v1.Health` as the protocol states it: tonic-health's service, except
+/// that `Watch` for a name it does not know sends SERVICE_UNKNOWN and keeps the call
+/// open (tonic-health answers NOT_FOUND, which clients that watch treat as an error
+/// and retry in a loop). The names are fixed at start, so that status never changes;
+/// the stream ends like every other at shutdown. `Check` keeps NOT_FOUND, as specified.
+pub struct HealthApi(HealthService);
+
+impl HealthApi {
+    pub fn new(reporter: HealthReporter) -> HealthServer<Self> {
+        HealthServer::new(Self(HealthService::from_health_reporter(reporter)))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl health_server::Health for HealthApi {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.0.check(request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        match self.0.watch(request).await {
+            Ok(known) => Ok(Response::new(Box::pin(known.into_inner()) as WatchStream)),
+            Err(status) if status.code() == Code::NotFound => {
+                let unknown = HealthCheckResponse {
+                    status: health_check_response::ServingStatus::ServiceUnknown.into(),
+                };
+                let stream = tokio_stream::once(Ok(unknown)).chain(tokio_stream::pending());
+                Ok(Response::new(Box::pin(stream) as WatchStream))
+            }
+            Err(status) => Err(status),
+        }
+    }
+}
 
 pub const LIVENESS: &str = "liveness";
 pub const READINESS: &str = "readiness";

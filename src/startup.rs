@@ -21,7 +21,7 @@ use crate::{
     domain::job::Backoff,
     edge::{self, calls::CallContext},
     engine::{Engine, EngineSettings, Hub, reaper},
-    health::Health,
+    health::{Health, HealthApi},
     proto::{self, server},
     redis::{self, RedisPool},
     storage::Storage,
@@ -77,7 +77,8 @@ impl Application {
             settings.request_timeout + Duration::from_secs(5),
         );
         let redis = redis::pool(settings.redis_url.expose()).map_err(StartError::Config)?;
-        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let reporter = tonic_health::server::HealthReporter::new();
+        let health_service = HealthApi::new(reporter.clone());
         let health = Health::new(reporter).await;
         health.probe(&db, &redis).await;
 
@@ -302,9 +303,7 @@ fn router(
     engine: Engine,
     assets: Assets,
     health: Health,
-    health_service: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
+    health_service: tonic_health::pb::health_server::HealthServer<HealthApi>,
     draining: CancellationToken,
 ) -> Result<Router, StartError> {
     let limit = settings.max_message_bytes;

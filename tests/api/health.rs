@@ -60,6 +60,25 @@ async fn every_name_serves_and_needs_no_token() {
     }
 }
 
+/// The health protocol: Watch of a name the server does not know sends SERVICE_UNKNOWN
+/// and keeps the call open (Check answers NOT_FOUND, above).
+#[tokio::test]
+async fn watch_of_an_unknown_name_streams_service_unknown_and_stays_open() {
+    let app = TestApp::spawn().await;
+    let mut watch = app
+        .health()
+        .watch(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .expect("watch of an unknown name is accepted")
+        .into_inner();
+    let first = watch.message().await.unwrap().expect("a first status");
+    assert_eq!(first.status(), ServingStatus::ServiceUnknown);
+    let next = tokio::time::timeout(Duration::from_millis(500), watch.message()).await;
+    assert!(next.is_err(), "the call stays open: {next:?}");
+}
+
 #[tokio::test]
 async fn readiness_follows_postgres_and_liveness_does_not() {
     let proxy = ChaosProxy::start(PG_HOST).await;
