@@ -19,6 +19,17 @@ const connection = () =>
 
 const perSecond = (jobs, t0) => Math.round(jobs / ((performance.now() - t0) / 1000));
 
+/** Fills a queue before a drain: `add(size)` enqueues `size` jobs, at most 1,000 per call. */
+async function prefill(total, add) {
+  for (let i = 0; i < total; i += 1000) await add(Math.min(1000, total - i));
+}
+
+async function bullTeardown(worker, queue) {
+  await worker.close();
+  await queue.obliterate({ force: true });
+  await queue.close();
+}
+
 /** Resolves with the worker once `total` jobs have completed (each removed as it completes). */
 function bullWorker(concurrency, total) {
   let done = 0;
@@ -50,23 +61,18 @@ async function bullE2e(producers, concurrency, total) {
   );
   const worker = await finished;
   console.log(`BullMQ end to end, ${producers} producers, worker concurrency ${concurrency}: ${perSecond(total, t0)} jobs/s`);
-  await worker.close();
-  await queue.obliterate({ force: true });
-  await queue.close();
+  await bullTeardown(worker, queue);
 }
 
 async function bullFull(concurrency, total) {
   const queue = new Queue(queueName, { connection: connection() });
-  for (let i = 0; i < total; i += 1000) {
-    const size = Math.min(1000, total - i);
-    await queue.addBulk(Array.from({ length: size }, () => ({ name: 'bench', data: {} })));
-  }
+  await prefill(total, (size) =>
+    queue.addBulk(Array.from({ length: size }, () => ({ name: 'bench', data: {} }))),
+  );
   const t0 = performance.now();
   const worker = await bullWorker(concurrency, total);
   console.log(`BullMQ pre-filled queue of ${total}, worker concurrency ${concurrency}: ${perSecond(total, t0)} jobs/s`);
-  await worker.close();
-  await queue.obliterate({ force: true });
-  await queue.close();
+  await bullTeardown(worker, queue);
 }
 
 async function bossFull(workers, batchSize, total) {
@@ -74,10 +80,9 @@ async function bossFull(workers, batchSize, total) {
   boss.on('error', (e) => console.error(e));
   await boss.start();
   await boss.createQueue(queueName);
-  for (let i = 0; i < total; i += 1000) {
-    const size = Math.min(1000, total - i);
-    await boss.insert(Array.from({ length: size }, () => ({ name: queueName, data: {} })));
-  }
+  await prefill(total, (size) =>
+    boss.insert(Array.from({ length: size }, () => ({ name: queueName, data: {} }))),
+  );
   let done = 0;
   const t0 = performance.now();
   // Batch fetching: every worker loop fetches up to batchSize jobs and completes them in one call.
