@@ -87,23 +87,38 @@ impl Completes {
     }
 }
 
-/// Workers acquire `max_jobs` at a time and complete them; returns when `total` are done.
+/// Workers acquire `max_jobs` at a time and complete them; returns when the last of `total` was completed.
 async fn run_workers(
     channels: &[Channel],
     kind: &str,
     (workers, max_jobs, completes): (usize, i32, Completes),
     total: usize,
     lat: Arc<Latencies>,
-) {
+) -> Instant {
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
+    // The run ends when its last job is completed, not when every worker has returned:
+    // the others are then long-polling for jobs that will never come (up to their
+    // wait_timeout, which until 2026-11-24 counted in the run's time).
+    let finished = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let last_done = Arc::new(tokio::sync::Notify::new());
+    let count = {
+        let (done, finished, last_done) = (done.clone(), finished.clone(), last_done.clone());
+        move |n: usize| {
+            let before = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            if before < total && before + n >= total {
+                let _ = finished.set(Instant::now());
+                last_done.notify_one();
+            }
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
         let mut c: Jobs = JobsServiceClient::with_interceptor(
             channels[w % channels.len()].clone(),
             Bearer(token("bench-worker", &["worker"])),
         );
-        let (done, kind, lat) = (done.clone(), kind.to_owned(), lat.clone());
-        tasks.push(tokio::spawn(async move {
+        let (done, kind, lat, count) = (done.clone(), kind.to_owned(), lat.clone(), count.clone());
+        tasks.spawn(async move {
             while done.load(std::sync::atomic::Ordering::Relaxed) < total {
                 let t = Instant::now();
                 let leased = c
@@ -141,27 +156,38 @@ async fn run_workers(
                         "every completion accepted"
                     );
                     Latencies::record(&lat.complete, t);
-                    done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    count(n);
                     continue;
                 }
                 // A worker runs the jobs it leased at once (as `mediaplane worker`
                 // does with --concurrency), so their completes overlap.
                 futures::future::join_all(leased.into_iter().map(|l| {
-                    let (mut c, lat, done) = (c.clone(), lat.clone(), done.clone());
+                    let (mut c, lat, count) = (c.clone(), lat.clone(), count.clone());
                     async move {
                         let t = Instant::now();
                         c.complete_job(completion(l)).await.unwrap();
                         Latencies::record(&lat.complete, t);
-                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        count(1);
                     }
                 }))
                 .await;
             }
-        }));
+        });
     }
-    for t in tasks {
-        t.await.unwrap();
+    loop {
+        tokio::select! {
+            _ = last_done.notified() => break,
+            joined = tasks.join_next() => match joined {
+                Some(Ok(())) => {}
+                Some(Err(e)) => panic!("a bench worker failed: {e}"),
+                None => break,
+            },
+        }
     }
+    // Every job is done: the workers still waiting would only time out.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    *finished.get().expect("the run ended with its last job")
 }
 
 /// A count from the environment, or `default` when unset or not a number.
@@ -300,7 +326,7 @@ async fn main() {
                     })
                 })
                 .collect();
-            run_workers(
+            let finished = run_workers(
                 &channels,
                 &kind,
                 (workers, max_jobs, completes),
@@ -316,7 +342,7 @@ async fn main() {
             println!(
                 "{producers:>9} {workers:>8} {max_jobs:>9} {:>9} {total:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0}   {}, {}, {}",
                 completes.label(),
-                total as f64 / start.elapsed().as_secs_f64(),
+                total as f64 / (finished - start).as_secs_f64(),
                 per_job(cpu_secs(pid) - server_cpu),
                 per_job(cpu_secs(me) - load_cpu),
                 per_job(machine_busy_secs() - machine_cpu),
@@ -352,7 +378,7 @@ async fn main() {
                 }
             })
         };
-        run_workers(
+        let finished = run_workers(
             &channels,
             kind,
             (64, 50, Completes::Each),
@@ -363,7 +389,7 @@ async fn main() {
         producer.await.unwrap();
         println!(
             "\nend to end with BatchCreateJobs (500 per call), 64 workers, max_jobs 50: {:.0} jobs/s",
-            total as f64 / start.elapsed().as_secs_f64()
+            total as f64 / (finished - start).as_secs_f64()
         );
     }
     // 3. Draining a pre-filled queue, completing per job and in batches.
@@ -402,7 +428,7 @@ async fn main() {
             let (server_cpu, load_cpu, machine_cpu) =
                 (cpu_secs(pid), cpu_secs(me), machine_busy_secs());
             let lat = Arc::new(Latencies::default());
-            run_workers(
+            let finished = run_workers(
                 &channels,
                 &kind,
                 (workers, max_jobs, completes),
@@ -417,7 +443,7 @@ async fn main() {
                     Completes::Each => "CompleteJob per job",
                     Completes::Batched => "one BatchCompleteJobs per acquire",
                 },
-                total as f64 / start.elapsed().as_secs_f64(),
+                total as f64 / (finished - start).as_secs_f64(),
                 (cpu_secs(pid) - server_cpu) * 1e6 / total as f64,
                 (cpu_secs(me) - load_cpu) * 1e6 / total as f64,
                 (machine_busy_secs() - machine_cpu) * 1e6 / total as f64,
