@@ -275,8 +275,8 @@ pub async fn insert_many(
     Ok(out)
 }
 
-/// Inserts jobs in one statement, each only if its project exists and is visible to
-/// its scope (`None`: any) and its request id is new. Runs as its own transaction: the
+/// Inserts jobs in one statement, each only if its project exists, is visible to its
+/// scope (`None`: any) and is not being deleted, and its request id is new. Runs as its own transaction: the
 /// jobs it returns (by their position in `inserts`) are committed, with their events.
 /// The others wrote nothing; `insert_many` in a transaction tells why.
 pub async fn insert_visible(
@@ -302,8 +302,14 @@ pub async fn insert_visible(
             &'b self,
             mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
         ) -> QueryResult<()> {
+            // The projects are locked first, skipping any that a deletion holds: their
+            // jobs are left out (the caller retries them alone, waiting for the deletion's
+            // outcome) instead of the whole group waiting on the foreign key's check.
+            out.push_sql("WITH p AS MATERIALIZED (SELECT id, owner FROM projects WHERE id = ANY(");
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
             out.push_sql(
-                "INSERT INTO jobs (id, project_id, owner, kind, input, labels, priority, \
+                ") FOR KEY SHARE SKIP LOCKED) \
+                 INSERT INTO jobs (id, project_id, owner, kind, input, labels, priority, \
                  max_attempts, schedule_time, request_id, request_hash) \
                  SELECT c.id, p.id, p.owner, c.kind, c.input, c.labels, c.priority, \
                  c.max_attempts, COALESCE(c.schedule_time, now()), c.request_id, c.request_hash \
@@ -333,13 +339,8 @@ pub async fn insert_visible(
             out.push_sql(
                 ") AS c(id, project, scope, kind, input, labels, priority, max_attempts, \
                  schedule_time, request_id, request_hash) \
-                 JOIN projects p ON p.id = c.project AND (c.scope IS NULL OR p.owner = c.scope) \
-                 WHERE p.id = ANY(",
-            );
-            // Redundant with the join, but it makes the generic plan probe the primary
-            // key instead of hashing the projects table.
-            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
-            out.push_sql(") ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *");
+                 JOIN p ON p.id = c.project WHERE c.scope IS NULL OR p.owner = c.scope \
+                 ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *");
             Ok(())
         }
     }

@@ -75,7 +75,7 @@ const GROUP_MAX: usize = 1024;
 const ACQUIRE_GROUP_MAX: usize = 256;
 
 struct Groups {
-    creates: crate::batch::Batcher<CreateCall, Job>,
+    creates: crate::batch::Batcher<CreateCall, Created>,
     leases: crate::batch::Batcher<LeaseCall, Job>,
     acquires: crate::batch::Batcher<AcquireCall, Vec<Job>>,
 }
@@ -89,11 +89,23 @@ pub struct AcquireCall {
 }
 
 /// One job to create for a caller (`scope` is the owner, `None` for admins).
+#[derive(Clone)]
 pub struct CreateCall {
     scope: Option<String>,
     project: ProjectName,
     job: NewJob,
     request_id: Option<String>,
+}
+
+/// What the create lane did with a call.
+// The large variant is the common one: boxing it would cost an allocation per create.
+#[allow(clippy::large_enum_variant)]
+pub enum Created {
+    Job(Job),
+    /// Left out of the group (its project is being deleted, say, or its request id
+    /// was seen before): the caller runs it alone, so whatever it waits for holds up
+    /// that caller only, not the lane.
+    Alone(CreateCall),
 }
 
 /// One worker write under a lease.
@@ -246,9 +258,7 @@ impl Engine {
         engine.groups = Some(Arc::new(Groups {
             creates: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = a.clone();
-                async move {
-                    crate::batch::shared_or_alone(&calls, |c| engine.create_tx(c, false)).await
-                }
+                async move { crate::batch::shared_or_alone(&calls, |c| engine.create_each(c)).await }
             }),
             leases: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = b.clone();
@@ -306,21 +316,17 @@ impl Engine {
                 .into_iter()
                 .next()
                 .ok_or_else(|| AppError::internal("no job"))?;
-            return Ok(vec![groups.creates.call(call).await?]);
+            return match groups.creates.call(call).await? {
+                Created::Job(job) => Ok(vec![job]),
+                Created::Alone(call) => self.create_tx(&[call]).await?.into_iter().collect(),
+            };
         }
-        self.create_tx(&calls, true).await?.into_iter().collect()
+        self.create_tx(&calls).await?.into_iter().collect()
     }
 
-    /// Inserts `calls` in one transaction. `all_or_none`: the first failed call fails
-    /// (and rolls back) all of them.
-    async fn create_tx(
-        &self,
-        calls: &[CreateCall],
-        all_or_none: bool,
-    ) -> AppResult<Vec<AppResult<Job>>> {
-        if !all_or_none {
-            return self.create_each(calls).await;
-        }
+    /// Inserts `calls` in one transaction, all or none: the first failed call fails (and
+    /// rolls back) all of them.
+    async fn create_tx(&self, calls: &[CreateCall]) -> AppResult<Vec<AppResult<Job>>> {
         let mut conn = self.conn().await?;
         let (results, published, kinds) = conn
             .transaction(async |conn| {
@@ -367,7 +373,7 @@ impl Engine {
                         r.unwrap_or_else(|| Err(AppError::internal("job left out of its group")))
                     })
                     .collect();
-                if all_or_none && let Some(i) = results.iter().position(Result::is_err) {
+                if let Some(i) = results.iter().position(Result::is_err) {
                     return Err(results
                         .into_iter()
                         .nth(i)
@@ -387,10 +393,11 @@ impl Engine {
     }
 
     /// Independent creates (a CreateJob group): one statement, its own transaction, for
-    /// every call whose project is visible and whose request id is new; the calls it
-    /// left out (refused or repeated) go through the transactional path, which tells
-    /// them apart.
-    async fn create_each(&self, calls: &[CreateCall]) -> AppResult<Vec<AppResult<Job>>> {
+    /// every call whose project is visible and not being deleted and whose request id
+    /// is new; the calls it left out (refused, repeated or waiting on a deletion) go
+    /// back to their callers, which run them through the transactional path, which
+    /// tells them apart.
+    async fn create_each(&self, calls: &[CreateCall]) -> AppResult<Vec<AppResult<Created>>> {
         let inserts: Vec<_> = calls
             .iter()
             .map(|c| {
@@ -406,28 +413,20 @@ impl Engine {
             let mut conn = self.conn().await?;
             db::jobs::insert_visible(&mut conn, &inserts).await?
         };
-        let mut results: Vec<Option<AppResult<Job>>> = calls.iter().map(|_| None).collect();
+        let mut results: Vec<Option<Job>> = calls.iter().map(|_| None).collect();
         let mut changes = Vec::with_capacity(inserted.len());
         let mut kinds = Wake::new();
         for (at, job) in inserted {
             *kinds.entry(job.kind.clone()).or_default() += 1;
             changes.push((job.clone(), EventType::Created));
-            results[at] = Some(Ok(job));
+            results[at] = Some(job);
         }
         self.publish(to_publish(&changes), kinds);
-        let mut out = Vec::with_capacity(calls.len());
-        for (at, result) in results.into_iter().enumerate() {
-            out.push(match result {
-                Some(done) => done,
-                None => match Box::pin(self.create_tx(&calls[at..=at], true)).await {
-                    Ok(mut one) => one
-                        .pop()
-                        .unwrap_or_else(|| Err(AppError::internal("no result"))),
-                    Err(e) => Err(e),
-                },
-            });
-        }
-        Ok(out)
+        Ok(results
+            .into_iter()
+            .zip(calls)
+            .map(|(done, call)| Ok(done.map_or_else(|| Created::Alone(call.clone()), Created::Job)))
+            .collect())
     }
 
     pub async fn get(&self, caller: &Caller, name: JobName) -> AppResult<Job> {
