@@ -689,23 +689,18 @@ pub async fn acquire_for(
 }
 
 /// Jobs by id, locked in id order (so two batches never wait on each other in a cycle).
-/// `wait`: whether to wait for jobs another transaction holds; if not, they are left out.
 pub async fn lock_many(
     conn: &mut AsyncPgConnection,
     ids: &[Uuid],
-    wait: bool,
 ) -> AppResult<std::collections::HashMap<Uuid, Job>> {
-    let locked = jobs::table
+    jobs::table
         .filter(jobs::id.eq_any(ids))
         .order(jobs::id)
         .select(JobRow::as_select())
-        .for_update();
-    let rows = if wait {
-        locked.load::<JobRow>(conn).await?
-    } else {
-        locked.skip_locked().load::<JobRow>(conn).await?
-    };
-    rows.into_iter()
+        .for_update()
+        .load::<JobRow>(conn)
+        .await?
+        .into_iter()
         .map(|r| Job::try_from(r).map(|j| (j.id, j)))
         .collect()
 }
@@ -735,7 +730,6 @@ pub async fn progress(
 
 /// A worker's write that needs no decision in Rust: progress, or a complete without
 /// output assets.
-#[derive(Clone)]
 pub enum Fenced {
     Progress {
         percent: i32,
@@ -784,14 +778,8 @@ pub async fn write_fenced(
             &'b self,
             mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
         ) -> QueryResult<()> {
-            // Jobs another transaction holds (a project's deletion, say) are skipped,
-            // not waited for: their calls go the slow way, which hands them back to their
-            // callers instead of making every write behind them wait.
-            out.push_sql("WITH l AS MATERIALIZED (SELECT id FROM jobs WHERE id = ANY(");
-            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
             out.push_sql(
-                ") FOR NO KEY UPDATE SKIP LOCKED) \
-                 UPDATE jobs SET \
+                "UPDATE jobs SET \
                  state = CASE WHEN c.done THEN 'succeeded'::job_state ELSE jobs.state END, \
                  progress_percent = CASE WHEN c.done THEN 100 ELSE c.percent END, \
                  current_step = CASE WHEN c.done THEN jobs.current_step ELSE c.step END, \
@@ -827,8 +815,7 @@ pub async fn write_fenced(
             out.push_sql(
                 ") AS c(at, id, project, lease, done, percent, step, message, result, limited) \
                  WHERE jobs.id = c.id AND jobs.project_id = c.project \
-                 AND jobs.state = 'running' AND jobs.lease_id = c.lease \
-                 AND jobs.id IN (SELECT id FROM l) AND jobs.id = ANY(",
+                 AND jobs.state = 'running' AND jobs.lease_id = c.lease AND jobs.id = ANY(",
             );
             // `id = ANY`, redundant with the join, with the literal state: the generic
             // plan probes the index of running jobs by id instead of hashing a scan of
