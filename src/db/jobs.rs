@@ -276,9 +276,9 @@ pub async fn insert_many(
 }
 
 /// Inserts jobs in one statement, each only if its project exists, is visible to its
-/// scope (`None`: any) and is not being deleted, and its request id is new. Runs as its own transaction: the
-/// jobs it returns (by their position in `inserts`) are committed, with their events.
-/// The others wrote nothing; `insert_many` in a transaction tells why.
+/// scope (`None`: any) and is not being deleted, and its request id is new. Runs as its
+/// own transaction: the jobs it returns (by their position in `inserts`) are committed,
+/// with their events. The others wrote nothing; `insert_many` in a transaction tells why.
 pub async fn insert_visible(
     conn: &mut AsyncPgConnection,
     inserts: &[(Option<&str>, Uuid, &NewJob, Option<&str>)],
