@@ -1746,54 +1746,63 @@ async fn a_project_being_deleted_holds_up_its_own_creates_only() {
     let t = token("alice");
     let doomed = create_project(&app, &t, "doomed").await;
     let busy = create_project(&app, &t, "busy").await;
+    let id = doomed.name.rsplit('/').next().unwrap().to_owned();
     // A deletion in progress (one of a project with many jobs takes a while): the
-    // project's row stays locked until its transaction ends.
+    // project's row stays locked until its transaction ends, first in a rollback, then
+    // in a commit.
     let mut deletion = diesel_async::AsyncPgConnection::establish(&app.db.url())
         .await
         .unwrap();
-    let id = doomed.name.rsplit('/').next().unwrap();
-    diesel::sql_query("BEGIN")
-        .execute(&mut deletion)
-        .await
-        .unwrap();
-    diesel::sql_query(format!("DELETE FROM projects WHERE id = '{id}'"))
-        .execute(&mut deletion)
-        .await
-        .unwrap();
-    let mut client = app.jobs(&t);
-    let parent = doomed.name.clone();
-    let waiting = tokio::spawn(async move {
-        client
-            .create_job(pb::CreateJobRequest {
-                parent,
-                job: Some(job("render")),
-                request_id: String::new(),
-            })
+    for end in ["ROLLBACK", "COMMIT"] {
+        diesel::sql_query("BEGIN")
+            .execute(&mut deletion)
             .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for _ in 0..3 {
-        tokio::time::timeout(
-            Duration::from_secs(3),
-            create_job(&app, &t, &busy.name, job("render")),
-        )
-        .await
-        .expect("creates in other projects do not wait for the deletion");
+            .unwrap();
+        diesel::sql_query(format!("DELETE FROM projects WHERE id = '{id}'"))
+            .execute(&mut deletion)
+            .await
+            .unwrap();
+        let mut client = app.jobs(&t);
+        let parent = doomed.name.clone();
+        let waiting = tokio::spawn(async move {
+            client
+                .create_job(pb::CreateJobRequest {
+                    parent,
+                    job: Some(job("render")),
+                    request_id: String::new(),
+                })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..3 {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                create_job(&app, &t, &busy.name, job("render")),
+            )
+            .await
+            .expect("creates in other projects do not wait for the deletion");
+        }
+        assert!(
+            !waiting.is_finished(),
+            "a create in the project being deleted waits for the deletion's outcome"
+        );
+        diesel::sql_query(end).execute(&mut deletion).await.unwrap();
+        let created = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the create ends with the deletion")
+            .unwrap();
+        match end {
+            "ROLLBACK" => {
+                let j = created.expect("the project is still there").into_inner();
+                assert!(j.name.starts_with(&doomed.name), "{}", j.name);
+                assert_eq!(get(&app, &t, &j.name).await.state(), State::Queued);
+            }
+            _ => {
+                let err = created.unwrap_err();
+                assert_eq!(err.code(), Code::NotFound, "{err:?}");
+            }
+        }
     }
-    assert!(
-        !waiting.is_finished(),
-        "a create in the project being deleted waits for the deletion's outcome"
-    );
-    diesel::sql_query("COMMIT")
-        .execute(&mut deletion)
-        .await
-        .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("the create ends with the deletion")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
 
 #[tokio::test]
