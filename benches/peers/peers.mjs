@@ -60,7 +60,7 @@ async function bullE2e(producers, concurrency, total) {
     }),
   );
   const worker = await finished;
-  console.log(`BullMQ end to end, ${producers} producers, worker concurrency ${concurrency}: ${perSecond(total, t0)} jobs/s`);
+  console.log(`BullMQ end to end, ${total} jobs, ${producers} producers, worker concurrency ${concurrency}: ${perSecond(total, t0)} jobs/s`);
   await bullTeardown(worker, queue);
 }
 

@@ -13,6 +13,8 @@ trap 'psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE
 export PEER_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db"
 node peers.mjs bull-e2e 64 50 20000
 node peers.mjs bull-e2e 256 50 20000
+# Steady state (start-up weighs on 20,000 jobs); compare MP_BENCH_TOTAL=100000.
+node peers.mjs bull-e2e 256 50 100000
 node peers.mjs bull-full 50 100000
 # pg-boss sorts every queued job on each fetch: its rate depends on the queue's depth.
 node peers.mjs boss-full 16 50 10000
