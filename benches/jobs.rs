@@ -87,7 +87,8 @@ impl Completes {
     }
 }
 
-/// Workers acquire `max_jobs` at a time and complete them; returns when the last of `total` was completed.
+/// Workers acquire `max_jobs` at a time and complete them; returns the moment the last
+/// of `total` was completed.
 async fn run_workers(
     channels: &[Channel],
     kind: &str,
@@ -495,11 +496,11 @@ async fn main() {
                 streams.push(tokio::spawn(async move {
                     let mut received = 0;
                     while let Some(Ok(e)) = s.next().await {
-                        let n = e.job.and_then(|j| j.message.parse().ok()).unwrap_or(0);
                         if pb::job_event::Type::try_from(e.r#type)
                             == Ok(pb::job_event::Type::Progress)
                         {
                             received += 1;
+                            let n = e.job.and_then(|j| j.message.parse().ok()).unwrap_or(0);
                             let _ = tx.send((n, Instant::now()));
                         }
                     }
