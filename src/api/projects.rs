@@ -1,4 +1,5 @@
 //! ProjectsService over gRPC.
+use diesel_async::AsyncConnection;
 use tonic::{Request, Response, Status};
 
 use super::convert::{json_to_struct, struct_to_json, timestamp};
@@ -235,13 +236,10 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         let r = request.into_inner();
         let name = ProjectName::parse("name", &r.name)?;
         let mut conn = super::conn(&self.db).await?;
-        match db::projects::delete(
-            &mut conn,
-            caller.owner_scope(),
-            name.0,
-            expected_revision(&r.etag),
-        )
-        .await?
+        let (owner, revision) = (caller.owner_scope(), expected_revision(&r.etag));
+        match conn
+            .transaction(async |conn| db::projects::delete(conn, owner, name.0, revision).await)
+            .await?
         {
             Outcome::Done(()) => {
                 tracing::info!(project = %name, "project deleted");

@@ -689,18 +689,23 @@ pub async fn acquire_for(
 }
 
 /// Jobs by id, locked in id order (so two batches never wait on each other in a cycle).
+/// `wait`: whether to wait for jobs another transaction holds; if not, they are left out.
 pub async fn lock_many(
     conn: &mut AsyncPgConnection,
     ids: &[Uuid],
+    wait: bool,
 ) -> AppResult<std::collections::HashMap<Uuid, Job>> {
-    jobs::table
+    let locked = jobs::table
         .filter(jobs::id.eq_any(ids))
         .order(jobs::id)
         .select(JobRow::as_select())
-        .for_update()
-        .load::<JobRow>(conn)
-        .await?
-        .into_iter()
+        .for_update();
+    let rows = if wait {
+        locked.load::<JobRow>(conn).await?
+    } else {
+        locked.skip_locked().load::<JobRow>(conn).await?
+    };
+    rows.into_iter()
         .map(|r| Job::try_from(r).map(|j| (j.id, j)))
         .collect()
 }
@@ -730,6 +735,7 @@ pub async fn progress(
 
 /// A worker's write that needs no decision in Rust: progress, or a complete without
 /// output assets.
+#[derive(Clone)]
 pub enum Fenced {
     Progress {
         percent: i32,
@@ -770,6 +776,7 @@ pub async fn write_fenced(
         messages: Vec<String>,
         results: Vec<Option<serde_json::Value>>,
         limited: Vec<bool>,
+        deletion_locks: Vec<i32>,
         kind_at: Vec<i32>,
         kinds: Vec<String>,
     }
@@ -812,11 +819,23 @@ pub async fn write_fenced(
             out.push_bind_param::<Array<N<Jsonb>>, _>(&self.results)?;
             out.push_sql(", ");
             out.push_bind_param::<Array<Bool>, _>(&self.limited)?;
-            out.push_sql(
-                ") AS c(at, id, project, lease, done, percent, step, message, result, limited) \
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Int4>, _>(&self.deletion_locks)?;
+            // A call whose project a deletion may hold (its bucket's lock is taken) is
+            // skipped, not waited for: an UPDATE cannot skip a locked row, and the
+            // deletion keeps its jobs locked until it commits, which would hold up every
+            // write in the group. A skipped call goes the slow way, which hands it back
+            // to its caller if its job is locked. Holding the shared lock to the end
+            // keeps a deletion from starting under the statement.
+            out.push_sql(&format!(
+                ") AS c(at, id, project, lease, done, percent, step, message, result, limited, \
+                 deletion_lock) \
                  WHERE jobs.id = c.id AND jobs.project_id = c.project \
-                 AND jobs.state = 'running' AND jobs.lease_id = c.lease AND jobs.id = ANY(",
-            );
+                 AND jobs.state = 'running' AND jobs.lease_id = c.lease \
+                 AND pg_try_advisory_xact_lock_shared({}, c.deletion_lock) \
+                 AND jobs.id = ANY(",
+                super::DELETION_LOCK_CLASS
+            ));
             // `id = ANY`, redundant with the join, with the literal state: the generic
             // plan probes the index of running jobs by id instead of hashing a scan of
             // the table (what it chose when planned while the table was still small).
@@ -850,6 +869,7 @@ pub async fn write_fenced(
         messages: Vec::new(),
         results: Vec::new(),
         limited: Vec::new(),
+        deletion_locks: Vec::new(),
         kind_at: Vec::new(),
         kinds: Vec::new(),
     };
@@ -860,6 +880,7 @@ pub async fn write_fenced(
         st.projects.push(w.project);
         st.leases.push(w.lease);
         st.limited.push(!w.kinds.is_empty());
+        st.deletion_locks.push(super::deletion_lock(w.project));
         for kind in w.kinds {
             st.kind_at.push(i as i32);
             st.kinds.push(kind.clone());

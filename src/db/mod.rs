@@ -68,6 +68,23 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// Serializes migrations across instances starting at once (arbitrary constant).
 const MIGRATION_LOCK: i64 = 0x6d65_6469_6170_6c61;
 
+/// Advisory lock class of project deletions (arbitrary constant; the two-key form keeps
+/// these apart from `MIGRATION_LOCK`'s one-key space).
+pub const DELETION_LOCK_CLASS: i32 = 0x6d70_6400;
+/// A deletion locks its project's bucket, not the project: a group of worker writes
+/// takes one lock entry per bucket it touches, so a group spanning a thousand projects
+/// cannot fill Postgres' shared lock table (64 entries per connection by default).
+const DELETION_LOCK_BUCKETS: u128 = 64;
+
+/// The advisory lock (with `DELETION_LOCK_CLASS`) that a deletion of `project` holds
+/// exclusively until it commits, and that the worker-write group statement tries to
+/// share for each call, skipping the calls it cannot: so a deletion's locked jobs are
+/// never waited for by a statement that other projects' writes share.
+pub fn deletion_lock(project: uuid::Uuid) -> i32 {
+    // Project ids are UUIDv7: their low bits are random.
+    (project.as_u128() % DELETION_LOCK_BUCKETS) as i32
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("cannot connect to Postgres: {0}")]

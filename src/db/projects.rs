@@ -287,12 +287,21 @@ pub async fn update(
     }
 }
 
+/// Deletes a project with its jobs and assets (by cascade). Run it in a transaction:
+/// the deletion lock it takes first must last until the cascade commits.
 pub async fn delete(
     conn: &mut AsyncPgConnection,
     owner: Option<&str>,
     id: Uuid,
     expected_revision: Option<i64>,
 ) -> AppResult<Outcome<()>> {
+    // Taken before any row: it waits only for worker-write statements in flight
+    // (short), and from here on they skip this project's calls (`super::deletion_lock`).
+    diesel::sql_query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind::<diesel::sql_types::Integer, _>(super::DELETION_LOCK_CLASS)
+        .bind::<diesel::sql_types::Integer, _>(super::deletion_lock(id))
+        .execute(conn)
+        .await?;
     let deleted = diesel::delete(projects::table)
         .filter(projects::id.eq(id))
         .filter(visible_to(owner))

@@ -75,8 +75,8 @@ const GROUP_MAX: usize = 1024;
 const ACQUIRE_GROUP_MAX: usize = 256;
 
 struct Groups {
-    creates: crate::batch::Batcher<CreateCall, Created>,
-    leases: crate::batch::Batcher<LeaseCall, Job>,
+    creates: crate::batch::Batcher<CreateCall, Handled<CreateCall>>,
+    leases: crate::batch::Batcher<LeaseCall, Handled<LeaseCall>>,
     acquires: crate::batch::Batcher<AcquireCall, Vec<Job>>,
 }
 
@@ -97,18 +97,20 @@ pub struct CreateCall {
     request_id: Option<String>,
 }
 
-/// What the create lane did with a call.
-// The large variant is the common one: boxing it would cost an allocation per create.
+/// What a lane did with a call `C`.
+// The large variant is the common one: boxing it would cost an allocation per call.
 #[allow(clippy::large_enum_variant)]
-pub enum Created {
-    Job(Job),
-    /// Left out of the group (its project is being deleted, say, or its request id
-    /// was seen before): the caller runs it alone, so whatever it waits for holds up
-    /// that caller only, not the lane.
-    Alone(CreateCall),
+pub enum Handled<C> {
+    Done(Job),
+    /// Left out of the group because it would have to wait (its project or job is
+    /// locked by a deletion, say), or because it needs telling apart (a repeated request
+    /// id, a missing project): the caller runs it alone, so whatever it waits for holds
+    /// up that caller only, not the lane and every call behind it.
+    Alone(C),
 }
 
 /// One worker write under a lease.
+#[derive(Clone)]
 pub struct LeaseCall {
     kinds: Vec<String>,
     name: JobName,
@@ -262,7 +264,7 @@ impl Engine {
             }),
             leases: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = b.clone();
-                async move { crate::batch::shared_or_alone(&calls, |c| engine.lease_tx(c)).await }
+                async move { crate::batch::shared_or_alone(&calls, |c| engine.lease_tx(c, false)).await }
             }),
             acquires: crate::batch::Batcher::spawn(GROUP_LANES, ACQUIRE_GROUP_MAX, move |calls| {
                 let engine = c.clone();
@@ -317,8 +319,8 @@ impl Engine {
                 .next()
                 .ok_or_else(|| AppError::internal("no job"))?;
             return match groups.creates.call(call).await? {
-                Created::Job(job) => Ok(vec![job]),
-                Created::Alone(call) => self.create_tx(&[call]).await?.into_iter().collect(),
+                Handled::Done(job) => Ok(vec![job]),
+                Handled::Alone(call) => self.create_tx(&[call]).await?.into_iter().collect(),
             };
         }
         self.create_tx(&calls).await?.into_iter().collect()
@@ -397,7 +399,10 @@ impl Engine {
     /// is new; the calls it left out (refused, repeated or waiting on a deletion) go
     /// back to their callers, which run them through the transactional path, which
     /// tells them apart.
-    async fn create_each(&self, calls: &[CreateCall]) -> AppResult<Vec<AppResult<Created>>> {
+    async fn create_each(
+        &self,
+        calls: &[CreateCall],
+    ) -> AppResult<Vec<AppResult<Handled<CreateCall>>>> {
         let inserts: Vec<_> = calls
             .iter()
             .map(|c| {
@@ -425,7 +430,9 @@ impl Engine {
         Ok(results
             .into_iter()
             .zip(calls)
-            .map(|(done, call)| Ok(done.map_or_else(|| Created::Alone(call.clone()), Created::Job)))
+            .map(
+                |(done, call)| Ok(done.map_or_else(|| Handled::Alone(call.clone()), Handled::Done)),
+            )
             .collect())
     }
 
@@ -623,12 +630,24 @@ impl Engine {
             op,
         };
         match &self.groups {
-            Some(groups) => groups.leases.call(call).await,
-            None => self
-                .lease_tx(std::slice::from_ref(&call))
-                .await?
-                .pop()
-                .unwrap_or_else(|| Err(AppError::internal("no result"))),
+            Some(groups) => match groups.leases.call(call).await? {
+                Handled::Done(job) => Ok(job),
+                Handled::Alone(call) => self.lease_alone(call).await,
+            },
+            None => self.lease_alone(call).await,
+        }
+    }
+
+    /// One worker write in a transaction of its own, waiting for its job's lock.
+    async fn lease_alone(&self, call: LeaseCall) -> AppResult<Job> {
+        match self
+            .lease_tx(std::slice::from_ref(&call), true)
+            .await?
+            .pop()
+        {
+            Some(Ok(Handled::Done(job))) => Ok(job),
+            Some(Err(e)) => Err(e),
+            Some(Ok(Handled::Alone(_))) | None => Err(AppError::internal("no result")),
         }
     }
 
@@ -652,9 +671,22 @@ impl Engine {
             .collect();
         match &self.groups {
             Some(groups) => {
-                futures::future::join_all(calls.into_iter().map(|c| groups.leases.call(c))).await
+                futures::future::join_all(calls.into_iter().map(async |c| {
+                    match groups.leases.call(c).await? {
+                        Handled::Done(job) => Ok(job),
+                        Handled::Alone(call) => self.lease_alone(call).await,
+                    }
+                }))
+                .await
             }
-            None => crate::batch::shared_or_alone(&calls, |c| self.lease_tx(c)).await,
+            None => crate::batch::shared_or_alone(&calls, |c| self.lease_tx(c, true))
+                .await
+                .into_iter()
+                .map(|r| match r? {
+                    Handled::Done(job) => Ok(job),
+                    Handled::Alone(_) => Err(AppError::internal("a write left undone")),
+                })
+                .collect(),
         }
     }
 
@@ -664,7 +696,14 @@ impl Engine {
     /// were refused, to tell why) are applied in order in a transaction. Once the fast
     /// statement committed, every call gets its own result: an error here would have
     /// the group retried and committed writes applied twice.
-    async fn lease_tx(&self, calls: &[LeaseCall]) -> AppResult<Vec<AppResult<Job>>> {
+    ///
+    /// `wait`: whether to wait for jobs locked by another transaction (a project's
+    /// deletion, say); if not, their calls come back `Alone`.
+    async fn lease_tx(
+        &self,
+        calls: &[LeaseCall],
+        wait: bool,
+    ) -> AppResult<Vec<AppResult<Handled<LeaseCall>>>> {
         let mut named = std::collections::HashMap::<Uuid, usize>::new();
         for c in calls {
             *named.entry(c.name.job).or_default() += 1;
@@ -678,7 +717,8 @@ impl Engine {
                 _ => None,
             })
             .collect();
-        let mut results: Vec<Option<AppResult<Job>>> = calls.iter().map(|_| None).collect();
+        let mut results: Vec<Option<AppResult<Handled<LeaseCall>>>> =
+            calls.iter().map(|_| None).collect();
         if !fenced.is_empty() {
             let writes: Vec<_> = fenced
                 .iter()
@@ -702,7 +742,7 @@ impl Engine {
                     db::jobs::Fenced::Complete { .. } => EventType::StateChanged,
                 };
                 changes.push((job.clone(), ty));
-                results[*at] = Some(Ok(job));
+                results[*at] = Some(Ok(Handled::Done(job)));
             }
             self.publish(to_publish(&changes), Wake::new());
         }
@@ -712,7 +752,7 @@ impl Engine {
             .filter(|(_, r)| r.is_none())
             .map(|(c, _)| c)
             .collect();
-        let mut locked = crate::batch::shared_or_alone(&rest, |c| self.lease_locked(c))
+        let mut locked = crate::batch::shared_or_alone(&rest, |c| self.lease_locked(c, wait))
             .await
             .into_iter();
         Ok(results
@@ -727,7 +767,12 @@ impl Engine {
     /// Applies worker writes in order in one transaction, each after locking its job
     /// and checking the lease. A call whose lease is not current (or that is refused
     /// for another reason) writes nothing.
-    async fn lease_locked(&self, calls: &[&LeaseCall]) -> AppResult<Vec<AppResult<Job>>> {
+    /// `wait`: as in `lease_tx`.
+    async fn lease_locked(
+        &self,
+        calls: &[&LeaseCall],
+        wait: bool,
+    ) -> AppResult<Vec<AppResult<Handled<LeaseCall>>>> {
         if calls.is_empty() {
             return Ok(Vec::new());
         }
@@ -738,7 +783,7 @@ impl Engine {
                 let mut ids: Vec<Uuid> = calls.iter().map(|c| c.name.job).collect();
                 ids.sort_unstable();
                 ids.dedup();
-                let mut current = db::jobs::lock_many(conn, &ids).await?;
+                let mut current = db::jobs::lock_many(conn, &ids, wait).await?;
                 let mut results = Vec::with_capacity(calls.len());
                 let mut changes = Vec::new();
                 let mut kinds = Wake::new();
@@ -746,6 +791,11 @@ impl Engine {
                     let outcome = match current.get(&call.name.job) {
                         Some(job) if job.project_id == call.name.project => {
                             apply(conn, job, call, &backoff).await?
+                        }
+                        // Locked elsewhere (or missing, which its caller finds out alone).
+                        None if !wait => {
+                            results.push(Ok(Handled::Alone((*call).clone())));
+                            continue;
                         }
                         _ => Err(AppError::NotFound(format!("job {}", call.name))),
                     };
@@ -755,7 +805,7 @@ impl Engine {
                         }
                         current.insert(job.id, job.clone());
                         changes.push((job.clone(), ty));
-                        job
+                        Handled::Done(job)
                     }));
                 }
                 let published = to_publish(&changes);
@@ -898,6 +948,7 @@ async fn apply(
 }
 
 /// A worker's write about a leased job.
+#[derive(Clone)]
 pub enum LeaseOp {
     /// Progress, or a complete without outputs: the database checks the lease as it
     /// writes (one statement for a whole group).

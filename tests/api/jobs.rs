@@ -1740,31 +1740,45 @@ async fn deleting_a_project_deletes_its_jobs() {
 }
 
 #[tokio::test]
-async fn a_project_being_deleted_holds_up_its_own_creates_only() {
+async fn a_project_being_deleted_holds_up_its_own_calls_only() {
     use diesel_async::{AsyncConnection, RunQueryDsl};
     let app = TestApp::spawn().await;
     let t = token("alice");
     let doomed = create_project(&app, &t, "doomed").await;
     let busy = create_project(&app, &t, "busy").await;
-    let id = doomed.name.rsplit('/').next().unwrap().to_owned();
-    // A deletion in progress (one of a project with many jobs takes a while): the
-    // project's row stays locked until its transaction ends, first in a rollback, then
-    // in a commit.
+    let id: uuid::Uuid = doomed.name.rsplit('/').next().unwrap().parse().unwrap();
+    // Two running jobs in the doomed project: one for a progress report (the shared
+    // fenced statement's path), one for a FailJob (the path that locks jobs first).
+    create_job(&app, &t, &doomed.name, job("doomed")).await;
+    create_job(&app, &t, &doomed.name, job("doomed")).await;
+    let doomed_leased = acquire(&app, "w-doomed", &["doomed"], 2, 120.0, 0.0).await;
+    assert_eq!(doomed_leased.len(), 2);
+    // A deletion in progress (one of a project with many jobs takes a while), run by
+    // the server's own deletion code: the project's row and its jobs' rows stay locked
+    // until its transaction ends, first in a rollback, then in a commit.
     let mut deletion = diesel_async::AsyncPgConnection::establish(&app.db.url())
         .await
         .unwrap();
     for end in ["ROLLBACK", "COMMIT"] {
+        // This round's jobs in the other project, running.
+        create_job(&app, &t, &busy.name, job("busy")).await;
+        create_job(&app, &t, &busy.name, job("busy")).await;
+        let busy_leased = acquire(&app, "w-busy", &["busy"], 2, 120.0, 0.0).await;
+        assert_eq!(busy_leased.len(), 2);
+
         diesel::sql_query("BEGIN")
             .execute(&mut deletion)
             .await
             .unwrap();
-        diesel::sql_query(format!("DELETE FROM projects WHERE id = '{id}'"))
-            .execute(&mut deletion)
+        let outcome = mediaplane::db::projects::delete(&mut deletion, None, id, None)
             .await
             .unwrap();
-        let mut client = app.jobs(&t);
-        let parent = doomed.name.clone();
-        let waiting = tokio::spawn(async move {
+        assert!(matches!(
+            outcome,
+            mediaplane::db::projects::Outcome::Done(())
+        ));
+        let (mut client, parent) = (app.jobs(&t), doomed.name.clone());
+        let create = tokio::spawn(async move {
             client
                 .create_job(pb::CreateJobRequest {
                     parent,
@@ -1772,33 +1786,87 @@ async fn a_project_being_deleted_holds_up_its_own_creates_only() {
                     request_id: String::new(),
                 })
                 .await
+                .map(|r| r.into_inner().name)
+        });
+        let (mut client, leased) = (app.jobs(&worker()), doomed_leased[0].clone());
+        let report = tokio::spawn(async move {
+            client
+                .report_progress(pb::ReportProgressRequest {
+                    name: leased.job.unwrap().name,
+                    lease_id: leased.lease_id,
+                    progress_percent: 50,
+                    current_step: "half".into(),
+                    message: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().lease_expire_time.is_some())
+        });
+        let (mut client, leased) = (app.jobs(&worker()), doomed_leased[1].clone());
+        let failed = tokio::spawn(async move {
+            client
+                .fail_job(pb::FailJobRequest {
+                    name: leased.job.unwrap().name,
+                    lease_id: leased.lease_id,
+                    error: Some(tonic_types::pb::Status {
+                        code: Code::Internal as i32,
+                        message: "gpu fell over".into(),
+                        details: vec![],
+                    }),
+                    // After a rollback the job is queued again.
+                    retryable: true,
+                    retry_after: None,
+                })
+                .await
+                .map(|r| r.into_inner().state())
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let soon = Duration::from_secs(3);
         for _ in 0..3 {
-            tokio::time::timeout(
-                Duration::from_secs(3),
-                create_job(&app, &t, &busy.name, job("render")),
-            )
-            .await
-            .expect("creates in other projects do not wait for the deletion");
+            tokio::time::timeout(soon, create_job(&app, &t, &busy.name, job("render")))
+                .await
+                .expect("creates in other projects do not wait for the deletion");
         }
+        tokio::time::timeout(soon, progress(&app, &busy_leased[0], 50, "half"))
+            .await
+            .expect("worker writes in other projects do not wait for the deletion")
+            .unwrap();
+        tokio::time::timeout(soon, complete(&app, &busy_leased[0]))
+            .await
+            .expect("worker writes in other projects do not wait for the deletion")
+            .unwrap();
+        tokio::time::timeout(soon, fail(&app, &busy_leased[1], false, None))
+            .await
+            .expect("worker writes in other projects do not wait for the deletion")
+            .unwrap();
         assert!(
-            !waiting.is_finished(),
-            "a create in the project being deleted waits for the deletion's outcome"
+            !create.is_finished() && !report.is_finished() && !failed.is_finished(),
+            "calls about the project being deleted wait for the deletion's outcome"
         );
         diesel::sql_query(end).execute(&mut deletion).await.unwrap();
-        let created = tokio::time::timeout(Duration::from_secs(5), waiting)
+        let created = tokio::time::timeout(Duration::from_secs(5), create)
             .await
             .expect("the create ends with the deletion")
             .unwrap();
-        match end {
-            "ROLLBACK" => {
-                let j = created.expect("the project is still there").into_inner();
-                assert!(j.name.starts_with(&doomed.name), "{}", j.name);
-                assert_eq!(get(&app, &t, &j.name).await.state(), State::Queued);
-            }
-            _ => {
-                let err = created.unwrap_err();
+        let reported = tokio::time::timeout(Duration::from_secs(5), report)
+            .await
+            .expect("the report ends with the deletion")
+            .unwrap();
+        let failed = tokio::time::timeout(Duration::from_secs(5), failed)
+            .await
+            .expect("the fail ends with the deletion")
+            .unwrap();
+        if end == "ROLLBACK" {
+            let name = created.expect("the project is still there");
+            assert!(name.starts_with(&doomed.name), "{name}");
+            assert_eq!(get(&app, &t, &name).await.state(), State::Queued);
+            assert!(reported.expect("the job is still there"));
+            assert_eq!(failed.expect("the job is still there"), State::Queued);
+        } else {
+            for err in [
+                created.unwrap_err(),
+                reported.unwrap_err(),
+                failed.unwrap_err(),
+            ] {
                 assert_eq!(err.code(), Code::NotFound, "{err:?}");
             }
         }
