@@ -141,24 +141,32 @@ fn to_publish(changes: &[(Job, EventType)]) -> Vec<Published> {
 
 /// Batches of events (and wake-ups) queued for Redis; beyond this, new ones are dropped.
 const PUBLISH_QUEUE: usize = 8192;
+/// Bytes of events per Redis message (a message may pass it by one event).
+const EVENTS_MESSAGE_MAX: usize = 256 * 1024;
 
 /// The task that sends committed events to Redis: everything queued goes in one
-/// pipeline, in the order the writes handed it over (watchers order events by
-/// sequence and fill any gap from Postgres).
+/// message (and the wake-ups in the same pipeline), in the order the writes handed it
+/// over (watchers order events by sequence and fill any gap from Postgres).
 fn spawn_publisher(redis: RedisPool, prefix: Arc<str>) -> mpsc::Sender<(Vec<Published>, Wake)> {
     let (tx, mut rx) = mpsc::channel::<(Vec<Published>, Wake)>(PUBLISH_QUEUE);
     tokio::spawn(async move {
         let mut batch = Vec::new();
         while rx.recv_many(&mut batch, PUBLISH_QUEUE).await > 0 {
             let mut pipe = redis::pipe();
+            let channel = hub::events_channel(&prefix);
+            let mut message = hub::EventsMessage::default();
             let mut events = 0;
             for (published, wake) in batch.drain(..) {
                 events += published.len();
                 for e in &published {
-                    pipe.cmd("PUBLISH")
-                        .arg(hub::event_channel(&prefix, e.project, e.job))
-                        .arg(e.payload.as_slice())
-                        .ignore();
+                    message.push(e.project, e.job, &e.payload);
+                    // Bounded messages: Redis drops a subscriber whose output buffer
+                    // passes its limit (32 MiB for pub/sub by default).
+                    if message.bytes() >= EVENTS_MESSAGE_MAX
+                        && let Some(full) = message.take()
+                    {
+                        pipe.cmd("PUBLISH").arg(&channel).arg(full).ignore();
+                    }
                 }
                 for (kind, jobs) in &wake {
                     pipe.cmd("PUBLISH")
@@ -166,6 +174,9 @@ fn spawn_publisher(redis: RedisPool, prefix: Arc<str>) -> mpsc::Sender<(Vec<Publ
                         .arg(*jobs)
                         .ignore();
                 }
+            }
+            if let Some(rest) = message.take() {
+                pipe.cmd("PUBLISH").arg(&channel).arg(rest).ignore();
             }
             let sent = async {
                 let mut conn = redis.get().await.map_err(|e| e.to_string())?;
