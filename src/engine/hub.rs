@@ -1,6 +1,6 @@
-//! Redis fan-out for one instance: a single pattern subscription receives every job
-//! event and worker wake-up published by any instance, and hands them to the local
-//! watchers and waiting workers.
+//! Redis fan-out for one instance: one subscription receives every job event published
+//! by any instance (in messages of many events, `EventsMessage`), another every worker
+//! wake-up, and the hub hands them to the local watchers and waiting workers.
 //!
 //! Redis is a fast path only. When the subscription (re)connects, every watcher gets
 //! `Resync` and re-reads Postgres, so whatever was published while this instance was
