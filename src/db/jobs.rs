@@ -817,7 +817,8 @@ pub async fn write_fenced(
             out.push_bind_param::<Array<N<Jsonb>>, _>(&self.results)?;
             out.push_sql(")[w.i] AS result FROM (SELECT width_bucket(jobs.id, ");
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
-            // The five arrays above, then the ids.
+            // Placeholders are numbered in the order binds are pushed: five arrays, then
+            // the ids; the kinds are the ninth.
             let ids = "$6";
             let at = format!("width_bucket(jobs.id, {ids})");
             // The literal state and `id = ANY`: the plan probes the index of running

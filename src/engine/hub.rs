@@ -141,8 +141,10 @@ impl Drop for Idle {
 /// every event of that batch in commit order (`EventsMessage`). One `PUBLISH` per event
 /// cost Redis a pattern match and every instance a message to parse, per event.
 pub fn events_channel(prefix: &str) -> String {
-    format!("{prefix}:events")
+    format!("{prefix}{EVENTS_SUFFIX}")
 }
+
+const EVENTS_SUFFIX: &str = ":events";
 
 /// Per-event channels of instances from before `events_channel`; still received, so
 /// watchers see their events during a rolling upgrade.
@@ -427,7 +429,7 @@ impl Hub {
             self.wake_idle(kind, jobs);
             return;
         }
-        if rest == ":events" {
+        if rest == EVENTS_SUFFIX {
             for (project, job, event) in decode_events(payload) {
                 self.deliver(project, job, event);
             }

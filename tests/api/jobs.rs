@@ -1742,7 +1742,8 @@ async fn deleting_a_project_deletes_its_jobs() {
 #[tokio::test]
 async fn a_project_being_deleted_holds_up_its_own_calls_only() {
     use diesel_async::{AsyncConnection, RunQueryDsl};
-    let app = TestApp::spawn().await;
+    // Shared with the calls spawned to wait for the deletion.
+    let app = std::sync::Arc::new(TestApp::spawn().await);
     let t = token("alice");
     let doomed = create_project(&app, &t, "doomed").await;
     let busy = create_project(&app, &t, "busy").await;
@@ -1788,37 +1789,16 @@ async fn a_project_being_deleted_holds_up_its_own_calls_only() {
                 .await
                 .map(|r| r.into_inner().name)
         });
-        let (mut client, leased) = (app.jobs(&worker()), doomed_leased[0].clone());
+        let (a, leased) = (app.clone(), doomed_leased[0].clone());
         let report = tokio::spawn(async move {
-            client
-                .report_progress(pb::ReportProgressRequest {
-                    name: leased.job.unwrap().name,
-                    lease_id: leased.lease_id,
-                    progress_percent: 50,
-                    current_step: "half".into(),
-                    message: String::new(),
-                })
+            progress(&a, &leased, 50, "half")
                 .await
-                .map(|r| r.into_inner().lease_expire_time.is_some())
+                .map(|r| r.lease_expire_time.is_some())
         });
-        let (mut client, leased) = (app.jobs(&worker()), doomed_leased[1].clone());
-        let failed = tokio::spawn(async move {
-            client
-                .fail_job(pb::FailJobRequest {
-                    name: leased.job.unwrap().name,
-                    lease_id: leased.lease_id,
-                    error: Some(tonic_types::pb::Status {
-                        code: Code::Internal as i32,
-                        message: "gpu fell over".into(),
-                        details: vec![],
-                    }),
-                    // After a rollback the job is queued again.
-                    retryable: true,
-                    retry_after: None,
-                })
-                .await
-                .map(|r| r.into_inner().state())
-        });
+        let (a, leased) = (app.clone(), doomed_leased[1].clone());
+        // Retryable: after a rollback the job is queued again.
+        let failed =
+            tokio::spawn(async move { fail(&a, &leased, true, None).await.map(|j| j.state()) });
         tokio::time::sleep(Duration::from_millis(300)).await;
         let soon = Duration::from_secs(3);
         for _ in 0..3 {
