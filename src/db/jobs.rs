@@ -991,8 +991,17 @@ pub async fn end_attempt(
     row.try_into()
 }
 
-/// Running jobs whose lease has expired, locked; other reapers skip them.
+/// Running jobs whose lease has expired, locked; other reapers skip them. Call it in a
+/// transaction (it changes a planner setting for the rest of that transaction).
 pub async fn lock_expired(conn: &mut AsyncPgConnection, limit: i64) -> AppResult<Vec<Job>> {
+    // Every finished job leaves a dead entry in the index of running jobs until vacuum
+    // runs. A bitmap scan (the planner's choice) visits them all on every reap and never
+    // marks them: after 100,000 jobs, 10-50 ms of Postgres each second, which delayed
+    // progress events by a few milliseconds. A plain index scan marks the dead entries
+    // it meets, so the next reap skips them (psql: 10 ms every time -> 28 ms once, then 1 ms).
+    diesel::sql_query("SET LOCAL enable_bitmapscan = off")
+        .execute(conn)
+        .await?;
     jobs_from(
         jobs::table
             .filter(sql::<Bool>("state = 'running'")) // literal: matches the partial index
