@@ -1053,24 +1053,34 @@ pub async fn events_after(
     Ok((events, oldest))
 }
 
-/// Deletes finished jobs (with their events) older than `finished_before`, and
-/// events older than `events_before`. Returns (jobs, events) deleted.
+/// Deletes up to `batch` finished jobs (with their events) older than `finished_before`,
+/// and up to `batch` events older than `events_before`. Returns (jobs, events) deleted;
+/// the caller repeats while either is `batch`. Bounded so a backlog (a shorter retention,
+/// an instance that was down) never becomes one statement that outlives
+/// `statement_timeout` and deletes nothing; rows another instance is pruning are skipped.
 pub async fn prune(
     conn: &mut AsyncPgConnection,
     finished_before: DateTime<Utc>,
     events_before: DateTime<Utc>,
+    batch: i64,
 ) -> AppResult<(usize, usize)> {
-    let jobs_deleted = diesel::delete(
-        jobs::table
-            // Literal: matches the partial index on finished jobs.
-            .filter(sql::<Bool>("state IN ('succeeded', 'failed', 'cancelled')"))
-            .filter(jobs::end_time.lt(finished_before)),
+    let jobs_deleted = diesel::sql_query(
+        // The state list is literal: it matches the partial index on finished jobs.
+        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+         WHERE state IN ('succeeded', 'failed', 'cancelled') AND end_time < $1 \
+         LIMIT $2 FOR UPDATE SKIP LOCKED)",
     )
+    .bind::<Timestamptz, _>(finished_before)
+    .bind::<diesel::sql_types::BigInt, _>(batch)
     .execute(conn)
     .await?;
-    let events_deleted =
-        diesel::delete(job_events::table.filter(job_events::event_time.lt(events_before)))
-            .execute(conn)
-            .await?;
+    let events_deleted = diesel::sql_query(
+        "DELETE FROM job_events WHERE ctid = ANY(ARRAY(SELECT ctid FROM job_events \
+         WHERE event_time < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+    )
+    .bind::<Timestamptz, _>(events_before)
+    .bind::<diesel::sql_types::BigInt, _>(batch)
+    .execute(conn)
+    .await?;
     Ok((jobs_deleted, events_deleted))
 }

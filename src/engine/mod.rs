@@ -141,6 +141,9 @@ fn to_publish(changes: &[(Job, EventType)]) -> Vec<Published> {
 
 /// Batches of events (and wake-ups) queued for Redis; beyond this, new ones are dropped.
 const PUBLISH_QUEUE: usize = 8192;
+/// Rows a retention statement deletes at most (jobs, and events by age): a few seconds
+/// of work at worst, far under `statement_timeout`.
+const PRUNE_BATCH: i64 = 5_000;
 /// Bytes of events per Redis message (a message may pass it by one event).
 const EVENTS_MESSAGE_MAX: usize = 256 * 1024;
 
@@ -866,17 +869,27 @@ impl Engine {
         Ok(count)
     }
 
+    /// Deletes what the retention settings let go, a batch per statement (each its own
+    /// transaction), until nothing is left.
     pub async fn prune(&self) -> AppResult<(usize, usize)> {
         let mut conn = self.conn().await?;
         let now = Utc::now();
         let age =
             |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-        db::jobs::prune(
-            &mut conn,
+        let (jobs_before, events_before) = (
             age(self.settings.job_retention),
             age(self.settings.event_retention),
-        )
-        .await
+        );
+        let (mut jobs, mut events) = (0, 0);
+        loop {
+            let (j, e) =
+                db::jobs::prune(&mut conn, jobs_before, events_before, PRUNE_BATCH).await?;
+            jobs += j;
+            events += e;
+            if j < PRUNE_BATCH as usize && e < PRUNE_BATCH as usize {
+                return Ok((jobs, events));
+            }
+        }
     }
 }
 

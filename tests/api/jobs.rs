@@ -1706,6 +1706,51 @@ async fn finished_jobs_are_pruned_after_the_retention() {
 }
 
 #[tokio::test]
+async fn retention_deletes_in_bounded_batches() {
+    use diesel_async::AsyncConnection;
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "prune in batches").await;
+    let keep = create_job(&app, &t, &p.name, job("transcode")).await;
+    let mut done = Vec::new();
+    for _ in 0..3 {
+        done.push(create_job(&app, &t, &p.name, job("render")).await.name);
+    }
+    for l in acquire(&app, "w", &["render"], 3, 30.0, 0.0).await {
+        complete(&app, &l).await.unwrap();
+    }
+    let mut conn = diesel_async::AsyncPgConnection::establish(&app.db.url())
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    // Events are kept (their cut-off is long ago); finished jobs go, two per statement.
+    let old = now - chrono::Duration::days(1);
+    let mut deleted = Vec::new();
+    for _ in 0..3 {
+        let (jobs, events) = mediaplane::db::jobs::prune(&mut conn, now, old, 2)
+            .await
+            .unwrap();
+        assert_eq!(events, 0);
+        deleted.push(jobs);
+    }
+    assert_eq!(
+        deleted,
+        [2, 1, 0],
+        "at most a batch per statement, until none is left"
+    );
+    for name in &done {
+        assert_eq!(stored_events(&app, name).await, 0, "events go with the job");
+    }
+    get(&app, &t, &keep.name).await;
+    // Events by age: the queued job's one event is the only one left.
+    let (jobs, events) = mediaplane::db::jobs::prune(&mut conn, old, now, 2)
+        .await
+        .unwrap();
+    assert_eq!((jobs, events), (0, 1));
+    assert_eq!(stored_events(&app, &keep.name).await, 0);
+}
+
+#[tokio::test]
 async fn deleting_a_project_deletes_its_jobs() {
     let app = TestApp::spawn().await;
     let t = token("alice");

@@ -1,0 +1,1 @@
+DROP INDEX assets_source_job_idx;
