@@ -334,7 +334,12 @@ impl Engine {
                 .ok_or_else(|| AppError::internal("no job"))?;
             return match groups.creates.call(call).await? {
                 Handled::Done(job) => Ok(vec![job]),
-                Handled::Alone(call) => self.create_tx(&[call]).await?.into_iter().collect(),
+                // Boxed: the rare hand-back path would otherwise make every call's
+                // future as big as a whole transaction's.
+                Handled::Alone(call) => Box::pin(self.create_tx(&[call]))
+                    .await?
+                    .into_iter()
+                    .collect(),
             };
         }
         self.create_tx(&calls).await?.into_iter().collect()
@@ -646,7 +651,8 @@ impl Engine {
         match &self.groups {
             Some(groups) => match groups.leases.call(call).await? {
                 Handled::Done(job) => Ok(job),
-                Handled::Alone(call) => self.lease_alone(call).await,
+                // Boxed like the create's hand-back: rare, and large.
+                Handled::Alone(call) => Box::pin(self.lease_alone(call)).await,
             },
             None => self.lease_alone(call).await,
         }
