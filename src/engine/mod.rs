@@ -694,7 +694,7 @@ impl Engine {
                 futures::future::join_all(calls.into_iter().map(async |c| {
                     match groups.leases.call(c).await? {
                         Handled::Done(job) => Ok(job),
-                        Handled::Alone(call) => self.lease_alone(call).await,
+                        Handled::Alone(call) => Box::pin(self.lease_alone(call)).await,
                     }
                 }))
                 .await
