@@ -468,11 +468,15 @@ pub async fn list(conn: &mut AsyncPgConnection, q: &ListJobs) -> AppResult<(Vec<
     Ok((jobs_from(rows)?, more))
 }
 
-/// Jobs of a project changed after `since` (dashboards catching up), newest first.
+/// Jobs of a project that match `filter` and changed after `since` (dashboards catching
+/// up), newest first. The filter is applied here, not by the caller: a dashboard of the
+/// running jobs must get them even when more than `limit` other jobs changed since, and
+/// a state filter lets the project-and-state index bound what is read.
 pub async fn changed_since(
     conn: &mut AsyncPgConnection,
     owner: Option<&str>,
     project: Uuid,
+    filter: &JobFilter,
     since: Option<DateTime<Utc>>,
     limit: i64,
 ) -> AppResult<Vec<Job>> {
@@ -483,10 +487,39 @@ pub async fn changed_since(
         .order(jobs::update_time.desc())
         .limit(limit)
         .into_boxed();
+    if !filter.states.is_empty() {
+        query = query.filter(jobs::state.eq_any(filter.states.clone()));
+    }
+    if !filter.kinds.is_empty() {
+        query = query.filter(jobs::kind.eq_any(filter.kinds.clone()));
+    }
     if let Some(since) = since {
         query = query.filter(jobs::update_time.ge(since));
     }
     jobs_from(query.load(conn).await?)
+}
+
+/// Those of the jobs `ids` (of one project) that changed after `since`, whatever their
+/// state: a dashboard's check of the jobs it shows, which may have left its filter.
+pub async fn changed_among(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    project: Uuid,
+    ids: &[Uuid],
+    since: DateTime<Utc>,
+) -> AppResult<Vec<Job>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = jobs::table
+        .filter(jobs::id.eq_any(ids))
+        .filter(jobs::project_id.eq(project))
+        .filter(visible_to(owner))
+        .filter(jobs::update_time.ge(since))
+        .select(JobRow::as_select())
+        .load(conn)
+        .await?;
+    jobs_from(rows)
 }
 
 /// Locks one job for a state change by a client.

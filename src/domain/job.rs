@@ -254,6 +254,10 @@ impl JobFilter {
         Ok(out)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty() && self.kinds.is_empty()
+    }
+
     pub fn matches(&self, state: JobState, kind: &str) -> bool {
         (self.states.is_empty() || self.states.contains(&state))
             && (self.kinds.is_empty() || self.kinds.iter().any(|k| k == kind))

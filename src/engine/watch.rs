@@ -250,7 +250,7 @@ impl Engine {
             project: project.0,
             filter,
             out: VecDeque::new(),
-            seen: HashMap::new(),
+            view: View::default(),
             synced: None,
         };
         // The first tick is at once: the stream starts with the snapshots.
@@ -266,32 +266,152 @@ struct ProjectWatcher {
     filter: JobFilter,
     /// Events decided but not yet taken by the stream.
     out: VecDeque<EncodedJobEvent>,
-    /// Last sequence queued per job.
-    seen: HashMap<Uuid, i64>,
+    /// Jobs this stream has sent (see `View`).
+    view: View,
     synced: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// What a project stream has sent, per job: its last sequence, and whether the client
+/// is showing it as matching the filter. A job that stops matching gets one last event
+/// (its new state, which the client sees does not match), so a dashboard of running
+/// jobs learns that one finished; after that it is sent only if it matches again.
+#[derive(Default)]
+struct View {
+    jobs: HashMap<Uuid, Sent>,
+}
+
+struct Sent {
+    sequence: i64,
+    /// Sent while matching the filter, and not since left it.
+    shown: bool,
+    /// In a final state when sent.
+    finished: bool,
+    /// When it was sent (this instance's clock).
+    at: chrono::DateTime<chrono::Utc>,
+}
+
+impl View {
+    /// Whether a change of a job goes to the client, recording it if it does: a change
+    /// newer than what was sent, of a job that matches or that the client shows.
+    fn admit(
+        &mut self,
+        filter: &JobFilter,
+        id: Uuid,
+        sequence: i64,
+        state: JobState,
+        kind: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
+        let matching = filter.matches(state, kind);
+        let shown = match self.jobs.get(&id) {
+            Some(sent) if sent.sequence >= sequence => return false,
+            Some(sent) => sent.shown,
+            None => false,
+        };
+        if !matching && !shown {
+            return false;
+        }
+        self.jobs.insert(
+            id,
+            Sent {
+                sequence,
+                shown: matching,
+                finished: state.is_terminal(),
+                at: now,
+            },
+        );
+        true
+    }
+
+    /// Jobs the client shows as matching: the ones a sync checks for having left.
+    fn shown(&self) -> Vec<Uuid> {
+        self.jobs
+            .iter()
+            .filter(|(_, s)| s.shown)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Forgets what no longer needs remembering, so a long-lived stream's memory
+    /// follows the jobs it shows, not every job it ever sent: a job the client does not
+    /// show, sent before `since` (a sync from `since` on cannot return that change
+    /// again; a newer change has a higher sequence and is judged afresh); and under an
+    /// empty filter, where no job can leave it, any job sent before `since`. A finished
+    /// job sent before `gone` (the retention) is deleted from Postgres or about to be.
+    fn forget(
+        &mut self,
+        filter_is_empty: bool,
+        since: chrono::DateTime<chrono::Utc>,
+        gone: chrono::DateTime<chrono::Utc>,
+    ) {
+        self.jobs.retain(|_, s| {
+            let deleted = s.finished && s.at < gone;
+            !(deleted || (s.at < since && (filter_is_empty || !s.shown)))
+        });
+    }
+}
+
 impl ProjectWatcher {
-    /// Snapshots of jobs changed since the last sync that the stream has not seen yet.
+    fn offer(&mut self, job: &Job, now: chrono::DateTime<chrono::Utc>) {
+        if self.view.admit(
+            &self.filter,
+            job.id,
+            job.sequence,
+            job.state,
+            &job.kind,
+            now,
+        ) {
+            self.out
+                .push_back(EncodedJobEvent::new(&event(job, EventType::Snapshot)));
+        }
+    }
+
+    /// Snapshots of jobs changed since the last sync that the stream has not sent yet:
+    /// those that match the filter, and those shown that left it.
     async fn sync(&mut self) -> AppResult<Flow> {
         let started = chrono::Utc::now();
         // A little overlap: update_time is the writer's transaction time.
         let since = self.synced.map(|t| t - chrono::Duration::seconds(5));
-        let mut jobs = {
+        let (mut jobs, left) = {
             let mut conn = self.engine.db.get().await?;
-            db::jobs::changed_since(&mut conn, self.owner.as_deref(), self.project, since, 1000)
-                .await?
+            let jobs = db::jobs::changed_since(
+                &mut conn,
+                self.owner.as_deref(),
+                self.project,
+                &self.filter,
+                since,
+                1000,
+            )
+            .await?;
+            // Under an empty filter every change is in `jobs` already.
+            let left = match since {
+                Some(since) if !self.filter.is_empty() => {
+                    let shown = self.view.shown();
+                    db::jobs::changed_among(
+                        &mut conn,
+                        self.owner.as_deref(),
+                        self.project,
+                        &shown,
+                        since,
+                    )
+                    .await?
+                }
+                _ => Vec::new(),
+            };
+            (jobs, left)
         };
         jobs.reverse();
-        for job in jobs {
-            if self.seen.get(&job.id).is_some_and(|s| *s >= job.sequence)
-                || !self.filter.matches(job.state, &job.kind)
-            {
-                continue;
-            }
-            self.seen.insert(job.id, job.sequence);
-            self.out
-                .push_back(EncodedJobEvent::new(&event(&job, EventType::Snapshot)));
+        for job in left.iter().chain(&jobs) {
+            self.offer(job, started);
+        }
+        if let Some(since) = since {
+            let retention = chrono::Duration::from_std(self.engine.settings.job_retention)
+                .unwrap_or(chrono::Duration::MAX);
+            self.view.forget(
+                self.filter.is_empty(),
+                since,
+                started.checked_sub_signed(retention).unwrap_or(since),
+            );
         }
         self.synced = Some(started);
         Ok(Flow::Continue)
@@ -312,15 +432,19 @@ impl Watcher for ProjectWatcher {
             _ = resync.tick() => self.sync().await,
             signal = rx.recv() => match signal {
                 Ok(Signal::Event(ev)) => {
-                    let sequence = ev.event.sequence;
                     let job = ev.event.job.as_ref();
                     let id = job.and_then(|j| JobName::parse("name", &j.name).ok()).map(|n| n.job);
                     let state = job.and_then(|j| pb::job::State::try_from(j.state).ok()).and_then(state_of);
                     if let (Some(id), Some(state), Some(job)) = (id, state, job)
-                        && self.filter.matches(state, &job.kind)
-                        && self.seen.get(&id).is_none_or(|s| *s < sequence)
+                        && self.view.admit(
+                            &self.filter,
+                            id,
+                            ev.event.sequence,
+                            state,
+                            &job.kind,
+                            chrono::Utc::now(),
+                        )
                     {
-                        self.seen.insert(id, sequence);
                         self.out.push_back(ev.encoded.clone());
                     }
                     Ok(Flow::Continue)
@@ -341,4 +465,78 @@ fn state_of(s: pb::job::State) -> Option<JobState> {
         pb::job::State::Failed => JobState::Failed,
         pb::job::State::Cancelled => JobState::Cancelled,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_view_sends_matching_jobs_and_the_change_that_takes_one_out() {
+        let running = JobFilter::parse("state = RUNNING").unwrap();
+        let mut view = View::default();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        // Not shown and not matching: nothing to say.
+        assert!(!view.admit(&running, a, 1, JobState::Queued, "render", at(0)));
+        assert!(view.admit(&running, a, 2, JobState::Running, "render", at(1)));
+        assert!(
+            !view.admit(&running, a, 2, JobState::Running, "render", at(2)),
+            "sent already"
+        );
+        assert!(view.admit(&running, a, 3, JobState::Running, "render", at(3)));
+        // Leaves the filter: sent once, then no more until it matches again.
+        assert!(view.admit(&running, a, 4, JobState::Queued, "render", at(4)));
+        assert!(!view.admit(&running, a, 5, JobState::Queued, "render", at(5)));
+        assert!(view.admit(&running, a, 6, JobState::Running, "render", at(6)));
+        assert!(view.admit(&running, b, 1, JobState::Running, "render", at(6)));
+        let mut shown = view.shown();
+        shown.sort();
+        let mut both = vec![a, b];
+        both.sort();
+        assert_eq!(shown, both);
+    }
+
+    #[test]
+    fn a_view_forgets_what_no_sync_can_return_and_keeps_what_it_shows() {
+        let running = JobFilter::parse("state = RUNNING").unwrap();
+        let mut view = View::default();
+        let (shown, left, recent, done) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        view.admit(&running, shown, 1, JobState::Running, "render", at(0));
+        view.admit(&running, left, 1, JobState::Running, "render", at(0));
+        view.admit(&running, left, 2, JobState::Succeeded, "render", at(1));
+        view.admit(&running, recent, 1, JobState::Running, "render", at(20));
+        view.admit(&running, recent, 2, JobState::Failed, "render", at(20));
+        view.forget(false, at(10), at(-100));
+        let mut kept: Vec<Uuid> = view.jobs.keys().copied().collect();
+        kept.sort();
+        let mut want = vec![shown, recent];
+        want.sort();
+        assert_eq!(kept, want, "the job that left before `since` is forgotten");
+
+        // A finished job it shows is forgotten after the retention.
+        let failed = JobFilter::parse("state = FAILED").unwrap();
+        let mut view = View::default();
+        view.admit(&failed, done, 1, JobState::Failed, "render", at(0));
+        view.forget(false, at(10), at(-1));
+        assert!(view.jobs.contains_key(&done));
+        view.forget(false, at(10), at(5));
+        assert!(view.jobs.is_empty());
+
+        // No filter: nothing can leave it, so only what a sync may return again is kept.
+        let all = JobFilter::default();
+        let mut view = View::default();
+        view.admit(&all, shown, 1, JobState::Running, "render", at(0));
+        view.admit(&all, recent, 1, JobState::Queued, "render", at(20));
+        view.forget(true, at(10), at(-100));
+        assert_eq!(view.jobs.keys().copied().collect::<Vec<_>>(), vec![recent]);
+    }
 }

@@ -1550,6 +1550,117 @@ async fn two_instances_a_watcher_on_one_and_a_worker_on_the_other_see_every_even
     assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
 }
 
+async fn dashboard(
+    app: &TestApp,
+    t: &str,
+    parent: &str,
+    filter: &str,
+) -> tonic::Streaming<pb::JobEvent> {
+    app.jobs(t)
+        .watch_jobs(pb::WatchJobsRequest {
+            parent: parent.to_owned(),
+            filter: filter.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// (job name, state) of each event.
+fn named_states(events: &[pb::JobEvent]) -> Vec<(String, State)> {
+    events
+        .iter()
+        .map(|e| (e.job.as_ref().unwrap().name.clone(), state(e)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_filtered_dashboard_gets_its_jobs_however_many_others_changed_since() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "busy").await;
+    let render = create_job(&app, &t, &p.name, job("render")).await;
+    // 1,000 jobs of another kind, all changed after the render job (more than a
+    // dashboard's first snapshot holds).
+    app.jobs(&t)
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: p.name.clone(),
+            requests: (0..1000)
+                .map(|_| pb::CreateJobRequest {
+                    parent: String::new(),
+                    job: Some(job("transcode")),
+                    request_id: String::new(),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+
+    let mut renders = dashboard(&app, &t, &p.name, "kind = \"render\"").await;
+    let events = collect(&mut renders, Duration::from_secs(2)).await;
+    assert_eq!(
+        named_states(&events),
+        vec![(render.name.clone(), State::Queued)]
+    );
+    let mut queued = dashboard(&app, &t, &p.name, "state = QUEUED AND kind = \"render\"").await;
+    let events = collect(&mut queued, Duration::from_secs(2)).await;
+    assert_eq!(named_states(&events), vec![(render.name, State::Queued)]);
+}
+
+#[tokio::test]
+async fn a_job_leaving_a_dashboards_filter_is_sent_once_more() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "queue view").await;
+    let mut queued = dashboard(&app, &t, &p.name, "state = QUEUED").await;
+    let a = create_job(&app, &t, &p.name, job("render")).await;
+    let l = acquire(&app, "w", &["render"], 1, 30.0, 5.0)
+        .await
+        .remove(0);
+    progress(&app, &l, 50, "half").await.unwrap();
+    complete(&app, &l).await.unwrap();
+    let b = create_job(&app, &t, &p.name, job("render")).await;
+
+    let events = collect(&mut queued, Duration::from_secs(2)).await;
+    assert_eq!(
+        named_states(&events),
+        vec![
+            (a.name.clone(), State::Queued),
+            // The change that takes it out of the view, so the dashboard drops it;
+            // its progress and completion are not for this view.
+            (a.name.clone(), State::Running),
+            (b.name, State::Queued),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_dashboard_learns_of_a_job_that_left_its_filter_while_redis_was_away() {
+    let proxy = ChaosProxy::start("127.0.0.1:6379").await;
+    let addr = proxy.addr;
+    let app = TestApp::spawn_with(|s| {
+        s.redis_url = mediaplane::config::Secret::new(format!("redis://{addr}"))
+    })
+    .await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "queue view").await;
+    let a = create_job(&app, &t, &p.name, job("render")).await;
+    let mut queued = dashboard(&app, &t, &p.name, "state = QUEUED").await;
+    let first = collect(&mut queued, Duration::from_secs(1)).await;
+    assert_eq!(named_states(&first), vec![(a.name.clone(), State::Queued)]);
+
+    proxy.cut().await;
+    // Its event is published while this instance is not subscribed: lost.
+    acquire(&app, "w", &["render"], 1, 30.0, 5.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+
+    // Back on Redis, the dashboard re-reads Postgres; the job no longer matches its
+    // filter, and it must still hear that.
+    let events = collect(&mut queued, Duration::from_secs(10)).await;
+    assert_eq!(named_states(&events), vec![(a.name, State::Running)]);
+}
+
 #[tokio::test]
 async fn resuming_a_watch_gets_exactly_what_was_missed() {
     let app = TestApp::spawn().await;
