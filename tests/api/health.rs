@@ -164,12 +164,7 @@ async fn readiness_follows_postgres_and_liveness_does_not() {
 
 #[tokio::test]
 async fn redis_outage_is_reported_and_recovered_from_without_losing_readiness() {
-    let proxy = ChaosProxy::start("127.0.0.1:6379").await;
-    let addr = proxy.addr;
-    let app = TestApp::spawn_with(|s| {
-        s.redis_url = mediaplane::config::Secret::new(format!("redis://{addr}"))
-    })
-    .await;
+    let (app, proxy) = app_behind_redis_proxy().await;
     let redis_status = || async {
         let body: serde_json::Value = reqwest::get(app.http("/healthz"))
             .await

@@ -376,6 +376,17 @@ impl ChaosProxy {
     }
 }
 
+/// A server whose Redis is behind a `ChaosProxy`, to take Redis away from it.
+pub async fn app_behind_redis_proxy() -> (TestApp, ChaosProxy) {
+    let proxy = ChaosProxy::start("127.0.0.1:6379").await;
+    let addr = proxy.addr;
+    let app = TestApp::spawn_with(|s| {
+        s.redis_url = mediaplane::config::Secret::new(format!("redis://{addr}"))
+    })
+    .await;
+    (app, proxy)
+}
+
 /// A local S3-compatible server (moto, from the test venv) with one bucket.
 pub struct S3Server {
     pub endpoint: String,

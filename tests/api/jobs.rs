@@ -1636,12 +1636,7 @@ async fn a_job_leaving_a_dashboards_filter_is_sent_once_more() {
 
 #[tokio::test]
 async fn a_dashboard_learns_of_a_job_that_left_its_filter_while_redis_was_away() {
-    let proxy = ChaosProxy::start("127.0.0.1:6379").await;
-    let addr = proxy.addr;
-    let app = TestApp::spawn_with(|s| {
-        s.redis_url = mediaplane::config::Secret::new(format!("redis://{addr}"))
-    })
-    .await;
+    let (app, proxy) = app_behind_redis_proxy().await;
     let t = token("alice");
     let p = create_project(&app, &t, "queue view").await;
     let a = create_job(&app, &t, &p.name, job("render")).await;
@@ -1749,12 +1744,7 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
 
 #[tokio::test]
 async fn a_watch_survives_a_redis_outage_and_still_sees_the_terminal_state() {
-    let proxy = ChaosProxy::start("127.0.0.1:6379").await;
-    let addr = proxy.addr;
-    let app = TestApp::spawn_with(|s| {
-        s.redis_url = mediaplane::config::Secret::new(format!("redis://{addr}"))
-    })
-    .await;
+    let (app, proxy) = app_behind_redis_proxy().await;
     let t = token("alice");
     let p = create_project(&app, &t, "outage").await;
     let created = create_job(&app, &t, &p.name, job("render")).await;
