@@ -374,6 +374,18 @@ impl ProjectWatcher {
         let since = self.synced.map(|t| t - chrono::Duration::seconds(5));
         let (mut jobs, left) = {
             let mut conn = self.engine.db.get().await?;
+            // A deleted project's jobs go without events: the stream ends here, as a
+            // job's watch ends when its job is gone.
+            if since.is_some()
+                && db::projects::get(&mut conn, self.owner.as_deref(), self.project)
+                    .await?
+                    .is_none()
+            {
+                return Err(AppError::NotFound(format!(
+                    "project projects/{}",
+                    self.project
+                )));
+            }
             let jobs = db::jobs::changed_since(
                 &mut conn,
                 self.owner.as_deref(),

@@ -1635,6 +1635,30 @@ async fn a_job_leaving_a_dashboards_filter_is_sent_once_more() {
 }
 
 #[tokio::test]
+async fn a_dashboard_of_a_deleted_project_ends_with_not_found() {
+    let app = TestApp::spawn_with(|s| s.watch_resync = Duration::from_millis(300)).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "short-lived").await;
+    create_job(&app, &t, &p.name, job("render")).await;
+    let mut all = dashboard(&app, &t, &p.name, "").await;
+    assert_eq!(collect(&mut all, Duration::from_millis(500)).await.len(), 1);
+    app.projects(&t)
+        .delete_project(pb::DeleteProjectRequest {
+            name: p.name.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), all.next())
+        .await
+        .expect("the stream ends after the next resync");
+    assert_eq!(
+        end.expect("a final status").unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
 async fn a_dashboard_learns_of_a_job_that_left_its_filter_while_redis_was_away() {
     let (app, proxy) = app_behind_redis_proxy().await;
     let t = token("alice");
