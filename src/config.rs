@@ -33,7 +33,7 @@ pub struct SettingsArgs {
     /// Database connections per instance [default: 16].
     #[arg(long, env = "MEDIAPLANE_DB_POOL_SIZE")]
     pub db_pool_size: Option<String>,
-    /// Redis URL (fan-out, wake-ups, rate limits) [default: redis://127.0.0.1:6379].
+    /// Redis URL (job events to watchers, worker wake-ups) [default: redis://127.0.0.1:6379].
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key and channel [default: mediaplane].
