@@ -1049,13 +1049,14 @@ pub async fn lock_expired(conn: &mut AsyncPgConnection, limit: i64) -> AppResult
     )
 }
 
-/// Events after `after`, in order, as (type, job as the event left it), and the oldest
-/// sequence still kept. The triggers of migration 000005 write them; a stored event
-/// keeps the changing columns, the rest comes from the job.
+/// Up to `limit` events after `after`, in order, as (type, job as the event left it),
+/// and the oldest sequence still kept. The triggers of migration 000005 write them; a
+/// stored event keeps the changing columns, the rest comes from the job.
 pub async fn events_after(
     conn: &mut AsyncPgConnection,
     job: Uuid,
     after: i64,
+    limit: i64,
 ) -> AppResult<(Vec<(i16, Job)>, Option<i64>)> {
     #[derive(QueryableByName)]
     struct Replayed {
@@ -1073,10 +1074,11 @@ pub async fn events_after(
         "SELECT e.type AS event_type, r.* \
          FROM job_events e JOIN jobs j ON j.id = e.job_id, \
               LATERAL jsonb_populate_record(j, to_jsonb(e.snapshot)) AS r \
-         WHERE e.job_id = $1 AND e.sequence > $2 ORDER BY e.sequence LIMIT 10000",
+         WHERE e.job_id = $1 AND e.sequence > $2 ORDER BY e.sequence LIMIT $3",
     )
     .bind::<diesel::sql_types::Uuid, _>(job)
     .bind::<diesel::sql_types::BigInt, _>(after)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
     .load(conn)
     .await?;
     let events = rows

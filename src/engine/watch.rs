@@ -43,7 +43,15 @@ struct JobWatcher {
     out: VecDeque<EncodedJobEvent>,
     /// Sequence of the last event queued.
     last: i64,
+    /// Replaying stored events, and the last page read was full: read the next one
+    /// when the client has taken this one.
+    replaying: bool,
 }
+
+/// Stored events replayed per query. Each carries the whole job (whose input may be
+/// 256 KiB), so a watcher resuming far behind reads them a page at a time as its client
+/// takes them, not all at once.
+const REPLAY_PAGE: i64 = 32;
 
 enum Flow {
     Continue,
@@ -94,14 +102,16 @@ impl JobWatcher {
     /// Queues what was missed after `self.last`: the events themselves when they are
     /// all still stored, else a snapshot.
     async fn catch_up(&mut self) -> AppResult<Flow> {
+        self.replaying = false;
         let (events, oldest) = {
             let mut conn = self.engine.db.get().await?;
-            db::jobs::events_after(&mut conn, self.name.job, self.last).await?
+            db::jobs::events_after(&mut conn, self.name.job, self.last, REPLAY_PAGE).await?
         };
         let complete = oldest.is_some_and(|o| o <= self.last + 1) && !events.is_empty();
         if !complete {
             return self.snapshot().await;
         }
+        let full_page = events.len() as i64 == REPLAY_PAGE;
         for (ty, job) in events {
             let ty = EventType::try_from(i32::from(ty))
                 .map_err(|_| AppError::internal(format!("stored event type {ty}")))?;
@@ -111,6 +121,10 @@ impl JobWatcher {
             if let Flow::Done = self.send(event(&job, ty)) {
                 return Ok(Flow::Done);
             }
+        }
+        if full_page {
+            self.replaying = true;
+            return Ok(Flow::Continue);
         }
         // Events may lag the row by nothing (same transaction), but be sure.
         self.snapshot().await
@@ -127,6 +141,9 @@ impl Watcher for JobWatcher {
         rx: &mut broadcast::Receiver<Signal>,
         resync: &mut tokio::time::Interval,
     ) -> AppResult<Flow> {
+        if self.replaying {
+            return self.catch_up().await;
+        }
         tokio::select! {
             signal = rx.recv() => match signal {
                 Ok(Signal::Event(ev)) if ev.event.sequence <= self.last => Ok(Flow::Continue),
@@ -208,6 +225,7 @@ impl Engine {
             name,
             out: VecDeque::new(),
             last: 0,
+            replaying: false,
         };
         let job = watcher.current().await?;
         let flow = if after_sequence > 0 && after_sequence < job.sequence {

@@ -1767,6 +1767,42 @@ async fn resuming_a_watch_gets_exactly_what_was_missed() {
 }
 
 #[tokio::test]
+async fn resuming_far_behind_replays_every_event_a_page_at_a_time() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "long render").await;
+    let created = create_job(&app, &t, &p.name, job("render")).await;
+    let l = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    // 250 reports: several pages of the replay (32 events each).
+    for n in 1..=250 {
+        progress(&app, &l, n * 100 / 250, &format!("frame {n}"))
+            .await
+            .unwrap();
+    }
+    let mut resumed = watch(&app, &t, &created.name, 1).await;
+    let first = collect(&mut resumed, Duration::from_secs(2)).await;
+    complete(&app, &l).await.unwrap();
+    let rest = collect(&mut resumed, Duration::from_secs(10)).await;
+    let events: Vec<_> = first.into_iter().chain(rest).collect();
+    assert_eq!(
+        events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        (2..=253).collect::<Vec<_>>(),
+        "every event after the first, none skipped for a snapshot"
+    );
+    assert!(
+        events[1..251]
+            .iter()
+            .enumerate()
+            .all(|(i, e)| Type::try_from(e.r#type) == Ok(Type::Progress)
+                && e.job.as_ref().unwrap().current_step == format!("frame {}", i + 1)),
+        "the reports, replayed in order"
+    );
+    assert_eq!(state(events.last().unwrap()), State::Succeeded);
+}
+
+#[tokio::test]
 async fn a_watch_survives_a_redis_outage_and_still_sees_the_terminal_state() {
     let (app, proxy) = app_behind_redis_proxy().await;
     let t = token("alice");
