@@ -310,16 +310,19 @@ fn router(
     let auth = Authenticate(verifier);
     let projects = server::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(
         engine.db.clone(),
+        limit,
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
-    let jobs = server::jobs_service_server::JobsServiceServer::new(JobsApi::new(engine))
+    let jobs = server::jobs_service_server::JobsServiceServer::new(JobsApi::new(engine, limit))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let assets_service =
-        server::assets_service_server::AssetsServiceServer::new(AssetsApi::new(assets.clone()))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
+    let assets_service = server::assets_service_server::AssetsServiceServer::new(AssetsApi::new(
+        assets.clone(),
+        limit,
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
 
     // Decoded once here; tonic-reflection gets descriptor sets, not bytes.
     let decode = |bytes: &[u8]| {

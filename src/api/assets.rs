@@ -21,11 +21,16 @@ use crate::{
 
 pub struct AssetsApi {
     assets: Assets,
+    /// Bytes of assets one ListAssets response may hold.
+    page_budget: usize,
 }
 
 impl AssetsApi {
-    pub fn new(assets: Assets) -> Self {
-        Self { assets }
+    pub fn new(assets: Assets, max_message_bytes: usize) -> Self {
+        Self {
+            assets,
+            page_budget: super::page_budget(max_message_bytes),
+        }
     }
 }
 
@@ -212,13 +217,13 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
             after,
         };
         let (assets, more) = db::assets::list(&mut conn, &query).await?;
-        let last = assets.last().map(|l| page::Cursor {
-            create_time: l.create_time,
-            id: l.id,
+        let (assets, last, cut) = super::fit_page(assets, self.page_budget, |a| page::Cursor {
+            create_time: a.create_time,
+            id: a.id,
         });
-        let next_page_token = page::next_token(more, last, &fingerprint);
+        let next_page_token = page::next_token(more || cut, last, &fingerprint);
         Ok(Response::new(pb::ListAssetsResponse {
-            assets: assets.into_iter().map(Into::into).collect(),
+            assets,
             next_page_token,
         }))
     }

@@ -22,11 +22,16 @@ use crate::{
 
 pub struct JobsApi {
     engine: Engine,
+    /// Bytes of jobs one ListJobs response may hold.
+    page_budget: usize,
 }
 
 impl JobsApi {
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
+    pub fn new(engine: Engine, max_message_bytes: usize) -> Self {
+        Self {
+            engine,
+            page_budget: super::page_budget(max_message_bytes),
+        }
     }
 }
 
@@ -274,13 +279,13 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             .await?
             .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
         let (jobs, more) = crate::db::jobs::list(&mut conn, &query).await?;
-        let last = jobs.last().map(|l| page::Cursor {
-            create_time: l.create_time,
-            id: l.id,
+        let (jobs, last, cut) = super::fit_page(jobs, self.page_budget, |j| page::Cursor {
+            create_time: j.create_time,
+            id: j.id,
         });
-        let next_page_token = page::next_token(more, last, &fingerprint);
+        let next_page_token = page::next_token(more || cut, last, &fingerprint);
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.into_iter().map(Into::into).collect(),
+            jobs,
             next_page_token,
         }))
     }

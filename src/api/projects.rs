@@ -23,6 +23,8 @@ pub struct ProjectsApi {
     db: db::Pool,
     /// Concurrent creates share one INSERT and one commit (group commit).
     creates: Batcher<NewProject, Created>,
+    /// Bytes of projects one ListProjects response may hold.
+    page_budget: usize,
 }
 
 /// Inserts in flight at once, and projects per INSERT.
@@ -31,13 +33,17 @@ const CREATE_GROUP_MAX: usize = 128;
 
 impl ProjectsApi {
     /// Spawns the create lanes: call within the server's runtime.
-    pub fn new(db: db::Pool) -> Self {
+    pub fn new(db: db::Pool, max_message_bytes: usize) -> Self {
         let pool = db.clone();
         let creates = Batcher::spawn(CREATE_LANES, CREATE_GROUP_MAX, move |group| {
             let pool = pool.clone();
             async move { crate::batch::shared_or_alone(&group, |g| insert(&pool, g)).await }
         });
-        Self { db, creates }
+        Self {
+            db,
+            creates,
+            page_budget: super::page_budget(max_message_bytes),
+        }
     }
 }
 
@@ -182,9 +188,15 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         )?;
         let mut conn = super::conn(&self.db).await?;
         let (projects, more) = db::projects::list(&mut conn, &query).await?;
-        let next_page_token = query.next_token(more, projects.last());
+        let (projects, last, cut) = super::fit_page(projects, self.page_budget, |p| {
+            crate::domain::page::Cursor {
+                create_time: p.create_time,
+                id: p.id,
+            }
+        });
+        let next_page_token = query.next_token(more || cut, last);
         Ok(Response::new(pb::ListProjectsResponse {
-            projects: projects.into_iter().map(Into::into).collect(),
+            projects,
             next_page_token,
         }))
     }

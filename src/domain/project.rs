@@ -232,12 +232,9 @@ impl ListQuery {
         })
     }
 
-    pub fn next_token(&self, more: bool, last: Option<&Project>) -> String {
-        let cursor = last.map(|p| page::Cursor {
-            create_time: p.create_time,
-            id: p.id,
-        });
-        page::next_token(more, cursor, &self.fingerprint)
+    /// `last`: the cursor of the last project sent.
+    pub fn next_token(&self, more: bool, last: Option<page::Cursor>) -> String {
+        page::next_token(more, last, &self.fingerprint)
     }
 }
 

@@ -372,6 +372,52 @@ async fn a_job_runs_from_queued_to_succeeded_and_rejects_wrong_transitions() {
 }
 
 #[tokio::test]
+async fn a_page_of_large_jobs_is_cut_to_fit_one_response() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "large inputs").await;
+    // 20 jobs of ~240 KB of input: about 4.8 MB, past the 4 MiB message limit, within
+    // the default page size of 50.
+    let mut names = HashSet::new();
+    for _ in 0..20 {
+        let mut large = job("render");
+        large.input = Some(Struct {
+            fields: [(
+                "prompt".to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue("x".repeat(240_000))),
+                },
+            )]
+            .into(),
+        });
+        names.insert(create_job(&app, &t, &p.name, large).await.name);
+    }
+    let mut c = app.jobs(&t);
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = c
+            .list_jobs(pb::ListJobsRequest {
+                parent: p.name.clone(),
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a page that fits, not the whole list refused")
+            .into_inner();
+        pages.push(page.jobs.into_iter().map(|j| j.name).collect::<Vec<_>>());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert!(pages.len() > 1 && pages[0].len() < 20, "{pages:?}");
+    let listed: Vec<String> = pages.concat();
+    assert_eq!(listed.len(), 20);
+    assert_eq!(listed.into_iter().collect::<HashSet<_>>(), names);
+}
+
+#[tokio::test]
 async fn validation_and_batches_are_all_or_nothing() {
     let app = TestApp::spawn().await;
     let t = token("alice");

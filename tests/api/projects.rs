@@ -419,6 +419,54 @@ async fn page_through(app: &TestApp, t: &str, order_by: &str, page_size: i32) ->
 }
 
 #[tokio::test]
+async fn a_page_of_large_projects_is_cut_to_fit_one_response() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    // 80 projects of ~60 KB of metadata: about 4.8 MB, past the 4 MiB message limit.
+    let mut metadata = prost_types::Struct::default();
+    metadata.fields.insert(
+        "brief".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue("x".repeat(60_000))),
+        },
+    );
+    for i in 0..80 {
+        app.projects(&t)
+            .create_project(pb::CreateProjectRequest {
+                project: Some(pb::Project {
+                    display_name: format!("large {i}"),
+                    metadata: Some(metadata.clone()),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let first = app
+        .projects(&t)
+        .list_projects(pb::ListProjectsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("a page that fits, not the whole list refused")
+        .into_inner();
+    assert!(
+        (1..80).contains(&first.projects.len()) && !first.next_page_token.is_empty(),
+        "{} projects on the first page",
+        first.projects.len()
+    );
+    let all = page_through(&app, &t, "", 1000).await;
+    assert_eq!(all.len(), 80);
+    assert_eq!(
+        all.iter().collect::<HashSet<_>>().len(),
+        80,
+        "no project twice"
+    );
+}
+
+#[tokio::test]
 async fn pagination_has_no_duplicates_or_gaps_under_concurrent_inserts() {
     let app = TestApp::spawn().await;
     let t = token("alice");
