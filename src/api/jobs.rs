@@ -37,6 +37,25 @@ impl JobsApi {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedJobEvent, Status>> + Send>>;
 
+/// Bytes a created job's encoding may add to the job as requested (name, state,
+/// sequence, times); measured about 150.
+const CREATED_JOB_OVERHEAD: usize = 256;
+
+/// A job as a batch answers it when the whole would not fit in one response: which job,
+/// its state and sequence, and when it ended.
+fn brief(job: pb::Job) -> pb::Job {
+    pb::Job {
+        name: job.name,
+        kind: job.kind,
+        state: job.state,
+        attempt: job.attempt,
+        sequence: job.sequence,
+        end_time: job.end_time,
+        update_time: job.update_time,
+        ..Default::default()
+    }
+}
+
 fn require_worker(caller: &Caller) -> Result<(), Status> {
     if caller.is_worker() || caller.is_admin() {
         Ok(())
@@ -197,6 +216,11 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         request: Request<pb::BatchCreateJobsRequest>,
     ) -> Result<Response<pb::BatchCreateJobsResponse>, Status> {
         let caller = caller(&request)?;
+        // The answer repeats every job with what the server adds: a batch whose answer
+        // would not fit in one response is refused before anything is written, not
+        // written and then answered with an error.
+        let answer = prost::Message::encoded_len(request.get_ref())
+            + request.get_ref().requests.len() * CREATED_JOB_OVERHEAD;
         let pb::BatchCreateJobsRequest { parent, requests } = request.into_inner();
         let project = ProjectName::parse("parent", &parent)?;
         let mut v = Violations::default();
@@ -204,6 +228,14 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             v.add(
                 "requests",
                 format!("1 to {} jobs per batch", job::MAX_BATCH),
+            );
+        } else if answer > self.page_budget {
+            v.add(
+                "requests",
+                format!(
+                    "the created jobs would not fit in one response (about {answer} bytes, at most {}): send fewer jobs per batch",
+                    self.page_budget
+                ),
             );
         }
         let mut jobs = Vec::with_capacity(requests.len());
@@ -405,7 +437,9 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             .engine
             .acquire(&r.worker_id, &r.kinds, i64::from(max), lease, wait)
             .await?;
-        let jobs = jobs
+        let leases: Vec<(uuid::Uuid, Option<uuid::Uuid>)> =
+            jobs.iter().map(|j| (j.id, j.lease_id)).collect();
+        let mut jobs: Vec<pb::LeasedJob> = jobs
             .into_iter()
             .map(|j| pb::LeasedJob {
                 lease_id: j.lease_id.map(|l| l.to_string()).unwrap_or_default(),
@@ -413,6 +447,22 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                 job: Some(j.into()),
             })
             .collect();
+        // Jobs with large inputs: as many as one response holds; the rest go back to the
+        // queue at once rather than sit leased to a worker who never heard of them.
+        let n = super::fitting(&jobs, self.page_budget);
+        if n < jobs.len() {
+            jobs.truncate(n);
+            let unsent: Vec<_> = leases
+                .iter()
+                .skip(n)
+                .filter_map(|(id, lease)| lease.map(|l| (*id, l)))
+                .collect();
+            // The jobs sent are this worker's either way; if the release fails, the
+            // reaper requeues the others when their leases expire.
+            if let Err(error) = self.engine.release(&unsent).await {
+                tracing::warn!(%error, jobs = unsent.len(), "could not release unsent leases");
+            }
+        }
         Ok(Response::new(pb::AcquireJobsResponse { jobs }))
     }
 
@@ -501,7 +551,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         }
         let writes = v.into_result(writes)?;
         let results = self.engine.leased_many(&caller, writes).await;
-        Ok(Response::new(pb::BatchCompleteJobsResponse {
+        let mut response = pb::BatchCompleteJobsResponse {
             results: results
                 .into_iter()
                 .map(|r| pb::CompleteJobResult {
@@ -511,7 +561,18 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                     }),
                 })
                 .collect(),
-        }))
+        };
+        // The completions are committed: the answer must get through. Jobs with large
+        // inputs or results would take it past the message limit, so then each job
+        // comes in brief (the worker sent the result and has the input).
+        if prost::Message::encoded_len(&response) > self.page_budget {
+            for result in &mut response.results {
+                if let Some(pb::complete_job_result::Outcome::Job(job)) = &mut result.outcome {
+                    *job = brief(std::mem::take(job));
+                }
+            }
+        }
+        Ok(Response::new(response))
     }
 
     #[tracing::instrument(skip_all)]

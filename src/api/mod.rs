@@ -24,29 +24,34 @@ pub(crate) fn page_budget(max_message_bytes: usize) -> usize {
     max_message_bytes.saturating_sub(PAGE_HEADROOM)
 }
 
+/// How many of `items`, in order, one response holds within `budget` bytes: at least
+/// one (an item alone past the limit is refused by the encoder, as it would be by Get).
+pub(crate) fn fitting<T: prost::Message>(items: &[T], budget: usize) -> usize {
+    let mut used = 0;
+    for (i, item) in items.iter().enumerate() {
+        // As a repeated message field encodes it: tag, length, message.
+        used += prost::encoding::message::encoded_len(1, item);
+        if used > budget {
+            return i.max(1);
+        }
+    }
+    items.len()
+}
+
 /// One list page as it is sent: `rows` converted, cut before the item that would take
 /// the response past `budget` bytes (AIP-158 lets a page hold fewer than `page_size`;
 /// uncut, a page of jobs with large inputs was refused whole by the encoder), with the
-/// cursor of the last row sent and whether rows were left out. The first row is always
-/// sent: a row alone past the limit is refused by the encoder, as it would be by Get.
+/// cursor of the last row sent and whether rows were left out.
 pub(crate) fn fit_page<R, T: prost::Message + From<R>>(
     rows: Vec<R>,
     budget: usize,
     cursor: impl Fn(&R) -> page::Cursor,
 ) -> (Vec<T>, Option<page::Cursor>, bool) {
-    let mut items = Vec::with_capacity(rows.len());
-    let (mut used, mut last) = (0, None);
-    for row in rows {
-        let at = cursor(&row);
-        let item = T::from(row);
-        // As a repeated message field encodes it: tag, length, message.
-        let size = prost::encoding::message::encoded_len(1, &item);
-        if !items.is_empty() && used + size > budget {
-            return (items, last, true);
-        }
-        used += size;
-        items.push(item);
-        last = Some(at);
-    }
-    (items, last, false)
+    let cursors: Vec<page::Cursor> = rows.iter().map(cursor).collect();
+    let mut items: Vec<T> = rows.into_iter().map(T::from).collect();
+    let n = fitting(&items, budget);
+    let cut = n < items.len();
+    items.truncate(n);
+    let last = n.checked_sub(1).and_then(|i| cursors.get(i).copied());
+    (items, last, cut)
 }

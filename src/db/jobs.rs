@@ -588,6 +588,37 @@ pub async fn requeue(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult<Job> {
     row.try_into()
 }
 
+/// Leased jobs back to QUEUED as if never leased (the attempt is not counted): the
+/// `(id, lease)` pairs that an AcquireJobs call leased but could not hand out. A job
+/// whose lease changed meanwhile is left alone.
+pub async fn release(conn: &mut AsyncPgConnection, leases: &[(Uuid, Uuid)]) -> AppResult<Vec<Job>> {
+    let (ids, lease_ids): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
+    let rows: Vec<JobRow> = diesel::update(
+        jobs::table
+            .filter(jobs::id.eq_any(ids))
+            .filter(jobs::lease_id.eq_any(lease_ids))
+            .filter(jobs::state.eq(JobState::Running)),
+    )
+    .set((
+        jobs::state.eq(JobState::Queued),
+        jobs::attempt.eq(jobs::attempt - 1),
+        jobs::worker_id.eq(None::<String>),
+        jobs::lease_id.eq(None::<Uuid>),
+        jobs::lease_duration_ms.eq(None::<i64>),
+        jobs::lease_expire_time.eq(None::<DateTime<Utc>>),
+        // The lease set it if this was the first attempt.
+        jobs::start_time.eq(sql::<
+            diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>,
+        >(
+            "CASE WHEN attempt = 1 THEN NULL ELSE start_time END"
+        )),
+    ))
+    .returning(JobRow::as_returning())
+    .get_results(conn)
+    .await?;
+    jobs_from(rows)
+}
+
 /// One AcquireJobs call of a group that shares a leasing statement.
 pub struct Taker<'a> {
     pub worker_id: &'a str,

@@ -634,6 +634,28 @@ impl Engine {
         }
     }
 
+    /// Puts jobs that an AcquireJobs call leased but could not return back in the
+    /// queue, the attempt not counted, and wakes workers for them.
+    pub async fn release(&self, leases: &[(Uuid, Uuid)]) -> AppResult<()> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let released = {
+            let mut conn = self.conn().await?;
+            db::jobs::release(&mut conn, leases).await?
+        };
+        let mut kinds = Wake::new();
+        for job in &released {
+            *kinds.entry(job.kind.clone()).or_default() += 1;
+        }
+        let changes: Vec<_> = released
+            .into_iter()
+            .map(|job| (job, EventType::StateChanged))
+            .collect();
+        self.publish(to_publish(&changes), kinds);
+        Ok(())
+    }
+
     /// Applies a worker's write if `lease_id` is the job's current lease (fencing).
     pub async fn leased(
         &self,

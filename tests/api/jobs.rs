@@ -380,17 +380,7 @@ async fn a_page_of_large_jobs_is_cut_to_fit_one_response() {
     // the default page size of 50.
     let mut names = HashSet::new();
     for _ in 0..20 {
-        let mut large = job("render");
-        large.input = Some(Struct {
-            fields: [(
-                "prompt".to_owned(),
-                Value {
-                    kind: Some(Kind::StringValue("x".repeat(240_000))),
-                },
-            )]
-            .into(),
-        });
-        names.insert(create_job(&app, &t, &p.name, large).await.name);
+        names.insert(create_job(&app, &t, &p.name, large_job()).await.name);
     }
     let mut c = app.jobs(&t);
     let mut pages = Vec::new();
@@ -415,6 +405,133 @@ async fn a_page_of_large_jobs_is_cut_to_fit_one_response() {
     let listed: Vec<String> = pages.concat();
     assert_eq!(listed.len(), 20);
     assert_eq!(listed.into_iter().collect::<HashSet<_>>(), names);
+}
+
+#[tokio::test]
+async fn a_worker_gets_as_many_large_jobs_as_one_response_holds_and_the_rest_stay_queued() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "large inputs").await;
+    let mut names = HashSet::new();
+    for _ in 0..20 {
+        names.insert(create_job(&app, &t, &p.name, large_job()).await.name);
+    }
+    // 20 leased jobs of ~240 KB would not fit in one 4 MiB response.
+    let first = acquire(&app, "w1", &["render"], 20, 60.0, 0.0).await;
+    assert!((1..20).contains(&first.len()), "{} jobs", first.len());
+    // The others were never this worker's: queued, their attempt not counted.
+    let second = acquire(&app, "w2", &["render"], 20, 60.0, 0.0).await;
+    assert!(!second.is_empty());
+    let mut taken: Vec<String> = Vec::new();
+    let mut batches = vec![first, second];
+    while taken.len() + batches.iter().map(Vec::len).sum::<usize>() < 20 {
+        let more = acquire(&app, "w3", &["render"], 20, 60.0, 0.0).await;
+        assert!(!more.is_empty(), "every job can be taken");
+        batches.push(more);
+    }
+    for leased in batches.iter().flatten() {
+        let job = leased.job.as_ref().unwrap();
+        assert_eq!(
+            job.attempt, 1,
+            "{}: the released lease was not an attempt",
+            job.name
+        );
+        taken.push(job.name.clone());
+    }
+    assert_eq!(taken.len(), 20);
+    assert_eq!(
+        taken.into_iter().collect::<HashSet<_>>(),
+        names,
+        "each exactly once"
+    );
+
+    // All 20 completed in one batch: committed, and the answer gets through, each job
+    // in brief (in full, with their inputs, they would not fit).
+    let results = app
+        .jobs(&worker())
+        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: batches.iter().flatten().map(completion).collect(),
+        })
+        .await
+        .expect("the answer to committed completions fits")
+        .into_inner()
+        .results;
+    assert_eq!(outcomes(&results), vec![Code::Ok; 20]);
+    for r in &results {
+        if let Some(pb::complete_job_result::Outcome::Job(job)) = &r.outcome {
+            assert!(
+                job.input.is_none() && names.contains(&job.name),
+                "{}",
+                job.name
+            );
+        }
+    }
+    for name in &names {
+        let stored = get(&app, &t, name).await;
+        assert_eq!(stored.state(), State::Succeeded);
+        assert!(stored.input.is_some(), "GetJob still reads it in full");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_whose_answer_would_not_fit_is_refused_before_anything_is_written() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "near the limit").await;
+    // A request just under the 4 MiB limit: the answer, each job with its name and
+    // times, would be just over it.
+    let mut sized = job("render");
+    sized.input = Some(Struct {
+        fields: [(
+            "prompt".to_owned(),
+            Value {
+                kind: Some(Kind::StringValue("x".repeat(4_050))),
+            },
+        )]
+        .into(),
+    });
+    let request = pb::BatchCreateJobsRequest {
+        parent: p.name.clone(),
+        requests: (0..1000)
+            .map(|_| pb::CreateJobRequest {
+                parent: String::new(),
+                job: Some(sized.clone()),
+                request_id: String::new(),
+            })
+            .collect(),
+    };
+    assert!(prost::Message::encoded_len(&request) < 4 * 1024 * 1024);
+    let err = app
+        .jobs(&t)
+        .batch_create_jobs(request)
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(violations(&err), vec!["requests"]);
+    let listed = app
+        .jobs(&t)
+        .list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "nothing written");
+}
+
+fn large_job() -> pb::Job {
+    let mut large = job("render");
+    large.input = Some(Struct {
+        fields: [(
+            "prompt".to_owned(),
+            Value {
+                kind: Some(Kind::StringValue("x".repeat(240_000))),
+            },
+        )]
+        .into(),
+    });
+    large
 }
 
 #[tokio::test]
