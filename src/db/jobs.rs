@@ -468,8 +468,9 @@ pub async fn list(conn: &mut AsyncPgConnection, q: &ListJobs) -> AppResult<(Vec<
     Ok((jobs_from(rows)?, more))
 }
 
-/// Jobs of a project that match `filter` and changed after `since` (dashboards catching
-/// up), newest first. The filter is applied here, not by the caller: a dashboard of the
+/// Ids and sequences of the jobs of a project that match `filter` and changed after
+/// `since` (dashboards catching up), newest first; the rows are read a page at a time
+/// with `get_many`. The filter is applied here, not by the caller: a dashboard of the
 /// running jobs must get them even when more than `limit` other jobs changed since, and
 /// a state filter lets the project-and-state index bound what is read.
 pub async fn changed_since(
@@ -479,11 +480,11 @@ pub async fn changed_since(
     filter: &JobFilter,
     since: Option<DateTime<Utc>>,
     limit: i64,
-) -> AppResult<Vec<Job>> {
+) -> AppResult<Vec<(Uuid, i64)>> {
     let mut query = jobs::table
         .filter(jobs::project_id.eq(project))
         .filter(visible_to(owner))
-        .select(JobRow::as_select())
+        .select((jobs::id, jobs::sequence))
         .order(jobs::update_time.desc())
         .limit(limit)
         .into_boxed();
@@ -496,17 +497,38 @@ pub async fn changed_since(
     if let Some(since) = since {
         query = query.filter(jobs::update_time.ge(since));
     }
-    jobs_from(query.load(conn).await?)
+    Ok(query.load(conn).await?)
 }
 
 /// Those of the jobs `ids` (of one project) that changed after `since`, whatever their
-/// state: a dashboard's check of the jobs it shows, which may have left its filter.
+/// state, as ids and sequences: a dashboard's check of the jobs it shows, which may have
+/// left its filter.
 pub async fn changed_among(
     conn: &mut AsyncPgConnection,
     owner: Option<&str>,
     project: Uuid,
     ids: &[Uuid],
     since: DateTime<Utc>,
+) -> AppResult<Vec<(Uuid, i64)>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(jobs::table
+        .filter(jobs::id.eq_any(ids))
+        .filter(jobs::project_id.eq(project))
+        .filter(visible_to(owner))
+        .filter(jobs::update_time.ge(since))
+        .select((jobs::id, jobs::sequence))
+        .load(conn)
+        .await?)
+}
+
+/// The jobs `ids` of one project that still exist, in no particular order.
+pub async fn get_many(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    project: Uuid,
+    ids: &[Uuid],
 ) -> AppResult<Vec<Job>> {
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -515,7 +537,6 @@ pub async fn changed_among(
         .filter(jobs::id.eq_any(ids))
         .filter(jobs::project_id.eq(project))
         .filter(visible_to(owner))
-        .filter(jobs::update_time.ge(since))
         .select(JobRow::as_select())
         .load(conn)
         .await?;

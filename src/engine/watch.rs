@@ -269,6 +269,7 @@ impl Engine {
             filter,
             out: VecDeque::new(),
             view: View::default(),
+            pending: VecDeque::new(),
             synced: None,
         };
         // The first tick is at once: the stream starts with the snapshots.
@@ -286,6 +287,8 @@ struct ProjectWatcher {
     out: VecDeque<EncodedJobEvent>,
     /// Jobs this stream has sent (see `View`).
     view: View,
+    /// Jobs a sync found whose rows are still to read, oldest change first.
+    pending: VecDeque<Uuid>,
     synced: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -341,6 +344,11 @@ impl View {
         true
     }
 
+    /// Whether the change of `id` at `sequence` (or a later one) was sent.
+    fn has(&self, id: Uuid, sequence: i64) -> bool {
+        self.jobs.get(&id).is_some_and(|s| s.sequence >= sequence)
+    }
+
     /// Jobs the client shows as matching: the ones a sync checks for having left.
     fn shown(&self) -> Vec<Uuid> {
         self.jobs
@@ -384,13 +392,15 @@ impl ProjectWatcher {
         }
     }
 
-    /// Snapshots of jobs changed since the last sync that the stream has not sent yet:
-    /// those that match the filter, and those shown that left it.
+    /// Finds the jobs changed since the last sync that the stream has not sent yet:
+    /// those that match the filter, and those shown that may have left it. Their rows are
+    /// read later, a page at a time as the client takes them (`next_page`): each job
+    /// carries its input, and a sync may find a thousand.
     async fn sync(&mut self) -> AppResult<Flow> {
         let started = chrono::Utc::now();
         // A little overlap: update_time is the writer's transaction time.
         let since = self.synced.map(|t| t - chrono::Duration::seconds(5));
-        let (mut jobs, left) = {
+        let (changed, left) = {
             let mut conn = self.engine.db.get().await?;
             // A deleted project's jobs go without events: the stream ends here, as a
             // job's watch ends when its job is gone.
@@ -404,7 +414,7 @@ impl ProjectWatcher {
                     self.project
                 )));
             }
-            let jobs = db::jobs::changed_since(
+            let changed = db::jobs::changed_since(
                 &mut conn,
                 self.owner.as_deref(),
                 self.project,
@@ -413,7 +423,7 @@ impl ProjectWatcher {
                 1000,
             )
             .await?;
-            // Under an empty filter every change is in `jobs` already.
+            // Under an empty filter every change is in `changed` already.
             let left = match since {
                 Some(since) if !self.filter.is_empty() => {
                     let shown = self.view.shown();
@@ -428,11 +438,15 @@ impl ProjectWatcher {
                 }
                 _ => Vec::new(),
             };
-            (jobs, left)
+            (changed, left)
         };
-        jobs.reverse();
-        for job in left.iter().chain(&jobs) {
-            self.offer(job, started);
+        // Oldest change first; what was sent at that sequence already is not read again.
+        // (A sync runs only once the previous one's pages are read: `pending` is empty.)
+        let mut found = std::collections::HashSet::new();
+        for (id, sequence) in left.into_iter().chain(changed.into_iter().rev()) {
+            if !self.view.has(id, sequence) && found.insert(id) {
+                self.pending.push_back(id);
+            }
         }
         if let Some(since) = since {
             let retention = chrono::Duration::from_std(self.engine.settings.job_retention)
@@ -444,9 +458,32 @@ impl ProjectWatcher {
             );
         }
         self.synced = Some(started);
+        self.next_page().await
+    }
+
+    /// Reads the next page of the jobs a sync found, and queues those still to send.
+    async fn next_page(&mut self) -> AppResult<Flow> {
+        let ids: Vec<Uuid> = (0..SYNC_PAGE)
+            .map_while(|_| self.pending.pop_front())
+            .collect();
+        let jobs = {
+            let mut conn = self.engine.db.get().await?;
+            db::jobs::get_many(&mut conn, self.owner.as_deref(), self.project, &ids).await?
+        };
+        let mut by_id: HashMap<Uuid, Job> = jobs.into_iter().map(|j| (j.id, j)).collect();
+        let now = chrono::Utc::now();
+        for id in ids {
+            // Gone meanwhile (retention): nothing to say.
+            if let Some(job) = by_id.remove(&id) {
+                self.offer(&job, now);
+            }
+        }
         Ok(Flow::Continue)
     }
 }
+
+/// Jobs a project stream reads per query when it syncs.
+const SYNC_PAGE: usize = 32;
 
 impl Watcher for ProjectWatcher {
     fn queued(&mut self) -> &mut VecDeque<EncodedJobEvent> {
@@ -458,6 +495,9 @@ impl Watcher for ProjectWatcher {
         rx: &mut broadcast::Receiver<Signal>,
         resync: &mut tokio::time::Interval,
     ) -> AppResult<Flow> {
+        if !self.pending.is_empty() {
+            return self.next_page().await;
+        }
         tokio::select! {
             _ = resync.tick() => self.sync().await,
             signal = rx.recv() => match signal {

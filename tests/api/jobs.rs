@@ -1767,7 +1767,24 @@ async fn a_filtered_dashboard_gets_its_jobs_however_many_others_changed_since() 
     );
     let mut queued = dashboard(&app, &t, &p.name, "state = QUEUED AND kind = \"render\"").await;
     let events = collect(&mut queued, Duration::from_secs(2)).await;
-    assert_eq!(named_states(&events), vec![(render.name, State::Queued)]);
+    assert_eq!(
+        named_states(&events),
+        vec![(render.name.clone(), State::Queued)]
+    );
+
+    // Unfiltered: the 1,000 changed last (read a page at a time), each once.
+    let mut all = dashboard(&app, &t, &p.name, "").await;
+    let events = collect(&mut all, Duration::from_secs(3)).await;
+    assert_eq!(events.len(), 1000);
+    let names: HashSet<&str> = events
+        .iter()
+        .map(|e| e.job.as_ref().unwrap().name.as_str())
+        .collect();
+    assert_eq!(names.len(), 1000);
+    assert!(
+        !names.contains(render.name.as_str()),
+        "the oldest change is not among them"
+    );
 }
 
 #[tokio::test]
