@@ -143,6 +143,61 @@ fn stored_files(app: &TestApp) -> Vec<std::path::PathBuf> {
 }
 
 #[tokio::test]
+async fn a_page_of_large_assets_is_cut_to_fit_one_response() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "large metadata").await;
+    // 80 assets of ~60 KB of metadata: about 4.8 MB, past the 4 MiB message limit.
+    let mut metadata = prost_types::Struct::default();
+    metadata.fields.insert(
+        "notes".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue("x".repeat(60_000))),
+        },
+    );
+    for i in 0..80 {
+        app.assets(&t)
+            .create_asset(pb::CreateAssetRequest {
+                parent: p.name.clone(),
+                asset: Some(pb::Asset {
+                    display_name: format!("take {i}.mp4"),
+                    metadata: Some(metadata.clone()),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut pages = 0;
+    let mut page_token = String::new();
+    loop {
+        let page = app
+            .assets(&t)
+            .list_assets(pb::ListAssetsRequest {
+                parent: p.name.clone(),
+                page_size: 1000,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a page that fits, not the whole list refused")
+            .into_inner();
+        pages += 1;
+        for a in page.assets {
+            assert!(names.insert(a.name), "no asset twice");
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert!(pages > 1);
+    assert_eq!(names.len(), 80);
+}
+
+#[tokio::test]
 async fn upload_and_download_round_trip_with_ranges_and_sniffing() {
     let app = TestApp::spawn().await;
     let t = token("alice");
