@@ -375,13 +375,8 @@ async fn a_job_runs_from_queued_to_succeeded_and_rejects_wrong_transitions() {
 async fn a_page_of_large_jobs_is_cut_to_fit_one_response() {
     let app = TestApp::spawn().await;
     let t = token("alice");
-    let p = create_project(&app, &t, "large inputs").await;
-    // 20 jobs of ~240 KB of input: about 4.8 MB, past the 4 MiB message limit, within
-    // the default page size of 50.
-    let mut names = HashSet::new();
-    for _ in 0..20 {
-        names.insert(create_job(&app, &t, &p.name, large_job()).await.name);
-    }
+    // About 4.8 MB of jobs, within the default page size of 50.
+    let (p, names) = project_of_large_jobs(&app, &t).await;
     let mut c = app.jobs(&t);
     let mut pages = Vec::new();
     let mut page_token = String::new();
@@ -411,11 +406,7 @@ async fn a_page_of_large_jobs_is_cut_to_fit_one_response() {
 async fn a_worker_gets_as_many_large_jobs_as_one_response_holds_and_the_rest_stay_queued() {
     let app = TestApp::spawn().await;
     let t = token("alice");
-    let p = create_project(&app, &t, "large inputs").await;
-    let mut names = HashSet::new();
-    for _ in 0..20 {
-        names.insert(create_job(&app, &t, &p.name, large_job()).await.name);
-    }
+    let (_, names) = project_of_large_jobs(&app, &t).await;
     // 20 leased jobs of ~240 KB would not fit in one 4 MiB response.
     let first = acquire(&app, "w1", &["render"], 20, 60.0, 0.0).await;
     assert!((1..20).contains(&first.len()), "{} jobs", first.len());
@@ -518,6 +509,17 @@ async fn a_batch_whose_answer_would_not_fit_is_refused_before_anything_is_writte
         .unwrap()
         .into_inner();
     assert!(listed.jobs.is_empty(), "nothing written");
+}
+
+/// A project of 20 jobs with ~240 KB of input each: together past the 4 MiB message
+/// limit. Their names.
+async fn project_of_large_jobs(app: &TestApp, t: &str) -> (pb::Project, HashSet<String>) {
+    let p = create_project(app, t, "large inputs").await;
+    let mut names = HashSet::new();
+    for _ in 0..20 {
+        names.insert(create_job(app, t, &p.name, large_job()).await.name);
+    }
+    (p, names)
 }
 
 fn large_job() -> pb::Job {
