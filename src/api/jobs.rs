@@ -22,7 +22,7 @@ use crate::{
 
 pub struct JobsApi {
     engine: Engine,
-    /// Bytes of jobs one ListJobs response may hold.
+    /// Bytes of jobs one response may hold (ListJobs, AcquireJobs, batch answers).
     page_budget: usize,
 }
 
