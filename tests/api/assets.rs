@@ -148,13 +148,7 @@ async fn a_page_of_large_assets_is_cut_to_fit_one_response() {
     let t = token("alice");
     let p = create_project(&app, &t, "large metadata").await;
     // 80 assets of ~60 KB of metadata: about 4.8 MB, past the 4 MiB message limit.
-    let mut metadata = prost_types::Struct::default();
-    metadata.fields.insert(
-        "notes".into(),
-        prost_types::Value {
-            kind: Some(prost_types::value::Kind::StringValue("x".repeat(60_000))),
-        },
-    );
+    let metadata = sized_struct("notes", 60_000);
     for i in 0..80 {
         app.assets(&t)
             .create_asset(pb::CreateAssetRequest {

@@ -289,6 +289,19 @@ pub fn token_with(sub: &str, roles: &[&str], ttl: Duration) -> String {
     auth::mint(&Secret::new(SECRET), sub, &roles, &[], ttl).expect("token")
 }
 
+/// A Struct of one string field `len` bytes long: inputs and metadata of a chosen size.
+pub fn sized_struct(field: &str, len: usize) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: [(
+            field.to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("x".repeat(len))),
+            },
+        )]
+        .into(),
+    }
+}
+
 pub fn new_project(display_name: &str) -> pb::Project {
     pb::Project {
         display_name: display_name.into(),

@@ -472,15 +472,7 @@ async fn a_batch_whose_answer_would_not_fit_is_refused_before_anything_is_writte
     // A request just under the 4 MiB limit: the answer, each job with its name and
     // times, would be just over it.
     let mut sized = job("render");
-    sized.input = Some(Struct {
-        fields: [(
-            "prompt".to_owned(),
-            Value {
-                kind: Some(Kind::StringValue("x".repeat(4_050))),
-            },
-        )]
-        .into(),
-    });
+    sized.input = Some(sized_struct("prompt", 4_050));
     let request = pb::BatchCreateJobsRequest {
         parent: p.name.clone(),
         requests: (0..1000)
@@ -524,15 +516,7 @@ async fn project_of_large_jobs(app: &TestApp, t: &str) -> (pb::Project, HashSet<
 
 fn large_job() -> pb::Job {
     let mut large = job("render");
-    large.input = Some(Struct {
-        fields: [(
-            "prompt".to_owned(),
-            Value {
-                kind: Some(Kind::StringValue("x".repeat(240_000))),
-            },
-        )]
-        .into(),
-    });
+    large.input = Some(sized_struct("prompt", 240_000));
     large
 }
 

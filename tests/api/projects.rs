@@ -423,13 +423,7 @@ async fn a_page_of_large_projects_is_cut_to_fit_one_response() {
     let app = TestApp::spawn().await;
     let t = token("alice");
     // 80 projects of ~60 KB of metadata: about 4.8 MB, past the 4 MiB message limit.
-    let mut metadata = prost_types::Struct::default();
-    metadata.fields.insert(
-        "brief".into(),
-        prost_types::Value {
-            kind: Some(prost_types::value::Kind::StringValue("x".repeat(60_000))),
-        },
-    );
+    let metadata = sized_struct("brief", 60_000);
     for i in 0..80 {
         app.projects(&t)
             .create_project(pb::CreateProjectRequest {
