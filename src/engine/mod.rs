@@ -127,6 +127,15 @@ pub fn event(job: &Job, ty: EventType) -> pb::JobEvent {
     }
 }
 
+/// Per kind, how many of `jobs` became available: the wake-up for them.
+fn wake_for<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> Wake {
+    let mut kinds = Wake::new();
+    for job in jobs {
+        *kinds.entry(job.kind.clone()).or_default() += 1;
+    }
+    kinds
+}
+
 /// What to publish after commit for `changes` (the database recorded them already).
 fn to_publish(changes: &[(Job, EventType)]) -> Vec<Published> {
     changes
@@ -401,10 +410,7 @@ impl Engine {
                         .and_then(Result::err)
                         .unwrap_or_else(|| AppError::internal("no error")));
                 }
-                let mut kinds = Wake::new();
-                for (job, _) in &changes {
-                    *kinds.entry(job.kind.clone()).or_default() += 1;
-                }
+                let kinds = wake_for(changes.iter().map(|(job, _)| job));
                 let published = to_publish(&changes);
                 Ok::<_, AppError>((results, published, kinds))
             })
@@ -439,12 +445,11 @@ impl Engine {
         };
         let mut results: Vec<Option<Job>> = calls.iter().map(|_| None).collect();
         let mut changes = Vec::with_capacity(inserted.len());
-        let mut kinds = Wake::new();
         for (at, job) in inserted {
-            *kinds.entry(job.kind.clone()).or_default() += 1;
             changes.push((job.clone(), EventType::Created));
             results[at] = Some(job);
         }
+        let kinds = wake_for(changes.iter().map(|(job, _)| job));
         self.publish(to_publish(&changes), kinds);
         Ok(results
             .into_iter()
@@ -644,10 +649,7 @@ impl Engine {
             let mut conn = self.conn().await?;
             db::jobs::release(&mut conn, leases).await?
         };
-        let mut kinds = Wake::new();
-        for job in &released {
-            *kinds.entry(job.kind.clone()).or_default() += 1;
-        }
+        let kinds = wake_for(&released);
         let changes: Vec<_> = released
             .into_iter()
             .map(|job| (job, EventType::StateChanged))
