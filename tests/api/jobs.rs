@@ -215,6 +215,18 @@ async fn collect(
     out
 }
 
+/// The first page of a project's jobs, newest first.
+async fn list_first_page(app: &TestApp, token: &str, parent: &str) -> pb::ListJobsResponse {
+    app.jobs(token)
+        .list_jobs(pb::ListJobsRequest {
+            parent: parent.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// How many events Postgres keeps for the job `name`.
 async fn stored_events(app: &TestApp, name: &str) -> i64 {
     use diesel_async::RunQueryDsl;
@@ -491,15 +503,7 @@ async fn a_batch_whose_answer_would_not_fit_is_refused_before_anything_is_writte
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(violations(&err), vec!["requests"]);
-    let listed = app
-        .jobs(&t)
-        .list_jobs(pb::ListJobsRequest {
-            parent: p.name.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list_first_page(&app, &t, &p.name).await;
     assert!(listed.jobs.is_empty(), "nothing written");
 }
 
@@ -638,15 +642,7 @@ async fn request_ids_make_create_idempotent_under_concurrency() {
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::AlreadyExists);
-    let listed = app
-        .jobs(&t)
-        .list_jobs(pb::ListJobsRequest {
-            parent: p.name.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = list_first_page(&app, &t, &p.name).await;
     assert_eq!(listed.jobs.len(), 1);
 }
 
@@ -704,15 +700,7 @@ async fn concurrent_calls_share_commits_but_not_outcomes() {
         51,
         "exactly the jobs reported created exist"
     );
-    let foreign_jobs = app
-        .jobs(&bob)
-        .list_jobs(pb::ListJobsRequest {
-            parent: foreign.name.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let foreign_jobs = list_first_page(&app, &bob, &foreign.name).await;
     assert!(foreign_jobs.jobs.is_empty());
 
     // Worker writes: every job completed with its lease and again with a wrong one,
