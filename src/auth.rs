@@ -1,7 +1,10 @@
 //! Bearer-token authentication (JWT) and the caller identity handlers receive.
 //!
 //! Tokens are HS256 with the configured secret; a configured RSA or Ed25519 public key
-//! additionally accepts RS256 or EdDSA tokens. `exp` is required and enforced.
+//! additionally accepts RS256 or EdDSA tokens. `exp` is required; `nbf` and `iat` may
+//! not lie in the future (beyond a small leeway); `exp` may not lie further after `iat`
+//! (or after now, without `iat`) than the configured maximum lifetime; `aud` and `iss`
+//! must match when the server is configured with them.
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -10,14 +13,14 @@ use std::{
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tonic::{Request, Status, service::Interceptor};
+use tonic::{Request, Status};
 
 use crate::config::{JwtSettings, Secret};
 
 pub const ROLE_ADMIN: &str = "admin";
 pub const ROLE_WORKER: &str = "worker";
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -26,7 +29,15 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kinds: Vec<String>,
     pub exp: u64,
-    pub iat: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// One audience; the library also accepts an array on the way in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<serde_json::Value>,
 }
 
 /// Who is calling, as proven by the token.
@@ -62,6 +73,7 @@ pub enum KeyError {
 #[derive(Clone)]
 pub struct Verifier {
     keys: Arc<Vec<(DecodingKey, Validation)>>,
+    max_lifetime_secs: u64,
     /// Tokens verified before, by their exact text, with their expiry: a client sends
     /// the same token on every call, and checking its signature and parsing its claims
     /// again was ~6% of the server's CPU under load. Same answer as a full check until
@@ -75,8 +87,8 @@ type Verified = HashMap<Box<str>, (Caller, u64)>;
 /// Distinct tokens remembered; when full the cache starts over (a flood of distinct
 /// valid tokens costs full checks, never memory).
 const VERIFIED_CAPACITY: usize = 4096;
-/// Same as the validation's `leeway`.
-const LEEWAY_SECS: u64 = 5;
+/// Clock skew allowed between the token's issuer and this server (`exp`, `nbf`, `iat`).
+const LEEWAY_SECS: u64 = 30;
 
 impl Verifier {
     pub fn new(settings: &JwtSettings) -> Result<Self, KeyError> {
@@ -84,14 +96,14 @@ impl Verifier {
         if let Some(secret) = &settings.secret {
             keys.push((
                 DecodingKey::from_secret(secret.expose().as_bytes()),
-                validation(Algorithm::HS256),
+                validation(Algorithm::HS256, settings),
             ));
         }
         if let Some(pem) = &settings.public_key_pem {
             let key = if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
-                (k, validation(Algorithm::RS256))
+                (k, validation(Algorithm::RS256, settings))
             } else if let Ok(k) = DecodingKey::from_ed_pem(pem) {
-                (k, validation(Algorithm::EdDSA))
+                (k, validation(Algorithm::EdDSA, settings))
             } else {
                 return Err(KeyError::BadPublicKey);
             };
@@ -102,6 +114,7 @@ impl Verifier {
         }
         Ok(Self {
             keys: Arc::new(keys),
+            max_lifetime_secs: settings.max_lifetime.as_secs(),
             verified: Arc::default(),
         })
     }
@@ -144,8 +157,11 @@ impl Verifier {
             use jsonwebtoken::errors::ErrorKind as K;
             Status::unauthenticated(match e.kind() {
                 K::ExpiredSignature => "token expired",
+                K::ImmatureSignature => "token not valid yet (nbf is in the future)",
                 K::InvalidSignature => "token signature is invalid",
-                K::MissingRequiredClaim(_) => "token lacks a required claim (sub, exp)",
+                K::InvalidAudience => "token audience is not this service",
+                K::InvalidIssuer => "token issuer is not trusted",
+                K::MissingRequiredClaim(_) => "token lacks a required claim",
                 _ => "invalid bearer token",
             })
         })?;
@@ -154,24 +170,81 @@ impl Verifier {
             roles,
             kinds,
             exp,
+            iat,
             ..
         } = data.claims;
         if sub.is_empty() {
             return Err(Status::unauthenticated("token has an empty sub"));
         }
+        let now = jsonwebtoken::get_current_timestamp();
+        if iat.is_some_and(|iat| iat > now.saturating_add(LEEWAY_SECS)) {
+            return Err(Status::unauthenticated(
+                "token issued in the future (iat is after now)",
+            ));
+        }
+        // A stolen long-lived token is a standing key: cap what any issuer may mint.
+        let issued = iat.unwrap_or(now);
+        if exp.saturating_sub(issued) > self.max_lifetime_secs.saturating_add(LEEWAY_SECS) {
+            return Err(Status::unauthenticated(
+                "token lifetime (exp - iat) is longer than this server accepts",
+            ));
+        }
         Ok((Caller { sub, roles, kinds }, exp))
     }
 }
 
-fn validation(alg: Algorithm) -> Validation {
+fn validation(alg: Algorithm, settings: &JwtSettings) -> Validation {
     let mut v = Validation::new(alg);
-    v.set_required_spec_claims(&["exp", "sub"]);
+    let mut required = vec!["exp", "sub"];
     v.leeway = LEEWAY_SECS;
-    v.validate_aud = false;
+    v.validate_nbf = true;
+    match &settings.audience {
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => v.validate_aud = false,
+    }
+    if let Some(iss) = &settings.issuer {
+        v.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    v.set_required_spec_claims(&required);
     v
 }
 
-/// Signs an HS256 token, for `mediaplane token` and the first-run token.
+/// Signs an HS256 token with the server's issuer and audience (if configured), for
+/// `mediaplane token` and the first-run token.
+pub fn mint_for(
+    settings: &JwtSettings,
+    sub: &str,
+    roles: &[String],
+    kinds: &[String],
+    ttl: Duration,
+) -> Result<String, MintError> {
+    let secret = settings.secret.as_ref().ok_or(MintError::NoSecret)?;
+    if ttl > settings.max_lifetime {
+        return Err(MintError::TooLong(settings.max_lifetime));
+    }
+    let claims = Claims {
+        iss: settings.issuer.clone(),
+        aud: settings.audience.clone().map(serde_json::Value::String),
+        ..claims(sub, roles, kinds, ttl)
+    };
+    Ok(sign(secret, &claims)?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("no secret: set MEDIAPLANE_JWT_SECRET (or --jwt-secret) to the server's secret")]
+    NoSecret,
+    #[error("the lifetime is longer than the server's maximum ({}); raise MEDIAPLANE_JWT_MAX_LIFETIME or ask for less", humantime::format_duration(*.0))]
+    TooLong(Duration),
+    #[error(transparent)]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+/// Signs an HS256 token with no issuer or audience.
 pub fn mint(
     secret: &Secret,
     sub: &str,
@@ -179,47 +252,74 @@ pub fn mint(
     kinds: &[String],
     ttl: Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    sign(secret, &claims(sub, roles, kinds, ttl))
+}
+
+fn claims(sub: &str, roles: &[String], kinds: &[String], ttl: Duration) -> Claims {
     let now = jsonwebtoken::get_current_timestamp();
-    let claims = Claims {
+    Claims {
         sub: sub.to_owned(),
         roles: roles.to_vec(),
         kinds: kinds.to_vec(),
-        iat: now,
+        iat: Some(now),
         exp: now + ttl.as_secs(),
-    };
+        ..Claims::default()
+    }
+}
+
+fn sign(secret: &Secret, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &claims,
+        claims,
         &EncodingKey::from_secret(secret.expose().as_bytes()),
     )
 }
 
-/// Tonic interceptor: rejects calls without a valid `authorization: Bearer` token and
-/// puts the [`Caller`] in the request extensions.
+/// Binds a job's lease to the token that acquired it. The lease id a worker sees is the
+/// stored one masked with a keyed hash of the token's subject, so the id is only
+/// valid when the same subject sends it back: another token, even a worker's, gets a
+/// different stored id out of it and is refused like a stale lease. No column or
+/// statement changes, and the same answer on every instance that shares the key.
 #[derive(Clone)]
-pub struct Authenticate(pub Verifier);
+pub struct LeaseBinding {
+    key: Arc<[u8]>,
+}
 
-impl Interceptor for Authenticate {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing authorization metadata (expected `Bearer <token>`)")
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        let caller = self.0.verify(token)?;
-        request.extensions_mut().insert(caller);
-        Ok(request)
+impl std::fmt::Debug for LeaseBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseBinding([redacted])")
     }
 }
 
-/// The caller put in place by [`Authenticate`]; its absence is a wiring bug.
+impl LeaseBinding {
+    pub fn new(key: &[u8]) -> Self {
+        Self { key: key.into() }
+    }
+
+    fn mask(&self, sub: &str) -> u128 {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"mediaplane lease\0");
+        mac.update(sub.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        u128::from_be_bytes(first)
+    }
+
+    /// The id `sub` is given for the stored lease `lease`.
+    pub fn seal(&self, sub: &str, lease: uuid::Uuid) -> uuid::Uuid {
+        uuid::Uuid::from_u128(lease.as_u128() ^ self.mask(sub))
+    }
+
+    /// The stored lease an id sent by `sub` stands for.
+    pub fn open(&self, sub: &str, shown: uuid::Uuid) -> uuid::Uuid {
+        self.seal(sub, shown)
+    }
+}
+
+/// The caller put in place by the guard (`crate::guard`); its absence is a wiring bug.
 pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     request
         .extensions()
@@ -236,7 +336,7 @@ mod tests {
         let secret = Secret::new("a-test-secret-of-enough-length");
         let v = Verifier::new(&JwtSettings {
             secret: Some(secret.clone()),
-            public_key_pem: None,
+            ..JwtSettings::default()
         })
         .expect("verifier");
         (v, secret)
@@ -262,10 +362,9 @@ mod tests {
         let expired = {
             let claims = Claims {
                 sub: "alice".into(),
-                roles: vec![],
-                kinds: vec![],
-                iat: now - 100,
+                iat: Some(now - 100),
                 exp: now - 60,
+                ..Claims::default()
             };
             jsonwebtoken::encode(
                 &Header::new(Algorithm::HS256),

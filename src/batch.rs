@@ -3,7 +3,13 @@
 //! a connection, a BEGIN, a COMMIT and an fsync. Nothing waits for a batch to fill:
 //! an idle server commits a call at once, and batches grow only when calls queue up
 //! behind busy lanes, which is exactly when sharing pays.
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -82,31 +88,65 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     }
 }
 
-/// Runs `calls` as one group with `tx`, one result per call; if the group fails as a
-/// whole, each call is retried alone, so one call's failure is never another's.
+/// Groups whose statement failed as a whole (counted for operators: each one is a
+/// caller whose input passed validation and still failed in storage, or a fault).
+static GROUP_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+pub fn group_failures() -> u64 {
+    GROUP_FAILURES.load(Ordering::Relaxed)
+}
+
+/// Runs `calls` as one group with `tx`, one result per call. If the group fails as a
+/// whole, it is split in halves, each tried as a group of its own, and so on down to
+/// the call that fails alone: one bad call among n costs about 2·log2(n) extra
+/// transactions, not n, and never another caller's outcome. A dependency outage
+/// (UNAVAILABLE) fails the group at once: splitting cannot help.
 pub async fn shared_or_alone<'a, T, R, F, Fut>(calls: &'a [T], tx: F) -> Vec<AppResult<R>>
 where
     F: Fn(&'a [T]) -> Fut,
     Fut: Future<Output = AppResult<Vec<AppResult<R>>>> + 'a,
 {
-    if calls.len() > 1 {
-        match tx(calls).await {
-            Ok(results) => return results,
-            Err(e) => {
-                tracing::debug!(error = %e, calls = calls.len(), "group failed; retrying one by one")
+    let mut out: Vec<Option<AppResult<R>>> = calls.iter().map(|_| None).collect();
+    let whole = 0..calls.len();
+    let mut level = vec![whole];
+    while !level.is_empty() {
+        let outcomes =
+            futures::future::join_all(level.iter().map(|range| tx(&calls[range.clone()]))).await;
+        let mut next = Vec::new();
+        for (range, outcome) in level.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(results) if results.len() == range.len() => {
+                    for (slot, result) in out[range].iter_mut().zip(results) {
+                        *slot = Some(result);
+                    }
+                }
+                Ok(_) => {
+                    for slot in &mut out[range] {
+                        *slot = Some(Err(AppError::internal("group returned the wrong count")));
+                    }
+                }
+                Err(e) if range.len() == 1 || matches!(e, AppError::Unavailable(_)) => {
+                    if range.len() == 1 {
+                        out[range.start] = Some(Err(e));
+                    } else {
+                        let message = e.to_string();
+                        for slot in &mut out[range] {
+                            *slot = Some(Err(AppError::Unavailable(message.clone())));
+                        }
+                    }
+                }
+                Err(e) => {
+                    GROUP_FAILURES.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, calls = range.len(), "group failed; splitting it to find the call that fails");
+                    let mid = range.start + range.len() / 2;
+                    next.push(range.start..mid);
+                    next.push(mid..range.end);
+                }
             }
         }
+        level = next;
     }
-    futures::future::join_all(calls.chunks(1).map(|one| {
-        let alone = tx(one);
-        async move {
-            match alone.await {
-                Ok(mut results) => results
-                    .pop()
-                    .unwrap_or_else(|| Err(AppError::internal("no result"))),
-                Err(e) => Err(e),
-            }
-        }
-    }))
-    .await
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(AppError::internal("no result"))))
+        .collect()
 }

@@ -77,11 +77,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Token(args) => {
             let settings = Settings::load(&args.settings)?;
-            let secret = settings.jwt.secret.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no secret: set MEDIAPLANE_JWT_SECRET (or --jwt-secret) to the server's secret"
-                )
-            })?;
             for role in &args.roles {
                 anyhow::ensure!(
                     [auth::ROLE_ADMIN, auth::ROLE_WORKER].contains(&role.as_str()),
@@ -90,7 +85,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
             println!(
                 "{}",
-                auth::mint(&secret, &args.sub, &args.roles, &args.kinds, args.ttl)?
+                auth::mint_for(&settings.jwt, &args.sub, &args.roles, &args.kinds, args.ttl)?
             );
             Ok(ok)
         }
@@ -105,8 +100,9 @@ async fn serve(args: SettingsArgs) -> anyhow::Result<()> {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         let secret = Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
-        let token = auth::mint(
-            &secret,
+        settings.jwt.secret = Some(secret);
+        let token = auth::mint_for(
+            &settings.jwt,
             "local",
             &[auth::ROLE_WORKER.to_owned()],
             &[],
@@ -117,7 +113,6 @@ async fn serve(args: SettingsArgs) -> anyhow::Result<()> {
              Token for user `local` (worker role, valid 24h):\n\n{token}\n\n\
              Set MEDIAPLANE_JWT_SECRET to keep tokens valid across restarts."
         );
-        settings.jwt.secret = Some(secret);
     }
     let app = startup::Application::build(settings).await?;
     app.run_until_stopped(shutdown_signal()).await?;

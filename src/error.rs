@@ -105,15 +105,24 @@ pub fn http_status(code: Code) -> http::StatusCode {
 
 impl From<AppError> for Status {
     fn from(error: AppError) -> Self {
+        use crate::domain::text::bounded;
         let code = error.code();
         match error {
+            // Messages and violations may quote client input: bound them, so an error
+            // never outgrows the transport's metadata limit (which fails the call
+            // with a transport error instead of this one).
             AppError::InvalidArgument {
                 message,
                 violations,
             } => Status::with_error_details(
                 code,
-                message,
-                ErrorDetails::with_bad_request(violations),
+                bounded(message),
+                ErrorDetails::with_bad_request(
+                    violations
+                        .into_iter()
+                        .map(|v| FieldViolation::new(bounded(v.field), bounded(v.description)))
+                        .collect::<Vec<_>>(),
+                ),
             ),
             AppError::Internal(detail) => {
                 tracing::error!(error.detail = %detail, "internal error");
@@ -123,7 +132,7 @@ impl From<AppError> for Status {
                 tracing::warn!(error.detail = %detail, "dependency unavailable");
                 Status::new(code, "service temporarily unavailable, retry later")
             }
-            other => Status::new(code, other.to_string()),
+            other => Status::new(code, bounded(other.to_string())),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod domain;
 pub mod edge;
 pub mod engine;
 pub mod error;
+pub mod guard;
 pub mod health;
 pub mod jobs_cli;
 pub mod proto;

@@ -5,22 +5,24 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use axum::Router;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
     service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::service::{Routes, interceptor::InterceptedService};
+use tokio_util::task::TaskTracker;
+use tonic::service::Routes;
 
 use crate::{
     api::{assets::AssetsApi, jobs::JobsApi, projects::ProjectsApi},
     assets::{AssetLimits, Assets},
-    auth::{Authenticate, Verifier},
+    auth::Verifier,
     config::Settings,
     db,
     domain::job::Backoff,
     edge::{self, calls::CallContext},
     engine::{Engine, EngineSettings, Hub, reaper},
+    guard::{self, ClientIp, Guard, Limiter, connections},
     health::{Health, HealthApi},
     proto::{self, server},
     redis::{self, RedisPool},
@@ -100,6 +102,7 @@ impl Application {
             watch_resync: settings.watch_resync,
             job_retention: settings.job_retention,
             event_retention: settings.event_retention,
+            leases: crate::auth::LeaseBinding::new(&signing_key(&settings)),
         };
         let engine = Engine::new(
             db.clone(),
@@ -137,9 +140,24 @@ impl Application {
             signing_key(&settings),
             &public_url,
         );
+        let limiter = settings.limits.rates.map(|rates| {
+            Limiter::new(
+                rates,
+                redis.clone(),
+                &settings.redis_prefix,
+                background.clone(),
+            )
+        });
+        let connections = &settings.limits.connections;
+        let guard = Guard::new(
+            verifier,
+            limiter,
+            connections.max_watch_streams,
+            connections.max_uploads,
+        );
         let router = router(
             &settings,
-            verifier,
+            guard,
             engine.clone(),
             assets.clone(),
             health.clone(),
@@ -206,14 +224,20 @@ impl Application {
             .max_send_buf_size(H2_SEND_BUFFER)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
+        let limits = settings.limits.connections;
         builder
             .http1()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
+            .header_read_timeout(limits.handshake_timeout);
 
-        let graceful = GracefulShutdown::new();
+        let admission = connections::Admission::new(&limits);
+        let connections = TaskTracker::new();
         tokio::pin!(shutdown);
-        tracing::info!(addr = %listener.local_addr()?, "serving gRPC, grpc-web and HTTP");
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            max_connections = admission.max_total(),
+            "serving gRPC, grpc-web and HTTP"
+        );
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
@@ -226,16 +250,23 @@ impl Application {
                             continue;
                         }
                     };
-                    let _ = stream.set_nodelay(true);
-                    let open = edge::coalesce::OpenCalls::default();
-                    let service = TowerToHyperService::new(edge::coalesce::CountCalls::new(router.clone(), open.clone()));
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    let conn = edge::coalesce::coalesced(graceful.watch(conn.into_owned()), open);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    let admitted = match admission.admit(peer.ip()) {
+                        Ok(admitted) => admitted,
+                        Err(why) => {
+                            tracing::debug!(%peer, ?why, "connection refused");
+                            continue;
                         }
-                    });
+                    };
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve_connection(
+                        stream,
+                        ClientIp(peer.ip()),
+                        router.clone(),
+                        builder.clone(),
+                        limits,
+                        draining.clone(),
+                        admitted,
+                    ));
                 }
                 () = &mut shutdown => break,
             }
@@ -245,12 +276,63 @@ impl Application {
         health.shutting_down().await;
         draining.cancel();
         drop(listener);
+        connections.close();
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all connections closed"),
+            () = connections.wait() => tracing::info!("all connections closed"),
             () = tokio::time::sleep(settings.drain_timeout) => tracing::warn!("drain period over; closing remaining connections"),
         }
         background.cancel();
         Ok(())
+    }
+}
+
+/// One connection from its first byte to its end: closed gracefully when the server
+/// drains or the connection idles, dropped when its handshake is late.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    client: ClientIp,
+    router: Router,
+    builder: auto::Builder<TokioExecutor>,
+    limits: crate::config::ConnectionLimits,
+    draining: CancellationToken,
+    _admitted: connections::Admitted,
+) {
+    if !connections::first_bytes(&stream, limits.first_byte_timeout).await {
+        return;
+    }
+    let open = edge::coalesce::OpenCalls::default();
+    let seen = connections::BytesSeen::default();
+    let io = TokioIo::new(connections::Counted::new(stream, seen.clone()));
+    let service = tower::ServiceBuilder::new()
+        .layer(axum::Extension(client))
+        .service(router);
+    let service = TowerToHyperService::new(edge::coalesce::CountCalls::new(service, open.clone()));
+    let conn = builder
+        .serve_connection_with_upgrades(io, service)
+        .into_owned();
+    let conn = edge::coalesce::coalesced(conn, open.clone());
+    tokio::pin!(conn);
+    let closing = connections::close_when(&open, &seen, &limits, &draining);
+    tokio::pin!(closing);
+    let mut closed = false;
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            why = &mut closing, if !closed => {
+                closed = true;
+                match why {
+                    connections::Close::Handshake => return,
+                    connections::Close::Drain | connections::Close::Idle => {
+                        conn.as_mut().conn().graceful_shutdown();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -299,7 +381,7 @@ async fn prepare_database(url: &str) -> Result<(), db::DbError> {
 
 fn router(
     settings: &Settings,
-    verifier: Verifier,
+    guard: Guard,
     engine: Engine,
     assets: Assets,
     health: Health,
@@ -307,7 +389,6 @@ fn router(
     draining: CancellationToken,
 ) -> Result<Router, StartError> {
     let limit = settings.max_message_bytes;
-    let auth = Authenticate(verifier);
     let projects = server::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(
         engine.db.clone(),
         limit,
@@ -343,14 +424,20 @@ fn router(
         .build_v1alpha()
         .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
 
-    let grpc = Routes::new(InterceptedService::new(projects, auth.clone()))
-        .add_service(InterceptedService::new(jobs, auth.clone()))
-        .add_service(InterceptedService::new(assets_service, auth))
+    let grpc = Routes::new(projects)
+        .add_service(jobs)
+        .add_service(assets_service)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .prepare()
         .into_axum_router()
+        // Authentication, rate limits and stream caps: inside tonic-web, so they see
+        // every door's calls as gRPC (the edge calls this router too).
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            guard::middleware,
+        ))
         // grpc-web only on the gRPC routes: on the whole router it would answer 400 to plain HTTP.
         .layer(tonic_web::GrpcWebLayer::new());
 

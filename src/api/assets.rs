@@ -127,8 +127,13 @@ impl AssetsApi {
         };
         let fields = fields(a, &format!("{prefix}asset."), &mut v);
         fields.validate(&format!("{prefix}asset."), &CREATE_PATHS, &mut v);
-        if r.request_id.chars().count() > project::MAX_REQUEST_ID {
-            v.add(format!("{prefix}request_id"), "at most 128 characters");
+        if r.request_id.chars().count() > project::MAX_REQUEST_ID
+            || !crate::domain::text::storable(&r.request_id)
+        {
+            v.add(
+                format!("{prefix}request_id"),
+                "at most 128 characters, without NUL",
+            );
         }
         let fields = v.into_result(fields)?;
         let request_id = (!r.request_id.is_empty()).then_some(r.request_id.as_str());
@@ -410,7 +415,7 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         let end = if r.length == 0 {
             size
         } else {
-            (start + r.length as u64).min(size)
+            start.saturating_add(r.length as u64).min(size)
         };
         let bytes = if start < end {
             Some(self.assets.read(&asset, start..end).await?)

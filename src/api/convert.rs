@@ -9,12 +9,16 @@ pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
     }
 }
 
-/// `google.protobuf.Struct` to a JSON object; `Err` names the first value JSON cannot hold.
+/// `google.protobuf.Struct` to a JSON object; `Err` names the first value JSON or
+/// Postgres cannot hold (NaN, NUL, nesting past the limit).
 pub fn struct_to_json(s: Struct) -> Result<serde_json::Map<String, serde_json::Value>, String> {
-    s.fields
+    let map = s
+        .fields
         .into_iter()
         .map(|(k, v)| value_to_json(v).map(|v| (k, v)).map_err(|e| e.to_string()))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    crate::domain::text::check_json(&map, 0)?;
+    Ok(map)
 }
 
 fn value_to_json(v: Value) -> Result<serde_json::Value, &'static str> {
@@ -148,13 +152,19 @@ impl From<crate::domain::job::Job> for crate::proto::v1::Job {
     }
 }
 
+/// Largest `google.protobuf.Duration` (about 10,000 years, per its definition).
+const MAX_DURATION_SECS: i64 = 315_576_000_000;
+
+/// A valid, non-negative Duration; `None` for negative or out-of-range values.
 pub fn duration(d: &prost_types::Duration) -> Option<std::time::Duration> {
-    if d.seconds < 0 || d.nanos < 0 {
+    if !(0..=MAX_DURATION_SECS).contains(&d.seconds) || !(0..1_000_000_000).contains(&d.nanos) {
         return None;
     }
     Some(std::time::Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
+/// A valid Timestamp inside the years storage accepts.
 pub fn datetime(t: &Timestamp) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+        .filter(|t| crate::domain::text::storable_time(*t))
 }

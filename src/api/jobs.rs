@@ -14,7 +14,7 @@ use crate::{
         Violations,
         job::{self, JobError, JobFilter, NewJob},
         names::{AssetName, JobName, ProjectName},
-        page,
+        page, text,
     },
     engine::{Engine, LeaseOp},
     proto::{EncodedJobEvent, v1 as pb},
@@ -90,7 +90,10 @@ fn new_job(job: Option<pb::Job>, prefix: &str, v: &mut Violations) -> NewJob {
     let schedule_time = job.schedule_time.as_ref().and_then(|t| {
         let parsed = datetime(t);
         if parsed.is_none() {
-            v.add(format!("{prefix}schedule_time"), "not a valid timestamp");
+            v.add(
+                format!("{prefix}schedule_time"),
+                "not a valid timestamp between the years 1 and 9999",
+            );
         }
         parsed
     });
@@ -111,15 +114,18 @@ fn new_job(job: Option<pb::Job>, prefix: &str, v: &mut Violations) -> NewJob {
 }
 
 fn request_id(id: String, field: &str, v: &mut Violations) -> Option<String> {
-    if id.chars().count() > 128 {
-        v.add(field, "at most 128 characters");
+    if id.chars().count() > 128 || !text::storable(&id) {
+        v.add(field, "at most 128 characters, without NUL");
     }
     (!id.is_empty()).then_some(id)
 }
 
 fn text(value: String, field: &str, v: &mut Violations) -> String {
-    if value.chars().count() > job::MAX_TEXT {
-        v.add(field, format!("at most {} characters", job::MAX_TEXT));
+    if value.chars().count() > job::MAX_TEXT || !text::storable(&value) {
+        v.add(
+            field,
+            format!("at most {} characters, without NUL", job::MAX_TEXT),
+        );
     }
     value
 }
@@ -387,8 +393,11 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         let r = request.into_inner();
         tracing::Span::current().record("worker_id", r.worker_id.as_str());
         let mut v = Violations::default();
-        if r.worker_id.is_empty() || r.worker_id.chars().count() > 128 {
-            v.add("worker_id", "required, at most 128 characters");
+        if r.worker_id.is_empty()
+            || r.worker_id.chars().count() > 128
+            || !text::storable(&r.worker_id)
+        {
+            v.add("worker_id", "required, at most 128 characters, without NUL");
         }
         if r.kinds.is_empty() || r.kinds.len() > 64 {
             v.add("kinds", "1 to 64 kinds");
@@ -442,7 +451,10 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         let mut jobs: Vec<pb::LeasedJob> = jobs
             .into_iter()
             .map(|j| pb::LeasedJob {
-                lease_id: j.lease_id.map(|l| l.to_string()).unwrap_or_default(),
+                lease_id: j
+                    .lease_id
+                    .map(|l| self.engine.settings.leases.seal(&caller.sub, l).to_string())
+                    .unwrap_or_default(),
                 lease_expire_time: j.lease_expire_time.map(super::convert::timestamp),
                 job: Some(j.into()),
             })
@@ -598,11 +610,18 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                 }
             }
         };
-        let retry_after = r.retry_after.map(|d| {
-            duration(&d).unwrap_or_else(|| {
-                v.add("retry_after", "must not be negative");
+        let retry_after = r.retry_after.map(|d| match duration(&d) {
+            Some(d) if d <= job::MAX_RETRY_AFTER => d,
+            _ => {
+                v.add(
+                    "retry_after",
+                    format!(
+                        "from 0s to {}",
+                        humantime::format_duration(job::MAX_RETRY_AFTER)
+                    ),
+                );
                 Duration::ZERO
-            })
+            }
         });
         v.into_result(())?;
         let op = LeaseOp::Fail {

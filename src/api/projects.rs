@@ -133,10 +133,15 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         };
         let fields = fields(project, &mut v);
         fields.validate("project.", &ALL_PATHS, &mut v);
-        if request_id.chars().count() > project::MAX_REQUEST_ID {
+        if request_id.chars().count() > project::MAX_REQUEST_ID
+            || !crate::domain::text::storable(&request_id)
+        {
             v.add(
                 "request_id",
-                format!("at most {} characters", project::MAX_REQUEST_ID),
+                format!(
+                    "at most {} characters, without NUL",
+                    project::MAX_REQUEST_ID
+                ),
             );
         }
         let fields = v.into_result(fields)?;

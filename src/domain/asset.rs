@@ -191,14 +191,20 @@ pub fn parse_mask(paths: &[String]) -> crate::AppResult<Vec<Path>> {
             | "createTime" | "update_time" | "updateTime" | "etag") => {
                 v.add(
                     "update_mask",
-                    format!("`{other}` is output only or immutable"),
+                    format!(
+                        "`{}` is output only or immutable",
+                        super::text::quote(other)
+                    ),
                 );
                 continue;
             }
             other => {
                 v.add(
                     "update_mask",
-                    format!("unknown field `{other}`; updatable: display_name, labels, metadata"),
+                    format!(
+                        "unknown field `{}`; updatable: display_name, labels, metadata",
+                        super::text::quote(other)
+                    ),
                 );
                 continue;
             }
@@ -227,13 +233,21 @@ impl AssetFilter {
         }
         for term in filter.split(" AND ") {
             let (field, value) = term.split_once('=').ok_or_else(|| {
-                format!("unsupported term `{}`: expected FIELD = VALUE", term.trim())
+                format!(
+                    "unsupported term `{}`: expected FIELD = VALUE",
+                    super::text::quote(term.trim())
+                )
             })?;
             let value = value.trim().trim_matches('"').to_owned();
+            if !super::text::storable(&value) {
+                return Err("filter values may not contain NUL".into());
+            }
             match field.trim() {
-                "state" => out.states.push(
-                    AssetState::parse(&value).ok_or_else(|| format!("unknown state `{value}`"))?,
-                ),
+                "state" => out
+                    .states
+                    .push(AssetState::parse(&value).ok_or_else(|| {
+                        format!("unknown state `{}`", super::text::quote(&value))
+                    })?),
                 "content_type" => {
                     out.content_type_prefix = Some(value.trim_end_matches('*').to_owned())
                 }
@@ -243,7 +257,8 @@ impl AssetFilter {
                 }
                 other => {
                     return Err(format!(
-                        "cannot filter on `{other}`: use state, content_type or labels.KEY"
+                        "cannot filter on `{}`: use state, content_type or labels.KEY",
+                        super::text::quote(other)
                     ));
                 }
             }

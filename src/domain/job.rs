@@ -27,6 +27,8 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 pub const MIN_LEASE: Duration = Duration::from_secs(1);
 pub const MAX_LEASE: Duration = Duration::from_secs(3600);
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Longest delay a worker may ask for before a retry.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 86400);
 
 /// QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED, and RUNNING -> QUEUED on a retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, AsExpression, FromSqlRow)]
@@ -238,17 +240,28 @@ impl JobFilter {
             let (field, value) = term.split_once('=').ok_or_else(|| {
                 format!(
                     "unsupported term `{}`: expected state = STATE or kind = \"KIND\"",
-                    term.trim()
+                    super::text::quote(term.trim())
                 )
             })?;
             let value = value.trim().trim_matches('"');
             match field.trim() {
                 "state" => out.states.push(
-                    JobState::parse(value).ok_or_else(|| format!("unknown state `{value}`"))?,
+                    JobState::parse(value)
+                        .ok_or_else(|| format!("unknown state `{}`", super::text::quote(value)))?,
                 ),
                 "kind" if valid_kind(value) => out.kinds.push(value.to_owned()),
-                "kind" => return Err(format!("`{value}` is not a valid kind")),
-                other => return Err(format!("cannot filter on `{other}`: use state or kind")),
+                "kind" => {
+                    return Err(format!(
+                        "`{}` is not a valid kind",
+                        super::text::quote(value)
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "cannot filter on `{}`: use state or kind",
+                        super::text::quote(other)
+                    ));
+                }
             }
         }
         Ok(out)

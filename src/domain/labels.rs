@@ -1,7 +1,7 @@
 //! Labels: small string maps used for filtering (AIP-122 style constraints).
 use std::collections::BTreeMap;
 
-use super::Violations;
+use super::{Violations, text::quote};
 
 pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_LEN: usize = 63;
@@ -20,13 +20,13 @@ pub fn validate(field: &str, labels: &BTreeMap<String, String>, v: &mut Violatio
     for (key, value) in labels {
         if !valid_key(key) {
             v.add(
-                format!("{field}[{key}]"),
+                format!("{field}[{}]", quote(key)),
                 "keys are 1 to 63 lowercase letters, digits, `_` or `-`, starting with a letter",
             );
         }
         if value.chars().count() > MAX_LABEL_LEN || value.chars().any(char::is_control) {
             v.add(
-                format!("{field}[{key}]"),
+                format!("{field}[{}]", quote(key)),
                 "values are at most 63 characters without control characters",
             );
         }
@@ -53,19 +53,29 @@ impl LabelFilter {
             let term = term.trim();
             let rest = term.strip_prefix("labels.").ok_or_else(|| {
                 format!(
-                    "unsupported term `{term}`: expected labels.KEY = \"VALUE\" or labels.KEY:*"
+                    "unsupported term `{}`: expected labels.KEY = \"VALUE\" or labels.KEY:*",
+                    quote(term)
                 )
             })?;
             if let Some((key, value)) = rest.split_once('=') {
                 let key = key.trim();
                 let value = unquote(value.trim())
-                    .ok_or_else(|| format!("the value in `{term}` must be a quoted string"))?;
+                    .filter(|v| super::text::storable(v))
+                    .ok_or_else(|| {
+                        format!(
+                            "the value in `{}` must be a quoted string without NUL",
+                            quote(term)
+                        )
+                    })?;
                 check_key(key)?;
                 if let Some(previous) = out.equals.insert(key.to_owned(), value.clone())
                     && previous != value
                 {
                     // Two different values for one key can never match; say so rather than return nothing.
-                    return Err(format!("label `{key}` is given two different values"));
+                    return Err(format!(
+                        "label `{}` is given two different values",
+                        quote(key)
+                    ));
                 }
             } else if let Some(key) = rest.strip_suffix(":*") {
                 let key = key.trim();
@@ -73,7 +83,8 @@ impl LabelFilter {
                 out.present.push(key.to_owned());
             } else {
                 return Err(format!(
-                    "unsupported term `{term}`: expected labels.KEY = \"VALUE\" or labels.KEY:*"
+                    "unsupported term `{}`: expected labels.KEY = \"VALUE\" or labels.KEY:*",
+                    quote(term)
                 ));
             }
         }
@@ -99,7 +110,7 @@ fn check_key(key: &str) -> Result<(), String> {
     if valid_key(key) {
         Ok(())
     } else {
-        Err(format!("`{key}` is not a valid label key"))
+        Err(format!("`{}` is not a valid label key", quote(key)))
     }
 }
 

@@ -5,6 +5,7 @@ pub mod labels;
 pub mod names;
 pub mod page;
 pub mod project;
+pub mod text;
 
 /// Violations listed in one error at most. The details travel in a response header
 /// (`grpc-status-details-bin`): a batch of 1,000 bad items listed in full overflows

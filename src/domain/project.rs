@@ -64,20 +64,26 @@ impl ProjectFields {
             match path {
                 Path::DisplayName => {
                     let n = self.display_name.chars().count();
-                    if n == 0 || n > MAX_DISPLAY_NAME || self.display_name.trim().is_empty() {
+                    if n == 0
+                        || n > MAX_DISPLAY_NAME
+                        || self.display_name.trim().is_empty()
+                        || self.display_name.chars().any(char::is_control)
+                    {
                         v.add(
                             format!("{prefix}display_name"),
                             format!(
-                                "required, 1 to {MAX_DISPLAY_NAME} characters, not only spaces"
+                                "required, 1 to {MAX_DISPLAY_NAME} characters, not only spaces, no control characters"
                             ),
                         );
                     }
                 }
                 Path::Description => {
-                    if self.description.chars().count() > MAX_DESCRIPTION {
+                    if self.description.chars().count() > MAX_DESCRIPTION
+                        || !super::text::storable(&self.description)
+                    {
                         v.add(
                             format!("{prefix}description"),
-                            format!("at most {MAX_DESCRIPTION} characters"),
+                            format!("at most {MAX_DESCRIPTION} characters, without NUL"),
                         );
                     }
                 }
@@ -147,12 +153,21 @@ pub fn parse_mask(paths: &[String]) -> AppResult<Vec<Path>> {
             {
                 v.add(
                     "update_mask",
-                    format!("`{other}` is output only or immutable"),
+                    format!(
+                        "`{}` is output only or immutable",
+                        super::text::quote(other)
+                    ),
                 );
                 continue;
             }
             other => {
-                v.add("update_mask", format!("unknown field `{other}`; updatable: display_name, description, labels, metadata"));
+                v.add(
+                    "update_mask",
+                    format!(
+                        "unknown field `{}`; updatable: display_name, description, labels, metadata",
+                        super::text::quote(other)
+                    ),
+                );
                 continue;
             }
         };

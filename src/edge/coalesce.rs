@@ -36,17 +36,30 @@ pin_project_lite::pin_project! {
 }
 
 /// The calls open on one connection: counted from the request until its response
-/// body is dropped (ended, or the client went away).
+/// body is dropped (ended, or the client went away). Also how many ever started, so
+/// the connection's idle deadline can tell a quiet connection from a busy one.
 #[derive(Clone, Default)]
-pub struct OpenCalls(Arc<AtomicUsize>);
+pub struct OpenCalls(Arc<Counts>);
+
+#[derive(Default)]
+struct Counts {
+    open: AtomicUsize,
+    started: AtomicUsize,
+}
 
 impl OpenCalls {
-    fn count(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+    pub fn count(&self) -> usize {
+        self.0.open.load(Ordering::Relaxed)
+    }
+
+    /// Calls started on the connection so far.
+    pub fn started(&self) -> usize {
+        self.0.started.load(Ordering::Relaxed)
     }
 
     fn open(&self) -> OpenCall {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.open.fetch_add(1, Ordering::Relaxed);
+        self.0.started.fetch_add(1, Ordering::Relaxed);
         OpenCall(self.clone())
     }
 }
@@ -55,7 +68,7 @@ struct OpenCall(OpenCalls);
 
 impl Drop for OpenCall {
     fn drop(&mut self) {
-        (self.0).0.fetch_sub(1, Ordering::Relaxed);
+        (self.0).0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -177,6 +190,13 @@ impl Wake for Due {
         if let Some(task) = task {
             task.wake();
         }
+    }
+}
+
+impl<F> Coalesced<F> {
+    /// The connection inside, to shut it down gracefully.
+    pub fn conn(self: Pin<&mut Self>) -> Pin<&mut F> {
+        self.project().conn
     }
 }
 

@@ -101,7 +101,8 @@ fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<std::ops::Range<
         }
         (a, "") => a.parse::<u64>().map_err(|_| ())?..size,
         (a, b) => {
-            a.parse::<u64>().map_err(|_| ())?..(b.parse::<u64>().map_err(|_| ())? + 1).min(size)
+            let end = b.parse::<u64>().map_err(|_| ())?.saturating_add(1);
+            a.parse::<u64>().map_err(|_| ())?..end.min(size)
         }
     };
     if range.start >= range.end || range.start >= size {

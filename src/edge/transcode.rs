@@ -294,8 +294,10 @@ impl Edge {
             ) else {
                 return Err(bad("this stream does not take a Range"));
             };
-            msg.set_field(&off, Value::I64(start as i64));
-            msg.set_field(&len, Value::I64(end.map_or(0, |e| (e + 1 - start) as i64)));
+            // Checked: `bytes=0-18446744073709551615` is a valid header, not a length.
+            let length = end.map_or(0, |e| e.saturating_sub(start).saturating_add(1));
+            msg.set_field(&off, Value::I64(i64::try_from(start).unwrap_or(i64::MAX)));
+            msg.set_field(&len, Value::I64(i64::try_from(length).unwrap_or(i64::MAX)));
         }
         // PATCH without update_mask: the fields present in the body.
         if parts.method == Method::PATCH
@@ -342,11 +344,23 @@ impl Edge {
                 inner = inner.header(name, v);
             }
         }
-        if let (Some(t), false) = (
-            query_token,
-            parts.headers.contains_key(header::AUTHORIZATION),
-        ) {
-            inner = inner.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        if let Some(t) = query_token {
+            // Tokens in URLs end up in logs and Referer headers: only where a browser
+            // cannot send a header (EventSource on a watch route), never on writes.
+            if !b.rpc.is_server_streaming() || raw_download || parts.method != Method::GET {
+                return Err(error_response(
+                    tonic::Code::Unauthenticated,
+                    "access_token in the query is accepted only on watch streams (SSE/NDJSON); send `Authorization: Bearer <token>`",
+                    vec![],
+                ));
+            }
+            if !parts.headers.contains_key(header::AUTHORIZATION) {
+                inner = inner.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+        }
+        // Budgets of calls without a valid token are kept per client IP.
+        if let Some(ip) = parts.extensions.get::<crate::guard::ClientIp>() {
+            inner = inner.extension(*ip);
         }
         // The in-process call skips the transport's own deadline handling, so the edge
         // enforces `timeout` (or the client's grpc-timeout) on unary calls itself.
@@ -396,7 +410,12 @@ impl Edge {
         }
         .unwrap_or_else(|e| match e {});
         let (rparts, rbody) = response.into_parts();
-        if let Some(err) = status_error(&rparts.headers) {
+        if let Some(mut err) = status_error(&rparts.headers) {
+            for name in crate::guard::RATE_HEADERS {
+                if let Some(v) = rparts.headers.get(name) {
+                    err.headers_mut().insert(name, v.clone());
+                }
+            }
             return Err(err);
         }
         let output = b.rpc.output();
@@ -639,7 +658,7 @@ impl Edge {
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         let status = match range {
             Some((start, end)) => {
-                let end = end.map_or(size, |e| (e + 1).min(size));
+                let end = end.map_or(size, |e| e.saturating_add(1).min(size));
                 put(
                     &mut headers,
                     header::CONTENT_RANGE,
@@ -787,6 +806,23 @@ fn render_detail(any: &prost_types::Any) -> serde_json::Value {
             .map(|v| serde_json::json!({"field": v.field, "description": v.description}))
             .collect();
         return serde_json::json!({"@type": any.type_url, "fieldViolations": violations});
+    }
+    if any.type_url.ends_with("google.rpc.RetryInfo")
+        && let Ok(r) = tonic_types::pb::RetryInfo::decode(any.value.as_slice())
+    {
+        let delay = r.retry_delay.unwrap_or_default();
+        let secs = delay.seconds as f64 + f64::from(delay.nanos) / 1e9;
+        return serde_json::json!({"@type": any.type_url, "retryDelay": format!("{secs:.3}s")});
+    }
+    if any.type_url.ends_with("google.rpc.QuotaFailure")
+        && let Ok(q) = tonic_types::pb::QuotaFailure::decode(any.value.as_slice())
+    {
+        let violations: Vec<_> = q
+            .violations
+            .into_iter()
+            .map(|v| serde_json::json!({"subject": v.subject, "description": v.description}))
+            .collect();
+        return serde_json::json!({"@type": any.type_url, "violations": violations});
     }
     serde_json::json!({"@type": any.type_url})
 }

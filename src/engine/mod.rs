@@ -37,6 +37,8 @@ pub struct EngineSettings {
     pub watch_resync: Duration,
     pub job_retention: Duration,
     pub event_retention: Duration,
+    /// Lease ids are bound to the subject of the token that acquired them.
+    pub leases: crate::auth::LeaseBinding,
 }
 
 /// Per job kind, how many jobs just became available.
@@ -666,10 +668,11 @@ impl Engine {
         lease_id: &str,
         op: LeaseOp,
     ) -> AppResult<Job> {
+        let lease = parse_lease("lease_id", lease_id)?;
         let call = LeaseCall {
             kinds: caller.kinds.clone(),
             name,
-            lease: parse_lease("lease_id", lease_id)?,
+            lease: self.settings.leases.open(&caller.sub, lease),
             op,
         };
         match &self.groups {
@@ -709,7 +712,7 @@ impl Engine {
             .map(|(name, lease, op)| LeaseCall {
                 kinds: caller.kinds.clone(),
                 name,
-                lease,
+                lease: self.settings.leases.open(&caller.sub, lease),
                 op,
             })
             .collect();

@@ -135,10 +135,9 @@ async fn missing_malformed_expired_and_forged_tokens_are_unauthenticated() {
         &Header::new(Algorithm::HS256),
         &Claims {
             sub: "alice".into(),
-            roles: vec![],
-            kinds: vec![],
-            iat: now - 7200,
+            iat: Some(now - 7200),
             exp: now - 3600,
+            ..Claims::default()
         },
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
@@ -213,6 +212,7 @@ async fn public_key_tokens_rs256_and_eddsa() {
             s.jwt = JwtSettings {
                 secret: Some(Secret::new(SECRET)),
                 public_key_pem: Some(public_pem),
+                ..JwtSettings::default()
             };
         })
         .await;
@@ -223,10 +223,9 @@ async fn public_key_tokens_rs256_and_eddsa() {
         let now = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
             sub: "carol".into(),
-            roles: vec![],
-            kinds: vec![],
-            iat: now,
+            iat: Some(now),
             exp: now + 60,
+            ..Claims::default()
         };
         let signed = jsonwebtoken::encode(&Header::new(alg), &claims, &key).unwrap();
         let p = create_project(&app, &signed, "signed by key").await;
@@ -237,10 +236,9 @@ async fn public_key_tokens_rs256_and_eddsa() {
             &Header::new(alg),
             &Claims {
                 sub: "carol".into(),
-                roles: vec![],
-                kinds: vec![],
-                iat: now - 7200,
+                iat: Some(now - 7200),
                 exp: now - 3600,
+                ..Claims::default()
             },
             &key,
         )

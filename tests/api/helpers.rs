@@ -138,7 +138,7 @@ pub fn test_settings(db: &ScratchDb) -> Settings {
     s.redis_prefix = format!("mp_test_{}", uuid::Uuid::new_v4().simple());
     s.jwt = JwtSettings {
         secret: Some(Secret::new(SECRET)),
-        public_key_pem: None,
+        ..JwtSettings::default()
     };
     s.health_interval = Duration::from_millis(200);
     s.drain_timeout = Duration::from_secs(5);

@@ -1264,9 +1264,11 @@ async fn worker_tokens_limited_to_kinds() {
     let t = token("alice");
     let p = create_project(&app, &t, "kinds").await;
     create_job(&app, &t, &p.name, job("render")).await;
+    // The fleet's own subject (leases are bound to the subject that acquired them),
+    // narrowed to one kind.
     let limited = mediaplane::auth::mint(
         &mediaplane::config::Secret::new(SECRET),
-        "gpu-1",
+        "fleet",
         &["worker".into()],
         &["transcode".into()],
         Duration::from_secs(60),
@@ -1380,9 +1382,11 @@ async fn batch_complete_applies_each_completion_on_its_own() {
         create_job(&app, &t, &p.name, job("render")).await;
     }
     create_job(&app, &t, &p.name, job("transcode")).await;
+    // The fleet's own subject (leases are bound to the subject that acquired them),
+    // narrowed to one kind.
     let render_only = mediaplane::auth::mint(
         &mediaplane::config::Secret::new(SECRET),
-        "gpu-1",
+        "fleet",
         &["worker".into()],
         &["render".into()],
         Duration::from_secs(60),

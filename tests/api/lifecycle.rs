@@ -356,7 +356,7 @@ fn token_command_mints_verifiable_tokens() {
     let token = String::from_utf8(out.stdout).unwrap();
     let verifier = mediaplane::auth::Verifier::new(&mediaplane::config::JwtSettings {
         secret: Some(mediaplane::config::Secret::new(SECRET)),
-        public_key_pem: None,
+        ..mediaplane::config::JwtSettings::default()
     })
     .unwrap();
     let caller = verifier.verify(token.trim()).unwrap();
@@ -371,7 +371,7 @@ fn token_command_mints_verifiable_tokens() {
     )
     .unwrap()
     .claims;
-    assert_eq!(claims.exp - claims.iat, 7200, "--ttl 2h");
+    assert_eq!(claims.exp - claims.iat.unwrap(), 7200, "--ttl 2h");
 }
 
 #[tokio::test]

@@ -6,6 +6,9 @@
 //! and a bad one is reported with the flag, variable and file key that name it.
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
+pub mod limits;
+pub use limits::{ConnectionLimits, Limits, Quotas, Rate, RateLimits};
+
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/mediaplane";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -47,6 +50,15 @@ pub struct SettingsArgs {
     /// it are accepted too.
     #[arg(long, env = "MEDIAPLANE_JWT_PUBLIC_KEY", value_name = "PATH")]
     pub jwt_public_key: Option<PathBuf>,
+    /// Required `aud` of every token when set [default: not checked].
+    #[arg(long, env = "MEDIAPLANE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` of every token when set [default: not checked].
+    #[arg(long, env = "MEDIAPLANE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Longest token lifetime accepted (`exp` - `iat`) [default: 30d].
+    #[arg(long, env = "MEDIAPLANE_JWT_MAX_LIFETIME")]
+    pub jwt_max_lifetime: Option<String>,
     /// Browser origins allowed by CORS, comma-separated (`*` for any) [default: none].
     #[arg(long, env = "MEDIAPLANE_CORS_ORIGINS")]
     pub cors_origins: Option<String>,
@@ -123,6 +135,8 @@ pub struct SettingsArgs {
     /// Key for signed URLs (at least 32 bytes) [default: derived from the JWT secret].
     #[arg(long, env = "MEDIAPLANE_URL_SIGNING_KEY", hide_env_values = true)]
     pub url_signing_key: Option<String>,
+    #[command(flatten)]
+    pub limits: limits::LimitArgs,
 }
 
 /// A string that never shows up in logs or `Debug` output.
@@ -154,6 +168,23 @@ pub enum LogFormat {
 pub struct JwtSettings {
     pub secret: Option<Secret>,
     pub public_key_pem: Option<Vec<u8>>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub max_lifetime: Duration,
+}
+
+pub const DEFAULT_JWT_MAX_LIFETIME: Duration = Duration::from_secs(30 * 86400);
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            public_key_pem: None,
+            audience: None,
+            issuer: None,
+            max_lifetime: DEFAULT_JWT_MAX_LIFETIME,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +217,7 @@ pub struct Settings {
     /// `None`: `http://{addr}` as bound.
     pub public_url: Option<String>,
     pub url_signing_key: Option<Secret>,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,10 +231,11 @@ pub enum CorsOrigins {
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
-/// Where a setting can be given, for error messages.
+/// Where a setting can be given, for error messages: read off the clap definition,
+/// so every flag is a file key too and no second list can fall behind.
 struct Key {
-    name: &'static str,
-    env: &'static str,
+    name: String,
+    env: String,
 }
 
 impl fmt::Display for Key {
@@ -217,71 +250,30 @@ impl fmt::Display for Key {
     }
 }
 
-const KEYS: &[Key] = &[
-    Key {
-        name: "addr",
-        env: "MEDIAPLANE_ADDR",
-    },
-    Key {
-        name: "database_url",
-        env: "DATABASE_URL",
-    },
-    Key {
-        name: "db_pool_size",
-        env: "MEDIAPLANE_DB_POOL_SIZE",
-    },
-    Key {
-        name: "redis_url",
-        env: "REDIS_URL",
-    },
-    Key {
-        name: "redis_prefix",
-        env: "MEDIAPLANE_REDIS_PREFIX",
-    },
-    Key {
-        name: "jwt_secret",
-        env: "MEDIAPLANE_JWT_SECRET",
-    },
-    Key {
-        name: "jwt_public_key",
-        env: "MEDIAPLANE_JWT_PUBLIC_KEY",
-    },
-    Key {
-        name: "cors_origins",
-        env: "MEDIAPLANE_CORS_ORIGINS",
-    },
-    Key {
-        name: "cors_max_age",
-        env: "MEDIAPLANE_CORS_MAX_AGE",
-    },
-    Key {
-        name: "log_format",
-        env: "MEDIAPLANE_LOG_FORMAT",
-    },
-    Key {
-        name: "max_message_bytes",
-        env: "MEDIAPLANE_MAX_MESSAGE_BYTES",
-    },
-    Key {
-        name: "max_concurrent_streams",
-        env: "MEDIAPLANE_MAX_CONCURRENT_STREAMS",
-    },
-    Key {
-        name: "request_timeout",
-        env: "MEDIAPLANE_REQUEST_TIMEOUT",
-    },
-    Key {
-        name: "drain_timeout",
-        env: "MEDIAPLANE_DRAIN_TIMEOUT",
-    },
-    Key {
-        name: "health_interval",
-        env: "MEDIAPLANE_HEALTH_INTERVAL",
-    },
-];
+/// Every setting's file key (the flag's name with `_`), except `config` itself.
+fn keys() -> Vec<Key> {
+    let command = <SettingsArgs as clap::Args>::augment_args(clap::Command::new("settings"));
+    command
+        .get_arguments()
+        .filter(|a| a.get_id() != "config")
+        .map(|a| Key {
+            name: a.get_id().to_string(),
+            env: a
+                .get_env()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
 
-fn key(name: &str) -> &'static Key {
-    KEYS.iter().find(|k| k.name == name).unwrap_or(&KEYS[0])
+fn key(name: &str) -> Key {
+    keys()
+        .into_iter()
+        .find(|k| k.name == name)
+        .unwrap_or_else(|| Key {
+            name: name.to_owned(),
+            env: String::new(),
+        })
 }
 
 impl Settings {
@@ -421,6 +413,17 @@ impl Settings {
             jwt: JwtSettings {
                 secret,
                 public_key_pem,
+                audience: parse_opt(
+                    "jwt_audience",
+                    get("jwt_audience", &args.jwt_audience),
+                    non_empty,
+                )?,
+                issuer: parse_opt("jwt_issuer", get("jwt_issuer", &args.jwt_issuer), non_empty)?,
+                max_lifetime: duration(
+                    "jwt_max_lifetime",
+                    &args.jwt_max_lifetime,
+                    DEFAULT_JWT_MAX_LIFETIME,
+                )?,
             },
             cors_origins,
             cors_max_age: duration("cors_max_age", &args.cors_max_age, DEFAULT_CORS_MAX_AGE)?,
@@ -495,6 +498,7 @@ impl Settings {
             public_url: parse_opt("public_url", get("public_url", &args.public_url), |s| {
                 check_url(s, &["http", "https"]).map(|_| s.trim_end_matches('/').to_owned())
             })?,
+            limits: limits::parse(&args.limits, &|name, arg| get(name, arg))?,
             url_signing_key: match get("url_signing_key", &args.url_signing_key) {
                 None => None,
                 Some(k) if k.len() >= 32 => Some(Secret::new(k)),
@@ -510,7 +514,7 @@ impl Settings {
 }
 
 /// Parses a setting that was given; `None` when it was not (the caller's default applies).
-fn parse_opt<T>(
+pub(crate) fn parse_opt<T>(
     name: &str,
     value: Option<String>,
     parse: impl Fn(&str) -> Result<T, String>,
@@ -531,14 +535,22 @@ fn parse_opt<T>(
         .transpose()
 }
 
-fn parse_range(s: &str, min: u64, max: u64) -> Result<u64, String> {
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+pub(crate) fn parse_range(s: &str, min: u64, max: u64) -> Result<u64, String> {
     match s.parse::<u64>() {
         Ok(v) if (min..=max).contains(&v) => Ok(v),
         _ => Err(format!("expected a whole number from {min} to {max}")),
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s) {
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => Err("must be longer than zero".into()),
@@ -578,8 +590,9 @@ fn read_file(path: &PathBuf) -> Result<BTreeMap<String, String>, ConfigError> {
     })?;
     let mut out = BTreeMap::new();
     for (name, value) in table {
-        if !KEYS.iter().any(|k| k.name == name) {
-            let known: Vec<_> = KEYS.iter().map(|k| k.name).collect();
+        let keys = keys();
+        if !keys.iter().any(|k| k.name == name) {
+            let known: Vec<_> = keys.iter().map(|k| k.name.as_str()).collect();
             return Err(ConfigError(format!(
                 "unknown key `{name}` in {}; known keys: {}",
                 path.display(),
