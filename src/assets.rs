@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     AppError, AppResult, db,
     domain::asset::{self, Asset, AssetState, UrlMethod},
+    quotas::{Quota, Quotas, Uploading},
     storage::Storage,
 };
 
@@ -36,6 +37,7 @@ pub struct AssetLimits {
 #[derive(Clone)]
 pub struct Assets {
     pub db: db::Pool,
+    quotas: Quotas,
     pub storage: Storage,
     pub limits: Arc<AssetLimits>,
     signing_key: Arc<[u8]>,
@@ -52,6 +54,7 @@ pub struct Expected {
 impl Assets {
     pub fn new(
         db: db::Pool,
+        quotas: Quotas,
         storage: Storage,
         limits: AssetLimits,
         signing_key: Vec<u8>,
@@ -59,6 +62,7 @@ impl Assets {
     ) -> Self {
         Self {
             db,
+            quotas,
             storage,
             limits: Arc::new(limits),
             signing_key: signing_key.into(),
@@ -95,19 +99,31 @@ impl Assets {
         if let Some(e) = expected.size.and_then(|s| self.too_big(s)) {
             return Err(e);
         }
+        // In progress, the upload counts in its owner's storage (declared size, else
+        // the bytes written so far); READY bytes are read once here and re-checked
+        // under a lock when the upload commits.
+        let mut uploading = self.quotas.start_upload(&asset.owner);
+        let owner_ready = {
+            let mut conn = self.db.get().await?;
+            db::usage::storage_bytes(&mut conn, &asset.owner).await?
+        };
         if let Some(size) = expected.size {
             let mut conn = self.db.get().await?;
             let used = db::assets::project_usage(&mut conn, asset.project_id).await?;
             if used + size > self.limits.project_quota_bytes {
                 return Err(self.quota_error(used));
             }
+            uploading.set(size);
         }
+        self.check_owner_storage(&asset.owner, owner_ready)?;
         let key = Storage::new_key(asset.project_id, asset.id);
         {
             let mut conn = self.db.get().await?;
             db::assets::gc_enqueue(&mut conn, &key, UPLOAD_GRACE).await?;
         }
-        let written = self.write(&key, &mut chunks).await;
+        let written = self
+            .write(&key, &mut chunks, &mut uploading, owner_ready)
+            .await;
         let (size, sha256, head) = match written {
             Ok(w) => w,
             Err(e) => {
@@ -116,7 +132,7 @@ impl Assets {
             }
         };
         let committed = self
-            .commit_ready(&asset, &key, size, &sha256, &head, &expected)
+            .commit_ready(&asset, &key, (size, &sha256, &head), &expected, &uploading)
             .await;
         if committed.is_err() {
             self.discard(&key).await;
@@ -130,10 +146,9 @@ impl Assets {
         &self,
         asset: &Asset,
         key: &str,
-        size: i64,
-        sha256: &str,
-        head: &[u8],
+        (size, sha256, head): (i64, &str, &[u8]),
         expected: &Expected,
+        uploading: &Uploading,
     ) -> AppResult<Asset> {
         match (&expected.sha256, &expected.size) {
             (Some(want), _) if !want.eq_ignore_ascii_case(sha256) => {
@@ -165,6 +180,17 @@ impl Assets {
             if used + size > self.limits.project_quota_bytes {
                 return Err(self.quota_error(used));
             }
+            db::usage::lock_storage(conn, &asset.owner).await?;
+            let ready = db::usage::storage_bytes(conn, &asset.owner).await?;
+            let others = self.quotas.uploading(&asset.owner) - uploading.bytes();
+            let limit = self.quotas.limit(Quota::StorageBytes);
+            if ready + others + size > limit {
+                return Err(crate::quotas::exceeded(
+                    Quota::StorageBytes,
+                    limit,
+                    ready + others,
+                ));
+            }
             let ready = db::assets::mark_ready(conn, asset.id, key, size, sha256, &content_type)
                 .await?
                 .ok_or_else(|| {
@@ -188,8 +214,25 @@ impl Assets {
         ))
     }
 
+    /// The owner's storage quota against READY bytes (`ready`) and every upload in
+    /// progress on this instance, this one included.
+    fn check_owner_storage(&self, owner: &str, ready: i64) -> AppResult<()> {
+        let limit = self.quotas.limit(Quota::StorageBytes);
+        let used = ready.saturating_add(self.quotas.uploading(owner));
+        if used > limit {
+            return Err(crate::quotas::exceeded(Quota::StorageBytes, limit, used));
+        }
+        Ok(())
+    }
+
     /// Writes the stream; returns size, hex sha256 and the first bytes for sniffing.
-    async fn write<S>(&self, key: &str, chunks: &mut S) -> AppResult<(i64, String, Vec<u8>)>
+    async fn write<S>(
+        &self,
+        key: &str,
+        chunks: &mut S,
+        uploading: &mut Uploading,
+        owner_ready: i64,
+    ) -> AppResult<(i64, String, Vec<u8>)>
     where
         S: Stream<Item = AppResult<Bytes>> + Unpin + Send,
     {
@@ -206,6 +249,12 @@ impl Assets {
             }
             if let Some(e) = self.too_big(digest.size) {
                 break Some(e);
+            }
+            if digest.size > uploading.bytes() {
+                uploading.set(digest.size);
+                if let Err(e) = self.check_owner_storage(uploading.owner(), owner_ready) {
+                    break Some(e);
+                }
             }
             if let Err(e) = upload.write(chunk).await {
                 break Some(e.into());
@@ -390,13 +439,13 @@ impl Assets {
                 digest.add(chunk?).await?;
             }
             let (size, sha256, head) = digest.finish().await?;
+            let uploading = self.quotas.start_upload(&asset.owner);
             self.commit_ready(
                 &asset,
                 &final_key,
-                size,
-                &sha256,
-                &head,
+                (size, &sha256, &head),
                 &Expected::default(),
+                &uploading,
             )
             .await
         }

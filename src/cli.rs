@@ -36,6 +36,8 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::jobs_cli::JobsCommand,
     },
+    /// Show the caller's usage of each quota (projects, unfinished jobs, asset bytes).
+    Usage(crate::client::ClientArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +68,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             crate::worker::run(args).await.map(|()| ok)
         }
         Command::Jobs { command } => crate::jobs_cli::run(command).await,
+        Command::Usage(client) => {
+            let mut c = client.connect().await?;
+            let usage = c
+                .projects
+                .get_usage(crate::proto::v1::GetUsageRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+                .into_inner();
+            println!("owner: {}", usage.owner);
+            println!("{:<14} {:>16} {:>16}", "QUOTA", "USED", "LIMIT");
+            for q in usage.quotas {
+                println!("{:<14} {:>16} {:>16}", q.quota, q.used, q.limit);
+            }
+            Ok(ok)
+        }
         Command::Migrate(args) => {
             let settings = Settings::load(&args)?;
             let _log = telemetry::init(settings.log_format);

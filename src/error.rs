@@ -1,7 +1,7 @@
 //! The service's one error type, and its one mapping to gRPC codes (DESIGN.md, "Errors").
 //! The HTTP status for each code lives beside it so both transports share the table.
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic_types::{ErrorDetails, FieldViolation, QuotaViolation, StatusExt};
 
 pub type AppResult<T> = Result<T, AppError>;
 
@@ -29,6 +29,14 @@ pub enum AppError {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Over a quota or cap: RESOURCE_EXHAUSTED with a `google.rpc.QuotaFailure`
+    /// naming the quota and its limit.
+    #[error("{message}")]
+    QuotaExceeded {
+        quota: &'static str,
+        limit: i64,
+        message: String,
+    },
     /// A dependency is down; safe to retry.
     #[error("{0}")]
     Unavailable(String),
@@ -77,7 +85,7 @@ impl AppError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::Aborted(_) => Code::Aborted,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::ResourceExhausted(_) | Self::QuotaExceeded { .. } => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }
@@ -123,6 +131,18 @@ impl From<AppError> for Status {
                         .map(|v| FieldViolation::new(bounded(v.field), bounded(v.description)))
                         .collect::<Vec<_>>(),
                 ),
+            ),
+            AppError::QuotaExceeded {
+                quota,
+                limit,
+                message,
+            } => Status::with_error_details(
+                code,
+                bounded(message),
+                ErrorDetails::with_quota_failure(vec![QuotaViolation::new(
+                    quota,
+                    format!("limit {limit}"),
+                )]),
             ),
             AppError::Internal(detail) => {
                 tracing::error!(error.detail = %detail, "internal error");

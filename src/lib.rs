@@ -18,6 +18,7 @@ pub mod guard;
 pub mod health;
 pub mod jobs_cli;
 pub mod proto;
+pub mod quotas;
 pub mod redis;
 pub mod startup;
 pub mod storage;

@@ -25,6 +25,7 @@ use crate::{
     guard::{self, ClientIp, Guard, Limiter, connections},
     health::{Health, HealthApi},
     proto::{self, server},
+    quotas::Quotas,
     redis::{self, RedisPool},
     storage::Storage,
 };
@@ -133,8 +134,10 @@ impl Application {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{bound}"));
+        let quotas = Quotas::new(db.clone(), settings.limits.quotas);
         let assets = Assets::new(
             db.clone(),
+            quotas.clone(),
             storage,
             limits,
             signing_key(&settings),
@@ -158,8 +161,11 @@ impl Application {
         let router = router(
             &settings,
             guard,
-            engine.clone(),
-            assets.clone(),
+            Services {
+                engine: engine.clone(),
+                assets: assets.clone(),
+                quotas,
+            },
             health.clone(),
             health_service,
             draining.clone(),
@@ -379,25 +385,41 @@ async fn prepare_database(url: &str) -> Result<(), db::DbError> {
     }
 }
 
+/// What the API services are built on.
+struct Services {
+    engine: Engine,
+    assets: Assets,
+    quotas: Quotas,
+}
+
 fn router(
     settings: &Settings,
     guard: Guard,
-    engine: Engine,
-    assets: Assets,
+    services: Services,
     health: Health,
     health_service: tonic_health::pb::health_server::HealthServer<HealthApi>,
     draining: CancellationToken,
 ) -> Result<Router, StartError> {
     let limit = settings.max_message_bytes;
+    let Services {
+        engine,
+        assets,
+        quotas,
+    } = services;
     let projects = server::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(
         engine.db.clone(),
+        quotas.clone(),
         limit,
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
-    let jobs = server::jobs_service_server::JobsServiceServer::new(JobsApi::new(engine, limit))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    let jobs = server::jobs_service_server::JobsServiceServer::new(JobsApi::new(
+        engine,
+        quotas.clone(),
+        limit,
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
     let assets_service = server::assets_service_server::AssetsServiceServer::new(AssetsApi::new(
         assets.clone(),
         limit,

@@ -18,20 +18,33 @@ use crate::{
     },
     engine::{Engine, LeaseOp},
     proto::{EncodedJobEvent, v1 as pb},
+    quotas::{Quota, Quotas},
 };
 
 pub struct JobsApi {
     engine: Engine,
+    quotas: Quotas,
     /// Bytes of jobs one response may hold (ListJobs, AcquireJobs, batch answers).
     page_budget: usize,
 }
 
 impl JobsApi {
-    pub fn new(engine: Engine, max_message_bytes: usize) -> Self {
+    pub fn new(engine: Engine, quotas: Quotas, max_message_bytes: usize) -> Self {
         Self {
             engine,
+            quotas,
             page_budget: super::page_budget(max_message_bytes),
         }
+    }
+}
+
+impl JobsApi {
+    /// `n` more unfinished jobs for the caller's quota (admins act for others: none).
+    async fn admit_jobs(&self, caller: &Caller, n: i64) -> Result<(), Status> {
+        if !caller.is_admin() {
+            self.quotas.admit(Quota::ActiveJobs, &caller.sub, n).await?;
+        }
+        Ok(())
     }
 }
 
@@ -206,6 +219,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         let new = new_job(job, "job.", &mut v);
         let rid = request_id(rid, "request_id", &mut v);
         let new = v.into_result(new)?;
+        self.admit_jobs(&caller, 1).await?;
         let mut jobs = self
             .engine
             .create(&caller, project, vec![(new, rid)])
@@ -257,6 +271,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             jobs.push((new, rid));
         }
         let jobs = v.into_result(jobs)?;
+        self.admit_jobs(&caller, jobs.len() as i64).await?;
         let created = self.engine.create(&caller, project, jobs).await?;
         Ok(Response::new(pb::BatchCreateJobsResponse {
             jobs: created.into_iter().map(Into::into).collect(),

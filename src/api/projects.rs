@@ -17,10 +17,12 @@ use crate::{
         project::{self, ALL_PATHS, ListQuery, Project, ProjectFields},
     },
     proto::v1 as pb,
+    quotas::{Quota, Quotas},
 };
 
 pub struct ProjectsApi {
     db: db::Pool,
+    quotas: Quotas,
     /// Concurrent creates share one INSERT and one commit (group commit).
     creates: Batcher<NewProject, Created>,
     /// Bytes of projects one ListProjects response may hold.
@@ -33,7 +35,7 @@ const CREATE_GROUP_MAX: usize = 128;
 
 impl ProjectsApi {
     /// Spawns the create lanes: call within the server's runtime.
-    pub fn new(db: db::Pool, max_message_bytes: usize) -> Self {
+    pub fn new(db: db::Pool, quotas: Quotas, max_message_bytes: usize) -> Self {
         let pool = db.clone();
         let creates = Batcher::spawn(CREATE_LANES, CREATE_GROUP_MAX, move |group| {
             let pool = pool.clone();
@@ -41,6 +43,7 @@ impl ProjectsApi {
         });
         Self {
             db,
+            quotas,
             creates,
             page_budget: super::page_budget(max_message_bytes),
         }
@@ -145,6 +148,9 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
             );
         }
         let fields = v.into_result(fields)?;
+        if !caller.is_admin() {
+            self.quotas.admit(Quota::Projects, &caller.sub, 1).await?;
+        }
         let created = self
             .creates
             .call(NewProject {
@@ -260,10 +266,36 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         {
             Outcome::Done(()) => {
                 tracing::info!(project = %name, "project deleted");
+                for quota in Quota::ALL {
+                    self.quotas.forget(quota, &caller.sub);
+                }
                 Ok(Response::new(()))
             }
             Outcome::NotFound => Err(not_found(name)),
             Outcome::EtagMismatch => Err(etag_conflict(name)),
         }
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::Usage>, Status> {
+        let caller = caller(&request)?;
+        let quotas = self
+            .quotas
+            .usage(&caller.sub)
+            .await?
+            .into_iter()
+            .map(|(quota, limit, used)| pb::QuotaUsage {
+                quota: quota.name().to_owned(),
+                limit,
+                used,
+            })
+            .collect();
+        Ok(Response::new(pb::Usage {
+            owner: caller.sub,
+            quotas,
+        }))
     }
 }

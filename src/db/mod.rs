@@ -14,6 +14,7 @@ pub mod assets;
 pub mod jobs;
 pub mod projects;
 pub mod schema;
+pub mod usage;
 
 /// `now() + ms` milliseconds, on the database's clock (the one every instance shares).
 pub type NowPlus<ST> = diesel::expression::SqlLiteral<

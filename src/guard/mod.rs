@@ -25,9 +25,12 @@ use axum::{
 };
 use http::{HeaderMap, HeaderValue, header::CONTENT_TYPE};
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
+use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::auth::{Caller, Verifier};
+use crate::{
+    AppError,
+    auth::{Caller, Verifier},
+};
 pub use rate::{Class, Decision, Limiter};
 
 /// The address a connection came from, put in every request's extensions by the
@@ -133,15 +136,13 @@ impl Drop for Slot {
 }
 
 /// `RESOURCE_EXHAUSTED` with a `google.rpc.QuotaFailure` naming the quota and its limit.
-pub fn quota_exceeded(quota: &str, limit: i64, message: &str) -> Status {
-    Status::with_error_details(
-        Code::ResourceExhausted,
-        message,
-        ErrorDetails::with_quota_failure(vec![QuotaViolation::new(
-            quota,
-            format!("limit {limit}"),
-        )]),
-    )
+fn quota_exceeded(quota: &'static str, limit: i64, message: &str) -> Status {
+    AppError::QuotaExceeded {
+        quota,
+        limit,
+        message: message.to_owned(),
+    }
+    .into()
 }
 
 /// The class of a `mediaplane.v1` method (`JobsService/GetJob`), and what it holds open.

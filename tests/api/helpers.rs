@@ -478,3 +478,28 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// One grpc-web data frame holding `message`.
+pub fn grpc_web_frame(message: &impl prost::Message) -> Vec<u8> {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Splits a grpc-web response body into its message and its trailer block.
+pub fn parse_grpc_web(body: &[u8]) -> (Option<Vec<u8>>, String) {
+    let (mut message, mut trailers, mut rest) = (None, String::new(), body);
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let payload = &rest[5..5 + len];
+        if rest[0] & 0x80 != 0 {
+            trailers = String::from_utf8_lossy(payload).into_owned();
+        } else {
+            message = Some(payload.to_vec());
+        }
+        rest = &rest[5 + len..];
+    }
+    (message, trailers)
+}

@@ -9,6 +9,7 @@ mod helpers;
 mod interop;
 mod jobs;
 mod lifecycle;
+mod limits;
 mod projects;
 mod transports;
 mod worker;
