@@ -150,3 +150,52 @@ where
         .map(|r| r.unwrap_or_else(|| Err(AppError::internal("no result"))))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// A group "statement" over numbers that fails whole when it holds a 13.
+    async fn run(group: &[u32], transactions: &AtomicUsize) -> AppResult<Vec<AppResult<u32>>> {
+        transactions.fetch_add(1, Ordering::Relaxed);
+        if group.contains(&13) {
+            return Err(AppError::internal("value out of range"));
+        }
+        Ok(group.iter().map(|n| Ok(n * 2)).collect())
+    }
+
+    #[tokio::test]
+    async fn a_failing_call_is_found_by_halving_and_costs_no_one_else() {
+        let calls: Vec<u32> = (0..64).collect();
+        let transactions = AtomicUsize::new(0);
+        let results = shared_or_alone(&calls, |g| run(g, &transactions)).await;
+        for (n, result) in calls.iter().zip(&results) {
+            match result {
+                Ok(v) => assert_eq!(*v, n * 2),
+                Err(_) => assert_eq!(*n, 13),
+            }
+        }
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+        // The whole group, then two halves at each of log2(64) = 6 levels.
+        assert_eq!(transactions.load(Ordering::Relaxed), 1 + 2 * 6);
+    }
+
+    #[tokio::test]
+    async fn an_outage_fails_the_group_without_splitting() {
+        let calls: Vec<u32> = (0..8).collect();
+        let transactions = AtomicUsize::new(0);
+        let results = shared_or_alone(&calls, |_| {
+            transactions.fetch_add(1, Ordering::Relaxed);
+            async { Err::<Vec<AppResult<u32>>, _>(AppError::Unavailable("db down".into())) }
+        })
+        .await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(AppError::Unavailable(_))))
+        );
+        assert_eq!(transactions.load(Ordering::Relaxed), 1);
+    }
+}

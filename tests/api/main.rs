@@ -6,6 +6,7 @@ mod browser;
 mod edge;
 mod health;
 mod helpers;
+mod hostile;
 mod interop;
 mod jobs;
 mod lifecycle;
