@@ -132,7 +132,7 @@ fn split_and(filter: &str) -> Vec<&str> {
             }
         } else if b == b'"' {
             in_quotes = true;
-        } else if filter[i..].starts_with(" AND ") {
+        } else if bytes[i..].starts_with(b" AND ") {
             parts.push(&filter[start..i]);
             i += 5;
             start = i;

@@ -179,22 +179,35 @@ fn seg(s: &str) -> Seg {
     }
 }
 
-/// Percent-decoding; `%2F` stays encoded unless `slash` is true.
-fn decode(s: &str, slash: bool) -> String {
+/// Percent-decoding (the edge's only one); `%2F` stays encoded unless `slash` is true.
+/// A `%` not followed by two hex digits is kept as it is.
+pub fn decode(s: &str, slash: bool) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                if b == b'/' && !slash {
-                    out.extend_from_slice(&bytes[i..i + 3]);
-                } else {
-                    out.push(b);
-                }
-                i += 3;
-                continue;
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            let b = hi << 4 | lo;
+            if b == b'/' && !slash {
+                out.extend_from_slice(&bytes[i..i + 3]);
+            } else {
+                out.push(b);
             }
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;

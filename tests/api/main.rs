@@ -12,5 +12,6 @@ mod jobs;
 mod lifecycle;
 mod limits;
 mod projects;
+mod properties;
 mod transports;
 mod worker;
