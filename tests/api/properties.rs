@@ -91,7 +91,7 @@ proptest! {
             create_time: chrono::DateTime::from_timestamp_micros(micros).unwrap(),
             id,
         };
-        let token = page::encode(cursor.clone(), &query);
+        let token = page::encode(cursor, &query);
         let back = page::decode(&token, &query).unwrap().unwrap();
         prop_assert_eq!((back.create_time, back.id), (cursor.create_time, cursor.id));
         let foreign = matches!(
