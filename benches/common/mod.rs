@@ -69,6 +69,13 @@ pub fn start_server(name: &str, extra: &[(&str, String)]) -> Server {
         .env("MEDIAPLANE_REDIS_PREFIX", db.clone())
         .env("MEDIAPLANE_JWT_SECRET", SECRET)
         .env("MEDIAPLANE_MAX_CONCURRENT_STREAMS", "4096")
+        // Benchmarks measure the engine, not the limits (benches/limits.rs does that):
+        // one principal makes every call and holds every stream.
+        .env("MEDIAPLANE_RATE_LIMITS", "off")
+        .env("MEDIAPLANE_MAX_WATCH_STREAMS", "1000000")
+        .env("MEDIAPLANE_MAX_UPLOADS", "1000000")
+        .env("MEDIAPLANE_QUOTA_PROJECTS", "10000000")
+        .env("MEDIAPLANE_QUOTA_ACTIVE_JOBS", "100000000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
