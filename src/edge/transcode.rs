@@ -347,7 +347,8 @@ impl Edge {
         if let Some(t) = query_token {
             // Tokens in URLs end up in logs and Referer headers: only where a browser
             // cannot send a header (EventSource on a watch route), never on writes.
-            if !b.rpc.is_server_streaming() || raw_download || parts.method != Method::GET {
+            let watch = b.rpc.is_server_streaming() && b.rpc.name().starts_with("Watch");
+            if !watch || raw_download || parts.method != Method::GET {
                 return Err(error_response(
                     tonic::Code::Unauthenticated,
                     "access_token in the query is accepted only on watch streams (SSE/NDJSON); send `Authorization: Bearer <token>`",

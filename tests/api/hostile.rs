@@ -504,10 +504,24 @@ async fn tokens_in_urls_are_taken_only_on_watch_streams() {
         .unwrap()
         .into_inner();
     let http = reqwest::Client::new();
+    let asset = app
+        .assets(&t)
+        .create_asset(pb::CreateAssetRequest {
+            parent: p.name.clone(),
+            asset: Some(pb::Asset {
+                display_name: "a".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     for (method, path) in [
         (reqwest::Method::DELETE, format!("/v1/{}", p.name)),
         (reqwest::Method::GET, "/v1/projects".to_owned()),
         (reqwest::Method::POST, format!("/v1/{}:cancel", job.name)),
+        (reqwest::Method::GET, format!("/v1/{}:download", asset.name)),
     ] {
         let r = http
             .request(
