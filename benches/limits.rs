@@ -186,7 +186,10 @@ async fn main() {
     );
     let off = start_server("limits_off", &[]);
     let t = token("bench", &[]);
-    let (c_on, c_off) = (clients(&on.addr, &t, 64).await, clients(&off.addr, &t, 64).await);
+    let (c_on, c_off) = (
+        clients(&on.addr, &t, 64).await,
+        clients(&off.addr, &t, 64).await,
+    );
     let mut seed_on = c_on[0].clone();
     let mut seed_off = c_off[0].clone();
     let seed = |display: &str| pb::CreateProjectRequest {
@@ -196,14 +199,27 @@ async fn main() {
         }),
         request_id: String::new(),
     };
-    let name_on = seed_on.create_project(seed("read me")).await.unwrap().into_inner().name;
-    let name_off = seed_off.create_project(seed("read me")).await.unwrap().into_inner().name;
+    let name_on = seed_on
+        .create_project(seed("read me"))
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    let name_off = seed_off
+        .create_project(seed("read me"))
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
 
     println!(
         "The limiter's cost: 64 connections, one principal, median of {ROUNDS} alternating {}s runs\n",
         RUN.as_secs()
     );
-    println!("{:<14} {:>14} {:>14} {:>8}", "route", "limits on/s", "limits off/s", "on/off");
+    println!(
+        "{:<14} {:>14} {:>14} {:>8}",
+        "route", "limits on/s", "limits off/s", "on/off"
+    );
     for (route, label) in [(Route::Get, "GetProject"), (Route::Create, "CreateProject")] {
         let (mut ons, mut offs) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {

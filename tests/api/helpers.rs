@@ -320,6 +320,60 @@ pub async fn create_project(app: &TestApp, token: &str, display_name: &str) -> p
         .into_inner()
 }
 
+/// A job of `kind` with defaults in `parent`.
+pub async fn create_job_of(app: &TestApp, token: &str, parent: &str, kind: &str) -> pb::Job {
+    app.jobs(token)
+        .create_job(pb::CreateJobRequest {
+            parent: parent.into(),
+            job: Some(pb::Job {
+                kind: kind.into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create job")
+        .into_inner()
+}
+
+/// One job of `kind`, leased by `worker_id` with `token` (there must be one queued).
+pub async fn acquire_one(app: &TestApp, token: &str, worker_id: &str, kind: &str) -> pb::LeasedJob {
+    app.jobs(token)
+        .acquire_jobs(pb::AcquireJobsRequest {
+            worker_id: worker_id.into(),
+            kinds: vec![kind.into()],
+            max_jobs: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("acquire")
+        .into_inner()
+        .jobs
+        .pop()
+        .expect("a job to lease")
+}
+
+/// A PENDING asset (no bytes yet) in `parent`.
+pub async fn create_pending_asset(
+    app: &TestApp,
+    token: &str,
+    parent: &str,
+    display_name: &str,
+) -> pb::Asset {
+    app.assets(token)
+        .create_asset(pb::CreateAssetRequest {
+            parent: parent.into(),
+            asset: Some(pb::Asset {
+                display_name: display_name.into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create asset")
+        .into_inner()
+}
+
 /// Field paths of the `google.rpc.BadRequest` in an error, in order.
 pub fn violations(status: &Status) -> Vec<String> {
     use tonic_types::StatusExt;

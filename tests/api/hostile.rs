@@ -258,19 +258,7 @@ async fn input_storage_would_refuse_is_invalid_argument_on_both_doors_and_writes
         .unwrap()
         .into_inner();
     let w = token_with("fleet", &["worker"], Duration::from_secs(600));
-    let leased = app
-        .jobs(&w)
-        .acquire_jobs(pb::AcquireJobsRequest {
-            worker_id: "w".into(),
-            kinds: vec!["render".into()],
-            max_jobs: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs
-        .remove(0);
+    let leased = acquire_one(&app, &w, "w", "render").await;
     let err = app
         .jobs(&w)
         .report_progress(pb::ReportProgressRequest {
@@ -490,33 +478,9 @@ async fn tokens_in_urls_are_taken_only_on_watch_streams() {
     let app = TestApp::spawn().await;
     let t = token("alice");
     let p = create_project(&app, &t, "keep me").await;
-    let job = app
-        .jobs(&t)
-        .create_job(pb::CreateJobRequest {
-            parent: p.name.clone(),
-            job: Some(pb::Job {
-                kind: "render".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let job = create_job_of(&app, &t, &p.name, "render").await;
     let http = reqwest::Client::new();
-    let asset = app
-        .assets(&t)
-        .create_asset(pb::CreateAssetRequest {
-            parent: p.name.clone(),
-            asset: Some(pb::Asset {
-                display_name: "a".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let asset = create_pending_asset(&app, &t, &p.name, "a").await;
     for (method, path) in [
         (reqwest::Method::DELETE, format!("/v1/{}", p.name)),
         (reqwest::Method::GET, "/v1/projects".to_owned()),
@@ -549,34 +513,10 @@ async fn a_lease_works_only_for_the_worker_that_acquired_it() {
     let app = TestApp::spawn().await;
     let t = token("alice");
     let p = create_project(&app, &t, "leases").await;
-    let job = app
-        .jobs(&t)
-        .create_job(pb::CreateJobRequest {
-            parent: p.name.clone(),
-            job: Some(pb::Job {
-                kind: "render".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let job = create_job_of(&app, &t, &p.name, "render").await;
     let ours = token_with("fleet-a", &["worker"], Duration::from_secs(600));
     let theirs = token_with("fleet-b", &["worker"], Duration::from_secs(600));
-    let leased = app
-        .jobs(&ours)
-        .acquire_jobs(pb::AcquireJobsRequest {
-            worker_id: "a-1".into(),
-            kinds: vec!["render".into()],
-            max_jobs: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs
-        .remove(0);
+    let leased = acquire_one(&app, &ours, "a-1", "render").await;
     let complete = |token: &str| {
         let mut c = app.jobs(token);
         let request = pb::CompleteJobRequest {
@@ -628,19 +568,7 @@ async fn ranges_that_overflow_are_answered_with_checked_arithmetic() {
     let app = TestApp::spawn().await;
     let t = token("alice");
     let p = create_project(&app, &t, "ranges").await;
-    let asset = app
-        .assets(&t)
-        .create_asset(pb::CreateAssetRequest {
-            parent: p.name.clone(),
-            asset: Some(pb::Asset {
-                display_name: "r.bin".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let asset = create_pending_asset(&app, &t, &p.name, "r.bin").await;
     let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
     let http = reqwest::Client::new();
     let up = http

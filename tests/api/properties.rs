@@ -200,19 +200,7 @@ fn arbitrary_rest_calls_never_answer_500() {
         let app = TestApp::spawn_with(|s| s.limits.rates = None).await;
         let t = token("fuzz");
         let p = create_project(&app, &t, "fuzzed").await;
-        let job = app
-            .jobs(&t)
-            .create_job(mediaplane::proto::v1::CreateJobRequest {
-                parent: p.name.clone(),
-                job: Some(mediaplane::proto::v1::Job {
-                    kind: "render".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let job = create_job_of(&app, &t, &p.name, "render").await;
         (app, p.name, job.name)
     });
     let t = token("fuzz");
