@@ -289,6 +289,30 @@ async fn input_storage_would_refuse_is_invalid_argument_on_both_doors_and_writes
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "retry_after {seconds}s");
     }
+    // The same over REST.
+    for body in [
+        serde_json::json!({"leaseId": leased.lease_id, "error": {"code": 13, "message": "boom"}, "retryable": true, "retryAfter": "1000000000000000s"}),
+        serde_json::json!({"leaseId": leased.lease_id, "error": {"code": 13, "message": "b\u{0}"}}),
+    ] {
+        let r = http
+            .post(app.http(&format!("/v1/{}:fail", ok.name)))
+            .bearer_auth(&w)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+    }
+    for when in ["10000-01-01T00:00:00Z", "0000-12-31T23:59:59Z"] {
+        let r = http
+            .post(app.http(&format!("/v1/{}/jobs", p.name)))
+            .bearer_auth(&t)
+            .json(&serde_json::json!({"kind": "render", "scheduleTime": when}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{when}");
+    }
     let stored = app
         .jobs(&t)
         .get_job(pb::GetJobRequest {
