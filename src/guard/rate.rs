@@ -3,9 +3,13 @@
 //! over while Redis is unreachable: each instance then allows its share of every
 //! budget, so limits fail to local limits, never to none and never to refusing all.
 //!
-//! Decisions are sent to Redis in groups: a task takes every decision waiting and
-//! runs one script for all of them, so under load the cost per call is a fraction of
-//! a round trip (the same idea as the job engine's group commit).
+//! Two things keep Redis off most calls. Decisions are sent in groups: a task takes
+//! every decision waiting and runs one script for all of them (the job engine's group
+//! commit, for limits). And a key asks Redis for a chunk of calls at a time (an eighth
+//! of its burst, at most 32) and spends them locally for up to a second, so a busy
+//! principal costs one trip per chunk; a refused key is refused locally until Redis
+//! said it may pass again. What an instance took and did not spend is lost (at most a
+//! chunk per instance), never given twice.
 use std::{
     collections::HashMap,
     num::NonZeroU32,
@@ -89,32 +93,37 @@ const REDIS_DEADLINE: Duration = Duration::from_millis(250);
 const REDIS_BACKOFF: Duration = Duration::from_secs(1);
 /// Decisions sent to Redis in one script run at most.
 const GROUP: usize = 256;
-/// Keys refused recently, remembered so a flood is refused without a round trip.
-const REFUSED_CAPACITY: usize = 10_000;
+/// Keys remembered between trips to Redis; when full the memory starts over.
+const KEYS_CAPACITY: usize = 100_000;
+/// How long calls granted ahead by Redis may be spent locally.
+const BANK_HOLD: Duration = Duration::from_secs(1);
 
-/// GCRA over many keys at once. KEYS: the keys; ARGV: interval and burst (in
-/// microseconds and calls) for each key in turn. Time is Redis's own, so instances
-/// with skewed clocks agree. Returns allowed, retry-after, remaining, reset (µs) per key.
+/// GCRA over many keys at once, each asking for up to `want` calls. KEYS: the keys;
+/// ARGV: interval (µs), burst and want for each key in turn. Time is Redis's own, so
+/// instances with skewed clocks agree. Returns, per key: calls granted (0: refused),
+/// retry-after, remaining and reset (µs).
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[2 * i - 1])
-  local burst = tonumber(ARGV[2 * i])
+  local interval = tonumber(ARGV[3 * i - 2])
+  local burst = tonumber(ARGV[3 * i - 1])
+  local want = tonumber(ARGV[3 * i])
   local tolerance = interval * burst
   local tat = tonumber(redis.call('GET', key) or now)
   if tat < now then tat = now end
-  local new_tat = tat + interval
-  local allow_at = new_tat - tolerance
-  if allow_at > now then
+  local room = math.floor((now + tolerance - tat) / interval)
+  if room < 1 then
     out[#out + 1] = 0
-    out[#out + 1] = allow_at - now
+    out[#out + 1] = tat + interval - tolerance - now
     out[#out + 1] = 0
     out[#out + 1] = tat - now
   else
+    local granted = math.min(room, want)
+    local new_tat = tat + granted * interval
     redis.call('SET', key, new_tat, 'PX', math.floor((new_tat - now) / 1000) + 1)
-    out[#out + 1] = 1
+    out[#out + 1] = granted
     out[#out + 1] = 0
     out[#out + 1] = math.floor((tolerance - (new_tat - now)) / interval)
     out[#out + 1] = new_tat - now
@@ -126,7 +135,22 @@ return out
 struct Pending {
     key: String,
     rate: Rate,
-    reply: oneshot::Sender<Decision>,
+    want: u32,
+    reply: oneshot::Sender<(Decision, u32)>,
+}
+
+/// What this instance knows of a key between trips to Redis.
+#[derive(Default)]
+struct KeyState {
+    /// Refused by Redis until then (µs after `epoch`).
+    refused_until: u64,
+    /// Calls granted by Redis and not spent yet, usable until `banked_until`.
+    banked: u32,
+    banked_until: u64,
+    /// Remaining burst at the last grant.
+    remaining: u32,
+    /// A trip to Redis for this key is under way.
+    asking: bool,
 }
 
 #[derive(Clone)]
@@ -144,8 +168,9 @@ struct Inner {
     epoch: Instant,
     /// Redis is skipped until this many µs after `epoch` (0: Redis is in use).
     redis_skip_until: AtomicU64,
-    /// Keys refused by Redis, with the moment (µs after `epoch`) they may pass again.
-    refused: Mutex<HashMap<String, u64>>,
+    /// Per key: refusals and calls granted ahead, so a busy principal costs a trip to
+    /// Redis per chunk of calls, and a refused one none until it may pass again.
+    keys: Mutex<HashMap<String, KeyState>>,
 }
 
 impl Limiter {
@@ -168,7 +193,7 @@ impl Limiter {
             clock: DefaultClock::default(),
             epoch: Instant::now(),
             redis_skip_until: AtomicU64::new(0),
-            refused: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
         });
         tokio::spawn(decide_in_groups(redis, from_calls, stop.clone()));
         tokio::spawn(forget_old_keys(Arc::downgrade(&inner), stop));
@@ -181,28 +206,33 @@ impl Limiter {
         let rate = class.rate(&inner.rates);
         let full_key = format!("{}{}:{key}", inner.prefix, class.as_str());
         let now = inner.now_micros();
-        if let Some(until) = inner.refused_until(&full_key, now) {
-            return refused(rate, Duration::from_micros(until - now));
-        }
+        let want = match inner.spend_banked(&full_key, rate, now) {
+            Ok(decision) => return decision,
+            Err(want) => want,
+        };
         if now >= inner.redis_skip_until.load(Ordering::Relaxed) {
             let (reply, answer) = oneshot::channel();
             let sent = inner.to_redis.try_send(Pending {
                 key: full_key.clone(),
                 rate,
+                want,
                 reply,
             });
-            if sent.is_ok()
-                && let Ok(Ok(decision)) = tokio::time::timeout(REDIS_DEADLINE, answer).await
-            {
+            let answered = match sent {
+                Ok(()) => tokio::time::timeout(REDIS_DEADLINE, answer)
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                Err(_) => None,
+            };
+            if let Some((decision, granted)) = answered {
                 if inner.redis_skip_until.swap(0, Ordering::Relaxed) != 0 {
                     tracing::info!("rate limits: Redis is back, limits are shared again");
                 }
-                if !decision.allowed {
-                    let until = now + decision.retry_after.as_micros() as u64;
-                    inner.remember_refusal(full_key, until);
-                }
+                inner.record(full_key, &decision, granted, now);
                 return decision;
             }
+            inner.record_failure(&full_key);
             // Redis is away, slow or swamped: decide here for a while.
             let skip = inner.now_micros() + REDIS_BACKOFF.as_micros() as u64;
             if inner.redis_skip_until.swap(skip, Ordering::Relaxed) == 0 {
@@ -210,6 +240,8 @@ impl Limiter {
                     "rate limits: Redis unreachable, each instance enforces its share locally"
                 );
             }
+        } else {
+            inner.record_failure(&full_key);
         }
         self.check_locally(class, full_key, rate)
     }
@@ -238,18 +270,58 @@ impl Inner {
         self.epoch.elapsed().as_micros() as u64 + 1
     }
 
-    fn refused_until(&self, key: &str, now: u64) -> Option<u64> {
-        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        refused.get(key).copied().filter(|&until| until > now)
+    /// A decision from what this instance holds for `key`, or how many calls to ask
+    /// Redis for (a chunk, unless another trip for the key is under way).
+    fn spend_banked(&self, key: &str, rate: Rate, now: u64) -> Result<Decision, u32> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= KEYS_CAPACITY && !keys.contains_key(key) {
+            keys.clear();
+        }
+        let state = keys.entry(key.to_owned()).or_default();
+        if state.refused_until > now {
+            return Ok(refused(
+                rate,
+                Duration::from_micros(state.refused_until - now),
+            ));
+        }
+        if state.banked > 0 && state.banked_until > now {
+            state.banked -= 1;
+            return Ok(allowed(rate, state.remaining + state.banked));
+        }
+        if state.asking {
+            return Err(1);
+        }
+        state.asking = true;
+        Err(chunk(rate))
     }
 
-    fn remember_refusal(&self, key: String, until: u64) {
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        if refused.len() >= REFUSED_CAPACITY {
-            refused.clear();
+    fn record(&self, key: String, decision: &Decision, granted: u32, now: u64) {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let state = keys.entry(key).or_default();
+        state.asking = false;
+        if decision.allowed {
+            state.banked = granted.saturating_sub(1);
+            state.banked_until = now + BANK_HOLD.as_micros() as u64;
+            state.remaining = decision.remaining;
+        } else {
+            state.refused_until = now + decision.retry_after.as_micros() as u64;
         }
-        refused.insert(key, until);
     }
+
+    fn record_failure(&self, key: &str) {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = keys.get_mut(key) {
+            state.asking = false;
+        }
+    }
+}
+
+/// Calls asked of Redis at once for a key: an eighth of the burst, at most 32, so a
+/// busy principal costs one round trip per chunk; calls an instance took and did not
+/// spend within `BANK_HOLD` are lost, at most a chunk per instance. With small bursts
+/// (below 16) every call is decided by Redis.
+fn chunk(rate: Rate) -> u32 {
+    (rate.burst / 8).clamp(1, 32)
 }
 
 fn allowed(rate: Rate, remaining: u32) -> Decision {
@@ -327,14 +399,15 @@ async fn run_group(
     redis: &RedisPool,
     script: &redis::Script,
     group: &[Pending],
-) -> Result<Vec<Decision>, String> {
+) -> Result<Vec<(Decision, u32)>, String> {
     let mut conn = redis.get().await.map_err(|e| e.to_string())?;
     let mut invocation = script.prepare_invoke();
     for p in group {
         invocation
             .key(&p.key)
             .arg(p.rate.interval.as_micros().max(1) as u64)
-            .arg(p.rate.burst);
+            .arg(p.rate.burst)
+            .arg(p.want);
     }
     let flat: Vec<i64> = invocation
         .invoke_async(&mut *conn)
@@ -351,12 +424,15 @@ async fn run_group(
     Ok(group
         .iter()
         .zip(flat.chunks_exact(4))
-        .map(|(p, v)| Decision {
-            allowed: v[0] == 1,
-            retry_after: micros(v[1]),
-            remaining: v[2].clamp(0, u32::MAX as i64) as u32,
-            limit: p.rate.burst,
-            reset: micros(v[3]),
+        .map(|(p, v)| {
+            let decision = Decision {
+                allowed: v[0] >= 1,
+                retry_after: micros(v[1]),
+                remaining: v[2].clamp(0, u32::MAX as i64) as u32,
+                limit: p.rate.burst,
+                reset: micros(v[3]),
+            };
+            (decision, v[0].clamp(0, u32::MAX as i64) as u32)
         })
         .collect())
 }
@@ -377,9 +453,9 @@ async fn forget_old_keys(inner: std::sync::Weak<Inner>, stop: CancellationToken)
         }
         let now = inner.now_micros();
         inner
-            .refused
+            .keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, until| *until > now);
+            .retain(|_, k| k.asking || k.refused_until > now || k.banked_until > now);
     }
 }

@@ -564,3 +564,30 @@ async fn the_cli_shows_usage_against_each_quota() {
     let words: Vec<&str> = projects.split_whitespace().collect();
     assert_eq!(words, ["projects", "1", "1000"], "{text}");
 }
+
+#[tokio::test]
+async fn instances_taking_calls_in_chunks_never_exceed_the_shared_burst() {
+    // A burst of 32 is asked of Redis 4 calls at a time.
+    let chunked = |s: &mut mediaplane::config::Settings| {
+        s.limits.rates = Some(RateLimits {
+            reads: Rate {
+                interval: Duration::from_secs(60),
+                burst: 32,
+            },
+            ..RateLimits::default()
+        });
+    };
+    let a = TestApp::spawn_with(chunked).await;
+    let b = a.spawn_peer().await;
+    let t = token("alice");
+    let mut allowed = 0;
+    for i in 0..48 {
+        let app = if i % 3 == 0 { &b } else { &a };
+        match app.projects(&t).list_projects(list()).await {
+            Ok(_) => allowed += 1,
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted),
+        }
+    }
+    // At most the burst; at most a chunk per instance left unspent.
+    assert!((24..=32).contains(&allowed), "{allowed} allowed");
+}
