@@ -117,9 +117,15 @@ async fn noise(clients: Vec<Client>, stop: Instant) -> u64 {
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             let mut tick = tokio::time::interval(every);
+            // MP_BENCH_NOISE=validation or storage sends only that kind of failure.
+            let kinds: &[u64] = match std::env::var("MP_BENCH_NOISE").as_deref() {
+                Ok("validation") => &[0, 1, 2],
+                Ok("storage") => &[3],
+                _ => &[0, 1, 2, 3],
+            };
             while Instant::now() < stop {
                 tick.tick().await;
-                let (project, request_id) = match n % 4 {
+                let (project, request_id) = match kinds[n as usize % kinds.len()] {
                     0 => (
                         pb::Project {
                             display_name: "nul\0name".into(),
@@ -218,6 +224,8 @@ async fn main() {
         .into_inner()
         .name;
 
+    // MP_BENCH_ONLY=noise skips the limiter's cost.
+    let only_noise = std::env::var("MP_BENCH_ONLY").as_deref() == Ok("noise");
     println!(
         "The limiter's cost: 64 connections, one principal, median of {ROUNDS} alternating {}s runs\n",
         RUN.as_secs()
@@ -226,7 +234,8 @@ async fn main() {
         "{:<14} {:>14} {:>14} {:>8}",
         "route", "limits on/s", "limits off/s", "on/off"
     );
-    for (route, label) in [(Route::Get, "GetProject"), (Route::Create, "CreateProject")] {
+    let routes = [(Route::Get, "GetProject"), (Route::Create, "CreateProject")];
+    for (route, label) in routes.into_iter().filter(|_| !only_noise) {
         let (mut ons, mut offs) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             offs.push(rate(&c_off, route, &name_off).await);
@@ -253,23 +262,58 @@ async fn main() {
             .unwrap();
     }
     let (mut alone, mut beside, mut noise_rates) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU seconds per second of the server, of this process and of the machine.
+    let pid = off.child.id();
+    let cpu = || {
+        (
+            common::cpu_secs(pid),
+            common::cpu_secs(std::process::id()),
+            common::machine_busy_secs(),
+        )
+    };
+    let per_sec = |a: (f64, f64, f64), b: (f64, f64, f64), secs: f64| {
+        ((b.0 - a.0) / secs, (b.1 - a.1) / secs, (b.2 - a.2) / secs)
+    };
+    let (mut cpu_alone, mut cpu_beside) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
+        let (c0, t0) = (cpu(), Instant::now());
         alone.push(rate(&quiet, Route::Create, "").await);
+        cpu_alone.push(per_sec(c0, cpu(), t0.elapsed().as_secs_f64()));
         let stop = Instant::now() + RUN + Duration::from_millis(200);
         let neighbour = tokio::spawn(noise(noisy.clone(), stop));
+        let (c0, t0) = (cpu(), Instant::now());
         beside.push(rate(&quiet, Route::Create, "").await);
+        cpu_beside.push(per_sec(c0, cpu(), t0.elapsed().as_secs_f64()));
         noise_rates.push(neighbour.await.unwrap() as f64 / (RUN.as_secs_f64() + 0.2));
     }
     let (a, b) = (median(alone), median(beside));
+    let avg = |v: &[(f64, f64, f64)]| {
+        let n = v.len() as f64;
+        (
+            v.iter().map(|x| x.0).sum::<f64>() / n,
+            v.iter().map(|x| x.1).sum::<f64>() / n,
+            v.iter().map(|x| x.2).sum::<f64>() / n,
+        )
+    };
+    let (ca, cb) = (avg(&cpu_alone), avg(&cpu_beside));
     println!(
         "\nThe noisy neighbour: one user's creates (32 connections), median of {ROUNDS} alternating {}s runs\n",
         RUN.as_secs()
     );
-    println!("{:<34} {:>12}", "", "creates/s");
-    println!("{:<34} {a:>12.0}", "alone");
     println!(
-        "{:<34} {b:>12.0}",
-        format!("beside {:.0} failing creates/s", median(noise_rates))
+        "{:<34} {:>12} {:>12} {:>12} {:>12}",
+        "", "creates/s", "server cpu", "bench cpu", "machine cpu"
+    );
+    println!(
+        "{:<34} {a:>12.0} {:>12.2} {:>12.2} {:>12.2}",
+        "alone", ca.0, ca.1, ca.2
+    );
+    println!(
+        "{:<34} {b:>12.0} {:>12.2} {:>12.2} {:>12.2}",
+        format!("beside {:.0} failing creates/s", median(noise_rates)),
+        cb.0,
+        cb.1,
+        cb.2
     );
     println!("{:<34} {:>11.1}%", "with/alone", 100.0 * b / a);
 }
