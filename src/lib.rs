@@ -17,6 +17,7 @@ pub mod error;
 pub mod guard;
 pub mod health;
 pub mod jobs_cli;
+pub mod metrics;
 pub mod proto;
 pub mod quotas;
 pub mod redis;

@@ -24,6 +24,7 @@ use crate::{
     engine::{Engine, EngineSettings, Hub, reaper},
     guard::{self, ClientIp, Guard, Limiter, connections},
     health::{Health, HealthApi},
+    metrics::Metrics,
     proto::{self, server},
     quotas::Quotas,
     redis::{self, RedisPool},
@@ -54,6 +55,9 @@ const H2_SEND_BUFFER: usize = 2 * 1024 * 1024;
 
 pub struct Application {
     listener: TcpListener,
+    /// The admin listener (`/metrics`), apart from the public port.
+    admin: TcpListener,
+    metrics: Metrics,
     router: Router,
     settings: Arc<Settings>,
     health: Health,
@@ -123,6 +127,13 @@ impl Application {
             addr: settings.addr,
             source,
         })?;
+        let admin = TcpListener::bind(settings.admin_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: settings.admin_addr,
+                source,
+            })?;
+        let metrics = Metrics::new(known_paths()?);
         let storage =
             Storage::open(&settings.storage).map_err(|e| StartError::Config(e.to_string()))?;
         let limits = AssetLimits {
@@ -161,6 +172,7 @@ impl Application {
         let router = router(
             &settings,
             guard,
+            metrics.clone(),
             Services {
                 engine: engine.clone(),
                 assets: assets.clone(),
@@ -172,6 +184,8 @@ impl Application {
         )?;
         Ok(Self {
             listener,
+            admin,
+            metrics,
             router,
             settings: Arc::new(settings),
             health,
@@ -188,6 +202,11 @@ impl Application {
         self.listener.local_addr().unwrap_or(self.settings.addr)
     }
 
+    /// Where `/metrics` is served.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.settings.admin_addr)
+    }
+
     pub fn health(&self) -> &Health {
         &self.health
     }
@@ -201,6 +220,8 @@ impl Application {
     ) -> std::io::Result<()> {
         let Self {
             listener,
+            admin,
+            metrics,
             router,
             settings,
             health,
@@ -214,7 +235,14 @@ impl Application {
         assets.spawn_collector(settings.reap_interval * 5, background.clone());
         assets.spawn_verifier(Duration::from_secs(1), background.clone());
         health.spawn_prober(db, redis, settings.health_interval, background.clone());
+        spawn_queue_figures(
+            metrics.clone(),
+            engine.db.clone(),
+            settings.queue_figures_interval,
+            background.clone(),
+        );
         reaper::spawn(engine, background.clone());
+        spawn_admin(admin, metrics, background.clone());
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -342,6 +370,70 @@ async fn serve_connection(
     }
 }
 
+/// Every RPC path served: the label values call metrics may take.
+fn known_paths() -> Result<std::collections::HashSet<String>, StartError> {
+    let decode = |bytes: &[u8]| {
+        <prost_types::FileDescriptorSet as prost::Message>::decode(bytes)
+            .map_err(|e| StartError::Config(format!("descriptor set: {e}")))
+    };
+    let ours = decode(proto::FILE_DESCRIPTOR_SET)?;
+    let health = decode(tonic_health::pb::FILE_DESCRIPTOR_SET)?;
+    Ok(crate::metrics::known_paths(&[&ours, &health]))
+}
+
+/// The admin listener: `GET /metrics` until the background work stops.
+fn spawn_admin(listener: TcpListener, metrics: Metrics, stop: CancellationToken) {
+    let app = Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "admin listener stopped");
+        }
+    });
+}
+
+/// Reads the queue figures from Postgres now and every `every`: scrapes never
+/// wait on the database.
+fn spawn_queue_figures(metrics: Metrics, db: db::Pool, every: Duration, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let read = async {
+                let mut conn = db.get().await?;
+                db::queues::figures(&mut conn).await
+            };
+            match read.await {
+                Ok(figures) => metrics.set_queues(figures),
+                Err(e) => {
+                    metrics.queue_refresh_failed();
+                    tracing::debug!(error = %e, "queue figures not read");
+                }
+            }
+        }
+    });
+}
+
 /// Key of signed asset URLs: configured, else derived from the JWT secret (so every
 /// instance sharing the secret agrees), else random for this process.
 fn signing_key(settings: &Settings) -> Vec<u8> {
@@ -395,6 +487,7 @@ struct Services {
 fn router(
     settings: &Settings,
     guard: Guard,
+    metrics: Metrics,
     services: Services,
     health: Health,
     health_service: tonic_health::pb::health_server::HealthServer<HealthApi>,
@@ -459,6 +552,11 @@ fn router(
         .layer(axum::middleware::from_fn_with_state(
             guard,
             guard::middleware,
+        ))
+        // Counted before the guard, so refused calls count too.
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            crate::metrics::record_calls,
         ))
         // grpc-web only on the gRPC routes: on the whole router it would answer 400 to plain HTTP.
         .layer(tonic_web::GrpcWebLayer::new());

@@ -57,10 +57,16 @@ pub fn start_server(name: &str, extra: &[(&str, String)]) -> Server {
         .local_addr()
         .unwrap()
         .port();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let db = format!("mp_bench_{name}_{}", std::process::id());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mediaplane"));
     cmd.arg("serve")
         .env("MEDIAPLANE_ADDR", format!("127.0.0.1:{port}"))
+        .env("MEDIAPLANE_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
         .env(
             "DATABASE_URL",
             format!("postgres://postgres@127.0.0.1:5432/{db}"),

@@ -29,6 +29,14 @@ pub struct SettingsArgs {
     /// Address serving gRPC (h2c), grpc-web and HTTP [default: 127.0.0.1:8080].
     #[arg(long, env = "MEDIAPLANE_ADDR")]
     pub addr: Option<String>,
+    /// Address of the admin listener (`GET /metrics`), never the public port
+    /// [default: 127.0.0.1:9090].
+    #[arg(long, env = "MEDIAPLANE_ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
+    /// How often queue figures (depth, oldest job) are read from Postgres for
+    /// `/metrics` [default: 5s].
+    #[arg(long, env = "MEDIAPLANE_QUEUE_FIGURES_INTERVAL")]
+    pub queue_figures_interval: Option<String>,
     /// Postgres URL; the database is created if missing
     /// [default: postgres://postgres@127.0.0.1:5432/mediaplane].
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -190,6 +198,8 @@ impl Default for JwtSettings {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub queue_figures_interval: Duration,
     pub database_url: Secret,
     pub db_pool_size: u32,
     pub redis_url: Secret,
@@ -306,6 +316,11 @@ impl Settings {
                 .map_err(|_| "expected host:port with an IP address, like 127.0.0.1:8080".into())
         })?
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let admin_addr = parse_opt("admin_addr", get("admin_addr", &args.admin_addr), |s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| "expected host:port with an IP address, like 127.0.0.1:9090".into())
+        })?
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
         let database_url = parse_opt(
             "database_url",
             get("database_url", &args.database_url),
@@ -406,6 +421,12 @@ impl Settings {
 
         Ok(Settings {
             addr,
+            admin_addr,
+            queue_figures_interval: duration(
+                "queue_figures_interval",
+                &args.queue_figures_interval,
+                Duration::from_secs(5),
+            )?,
             database_url,
             db_pool_size,
             redis_url,

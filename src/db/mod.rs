@@ -13,6 +13,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 pub mod assets;
 pub mod jobs;
 pub mod projects;
+pub mod queues;
 pub mod schema;
 pub mod usage;
 

@@ -51,6 +51,13 @@ pub async fn middleware(
         .insert(REQUEST_ID, request_id_header.clone());
 
     let grpc = is_grpc(request.headers());
+    // The door, for the call metrics (the edge marks its own calls REST).
+    let transport = match request.headers().get(CONTENT_TYPE).map(|v| v.as_bytes()) {
+        Some(ct) if ct.starts_with(b"application/grpc-web") => crate::metrics::Transport::GrpcWeb,
+        Some(ct) if ct.starts_with(b"application/grpc") => crate::metrics::Transport::Grpc,
+        _ => crate::metrics::Transport::Rest,
+    };
+    request.extensions_mut().insert(transport);
     let method = request.uri().path().to_owned();
     let span = tracing::info_span!("call", %request_id, %method);
     let start = Instant::now();

@@ -363,6 +363,7 @@ impl Edge {
         if let Some(ip) = parts.extensions.get::<crate::guard::ClientIp>() {
             inner = inner.extension(*ip);
         }
+        inner = inner.extension(crate::metrics::Transport::Rest);
         // The in-process call skips the transport's own deadline handling, so the edge
         // enforces `timeout` (or the client's grpc-timeout) on unary calls itself.
         let mut deadline = parts
@@ -437,6 +438,11 @@ impl Edge {
         }
         let mut reader = FrameReader::new(rbody);
         let first = reader.next().await;
+        if matches!(first, Some(Ok(_))) {
+            // Read on to the trailers: they carry the call's code (to the end, the
+            // call is finished for the call metrics too, not dropped halfway).
+            let _ = reader.next().await;
+        }
         let trailers = reader.trailers.take();
         if let Some(err) = trailers.as_ref().and_then(status_error) {
             return Err(err);

@@ -133,6 +133,7 @@ impl Drop for ScratchDb {
 pub fn test_settings(db: &ScratchDb) -> Settings {
     let mut s = Settings::defaults();
     s.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.admin_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     s.database_url = Secret::new(db.url());
     s.db_pool_size = 4;
     s.redis_prefix = format!("mp_test_{}", uuid::Uuid::new_v4().simple());
@@ -148,6 +149,8 @@ pub fn test_settings(db: &ScratchDb) -> Settings {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`).
+    pub admin: SocketAddr,
     pub db: Arc<ScratchDb>,
     pub settings: Settings,
     pub channel: Channel,
@@ -182,6 +185,7 @@ impl TestApp {
             .await
             .expect("server builds");
         let addr = app.local_addr();
+        let admin = app.admin_addr();
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(app.run_until_stopped(async {
             let _ = rx.await;
@@ -193,6 +197,7 @@ impl TestApp {
             .expect("connects");
         Self {
             addr,
+            admin,
             db,
             settings,
             channel,

@@ -229,6 +229,7 @@ async fn binary_serves_with_a_first_run_token_and_exits_cleanly_on_sigterm() {
         .env_remove("MEDIAPLANE_JWT_SECRET")
         .env_remove("MEDIAPLANE_CONFIG")
         .env("MEDIAPLANE_ADDR", "127.0.0.1:0")
+        .env("MEDIAPLANE_ADMIN_ADDR", "127.0.0.1:0")
         .env("DATABASE_URL", db.url())
         .env("MEDIAPLANE_LOG_FORMAT", "json")
         .env(

@@ -11,6 +11,7 @@ mod interop;
 mod jobs;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod projects;
 mod properties;
 mod transports;

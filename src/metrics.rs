@@ -1,0 +1,465 @@
+//! Prometheus metrics (OpenMetrics text), served on the admin listener only
+//! (`MEDIAPLANE_ADMIN_ADDR`, `GET /metrics`), never on the public port.
+//!
+//! prometheus-client rather than the `metrics` facade: each server owns its registry,
+//! so two instances in one process (the tests run many) never mix their figures.
+//!
+//! Label values are bounded: a method is named only if the server has it (every
+//! other path is `unknown`), so no client can grow the registry.
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use chrono::{DateTime, Utc};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+/// The door a call came in by.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Transport {
+    Grpc,
+    GrpcWeb,
+    Rest,
+    /// Plain HTTP routes that are no RPC (health, signed URLs, OpenAPI).
+    Http,
+}
+
+impl EncodeLabelValue for Transport {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            Transport::Grpc => "grpc",
+            Transport::GrpcWeb => "grpc-web",
+            Transport::Rest => "rest",
+            Transport::Http => "http",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub grpc_service: String,
+    pub grpc_method: String,
+    pub transport: Transport,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandledLabels {
+    pub grpc_service: String,
+    pub grpc_method: String,
+    pub transport: Transport,
+    pub grpc_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    pub transport: Transport,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+/// What one queue holds, read from Postgres (every instance reports the same).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueFigures {
+    pub kind: String,
+    pub queued: i64,
+    pub running: i64,
+    /// When the longest-waiting queued job became ready (its schedule time).
+    pub oldest_ready: Option<DateTime<Utc>>,
+}
+
+fn handling_histogram() -> Histogram {
+    // 0.5 ms to ~33 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 17))
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    started: Family<CallLabels, Counter>,
+    handled: Family<HandledLabels, Counter>,
+    handling: Family<CallLabels, Histogram, fn() -> Histogram>,
+    in_flight: Family<TransportLabels, Gauge>,
+    queued: Family<KindLabels, Gauge>,
+    running: Family<KindLabels, Gauge>,
+    oldest_age: Family<KindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// The last queue figures read, with the time they were read.
+    queues: Mutex<(Vec<QueueFigures>, Option<SystemTime>)>,
+    queue_refresh_errors: Counter,
+    resident: Gauge,
+    cpu: Gauge<f64, std::sync::atomic::AtomicU64>,
+    open_fds: Gauge,
+    /// `/package.Service/Method` paths this server serves.
+    known: HashSet<String>,
+}
+
+impl Metrics {
+    /// `known`: every `/package.Service/Method` path served.
+    pub fn new(known: HashSet<String>) -> Self {
+        let mut registry = Registry::default();
+        let started = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "grpc_server_started",
+            "Calls started, by service, method and transport (REST and grpc-web calls by the RPC they reach)",
+            started.clone(),
+        );
+        let handled = Family::<HandledLabels, Counter>::default();
+        registry.register(
+            "grpc_server_handled",
+            "Calls finished, by service, method, transport and gRPC code (CANCELLED when the client went away)",
+            handled.clone(),
+        );
+        let handling = Family::<CallLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            handling_histogram,
+        );
+        registry.register_with_unit(
+            "grpc_server_handling",
+            "Time from a call's start to the end of its response (streams: until they end)",
+            Unit::Seconds,
+            handling.clone(),
+        );
+        let in_flight = Family::<TransportLabels, Gauge>::default();
+        registry.register(
+            "mediaplane_calls_in_flight",
+            "Calls started and not finished, open streams included",
+            in_flight.clone(),
+        );
+        let queued = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "mediaplane_jobs_queued",
+            "Jobs queued, by kind (from Postgres; the same on every instance)",
+            queued.clone(),
+        );
+        let running = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "mediaplane_jobs_running",
+            "Jobs running (leased), by kind (from Postgres)",
+            running.clone(),
+        );
+        let oldest_age = Family::<KindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register_with_unit(
+            "mediaplane_jobs_oldest_queued_age",
+            "How long the longest-waiting ready job of a kind has waited (0 for an empty queue)",
+            Unit::Seconds,
+            oldest_age.clone(),
+        );
+        let queue_refresh_errors = Counter::default();
+        registry.register(
+            "mediaplane_queue_figures_errors",
+            "Failed reads of the queue figures from Postgres (the last figures stay served)",
+            queue_refresh_errors.clone(),
+        );
+        let resident = Gauge::default();
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory of the server process",
+            Unit::Bytes,
+            resident.clone(),
+        );
+        let cpu = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "process_cpu",
+            "CPU time (user and system) the server process has used",
+            Unit::Seconds,
+            cpu.clone(),
+        );
+        let open_fds = Gauge::default();
+        registry.register(
+            "process_open_fds",
+            "File descriptors the server process holds open",
+            open_fds.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                started,
+                handled,
+                handling,
+                in_flight,
+                queued,
+                running,
+                oldest_age,
+                queues: Mutex::new((Vec::new(), None)),
+                queue_refresh_errors,
+                resident,
+                cpu,
+                open_fds,
+                known,
+            }),
+        }
+    }
+
+    /// The labels of a call to `path` (`/package.Service/Method`); unknown paths share one.
+    pub fn call_labels(&self, path: &str, transport: Transport) -> CallLabels {
+        let known = self.inner.known.contains(path);
+        let (service, method) = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .filter(|_| known)
+            .unwrap_or(("", "unknown"));
+        CallLabels {
+            grpc_service: service.to_owned(),
+            grpc_method: method.to_owned(),
+            transport,
+        }
+    }
+
+    /// A call starts; the returned value records its end when told or dropped.
+    pub fn start(&self, labels: CallLabels) -> CallTimer {
+        self.inner.started.get_or_create(&labels).inc();
+        self.inner
+            .in_flight
+            .get_or_create(&TransportLabels {
+                transport: labels.transport,
+            })
+            .inc();
+        CallTimer {
+            metrics: self.clone(),
+            labels: Some(labels),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// The latest queue figures read from Postgres.
+    pub fn set_queues(&self, figures: Vec<QueueFigures>) {
+        let inner = &self.inner;
+        let mut queues = inner.queues.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in queues
+            .0
+            .iter()
+            .filter(|q| !figures.iter().any(|f| f.kind == q.kind))
+        {
+            let labels = KindLabels {
+                kind: gone.kind.clone(),
+            };
+            inner.queued.get_or_create(&labels).set(0);
+            inner.running.get_or_create(&labels).set(0);
+            inner.oldest_age.get_or_create(&labels).set(0.0);
+        }
+        for f in &figures {
+            let labels = KindLabels {
+                kind: f.kind.clone(),
+            };
+            inner.queued.get_or_create(&labels).set(f.queued);
+            inner.running.get_or_create(&labels).set(f.running);
+        }
+        *queues = (figures, Some(SystemTime::now()));
+    }
+
+    pub fn queue_refresh_failed(&self) {
+        self.inner.queue_refresh_errors.inc();
+    }
+
+    /// The text a scrape gets: queue ages and process figures as of now.
+    pub fn render(&self) -> String {
+        let inner = &self.inner;
+        {
+            let queues = inner.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Utc::now();
+            for q in &queues.0 {
+                // Computed at scrape time from the stored ready time, so the age keeps
+                // growing between reads while a queue is stuck.
+                let age = q
+                    .oldest_ready
+                    .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
+                inner
+                    .oldest_age
+                    .get_or_create(&KindLabels {
+                        kind: q.kind.clone(),
+                    })
+                    .set(age);
+            }
+        }
+        let process = process_figures();
+        inner.resident.set(process.resident_bytes);
+        inner.cpu.set(process.cpu_seconds);
+        inner.open_fds.set(process.open_fds);
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &inner.registry).is_err() {
+            tracing::error!("metrics could not be rendered");
+        }
+        out
+    }
+}
+
+/// One call's end, recorded once: when `finish` is called, else when dropped (the
+/// client went away first: CANCELLED).
+pub struct CallTimer {
+    metrics: Metrics,
+    labels: Option<CallLabels>,
+    start: std::time::Instant,
+}
+
+impl CallTimer {
+    pub fn finish(&mut self, code: &str) {
+        let Some(labels) = self.labels.take() else {
+            return;
+        };
+        let inner = &self.metrics.inner;
+        inner
+            .handling
+            .get_or_create(&labels)
+            .observe(self.start.elapsed().as_secs_f64());
+        inner
+            .in_flight
+            .get_or_create(&TransportLabels {
+                transport: labels.transport,
+            })
+            .dec();
+        inner
+            .handled
+            .get_or_create(&HandledLabels {
+                grpc_service: labels.grpc_service,
+                grpc_method: labels.grpc_method,
+                transport: labels.transport,
+                grpc_code: code.to_owned(),
+            })
+            .inc();
+    }
+}
+
+impl Drop for CallTimer {
+    fn drop(&mut self) {
+        self.finish("CANCELLED");
+    }
+}
+
+struct ProcessFigures {
+    resident_bytes: i64,
+    cpu_seconds: f64,
+    open_fds: i64,
+}
+
+/// From /proc (Linux); zeros elsewhere.
+fn process_figures() -> ProcessFigures {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let resident_kib: i64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
+    ProcessFigures {
+        resident_bytes: resident_kib * 1024,
+        cpu_seconds: (ticks(11) + ticks(12)) / hz,
+        open_fds,
+    }
+}
+
+/// Every `/package.Service/Method` in the descriptor sets.
+pub fn known_paths(sets: &[&prost_types::FileDescriptorSet]) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for set in sets {
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    out.insert(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Counts every call that reaches the gRPC services, whatever its door: it sits inside
+/// tonic-web (grpc-web is gRPC by then) and the edge's REST calls come through it too;
+/// the door is the [`Transport`] the per-call middleware or the edge put on the request.
+pub async fn record_calls(
+    axum::extract::State(metrics): axum::extract::State<Metrics>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let transport = request
+        .extensions()
+        .get::<Transport>()
+        .copied()
+        .unwrap_or(Transport::Grpc);
+    let mut timer = metrics.start(metrics.call_labels(request.uri().path(), transport));
+    let response = next.run(request).await;
+    if let Some(code) = grpc_code(response.headers()) {
+        timer.finish(code);
+        return response;
+    }
+    response.map(|body| axum::body::Body::new(TimedBody { inner: body, timer }))
+}
+
+fn grpc_code(headers: &http::HeaderMap) -> Option<&'static str> {
+    let code: i32 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    Some(crate::edge::calls::code_name(tonic::Code::from_i32(code)))
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that records its call's code from the trailers.
+    struct TimedBody {
+        #[pin]
+        inner: axum::body::Body,
+        timer: CallTimer,
+    }
+}
+
+impl http_body::Body for TimedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(code) = f.trailers_ref().and_then(grpc_code) {
+                    this.timer.finish(code);
+                }
+            }
+            // A body that ended without trailers is not a complete gRPC answer.
+            None => this.timer.finish("UNKNOWN"),
+            Some(Err(_)) => {}
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

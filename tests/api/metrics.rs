@@ -1,0 +1,225 @@
+//! `/metrics` on the admin listener, read by the Prometheus project's own parser
+//! (Python `prometheus_client`) after a known workload.
+use std::time::Duration;
+
+use mediaplane::proto::v1 as pb;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// The families of a scrape of `app`, as `prometheus_client` parses them.
+async fn scrape(app: &TestApp) -> Vec<Value> {
+    let text = reqwest::get(format!("http://{}/metrics", app.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    assert!(
+        std::path::Path::new(python).exists(),
+        "{python} not found: run scripts/test.sh, which installs it"
+    );
+    let mut child = tokio::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/interop/scrape.py"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "the parser refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The value of the sample `name` whose labels include all of `labels`.
+fn sample(families: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    families
+        .iter()
+        .flat_map(|f| f["samples"].as_array().unwrap())
+        .find(|s| {
+            s["name"] == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
+        })
+        .and_then(|s| s["value"].as_f64())
+}
+
+fn family_type(families: &[Value], name: &str) -> String {
+    families
+        .iter()
+        .find(|f| f["name"] == name)
+        .map(|f| f["type"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn metrics_count_calls_on_every_door_and_read_queues_from_postgres() {
+    let app = TestApp::spawn_with(|s| {
+        s.queue_figures_interval = Duration::from_millis(200);
+    })
+    .await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "measured").await;
+    for _ in 0..3 {
+        create_job_of(&app, &t, &p.name, "render").await;
+    }
+    create_job_of(&app, &t, &p.name, "transcode").await;
+    let w = token_with("fleet", &["worker"], Duration::from_secs(600));
+    let first = acquire_one(&app, &w, "w1", "render").await;
+    acquire_one(&app, &w, "w1", "render").await;
+    app.jobs(&w)
+        .complete_job(pb::CompleteJobRequest {
+            name: first.job.unwrap().name,
+            lease_id: first.lease_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // REST, grpc-web and a call without a token.
+    let http = reqwest::Client::new();
+    let r = http
+        .get(app.http(&format!("/v1/{}", p.name)))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = reqwest::Client::builder()
+        .http1_only()
+        .build()
+        .unwrap()
+        .post(app.http("/mediaplane.v1.ProjectsService/GetProject"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .bearer_auth(&t)
+        .body(grpc_web_frame(&pb::GetProjectRequest {
+            name: p.name.clone(),
+        }))
+        .send()
+        .await
+        .unwrap();
+    let _ = r.bytes().await.unwrap();
+    let _ = app
+        .projects("not-a-token")
+        .list_projects(pb::ListProjectsRequest::default())
+        .await;
+
+    let peer = app.spawn_peer().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let families = scrape(&app).await;
+    let handled = |service: &str, method: &str, transport: &str, code: &str| {
+        sample(
+            &families,
+            "grpc_server_handled_total",
+            &[
+                ("grpc_service", service),
+                ("grpc_method", method),
+                ("transport", transport),
+                ("grpc_code", code),
+            ],
+        )
+    };
+    let jobs = "mediaplane.v1.JobsService";
+    let projects = "mediaplane.v1.ProjectsService";
+    assert_eq!(handled(jobs, "CreateJob", "grpc", "OK"), Some(4.0));
+    assert_eq!(handled(jobs, "AcquireJobs", "grpc", "OK"), Some(2.0));
+    assert_eq!(handled(jobs, "CompleteJob", "grpc", "OK"), Some(1.0));
+    assert_eq!(handled(projects, "GetProject", "rest", "OK"), Some(1.0));
+    assert_eq!(handled(projects, "GetProject", "grpc-web", "OK"), Some(1.0));
+    assert_eq!(
+        handled(projects, "ListProjects", "grpc", "UNAUTHENTICATED"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &families,
+            "grpc_server_started_total",
+            &[("grpc_method", "CreateJob")]
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        family_type(&families, "grpc_server_handling_seconds"),
+        "histogram"
+    );
+    assert_eq!(
+        sample(
+            &families,
+            "grpc_server_handling_seconds_count",
+            &[("grpc_method", "CreateJob"), ("transport", "grpc")]
+        ),
+        Some(4.0)
+    );
+
+    // Queues, from Postgres: 1 render queued (3 made, 2 leased), 1 running, 1 transcode.
+    for (kind, queued, running) in [("render", 1.0, 1.0), ("transcode", 1.0, 0.0)] {
+        for (who, f) in [("app", &families), ("peer", &scrape(&peer).await)] {
+            assert_eq!(
+                sample(f, "mediaplane_jobs_queued", &[("kind", kind)]),
+                Some(queued),
+                "{who} {kind} queued"
+            );
+            assert_eq!(
+                sample(f, "mediaplane_jobs_running", &[("kind", kind)]),
+                Some(running),
+                "{who} {kind} running"
+            );
+        }
+        let age = sample(
+            &families,
+            "mediaplane_jobs_oldest_queued_age_seconds",
+            &[("kind", kind)],
+        )
+        .unwrap();
+        assert!(age > 1.0 && age < 60.0, "{kind}: {age}");
+    }
+    // The age keeps growing while nothing is taken.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = scrape(&app).await;
+    let age = |f: &[Value]| {
+        sample(
+            f,
+            "mediaplane_jobs_oldest_queued_age_seconds",
+            &[("kind", "transcode")],
+        )
+        .unwrap()
+    };
+    assert!(age(&later) >= age(&families) + 1.0);
+
+    // The process.
+    assert!(sample(&families, "process_resident_memory_bytes", &[]).unwrap() > 1e6);
+    assert!(sample(&families, "process_open_fds", &[]).unwrap() > 5.0);
+    assert!(sample(&families, "process_cpu_seconds", &[]).unwrap_or(0.0) >= 0.0);
+
+    // Not on the public port.
+    let r = http.get(app.http("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // Unknown paths do not become labels.
+    let _ = http
+        .post(app.http("/mediaplane.v1.JobsService/NoSuchMethod"))
+        .header("content-type", "application/grpc")
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await;
+    let after = scrape(&app).await;
+    assert!(
+        after
+            .iter()
+            .flat_map(|f| f["samples"].as_array().unwrap())
+            .all(|s| s["labels"]["grpc_method"] != "NoSuchMethod"),
+        "unknown methods are `unknown`"
+    );
+}
