@@ -71,6 +71,41 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+/// What happened to a job, for `mediaplane_job_events_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum JobEvent {
+    Created,
+    Leased,
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// Back to QUEUED for another attempt (a failure or an expired lease that
+    /// retries, RetryJob).
+    Retried,
+    LeaseExpired,
+}
+
+impl EncodeLabelValue for JobEvent {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            JobEvent::Created => "created",
+            JobEvent::Leased => "leased",
+            JobEvent::Succeeded => "succeeded",
+            JobEvent::Failed => "failed",
+            JobEvent::Cancelled => "cancelled",
+            JobEvent::Retried => "retried",
+            JobEvent::LeaseExpired => "lease_expired",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobEventLabels {
+    pub kind: String,
+    pub event: JobEvent,
+}
+
 /// What one queue holds, read from Postgres (every instance reports the same).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueFigures {
@@ -91,12 +126,19 @@ pub struct Metrics {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
 struct Inner {
     registry: Registry,
     started: Family<CallLabels, Counter>,
     handled: Family<HandledLabels, Counter>,
     handling: Family<CallLabels, Histogram, fn() -> Histogram>,
     in_flight: Family<TransportLabels, Gauge>,
+    job_events: Family<JobEventLabels, Counter>,
     queued: Family<KindLabels, Gauge>,
     running: Family<KindLabels, Gauge>,
     oldest_age: Family<KindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -140,6 +182,12 @@ impl Metrics {
             "mediaplane_calls_in_flight",
             "Calls started and not finished, open streams included",
             in_flight.clone(),
+        );
+        let job_events = Family::<JobEventLabels, Counter>::default();
+        registry.register(
+            "mediaplane_job_events",
+            "Jobs created, leased, succeeded, failed, cancelled, retried and whose lease expired, by kind, as committed by this instance",
+            job_events.clone(),
         );
         let queued = Family::<KindLabels, Gauge>::default();
         registry.register(
@@ -193,6 +241,7 @@ impl Metrics {
                 handled,
                 handling,
                 in_flight,
+                job_events,
                 queued,
                 running,
                 oldest_age,
@@ -235,6 +284,17 @@ impl Metrics {
             labels: Some(labels),
             start: std::time::Instant::now(),
         }
+    }
+
+    /// Counts a committed change of a job of `kind`.
+    pub fn job_event(&self, event: JobEvent, kind: &str) {
+        self.inner
+            .job_events
+            .get_or_create(&JobEventLabels {
+                kind: kind.to_owned(),
+                event,
+            })
+            .inc();
     }
 
     /// The latest queue figures read from Postgres.

@@ -89,6 +89,7 @@ impl Application {
         let health = Health::new(reporter).await;
         health.probe(&db, &redis).await;
 
+        let metrics = Metrics::new(known_paths()?);
         let draining = CancellationToken::new();
         let background = CancellationToken::new();
         let hub = Hub::start(
@@ -108,6 +109,7 @@ impl Application {
             job_retention: settings.job_retention,
             event_retention: settings.event_retention,
             leases: crate::auth::LeaseBinding::new(&signing_key(&settings)),
+            metrics: metrics.clone(),
         };
         let engine = Engine::new(
             db.clone(),
@@ -133,7 +135,6 @@ impl Application {
                 addr: settings.admin_addr,
                 source,
             })?;
-        let metrics = Metrics::new(known_paths()?);
         let storage =
             Storage::open(&settings.storage).map_err(|e| StartError::Config(e.to_string()))?;
         let limits = AssetLimits {

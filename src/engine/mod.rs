@@ -39,6 +39,7 @@ pub struct EngineSettings {
     pub event_retention: Duration,
     /// Lease ids are bound to the subject of the token that acquired them.
     pub leases: crate::auth::LeaseBinding,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Per job kind, how many jobs just became available.
@@ -49,6 +50,8 @@ pub struct Published {
     project: Uuid,
     job: Uuid,
     payload: Vec<u8>,
+    /// What the event counts as in the job metrics, with the job's kind.
+    counted: Option<(crate::metrics::JobEvent, String)>,
 }
 
 #[derive(Clone)]
@@ -146,8 +149,25 @@ fn to_publish(changes: &[(Job, EventType)]) -> Vec<Published> {
             project: job.project_id,
             job: job.id,
             payload: event(job, *ty).encode_to_vec(),
+            counted: counted_as(job, *ty).map(|e| (e, job.kind.clone())),
         })
         .collect()
+}
+
+/// The job metric an event adds to, if any.
+fn counted_as(job: &Job, ty: EventType) -> Option<crate::metrics::JobEvent> {
+    use crate::metrics::JobEvent as E;
+    match ty {
+        EventType::Created => Some(E::Created),
+        EventType::StateChanged => Some(match job.state {
+            JobState::Running => E::Leased,
+            JobState::Succeeded => E::Succeeded,
+            JobState::Failed => E::Failed,
+            JobState::Cancelled => E::Cancelled,
+            JobState::Queued => E::Retried,
+        }),
+        _ => None,
+    }
 }
 
 /// Batches of events (and wake-ups) queued for Redis; beyond this, new ones are dropped.
@@ -310,6 +330,11 @@ impl Engine {
     pub fn publish(&self, events: Vec<Published>, wake: Wake) {
         if events.is_empty() && wake.is_empty() {
             return;
+        }
+        for e in &events {
+            if let Some((event, kind)) = &e.counted {
+                self.settings.metrics.job_event(*event, kind);
+            }
         }
         let n = events.len();
         if let Err(e) = self.publisher.try_send((events, wake)) {
@@ -895,11 +920,17 @@ impl Engine {
                     changes.push((job, EventType::StateChanged));
                 }
                 let published = to_publish(&changes);
-                Ok::<_, AppError>((changes.len(), published, kinds))
+                let expired: Vec<String> = changes.iter().map(|(j, _)| j.kind.clone()).collect();
+                Ok::<_, AppError>((expired, published, kinds))
             })
             .await?;
+        for kind in &count {
+            self.settings
+                .metrics
+                .job_event(crate::metrics::JobEvent::LeaseExpired, kind);
+        }
         self.publish(published, kinds);
-        Ok(count)
+        Ok(count.len())
     }
 
     /// Deletes what the retention settings let go, a batch per statement (each its own

@@ -79,13 +79,32 @@ async fn metrics_count_calls_on_every_door_and_read_queues_from_postgres() {
     create_job_of(&app, &t, &p.name, "transcode").await;
     let w = token_with("fleet", &["worker"], Duration::from_secs(600));
     let first = acquire_one(&app, &w, "w1", "render").await;
-    acquire_one(&app, &w, "w1", "render").await;
+    let second = acquire_one(&app, &w, "w1", "render").await;
     app.jobs(&w)
         .complete_job(pb::CompleteJobRequest {
             name: first.job.unwrap().name,
             lease_id: first.lease_id,
             ..Default::default()
         })
+        .await
+        .unwrap();
+    app.jobs(&w)
+        .fail_job(pb::FailJobRequest {
+            name: second.job.unwrap().name,
+            lease_id: second.lease_id,
+            error: Some(tonic_types::pb::Status {
+                code: 13,
+                message: "no GPU".into(),
+                details: vec![],
+            }),
+            retryable: false,
+            retry_after: None,
+        })
+        .await
+        .unwrap();
+    let thumb = create_job_of(&app, &t, &p.name, "thumbnail").await;
+    app.jobs(&t)
+        .cancel_job(pb::CancelJobRequest { name: thumb.name })
         .await
         .unwrap();
     // REST, grpc-web and a call without a token.
@@ -134,9 +153,10 @@ async fn metrics_count_calls_on_every_door_and_read_queues_from_postgres() {
     };
     let jobs = "mediaplane.v1.JobsService";
     let projects = "mediaplane.v1.ProjectsService";
-    assert_eq!(handled(jobs, "CreateJob", "grpc", "OK"), Some(4.0));
+    assert_eq!(handled(jobs, "CreateJob", "grpc", "OK"), Some(5.0));
     assert_eq!(handled(jobs, "AcquireJobs", "grpc", "OK"), Some(2.0));
     assert_eq!(handled(jobs, "CompleteJob", "grpc", "OK"), Some(1.0));
+    assert_eq!(handled(jobs, "FailJob", "grpc", "OK"), Some(1.0));
     assert_eq!(handled(projects, "GetProject", "rest", "OK"), Some(1.0));
     assert_eq!(handled(projects, "GetProject", "grpc-web", "OK"), Some(1.0));
     assert_eq!(
@@ -149,7 +169,7 @@ async fn metrics_count_calls_on_every_door_and_read_queues_from_postgres() {
             "grpc_server_started_total",
             &[("grpc_method", "CreateJob")]
         ),
-        Some(4.0)
+        Some(5.0)
     );
     assert_eq!(
         family_type(&families, "grpc_server_handling_seconds"),
@@ -161,11 +181,30 @@ async fn metrics_count_calls_on_every_door_and_read_queues_from_postgres() {
             "grpc_server_handling_seconds_count",
             &[("grpc_method", "CreateJob"), ("transport", "grpc")]
         ),
-        Some(4.0)
+        Some(5.0)
     );
 
-    // Queues, from Postgres: 1 render queued (3 made, 2 leased), 1 running, 1 transcode.
-    for (kind, queued, running) in [("render", 1.0, 1.0), ("transcode", 1.0, 0.0)] {
+    // What happened to the jobs, by kind.
+    for (kind, event, n) in [
+        ("render", "created", 3.0),
+        ("transcode", "created", 1.0),
+        ("render", "leased", 2.0),
+        ("render", "succeeded", 1.0),
+        ("render", "failed", 1.0),
+        ("thumbnail", "cancelled", 1.0),
+    ] {
+        assert_eq!(
+            sample(
+                &families,
+                "mediaplane_job_events_total",
+                &[("kind", kind), ("event", event)]
+            ),
+            Some(n),
+            "{kind} {event}"
+        );
+    }
+    // Queues, from Postgres: 1 render queued (3 made, 2 leased and ended), 1 transcode.
+    for (kind, queued, running) in [("render", 1.0, 0.0), ("transcode", 1.0, 0.0)] {
         for (who, f) in [("app", &families), ("peer", &scrape(&peer).await)] {
             assert_eq!(
                 sample(f, "mediaplane_jobs_queued", &[("kind", kind)]),
