@@ -3,6 +3,7 @@
 mod access;
 mod assets;
 mod browser;
+mod deploy;
 mod edge;
 mod health;
 mod helpers;
