@@ -67,6 +67,35 @@ pub struct TransportLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// The pools and the Redis subscriber, read at each scrape; counters advance by what
+/// the pool's own statistics moved since the last one.
+pub struct Dependencies {
+    pub db: crate::db::Pool,
+    pub db_size: u32,
+    pub redis_connected: Box<dyn Fn() -> bool + Send + Sync>,
+    seen: (u64, u64, u64, f64, u64),
+}
+
+impl Dependencies {
+    pub fn new(
+        db: crate::db::Pool,
+        db_size: u32,
+        redis_connected: Box<dyn Fn() -> bool + Send + Sync>,
+    ) -> Self {
+        Self {
+            db,
+            db_size,
+            redis_connected,
+            seen: (0, 0, 0, 0.0, 0),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -145,6 +174,15 @@ struct Inner {
     /// The last queue figures read, with the time they were read.
     queues: Mutex<(Vec<QueueFigures>, Option<SystemTime>)>,
     queue_refresh_errors: Counter,
+    /// What dependency figures are read from at scrape time.
+    dependencies: Mutex<Option<Dependencies>>,
+    db_connections: Gauge,
+    db_idle: Gauge,
+    db_max: Gauge,
+    db_acquires: Family<OutcomeLabels, Counter>,
+    db_wait: Counter<f64, std::sync::atomic::AtomicU64>,
+    redis_connected: Gauge,
+    group_failures: Counter,
     resident: Gauge,
     cpu: Gauge<f64, std::sync::atomic::AtomicU64>,
     open_fds: Gauge,
@@ -214,6 +252,49 @@ impl Metrics {
             "Failed reads of the queue figures from Postgres (the last figures stay served)",
             queue_refresh_errors.clone(),
         );
+        let db_connections = Gauge::default();
+        registry.register(
+            "mediaplane_db_pool_connections",
+            "Postgres connections open in this instance's pool (in use = this - idle)",
+            db_connections.clone(),
+        );
+        let db_idle = Gauge::default();
+        registry.register(
+            "mediaplane_db_pool_idle_connections",
+            "Postgres connections open and idle",
+            db_idle.clone(),
+        );
+        let db_max = Gauge::default();
+        registry.register(
+            "mediaplane_db_pool_max_connections",
+            "The pool's size (MEDIAPLANE_DB_POOL_SIZE)",
+            db_max.clone(),
+        );
+        let db_acquires = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "mediaplane_db_pool_acquires",
+            "Connections taken from the pool: `direct`, `waited` (a waiter), `timed_out`",
+            db_acquires.clone(),
+        );
+        let db_wait = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "mediaplane_db_pool_wait",
+            "Time calls spent waiting for a Postgres connection",
+            Unit::Seconds,
+            db_wait.clone(),
+        );
+        let redis_connected = Gauge::default();
+        registry.register(
+            "mediaplane_redis_connected",
+            "1 while the Redis subscriber (job events, wake-ups) is connected",
+            redis_connected.clone(),
+        );
+        let group_failures = Counter::default();
+        registry.register(
+            "mediaplane_group_commit_failures",
+            "Group commits whose statement failed as a whole and were split to find the failing call (process-wide)",
+            group_failures.clone(),
+        );
         let resident = Gauge::default();
         registry.register_with_unit(
             "process_resident_memory",
@@ -247,6 +328,14 @@ impl Metrics {
                 oldest_age,
                 queues: Mutex::new((Vec::new(), None)),
                 queue_refresh_errors,
+                dependencies: Mutex::new(None),
+                db_connections,
+                db_idle,
+                db_max,
+                db_acquires,
+                db_wait,
+                redis_connected,
+                group_failures,
                 resident,
                 cpu,
                 open_fds,
@@ -284,6 +373,50 @@ impl Metrics {
             labels: Some(labels),
             start: std::time::Instant::now(),
         }
+    }
+
+    /// Reads `dependencies` at every scrape from now on.
+    pub fn watch_dependencies(&self, dependencies: Dependencies) {
+        *self
+            .inner
+            .dependencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(dependencies);
+    }
+
+    fn sample_dependencies(&self) {
+        let inner = &self.inner;
+        let mut guard = inner.dependencies.lock().unwrap_or_else(|p| p.into_inner());
+        let failures = crate::batch::group_failures();
+        let Some(d) = guard.as_mut() else {
+            return;
+        };
+        let state = d.db.state();
+        inner.db_connections.set(i64::from(state.connections));
+        inner.db_idle.set(i64::from(state.idle_connections));
+        inner.db_max.set(i64::from(d.db_size));
+        let st = state.statistics;
+        let now = (
+            st.get_direct,
+            st.get_waited,
+            st.get_timed_out,
+            st.get_wait_time.as_secs_f64(),
+            failures,
+        );
+        let (direct, waited, timed_out, wait, groups) = d.seen;
+        let acquires = |outcome: &'static str, by: u64| {
+            inner
+                .db_acquires
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(by);
+        };
+        acquires("direct", now.0.saturating_sub(direct));
+        acquires("waited", now.1.saturating_sub(waited));
+        acquires("timed_out", now.2.saturating_sub(timed_out));
+        inner.db_wait.inc_by((now.3 - wait).max(0.0));
+        inner.group_failures.inc_by(now.4.saturating_sub(groups));
+        d.seen = now;
+        inner.redis_connected.set(i64::from((d.redis_connected)()));
     }
 
     /// Counts a committed change of a job of `kind`.
@@ -347,6 +480,7 @@ impl Metrics {
                     .set(age);
             }
         }
+        self.sample_dependencies();
         let process = process_figures();
         inner.resident.set(process.resident_bytes);
         inner.cpu.set(process.cpu_seconds);

@@ -236,6 +236,12 @@ impl Application {
         assets.spawn_collector(settings.reap_interval * 5, background.clone());
         assets.spawn_verifier(Duration::from_secs(1), background.clone());
         health.spawn_prober(db, redis, settings.health_interval, background.clone());
+        let hub = engine.hub.clone();
+        metrics.watch_dependencies(crate::metrics::Dependencies::new(
+            engine.db.clone(),
+            settings.db_pool_size,
+            Box::new(move || hub.connected()),
+        ));
         spawn_queue_figures(
             metrics.clone(),
             engine.db.clone(),

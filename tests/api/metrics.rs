@@ -238,6 +238,27 @@ async fn metrics_count_calls_on_every_door_and_read_queues_from_postgres() {
     };
     assert!(age(&later) >= age(&families) + 1.0);
 
+    // Dependencies.
+    assert_eq!(
+        sample(&families, "mediaplane_db_pool_max_connections", &[]),
+        Some(4.0)
+    );
+    assert!(sample(&families, "mediaplane_db_pool_connections", &[]).unwrap() >= 1.0);
+    assert!(
+        sample(
+            &families,
+            "mediaplane_db_pool_acquires_total",
+            &[("outcome", "direct")]
+        )
+        .unwrap()
+            > 5.0
+    );
+    assert_eq!(
+        sample(&families, "mediaplane_redis_connected", &[]),
+        Some(1.0)
+    );
+    assert!(sample(&families, "mediaplane_group_commit_failures_total", &[]).is_some());
+
     // The process.
     assert!(sample(&families, "process_resident_memory_bytes", &[]).unwrap() > 1e6);
     assert!(sample(&families, "process_open_fds", &[]).unwrap() > 5.0);
