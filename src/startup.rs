@@ -108,7 +108,7 @@ impl Application {
             watch_resync: settings.watch_resync,
             job_retention: settings.job_retention,
             event_retention: settings.event_retention,
-            leases: crate::auth::LeaseBinding::new(&signing_key(&settings)),
+            leases: crate::auth::LeaseBinding::new(&lease_key(&settings)),
             metrics: metrics.clone(),
         };
         let engine = Engine::new(
@@ -458,6 +458,24 @@ fn signing_key(settings: &Settings) -> Vec<u8> {
     let mut key = vec![0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
     key
+}
+
+/// Key that binds leases to their subject. It must be the same on every instance (a
+/// worker's writes may reach any of them): the signed-URL key when there is one, else
+/// one derived from the database URL, which every instance shares.
+fn lease_key(settings: &Settings) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    if settings.url_signing_key.is_some() || settings.jwt.secret.is_some() {
+        return signing_key(settings);
+    }
+    tracing::warn!(
+        "no MEDIAPLANE_URL_SIGNING_KEY or JWT secret: leases are bound with a key derived from DATABASE_URL; set MEDIAPLANE_URL_SIGNING_KEY"
+    );
+    Sha256::new()
+        .chain_update(b"mediaplane leases\0")
+        .chain_update(settings.database_url.expose())
+        .finalize()
+        .to_vec()
 }
 
 /// Creates and migrates the database, waiting a while for Postgres to come up.

@@ -648,3 +648,43 @@ async fn ranges_that_overflow_are_answered_with_checked_arithmetic() {
         .unwrap();
     assert!(r.status().is_client_error(), "{}", r.status());
 }
+
+#[tokio::test]
+async fn a_lease_taken_on_one_instance_is_honoured_by_another_without_a_shared_secret() {
+    // Public-key tokens only: no HMAC secret for the instances to derive keys from.
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let public = std::fs::read(format!("{fixtures}/ed25519_public.pem")).unwrap();
+    let private = std::fs::read(format!("{fixtures}/ed25519_private.pem")).unwrap();
+    let a = TestApp::spawn_with(|s| {
+        s.jwt = mediaplane::config::JwtSettings {
+            secret: None,
+            public_key_pem: Some(public),
+            ..Default::default()
+        };
+    })
+    .await;
+    let b = a.spawn_peer().await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let key = EncodingKey::from_ed_pem(&private).unwrap();
+    let sign = |claims: serde_json::Value| {
+        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap()
+    };
+    let t = sign(serde_json::json!({"sub": "alice", "iat": now, "exp": now + 600}));
+    let w = sign(
+        serde_json::json!({"sub": "fleet", "roles": ["worker"], "iat": now, "exp": now + 600}),
+    );
+    let p = create_project(&a, &t, "two instances").await;
+    let job = create_job_of(&a, &t, &p.name, "render").await;
+    let leased = acquire_one(&a, &w, "w", "render").await;
+    let done = b
+        .jobs(&w)
+        .complete_job(pb::CompleteJobRequest {
+            name: job.name,
+            lease_id: leased.lease_id,
+            ..Default::default()
+        })
+        .await
+        .expect("the other instance honours the lease")
+        .into_inner();
+    assert_eq!(done.state(), pb::job::State::Succeeded);
+}
