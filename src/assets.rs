@@ -38,6 +38,7 @@ pub struct AssetLimits {
 pub struct Assets {
     pub db: db::Pool,
     quotas: Quotas,
+    metrics: crate::metrics::Metrics,
     pub storage: Storage,
     pub limits: Arc<AssetLimits>,
     signing_key: Arc<[u8]>,
@@ -55,6 +56,7 @@ impl Assets {
     pub fn new(
         db: db::Pool,
         quotas: Quotas,
+        metrics: crate::metrics::Metrics,
         storage: Storage,
         limits: AssetLimits,
         signing_key: Vec<u8>,
@@ -63,6 +65,7 @@ impl Assets {
         Self {
             db,
             quotas,
+            metrics,
             storage,
             limits: Arc::new(limits),
             signing_key: signing_key.into(),
@@ -103,6 +106,7 @@ impl Assets {
         // the bytes written so far); READY bytes are read once here and re-checked
         // under a lock when the upload commits.
         let mut uploading = self.quotas.start_upload(&asset.owner);
+        let _in_progress = self.metrics.upload_started();
         let owner_ready = {
             let mut conn = self.db.get().await?;
             db::usage::storage_bytes(&mut conn, &asset.owner).await?
@@ -244,6 +248,7 @@ impl Assets {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => break Some(e),
             };
+            self.metrics.asset_bytes("uploaded", chunk.len() as u64);
             if let Err(e) = digest.add(chunk.clone()).await {
                 break Some(e);
             }
@@ -294,7 +299,13 @@ impl Assets {
             .as_deref()
             .ok_or_else(|| AppError::internal("READY asset without bytes"))?;
         let stream = self.storage.read(key, Some(range), asset::CHUNK).await?;
-        Ok(stream.map(|r| r.map_err(AppError::from)))
+        let metrics = self.metrics.clone();
+        Ok(stream.map(move |r| {
+            if let Ok(chunk) = &r {
+                metrics.asset_bytes("downloaded", chunk.len() as u64);
+            }
+            r.map_err(AppError::from)
+        }))
     }
 
     pub fn signing_key(&self) -> &[u8] {

@@ -67,6 +67,11 @@ pub struct TransportLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -183,6 +188,8 @@ struct Inner {
     db_wait: Counter<f64, std::sync::atomic::AtomicU64>,
     redis_connected: Gauge,
     group_failures: Counter,
+    asset_bytes: Family<DirectionLabels, Counter>,
+    uploads: Gauge,
     resident: Gauge,
     cpu: Gauge<f64, std::sync::atomic::AtomicU64>,
     open_fds: Gauge,
@@ -295,6 +302,23 @@ impl Metrics {
             "Group commits whose statement failed as a whole and were split to find the failing call (process-wide)",
             group_failures.clone(),
         );
+        let asset_bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register_with_unit(
+            "mediaplane_asset",
+            "Asset bytes through this instance: `uploaded` (received, stored or not) and `downloaded` (sent)",
+            Unit::Bytes,
+            asset_bytes.clone(),
+        );
+        // Known label values start at zero, so the series exist before the first byte.
+        for direction in ["uploaded", "downloaded"] {
+            asset_bytes.get_or_create(&DirectionLabels { direction });
+        }
+        let uploads = Gauge::default();
+        registry.register(
+            "mediaplane_uploads_in_progress",
+            "Asset uploads receiving bytes on this instance",
+            uploads.clone(),
+        );
         let resident = Gauge::default();
         registry.register_with_unit(
             "process_resident_memory",
@@ -336,6 +360,8 @@ impl Metrics {
                 db_wait,
                 redis_connected,
                 group_failures,
+                asset_bytes,
+                uploads,
                 resident,
                 cpu,
                 open_fds,
@@ -417,6 +443,20 @@ impl Metrics {
         inner.group_failures.inc_by(now.4.saturating_sub(groups));
         d.seen = now;
         inner.redis_connected.set(i64::from((d.redis_connected)()));
+    }
+
+    /// Bytes of asset content received (`uploaded`) or sent (`downloaded`).
+    pub fn asset_bytes(&self, direction: &'static str, bytes: u64) {
+        self.inner
+            .asset_bytes
+            .get_or_create(&DirectionLabels { direction })
+            .inc_by(bytes);
+    }
+
+    /// An upload in progress until the value is dropped.
+    pub fn upload_started(&self) -> UploadInProgress {
+        self.inner.uploads.inc();
+        UploadInProgress(self.clone())
     }
 
     /// Counts a committed change of a job of `kind`.
@@ -532,6 +572,14 @@ impl CallTimer {
 impl Drop for CallTimer {
     fn drop(&mut self) {
         self.finish("CANCELLED");
+    }
+}
+
+pub struct UploadInProgress(Metrics);
+
+impl Drop for UploadInProgress {
+    fn drop(&mut self) {
+        self.0.inner.uploads.dec();
     }
 }
 

@@ -150,6 +150,7 @@ impl Application {
         let assets = Assets::new(
             db.clone(),
             quotas.clone(),
+            metrics.clone(),
             storage,
             limits,
             signing_key(&settings),

@@ -136,6 +136,24 @@ async fn metrics_count_calls_on_every_door_and_read_queues_from_postgres() {
         .list_projects(pb::ListProjectsRequest::default())
         .await;
 
+    // An asset up and down over REST: 5,000 bytes each way.
+    let asset = create_pending_asset(&app, &t, &p.name, "bytes").await;
+    let r = http
+        .post(app.http(&format!("/v1/{}:upload", asset.name)))
+        .bearer_auth(&t)
+        .body(vec![9u8; 5000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(app.http(&format!("/v1/{}:download?alt=media", asset.name)))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 5000);
+
     let peer = app.spawn_peer().await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let families = scrape(&app).await;
@@ -258,6 +276,23 @@ async fn metrics_count_calls_on_every_door_and_read_queues_from_postgres() {
         Some(1.0)
     );
     assert!(sample(&families, "mediaplane_group_commit_failures_total", &[]).is_some());
+
+    // Assets.
+    for direction in ["uploaded", "downloaded"] {
+        assert_eq!(
+            sample(
+                &families,
+                "mediaplane_asset_bytes_total",
+                &[("direction", direction)]
+            ),
+            Some(5000.0),
+            "{direction}"
+        );
+    }
+    assert_eq!(
+        sample(&families, "mediaplane_uploads_in_progress", &[]),
+        Some(0.0)
+    );
 
     // The process.
     assert!(sample(&families, "process_resident_memory_bytes", &[]).unwrap() > 1e6);
