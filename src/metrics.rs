@@ -311,7 +311,9 @@ impl Metrics {
         );
         // Known label values start at zero, so the series exist before the first byte.
         for direction in ["uploaded", "downloaded"] {
-            asset_bytes.get_or_create(&DirectionLabels { direction });
+            asset_bytes
+                .get_or_create(&DirectionLabels { direction })
+                .inc_by(0);
         }
         let uploads = Gauge::default();
         registry.register(
