@@ -110,6 +110,7 @@ impl Application {
             event_retention: settings.event_retention,
             leases: crate::auth::LeaseBinding::new(&lease_key(&settings)),
             metrics: metrics.clone(),
+            draining: draining.clone(),
         };
         let engine = Engine::new(
             db.clone(),

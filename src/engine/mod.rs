@@ -40,6 +40,9 @@ pub struct EngineSettings {
     /// Lease ids are bound to the subject of the token that acquired them.
     pub leases: crate::auth::LeaseBinding,
     pub metrics: crate::metrics::Metrics,
+    /// Cancelled when the server starts to shut down: waiting AcquireJobs calls
+    /// answer at once (with nothing) instead of holding the drain.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// Per job kind, how many jobs just became available.
@@ -662,6 +665,7 @@ impl Engine {
             tokio::select! {
                 () = idle.woken() => {}
                 () = tokio::time::sleep(nap) => {}
+                () = self.settings.draining.cancelled() => return Ok(Vec::new()),
             }
         }
     }

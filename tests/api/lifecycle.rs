@@ -395,3 +395,45 @@ async fn migrate_command_only_migrates() {
         "already migrated"
     );
 }
+
+/// Waiting AcquireJobs calls answer at once, empty, when the drain starts: an idle
+/// instance with a fleet long-polling it stops in well under a second.
+#[tokio::test]
+async fn an_idle_instance_with_waiting_long_polls_stops_within_a_second() {
+    let mut app = TestApp::spawn_with(|s| s.drain_timeout = Duration::from_secs(10)).await;
+    let w = token_with("fleet", &["worker"], Duration::from_secs(600));
+    let mut polls = Vec::new();
+    for i in 0..5 {
+        let mut jobs = app.jobs(&w);
+        polls.push(tokio::spawn(async move {
+            jobs.acquire_jobs(pb::AcquireJobsRequest {
+                worker_id: format!("w{i}"),
+                kinds: vec!["render".into()],
+                max_jobs: 1,
+                wait_timeout: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let server = app.begin_shutdown();
+    for poll in polls {
+        let answer = poll.await.unwrap().expect("an answer, not an error");
+        assert!(answer.into_inner().jobs.is_empty());
+    }
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+}
