@@ -168,6 +168,14 @@ impl Health {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// True while the last probe found Postgres unreachable (not before the first).
+    pub fn postgres_down(&self) -> bool {
+        self.snapshot
+            .read()
+            .map(|s| s.postgres.status == "down")
+            .unwrap_or(false)
+    }
+
     fn update(&self, f: impl FnOnce(&mut Snapshot)) -> Snapshot {
         let mut guard = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
         f(&mut guard);

@@ -169,8 +169,9 @@ impl Application {
         let guard = Guard::new(
             verifier,
             limiter,
-            connections.max_watch_streams,
-            connections.max_uploads,
+            (connections.max_watch_streams, connections.max_uploads),
+            health.clone(),
+            settings.health_interval,
         );
         let router = router(
             &settings,

@@ -49,6 +49,11 @@ pub const RATE_HEADERS: [&str; 4] = [
 #[derive(Clone)]
 pub struct Guard {
     verifier: Verifier,
+    /// While it says Postgres is down, calls fail at once instead of each waiting
+    /// for the pool's timeout.
+    health: crate::health::Health,
+    /// The retry hint then given: the prober's interval.
+    health_interval: Duration,
     limiter: Option<Limiter>,
     streams: OpenStreams,
 }
@@ -57,11 +62,14 @@ impl Guard {
     pub fn new(
         verifier: Verifier,
         limiter: Option<Limiter>,
-        max_watches: u32,
-        max_uploads: u32,
+        (max_watches, max_uploads): (u32, u32),
+        health: crate::health::Health,
+        health_interval: Duration,
     ) -> Self {
         Self {
             verifier,
+            health,
+            health_interval,
             limiter,
             streams: OpenStreams {
                 caps: [max_watches, max_uploads],
@@ -176,6 +184,13 @@ pub async fn middleware(State(guard): State<Guard>, mut request: Request, next: 
         return next.run(request).await;
     };
     let method = method.to_owned();
+    if guard.health.postgres_down() {
+        return grpc_error(Status::with_error_details(
+            Code::Unavailable,
+            "the database is unreachable; retry shortly",
+            ErrorDetails::with_retry_info(Some(guard.health_interval)),
+        ));
+    }
     let ip = request.extensions().get::<ClientIp>().map(|c| c.0);
     let caller = match authenticate(&guard.verifier, request.headers()) {
         Ok(caller) => caller,

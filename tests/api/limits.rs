@@ -211,6 +211,18 @@ async fn silent_and_trickling_connections_are_closed_by_their_deadlines() {
         s.limits.connections.idle_timeout = Duration::from_millis(1500);
     })
     .await;
+    // The test's channel holds a watch open all along: a connection with a call open
+    // is never idle.
+    let t = token("alice");
+    let p = create_project(&app, &t, "busy").await;
+    let _watch = app
+        .jobs(&t)
+        .watch_jobs(pb::WatchJobsRequest {
+            parent: p.name.clone(),
+            filter: String::new(),
+        })
+        .await
+        .expect("watch");
     let mut silent = connect_from([127, 0, 0, 1], app.addr).await;
     let mut trickling = connect_from([127, 0, 0, 1], app.addr).await;
     trickling.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
@@ -231,8 +243,8 @@ async fn silent_and_trickling_connections_are_closed_by_their_deadlines() {
         closed_within(&mut idle, Duration::from_secs(4)).await,
         "idle"
     );
-    // A busy client is not idle: its channel keeps working.
-    create_project(&app, &token("alice"), "still served").await;
+    // The busy connection was left open: a call on it still works.
+    create_project(&app, &t, "still served").await;
 }
 
 #[tokio::test]
