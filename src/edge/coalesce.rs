@@ -124,26 +124,28 @@ where
         let response = ready!(this.inner.poll(cx));
         let open = this.open.take();
         Poll::Ready(response.map(|r| match open {
-            Some(open) => r.map(|body| {
-                Body::new(CountedBody {
-                    inner: body,
-                    _open: open,
-                })
-            }),
+            Some(open) => r.map(|body| Body::new(HoldingBody::new(body, open))),
             None => r,
         }))
     }
 }
 
 pin_project_lite::pin_project! {
-    struct CountedBody {
+    /// A response body that holds `T` (a count, a slot) until it ends or is dropped.
+    pub struct HoldingBody<T> {
         #[pin]
         inner: Body,
-        _open: OpenCall,
+        _held: T,
     }
 }
 
-impl http_body::Body for CountedBody {
+impl<T> HoldingBody<T> {
+    pub fn new(inner: Body, held: T) -> Self {
+        Self { inner, _held: held }
+    }
+}
+
+impl<T> http_body::Body for HoldingBody<T> {
     type Data = Bytes;
     type Error = axum::Error;
 

@@ -220,12 +220,9 @@ pub async fn middleware(State(guard): State<Guard>, mut request: Request, next: 
     undecodable_is_invalid_argument(&mut response);
     match slot {
         None => response,
-        Some(slot) => response.map(|body| {
-            Body::new(HoldingBody {
-                inner: body,
-                _slot: slot,
-            })
-        }),
+        Some(slot) => {
+            response.map(|body| Body::new(crate::edge::coalesce::HoldingBody::new(body, slot)))
+        }
     }
 }
 
@@ -302,35 +299,6 @@ fn grpc_error(status: Status) -> Response {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     response
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that keeps a [`Slot`] until the stream ends or is dropped.
-    struct HoldingBody {
-        #[pin]
-        inner: Body,
-        _slot: Slot,
-    }
-}
-
-impl http_body::Body for HoldingBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 #[cfg(test)]
