@@ -27,7 +27,7 @@ redis-cli -h 127.0.0.1 -p 6379 ping || { echo "Redis is not reachable on 127.0.0
 
 # --- tools --------------------------------------------------------------------------
 say "Python interop tools (.venv)"
-if ! .venv/bin/python -c 'import grpc, grpc_tools, grpc_health, moto, openapi_spec_validator, prometheus_client, kubernetes_validate, yaml' 2>/dev/null; then
+if ! .venv/bin/python -c 'import grpc, grpc_tools, grpc_health, moto, openapi_spec_validator, prometheus_client, kubernetes_validate, yaml, opentelemetry.proto' 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
 fi

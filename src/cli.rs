@@ -64,7 +64,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await.map(|()| ok),
         Command::Worker(args) => {
-            let _log = telemetry::init(crate::config::LogFormat::Human);
+            let _log = telemetry::init(crate::config::LogFormat::Human, None)?;
             crate::worker::run(args).await.map(|()| ok)
         }
         Command::Jobs { command } => crate::jobs_cli::run(command).await,
@@ -85,7 +85,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Migrate(args) => {
             let settings = Settings::load(&args)?;
-            let _log = telemetry::init(settings.log_format);
+            let _log = telemetry::init(settings.log_format, None)?;
             let url = settings.database_url.expose();
             db::create_database_if_missing(url).await?;
             let applied = db::migrate(url).await?;
@@ -111,7 +111,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 
 async fn serve(args: SettingsArgs) -> anyhow::Result<()> {
     let mut settings = Settings::load(&args)?;
-    let _log = telemetry::init(settings.log_format);
+    let _telemetry = telemetry::init(settings.log_format, settings.otlp_endpoint.as_deref())?;
     if settings.jwt.secret.is_none() && settings.jwt.public_key_pem.is_none() {
         // First run: no set-up needed, yet the server is still closed to anyone without this token.
         let mut bytes = [0u8; 32];

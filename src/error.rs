@@ -165,6 +165,12 @@ impl From<diesel::result::Error> for AppError {
             E::DatabaseError(K::ClosedConnection | K::UnableToSendCommand, _) => {
                 Self::Unavailable(error.to_string())
             }
+            // Postgres ended the session (a terminated backend, a shutdown, a failover
+            // in progress): SQLSTATE 57P01-57P03, which diesel-async reports only as
+            // an unknown kind with the server's message (its code is not exposed).
+            E::DatabaseError(K::Unknown, info) if session_ended(info.message()) => {
+                Self::Unavailable(error.to_string())
+            }
             E::DatabaseError(K::UniqueViolation, info) => Self::AlreadyExists(format!(
                 "conflicts with an existing resource ({})",
                 info.constraint_name().unwrap_or("unique key")
@@ -175,6 +181,28 @@ impl From<diesel::result::Error> for AppError {
             _ => Self::Internal(format!("database: {error}")),
         }
     }
+}
+
+/// Postgres's messages for a session it ended or would not start (57P01 admin_shutdown,
+/// 57P02 crash_shutdown, 57P03 cannot_connect_now, 57P04 database_dropped).
+fn session_ended(message: &str) -> bool {
+    message.starts_with("terminating connection")
+        || message.starts_with("the database system is")
+        || message.starts_with("server closed the connection")
+}
+
+/// Codes that mean the server, not the caller, failed (OpenTelemetry's gRPC server
+/// conventions): their spans are marked as errors.
+pub fn is_server_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
 }
 
 impl From<diesel_async::pooled_connection::bb8::RunError> for AppError {

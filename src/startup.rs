@@ -55,8 +55,8 @@ const H2_SEND_BUFFER: usize = 2 * 1024 * 1024;
 
 pub struct Application {
     listener: TcpListener,
-    /// The admin listener (`/metrics`), apart from the public port.
-    admin: TcpListener,
+    /// The admin listener (`/metrics`), apart from the public port; `None`: metrics off.
+    admin: Option<TcpListener>,
     metrics: Metrics,
     router: Router,
     settings: Arc<Settings>,
@@ -130,12 +130,14 @@ impl Application {
             addr: settings.addr,
             source,
         })?;
-        let admin = TcpListener::bind(settings.admin_addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: settings.admin_addr,
-                source,
-            })?;
+        let admin = match settings.admin_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let storage =
             Storage::open(&settings.storage).map_err(|e| StartError::Config(e.to_string()))?;
         let limits = AssetLimits {
@@ -206,9 +208,10 @@ impl Application {
         self.listener.local_addr().unwrap_or(self.settings.addr)
     }
 
-    /// Where `/metrics` is served.
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or(self.settings.admin_addr)
+    /// Where `/metrics` is served, unless metrics are off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        let admin = self.admin.as_ref()?;
+        admin.local_addr().ok().or(self.settings.admin_addr)
     }
 
     pub fn health(&self) -> &Health {
@@ -252,7 +255,9 @@ impl Application {
             background.clone(),
         );
         reaper::spawn(engine, background.clone());
-        spawn_admin(admin, metrics, background.clone());
+        if let Some(admin) = admin {
+            spawn_admin(admin, metrics, background.clone());
+        }
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -567,7 +572,7 @@ fn router(
         .build_v1alpha()
         .map_err(|e| StartError::Config(format!("reflection: {e}")))?;
 
-    let grpc = Routes::new(projects)
+    let mut grpc = Routes::new(projects)
         .add_service(jobs)
         .add_service(assets_service)
         .add_service(health_service)
@@ -580,14 +585,16 @@ fn router(
         .layer(axum::middleware::from_fn_with_state(
             guard,
             guard::middleware,
-        ))
+        ));
+    if settings.admin_addr.is_some() {
         // Counted before the guard, so refused calls count too.
-        .layer(axum::middleware::from_fn_with_state(
+        grpc = grpc.layer(axum::middleware::from_fn_with_state(
             metrics,
             crate::metrics::record_calls,
-        ))
-        // grpc-web only on the gRPC routes: on the whole router it would answer 400 to plain HTTP.
-        .layer(tonic_web::GrpcWebLayer::new());
+        ));
+    }
+    // grpc-web only on the gRPC routes: on the whole router it would answer 400 to plain HTTP.
+    let grpc = grpc.layer(tonic_web::GrpcWebLayer::new());
 
     // REST/JSON: health, signed asset URLs, then every google.api.http binding,
     // transcoded onto the same services (through the same authentication).

@@ -1,23 +1,87 @@
-//! Logging: human or JSON lines, filtered by RUST_LOG (default `info`).
+//! Logs and traces.
 //!
-//! Lines are written by a thread of their own (tracing-appender): a slow reader of
-//! stdout (a full pipe, a stalled log shipper) must not block the runtime's workers,
-//! which write a line per call. If it falls 128,000 lines behind, new lines are
-//! dropped rather than calls delayed.
+//! Logging: human or JSON lines, filtered by RUST_LOG (default `info`). Lines are
+//! written by a thread of their own (tracing-appender): a slow reader of stdout (a full
+//! pipe, a stalled log shipper) must not block the runtime's workers, which write a
+//! line per call. If it falls 128,000 lines behind, new lines are dropped rather than
+//! calls delayed.
+//!
+//! Traces: every call's span joins the trace of the caller's W3C `traceparent` (or
+//! starts one), log lines carry its `trace_id`, and jobs keep the `traceparent` of the
+//! call that created them for their workers. With an OTLP endpoint the spans are
+//! exported (batched, from a thread of the SDK's own); without one they still carry
+//! ids but are dropped when they end.
+use opentelemetry::{
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, prelude::*};
 
 use crate::config::LogFormat;
 
-/// Flushes the lines still queued when dropped: hold it until the process ends.
+/// Flushes the lines and spans still queued when dropped: hold it until the process ends.
 #[must_use = "dropping it stops logging"]
-pub struct LogGuard(#[allow(dead_code)] Option<WorkerGuard>);
+pub struct Telemetry {
+    _log: Option<WorkerGuard>,
+    traces: Option<SdkTracerProvider>,
+}
 
-/// Installs the global subscriber; a second call (tests) is a no-op.
-pub fn init(format: LogFormat) -> LogGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.traces.take() {
+            // Spans of the last calls go out before the process ends.
+            let _ = provider.shutdown_with_timeout(std::time::Duration::from_secs(5));
+        }
+    }
+}
+
+/// Installs the global subscriber; a second call (tests) is a no-op. `otlp_endpoint`:
+/// where spans are exported (OTLP over gRPC, e.g. `http://collector:4317`). Must run
+/// inside the Tokio runtime (the exporter's client lives on it).
+pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
+    let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with(format, otlp_endpoint, logs)
+}
+
+/// [`init`] with the log lines filtered by `logs` (spans are traced whatever it says).
+pub fn init_with(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    logs: EnvFilter,
+) -> anyhow::Result<Telemetry> {
+    let mut builder = SdkTracerProvider::builder().with_resource(
+        opentelemetry_sdk::Resource::builder()
+            .with_service_name("mediaplane")
+            .build(),
+    );
+    let exporting = otlp_endpoint.is_some();
+    if let Some(endpoint) = otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| anyhow::anyhow!("OTLP exporter for {endpoint}: {e}"))?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    // Spans only, and only ours: each event as a span event, and every dependency's
+    // span, would cost more than the calls they describe.
+    let traces = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("mediaplane"))
+        .with_location(false)
+        .with_threads(false)
+        .with_level(false)
+        .with_target(false)
+        .with_filter(filter_fn(|m| {
+            m.is_span() && m.target().starts_with("mediaplane")
+        }));
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
-    let registry = tracing_subscriber::registry().with(filter);
+    // Each layer filters for itself: RUST_LOG=warn quietens the log, not the traces.
+    let registry = tracing_subscriber::registry().with(traces);
     let installed = match format {
         LogFormat::Json => registry
             .with(
@@ -25,12 +89,103 @@ pub fn init(format: LogFormat) -> LogGuard {
                     .json()
                     .with_current_span(true)
                     .with_span_list(false)
-                    .with_writer(writer),
+                    .with_writer(writer)
+                    .with_filter(logs),
             )
             .try_init(),
         LogFormat::Human => registry
-            .with(fmt::layer().with_target(false).with_writer(writer))
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    .with_writer(writer)
+                    .with_filter(logs),
+            )
             .try_init(),
     };
-    LogGuard(installed.is_ok().then_some(guard))
+    let installed = installed.is_ok();
+    Ok(Telemetry {
+        _log: installed.then_some(guard),
+        traces: (installed && exporting).then_some(provider),
+    })
+}
+
+/// Makes `span` (a call's, not yet entered) a child of the caller's `traceparent`, if
+/// any, and returns the trace id it belongs to (for its log lines).
+pub fn join_caller(span: &tracing::Span, headers: &http::HeaderMap) -> Option<String> {
+    if headers.contains_key("traceparent") {
+        let parent = TraceContextPropagator::new().extract(&Headers(headers));
+        let _ = span.set_parent(parent);
+    }
+    let context = span.context();
+    let span_ref = context.span();
+    let sc = span_ref.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// The W3C `traceparent` of the current span (the caller's trace, this call's span),
+/// or `None` outside any traced span.
+pub fn current_traceparent() -> Option<String> {
+    let context = tracing::Span::current().context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = TraceParent(None);
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.0
+}
+
+/// The trace id in a `traceparent`, when it is well formed (version 00).
+pub fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (Some("00"), Some(trace_id), Some(span_id), Some(flags), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(trace_id, 32) && hex(span_id, 16) && hex(flags, 2)).then_some(trace_id)
+}
+
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct TraceParent(Option<String>);
+
+impl Injector for TraceParent {
+    fn set(&mut self, key: &str, value: String) {
+        if key == "traceparent" {
+            self.0 = Some(value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trace_id_of;
+
+    #[test]
+    fn trace_ids_come_only_from_well_formed_traceparents() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id_of(good), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(
+            trace_id_of("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(trace_id_of("00-4bf92f35-00f067aa0ba902b7-01"), None);
+        assert_eq!(trace_id_of(&format!("{good}-x")), None);
+        assert_eq!(trace_id_of(""), None);
+    }
 }

@@ -3,7 +3,9 @@
 //!
 //! The command runs under `sh -c` with the job's input as JSON on stdin and in
 //! `MEDIAPLANE_JOB_INPUT`, plus `MEDIAPLANE_JOB_NAME`, `MEDIAPLANE_JOB_KIND` and
-//! `MEDIAPLANE_JOB_ATTEMPT`. It reports by printing lines on stdout:
+//! `MEDIAPLANE_JOB_ATTEMPT`, and `TRACEPARENT` (W3C trace context of the request that
+//! created the job, when it had one; the worker's own calls about the job carry it
+//! too). It reports by printing lines on stdout:
 //! - `PROGRESS <percent> [step]`            progress, and the current step
 //! - `MESSAGE <text>`                        a human-readable status line
 //! - `RESULT <json object>`                  the job's result
@@ -48,6 +50,24 @@ pub struct WorkerArgs {
     /// Exit after this many jobs (0: run until stopped).
     #[arg(long, default_value_t = 0)]
     pub max_jobs: u64,
+}
+
+/// A leased job as its calls name it.
+struct Held {
+    name: String,
+    lease_id: String,
+    /// Sent as `traceparent` with every call about the job.
+    traceparent: Option<tonic::metadata::AsciiMetadataValue>,
+}
+
+impl Held {
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(tp) = &self.traceparent {
+            request.metadata_mut().insert("traceparent", tp.clone());
+        }
+        request
+    }
 }
 
 #[derive(Default)]
@@ -165,7 +185,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
 async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
     let Some(job) = leased.job else { return };
-    let lease_id = leased.lease_id;
+    // Only a well-formed context is passed on: the command may parse it.
+    let traceparent = crate::telemetry::trace_id_of(&leased.traceparent)
+        .and_then(|_| leased.traceparent.parse().ok());
+    let held = Held {
+        name: job.name.clone(),
+        lease_id: leased.lease_id,
+        traceparent,
+    };
     let input = job
         .input
         .clone()
@@ -177,13 +204,19 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
     let input = serde_json::Value::Object(input).to_string();
     tracing::info!(job = %job.name, attempt = job.attempt, "running");
 
-    let spawned = Command::new("sh")
+    let mut command = Command::new("sh");
+    command
         .arg("-c")
         .arg(&args.command)
         .env("MEDIAPLANE_JOB_NAME", &job.name)
         .env("MEDIAPLANE_JOB_KIND", &job.kind)
         .env("MEDIAPLANE_JOB_ATTEMPT", job.attempt.to_string())
         .env("MEDIAPLANE_JOB_INPUT", &input)
+        .env_remove("TRACEPARENT");
+    if let Some(tp) = held.traceparent.as_ref().and_then(|v| v.to_str().ok()) {
+        command.env("TRACEPARENT", tp);
+    }
+    let spawned = command
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -194,8 +227,7 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
         Err(e) => {
             fail(
                 &mut jobs,
-                &job.name,
-                &lease_id,
+                &held,
                 Code::FailedPrecondition,
                 format!("cannot start command: {e}"),
                 false,
@@ -238,13 +270,13 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
         tokio::select! {
             status = child.wait() => break status,
             _ = heartbeat.tick() => {
-                if !beat(&mut jobs, &job.name, &lease_id, &report, true).await {
+                if !beat(&mut jobs, &held, &report, true).await {
                     let _ = child.kill().await;
                     return;
                 }
             }
             _ = flush.tick() => {
-                if !beat(&mut jobs, &job.name, &lease_id, &report, false).await {
+                if !beat(&mut jobs, &held, &report, false).await {
                     let _ = child.kill().await;
                     return;
                 }
@@ -259,16 +291,16 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
         None => String::new(),
     };
     // Last progress before the verdict, so watchers see it.
-    beat(&mut jobs, &job.name, &lease_id, &report, false).await;
+    beat(&mut jobs, &held, &report, false).await;
     let report = std::mem::take(&mut *report.lock().await);
     match status {
         Ok(s) if s.success() => {
-            let request = pb::CompleteJobRequest {
+            let request = held.request(pb::CompleteJobRequest {
                 name: job.name.clone(),
-                lease_id: lease_id.clone(),
+                lease_id: held.lease_id.clone(),
                 result: report.result.map(json_to_struct),
                 output_assets: report.outputs,
-            };
+            });
             match jobs.complete_job(request).await {
                 Ok(_) => tracing::info!(job = %job.name, "succeeded"),
                 Err(e) => {
@@ -281,21 +313,12 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
                 "command exited with {s}{}{stderr}",
                 if stderr.is_empty() { "" } else { ": " }
             );
-            fail(
-                &mut jobs,
-                &job.name,
-                &lease_id,
-                Code::Unknown,
-                message,
-                true,
-            )
-            .await;
+            fail(&mut jobs, &held, Code::Unknown, message, true).await;
         }
         Err(e) => {
             fail(
                 &mut jobs,
-                &job.name,
-                &lease_id,
+                &held,
                 Code::Internal,
                 format!("waiting for the command: {e}"),
                 true,
@@ -307,34 +330,28 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
 
 /// Sends progress (always when `force`, else only when it changed). Returns false
 /// when the job must stop: cancellation asked, or the lease is gone.
-async fn beat(
-    jobs: &mut Jobs,
-    name: &str,
-    lease_id: &str,
-    report: &Mutex<Report>,
-    force: bool,
-) -> bool {
+async fn beat(jobs: &mut Jobs, held: &Held, report: &Mutex<Report>, force: bool) -> bool {
+    let name = held.name.as_str();
     let request = {
         let mut r = report.lock().await;
         if !force && !r.dirty {
             return true;
         }
         r.dirty = false;
-        pb::ReportProgressRequest {
+        held.request(pb::ReportProgressRequest {
             name: name.to_owned(),
-            lease_id: lease_id.to_owned(),
+            lease_id: held.lease_id.clone(),
             progress_percent: r.percent,
             current_step: r.step.clone(),
             message: r.message.clone(),
-        }
+        })
     };
     match jobs.report_progress(request).await {
         Ok(r) if r.get_ref().cancel_requested => {
             tracing::info!(job = name, "cancel requested; stopping");
             fail(
                 jobs,
-                name,
-                lease_id,
+                held,
                 Code::Cancelled,
                 "cancelled by request".into(),
                 false,
@@ -354,17 +371,11 @@ async fn beat(
     }
 }
 
-async fn fail(
-    jobs: &mut Jobs,
-    name: &str,
-    lease_id: &str,
-    code: Code,
-    message: String,
-    retryable: bool,
-) {
-    let request = pb::FailJobRequest {
+async fn fail(jobs: &mut Jobs, held: &Held, code: Code, message: String, retryable: bool) {
+    let name = held.name.as_str();
+    let request = held.request(pb::FailJobRequest {
         name: name.to_owned(),
-        lease_id: lease_id.to_owned(),
+        lease_id: held.lease_id.clone(),
         error: Some(tonic_types::pb::Status {
             code: code as i32,
             message: message.chars().take(1024).collect(),
@@ -372,7 +383,7 @@ async fn fail(
         }),
         retryable,
         retry_after: None,
-    };
+    });
     match jobs.fail_job(request).await {
         Ok(r) => {
             tracing::info!(job = name, state = ?pb::job::State::try_from(r.get_ref().state), "attempt failed")

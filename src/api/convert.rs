@@ -119,6 +119,8 @@ impl From<crate::domain::job::Job> for crate::proto::v1::Job {
             start_time,
             end_time,
             update_time,
+            // Workers get it with their lease (LeasedJob), not every reader.
+            traceparent: _,
         } = j;
         Self {
             name: JobName {

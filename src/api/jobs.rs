@@ -471,6 +471,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                     .map(|l| self.engine.settings.leases.seal(&caller.sub, l).to_string())
                     .unwrap_or_default(),
                 lease_expire_time: j.lease_expire_time.map(super::convert::timestamp),
+                traceparent: j.traceparent.clone().unwrap_or_default(),
                 job: Some(j.into()),
             })
             .collect();

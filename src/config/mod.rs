@@ -29,10 +29,14 @@ pub struct SettingsArgs {
     /// Address serving gRPC (h2c), grpc-web and HTTP [default: 127.0.0.1:8080].
     #[arg(long, env = "MEDIAPLANE_ADDR")]
     pub addr: Option<String>,
-    /// Address of the admin listener (`GET /metrics`), never the public port
-    /// [default: 127.0.0.1:9090].
+    /// Address of the admin listener (`GET /metrics`), never the public port; `off`:
+    /// no listener and no call metrics [default: 127.0.0.1:9090].
     #[arg(long, env = "MEDIAPLANE_ADMIN_ADDR")]
     pub admin_addr: Option<String>,
+    /// OTLP/gRPC endpoint spans are exported to, e.g. `http://otel-collector:4317`
+    /// [default: none; trace context is still propagated].
+    #[arg(long, env = "MEDIAPLANE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// How often queue figures (depth, oldest job) are read from Postgres for
     /// `/metrics` [default: 5s].
     #[arg(long, env = "MEDIAPLANE_QUEUE_FIGURES_INTERVAL")]
@@ -198,7 +202,9 @@ impl Default for JwtSettings {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub addr: SocketAddr,
-    pub admin_addr: SocketAddr,
+    /// `None`: metrics off.
+    pub admin_addr: Option<SocketAddr>,
+    pub otlp_endpoint: Option<String>,
     pub queue_figures_interval: Duration,
     pub database_url: Secret,
     pub db_pool_size: u32,
@@ -317,10 +323,19 @@ impl Settings {
         })?
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
         let admin_addr = parse_opt("admin_addr", get("admin_addr", &args.admin_addr), |s| {
-            s.parse::<SocketAddr>()
-                .map_err(|_| "expected host:port with an IP address, like 127.0.0.1:9090".into())
+            if s.eq_ignore_ascii_case("off") {
+                return Ok(None);
+            }
+            s.parse::<SocketAddr>().map(Some).map_err(|_| {
+                "expected `off` or host:port with an IP address, like 127.0.0.1:9090".into()
+            })
         })?
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
+        .unwrap_or_else(|| Some(SocketAddr::from(([127, 0, 0, 1], 9090))));
+        let otlp_endpoint = parse_opt(
+            "otlp_endpoint",
+            get("otlp_endpoint", &args.otlp_endpoint),
+            |s| check_url(s, &["http", "https"]).map(|_| s.to_owned()),
+        )?;
         let database_url = parse_opt(
             "database_url",
             get("database_url", &args.database_url),
@@ -422,6 +437,7 @@ impl Settings {
         Ok(Settings {
             addr,
             admin_addr,
+            otlp_endpoint,
             queue_figures_interval: duration(
                 "queue_figures_interval",
                 &args.queue_figures_interval,

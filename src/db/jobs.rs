@@ -49,6 +49,7 @@ pub struct JobRow {
     start_time: Option<DateTime<Utc>>,
     end_time: Option<DateTime<Utc>>,
     update_time: DateTime<Utc>,
+    traceparent: Option<String>,
 }
 
 fn object(
@@ -95,6 +96,7 @@ impl TryFrom<JobRow> for Job {
             start_time,
             end_time,
             update_time,
+            traceparent,
         } = r;
         Ok(Job {
             id,
@@ -127,6 +129,7 @@ impl TryFrom<JobRow> for Job {
             start_time,
             end_time,
             update_time,
+            traceparent,
         })
     }
 }
@@ -205,6 +208,7 @@ struct NewJobRow<'a> {
     schedule_time: Option<DateTime<Utc>>,
     request_id: Option<&'a str>,
     request_hash: Option<Vec<u8>>,
+    traceparent: Option<&'a str>,
 }
 
 /// A job to insert into a project whose owner is known (and locked).
@@ -213,6 +217,8 @@ pub struct Insert<'a> {
     pub project: Uuid,
     pub job: &'a NewJob,
     pub request_id: Option<&'a str>,
+    /// The creating call's trace context, for the job's workers.
+    pub traceparent: Option<&'a str>,
 }
 
 /// Inserts jobs with one statement. Per job: the job and whether it is new; with a
@@ -236,6 +242,7 @@ pub async fn insert_many(
             schedule_time: i.job.schedule_time,
             request_id: i.request_id,
             request_hash: i.request_id.map(|_| i.job.digest()),
+            traceparent: i.traceparent,
         })
         .collect();
     let mut inserted: std::collections::HashMap<Uuid, JobRow> = std::collections::HashMap::new();
@@ -275,13 +282,23 @@ pub async fn insert_many(
     Ok(out)
 }
 
+/// A job for [`insert_visible`]: its caller's scope (`None`: any owner), project, fields,
+/// request id and trace context.
+pub struct VisibleInsert<'a> {
+    pub scope: Option<&'a str>,
+    pub project: Uuid,
+    pub job: &'a NewJob,
+    pub request_id: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
+}
+
 /// Inserts jobs in one statement, each only if its project exists, is visible to its
 /// scope (`None`: any) and is not being deleted, and its request id is new. Runs as its
 /// own transaction: the jobs it returns (by their position in `inserts`) are committed,
 /// with their events. The others wrote nothing; `insert_many` in a transaction tells why.
 pub async fn insert_visible(
     conn: &mut AsyncPgConnection,
-    inserts: &[(Option<&str>, Uuid, &NewJob, Option<&str>)],
+    inserts: &[VisibleInsert<'_>],
 ) -> AppResult<Vec<(usize, Job)>> {
     use diesel::sql_types::{Array, Bytea, Int4, Jsonb, Nullable as N, Text};
     struct InsertVisible {
@@ -296,6 +313,7 @@ pub async fn insert_visible(
         schedule_times: Vec<Option<DateTime<Utc>>>,
         request_ids: Vec<Option<String>>,
         request_hashes: Vec<Option<Vec<u8>>>,
+        traceparents: Vec<Option<String>>,
     }
     impl super::Statement for InsertVisible {
         fn walk<'b>(
@@ -310,9 +328,10 @@ pub async fn insert_visible(
             out.push_sql(
                 ") FOR KEY SHARE SKIP LOCKED) \
                  INSERT INTO jobs (id, project_id, owner, kind, input, labels, priority, \
-                 max_attempts, schedule_time, request_id, request_hash) \
+                 max_attempts, schedule_time, request_id, request_hash, traceparent) \
                  SELECT c.id, p.id, p.owner, c.kind, c.input, c.labels, c.priority, \
-                 c.max_attempts, COALESCE(c.schedule_time, now()), c.request_id, c.request_hash \
+                 c.max_attempts, COALESCE(c.schedule_time, now()), c.request_id, c.request_hash, \
+                 c.traceparent \
                  FROM unnest(",
             );
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
@@ -336,9 +355,11 @@ pub async fn insert_visible(
             out.push_bind_param::<Array<N<Text>>, _>(&self.request_ids)?;
             out.push_sql(", ");
             out.push_bind_param::<Array<N<Bytea>>, _>(&self.request_hashes)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Text>>, _>(&self.traceparents)?;
             out.push_sql(
                 ") AS c(id, project, scope, kind, input, labels, priority, max_attempts, \
-                 schedule_time, request_id, request_hash) \
+                 schedule_time, request_id, request_hash, traceparent) \
                  JOIN p ON p.id = c.project WHERE c.scope IS NULL OR p.owner = c.scope \
                  ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *");
             Ok(())
@@ -347,19 +368,29 @@ pub async fn insert_visible(
     let ids: Vec<Uuid> = inserts.iter().map(|_| Uuid::now_v7()).collect();
     let statement = InsertVisible {
         ids: ids.clone(),
-        projects: inserts.iter().map(|i| i.1).collect(),
-        scopes: inserts.iter().map(|i| i.0.map(str::to_owned)).collect(),
-        kinds: inserts.iter().map(|i| i.2.kind.clone()).collect(),
+        projects: inserts.iter().map(|i| i.project).collect(),
+        scopes: inserts.iter().map(|i| i.scope.map(str::to_owned)).collect(),
+        kinds: inserts.iter().map(|i| i.job.kind.clone()).collect(),
         inputs: inserts
             .iter()
-            .map(|i| serde_json::Value::Object(i.2.input.clone()))
+            .map(|i| serde_json::Value::Object(i.job.input.clone()))
             .collect(),
-        labels: inserts.iter().map(|i| labels_json(&i.2.labels)).collect(),
-        priorities: inserts.iter().map(|i| i.2.priority).collect(),
-        max_attempts: inserts.iter().map(|i| i.2.max_attempts).collect(),
-        schedule_times: inserts.iter().map(|i| i.2.schedule_time).collect(),
-        request_ids: inserts.iter().map(|i| i.3.map(str::to_owned)).collect(),
-        request_hashes: inserts.iter().map(|i| i.3.map(|_| i.2.digest())).collect(),
+        labels: inserts.iter().map(|i| labels_json(&i.job.labels)).collect(),
+        priorities: inserts.iter().map(|i| i.job.priority).collect(),
+        max_attempts: inserts.iter().map(|i| i.job.max_attempts).collect(),
+        schedule_times: inserts.iter().map(|i| i.job.schedule_time).collect(),
+        request_ids: inserts
+            .iter()
+            .map(|i| i.request_id.map(str::to_owned))
+            .collect(),
+        request_hashes: inserts
+            .iter()
+            .map(|i| i.request_id.map(|_| i.job.digest()))
+            .collect(),
+        traceparents: inserts
+            .iter()
+            .map(|i| i.traceparent.map(str::to_owned))
+            .collect(),
     };
     let rows: Vec<JobRow> = match super::Prepared(statement).load(conn).await {
         Ok(rows) => rows,

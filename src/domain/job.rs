@@ -120,6 +120,8 @@ pub struct Job {
     pub start_time: Option<DateTime<Utc>>,
     pub end_time: Option<DateTime<Utc>>,
     pub update_time: DateTime<Utc>,
+    /// W3C trace context of the call that created the job.
+    pub traceparent: Option<String>,
 }
 
 /// What a client may set when creating a job, validated.

@@ -1,6 +1,7 @@
 //! Per-call middleware for every request on the port, gRPC or HTTP:
 //! - a request id (from `x-request-id` or generated) in the span, the request
 //!   metadata handlers see, and the response headers;
+//! - the call's span, a child of the caller's W3C `traceparent` when there is one;
 //! - one log line per call with method, code and latency, written when the response
 //!   body ends (gRPC codes travel in trailers);
 //! - a deadline for unary calls (`grpc-timeout` or the configured request timeout);
@@ -59,7 +60,19 @@ pub async fn middleware(
     };
     request.extensions_mut().insert(transport);
     let method = request.uri().path().to_owned();
-    let span = tracing::info_span!("call", %request_id, %method);
+    let span = tracing::info_span!(
+        "call",
+        %request_id,
+        %method,
+        trace_id = tracing::field::Empty,
+        otel.name = %method,
+        otel.kind = "server",
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if let Some(trace_id) = crate::telemetry::join_caller(&span, request.headers()) {
+        span.record("trace_id", trace_id);
+    }
     let start = Instant::now();
     let health_call = method.starts_with("/grpc.health.")
         || matches!(method.as_str(), "/healthz" | "/livez" | "/readyz");
@@ -243,8 +256,16 @@ impl Drop for CallLog {
                 (None, false) => "CANCELLED",
                 (None, true) => "UNKNOWN",
             };
+            let numeric = self.code.unwrap_or(tonic::Code::Cancelled as i32);
+            self.span.record("rpc.grpc.status_code", numeric);
+            if crate::error::is_server_fault(tonic::Code::from_i32(numeric)) {
+                self.span.record("otel.status_code", "ERROR");
+            }
             tracing::info!(method = %self.method, code, latency_ms, "grpc call");
         } else {
+            if self.http_status >= 500 {
+                self.span.record("otel.status_code", "ERROR");
+            }
             tracing::info!(method = %self.method, status = self.http_status, latency_ms, "http request");
         }
     }

@@ -103,6 +103,8 @@ pub struct CreateCall {
     project: ProjectName,
     job: NewJob,
     request_id: Option<String>,
+    /// The creating call's trace context (captured in its task: groups commit elsewhere).
+    traceparent: Option<String>,
 }
 
 /// What a lane did with a call `C`.
@@ -357,6 +359,7 @@ impl Engine {
         jobs: Vec<(NewJob, Option<String>)>,
     ) -> AppResult<Vec<Job>> {
         let scope = caller.owner_scope().map(str::to_owned);
+        let traceparent = crate::telemetry::current_traceparent();
         let calls: Vec<CreateCall> = jobs
             .into_iter()
             .map(|(job, request_id)| CreateCall {
@@ -364,6 +367,7 @@ impl Engine {
                 project,
                 job,
                 request_id,
+                traceparent: traceparent.clone(),
             })
             .collect();
         if let (Some(groups), [_]) = (&self.groups, calls.as_slice()) {
@@ -405,6 +409,7 @@ impl Engine {
                                 project: c.project.0,
                                 job: &c.job,
                                 request_id: c.request_id.as_deref(),
+                                traceparent: c.traceparent.as_deref(),
                             });
                             slots.push(i);
                             results.push(None);
@@ -460,13 +465,12 @@ impl Engine {
     ) -> AppResult<Vec<AppResult<Handled<CreateCall>>>> {
         let inserts: Vec<_> = calls
             .iter()
-            .map(|c| {
-                (
-                    c.scope.as_deref(),
-                    c.project.0,
-                    &c.job,
-                    c.request_id.as_deref(),
-                )
+            .map(|c| db::jobs::VisibleInsert {
+                scope: c.scope.as_deref(),
+                project: c.project.0,
+                job: &c.job,
+                request_id: c.request_id.as_deref(),
+                traceparent: c.traceparent.as_deref(),
             })
             .collect();
         let inserted = {

@@ -31,10 +31,20 @@ pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const PG_HOST: &str = "127.0.0.1:5432";
 pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
-static TELEMETRY: LazyLock<Option<mediaplane::telemetry::LogGuard>> = LazyLock::new(|| {
-    std::env::var_os("TEST_LOG")
-        .is_some()
-        .then(|| mediaplane::telemetry::init(mediaplane::config::LogFormat::Human))
+/// Spans are always traced (jobs keep their creator's trace context); lines are
+/// logged only with TEST_LOG set.
+static TELEMETRY: LazyLock<mediaplane::telemetry::Telemetry> = LazyLock::new(|| {
+    let logs = if std::env::var_os("TEST_LOG").is_some() {
+        "info"
+    } else {
+        "off"
+    };
+    mediaplane::telemetry::init_with(
+        mediaplane::config::LogFormat::Human,
+        None,
+        tracing_subscriber::EnvFilter::new(logs),
+    )
+    .expect("telemetry installs")
 });
 
 /// Databases of test runs that crashed are named with their creation time; sweep old ones.
@@ -133,7 +143,7 @@ impl Drop for ScratchDb {
 pub fn test_settings(db: &ScratchDb) -> Settings {
     let mut s = Settings::defaults();
     s.addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    s.admin_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.admin_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     s.database_url = Secret::new(db.url());
     s.db_pool_size = 4;
     s.redis_prefix = format!("mp_test_{}", uuid::Uuid::new_v4().simple());
@@ -185,7 +195,7 @@ impl TestApp {
             .await
             .expect("server builds");
         let addr = app.local_addr();
-        let admin = app.admin_addr();
+        let admin = app.admin_addr().expect("tests run with metrics on");
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(app.run_until_stopped(async {
             let _ = rx.await;

@@ -15,5 +15,6 @@ mod limits;
 mod metrics;
 mod projects;
 mod properties;
+mod traces;
 mod transports;
 mod worker;
