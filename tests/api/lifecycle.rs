@@ -437,3 +437,55 @@ async fn an_idle_instance_with_waiting_long_polls_stops_within_a_second() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_connection_postgres_terminates_is_unavailable_and_the_next_call_recovers() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "terminated").await;
+
+    // A call waiting on a row lock when Postgres ends its session (an operator's
+    // pg_terminate_backend, a failover): SQLSTATE 57P01 "terminating connection".
+    let mut lock = lock_project(&app, &p.name).await;
+    let in_flight = {
+        let mut c = app.projects(&t);
+        let r = rename(&p.name, "never written");
+        tokio::spawn(async move { c.update_project(r).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!in_flight.is_finished(), "the update waits on the row lock");
+    lock.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .await
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), in_flight)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect_err("its session was ended");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(!status.message().contains("terminating"), "no internals: {status:?}");
+    lock.batch_execute("ROLLBACK").await.unwrap();
+
+    // Recovery is automatic: the pool replaces the dead connections.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match app
+            .projects(&t)
+            .get_project(pb::GetProjectRequest { name: p.name.clone() })
+            .await
+        {
+            Ok(got) => {
+                assert_eq!(got.into_inner().display_name, "terminated");
+                break;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                assert!(std::time::Instant::now() < deadline, "no recovery: {s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
