@@ -308,7 +308,7 @@ impl Application {
                     };
                     let _ = stream.set_nodelay(true);
                     connections.spawn(serve_connection(
-                        stream,
+                        connections::Lingering::new(stream, connections.clone()),
                         ClientIp(peer.ip()),
                         router.clone(),
                         builder.clone(),
@@ -338,7 +338,7 @@ impl Application {
 /// One connection from its first byte to its end: closed gracefully when the server
 /// drains or the connection idles, dropped when its handshake is late.
 async fn serve_connection(
-    stream: tokio::net::TcpStream,
+    stream: connections::Lingering,
     client: ClientIp,
     router: Router,
     builder: auto::Builder<TokioExecutor>,
@@ -351,6 +351,7 @@ async fn serve_connection(
     }
     let open = edge::coalesce::OpenCalls::default();
     let seen = connections::BytesSeen::default();
+    let stream = stream.counting(open.clone());
     let io = TokioIo::new(connections::Counted::new(stream, seen.clone()));
     let service = tower::ServiceBuilder::new()
         .layer(axum::Extension(client))

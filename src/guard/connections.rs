@@ -143,7 +143,10 @@ pub fn raise_fd_limit() -> Option<u64> {
 
 /// Waits for the connection's first byte; false when the deadline passes first or
 /// the peer closed.
-pub async fn first_bytes(stream: &TcpStream, deadline: Duration) -> bool {
+pub async fn first_bytes(stream: &Lingering, deadline: Duration) -> bool {
+    let Some(stream) = stream.tcp() else {
+        return false;
+    };
     let mut byte = [0u8; 1];
     matches!(
         tokio::time::timeout(deadline, stream.peek(&mut byte)).await,
@@ -274,5 +277,126 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How long a closed connection keeps reading what its client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// A client socket that closes the way RFC 9112 (9.6) asks: when the server is done
+/// with it (dropped), its sending half is shut (the client reads every response to its
+/// end), then what the client still sends (requests that crossed a GOAWAY, window
+/// updates) is read and discarded until the client closes or [`LINGER`] passes.
+/// Closing with unread bytes would send a reset instead, and the client's TCP stack may
+/// discard responses it had received but not yet read: answers to committed calls.
+/// The lingering runs on `tracker`, so a draining server waits for it.
+/// Only a connection that carried calls lingers: one refused for silence or a late
+/// handshake has nothing to deliver and is closed at once.
+pub struct Lingering {
+    stream: Option<TcpStream>,
+    tracker: tokio_util::task::TaskTracker,
+    calls: Option<OpenCalls>,
+}
+
+impl Lingering {
+    pub fn new(stream: TcpStream, tracker: tokio_util::task::TaskTracker) -> Self {
+        Self {
+            stream: Some(stream),
+            tracker,
+            calls: None,
+        }
+    }
+
+    /// Lingers on close if any of `calls` started.
+    pub fn counting(mut self, calls: OpenCalls) -> Self {
+        self.calls = Some(calls);
+        self
+    }
+
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        self.stream.as_ref()
+    }
+
+    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        self.stream
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut stream) = self.stream.take() else {
+            return;
+        };
+        let answered = self.calls.as_ref().is_some_and(|c| c.started() > 0);
+        if !answered || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        self.tracker.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = stream.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let _ = tokio::time::timeout(LINGER, async {
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        });
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(s) => s.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.stream() {
+            Ok(s) => s.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.stream() {
+            Ok(s) => s.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(s) => s.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.stream() {
+            Ok(s) => s.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }

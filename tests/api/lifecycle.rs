@@ -466,7 +466,10 @@ async fn a_connection_postgres_terminates_is_unavailable_and_the_next_call_recov
         .unwrap()
         .expect_err("its session was ended");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(!status.message().contains("terminating"), "no internals: {status:?}");
+    assert!(
+        !status.message().contains("terminating"),
+        "no internals: {status:?}"
+    );
     lock.batch_execute("ROLLBACK").await.unwrap();
 
     // Recovery is automatic: the pool replaces the dead connections.
@@ -474,7 +477,9 @@ async fn a_connection_postgres_terminates_is_unavailable_and_the_next_call_recov
     loop {
         match app
             .projects(&t)
-            .get_project(pb::GetProjectRequest { name: p.name.clone() })
+            .get_project(pb::GetProjectRequest {
+                name: p.name.clone(),
+            })
             .await
         {
             Ok(got) => {
@@ -487,5 +492,173 @@ async fn a_connection_postgres_terminates_is_unavailable_and_the_next_call_recov
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Starts the binary on a fresh database; its address once it serves.
+fn serve_binary(db: &ScratchDb) -> (std::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env_remove("MEDIAPLANE_CONFIG")
+        .env("MEDIAPLANE_JWT_SECRET", SECRET)
+        .env("MEDIAPLANE_ADDR", "127.0.0.1:0")
+        .env("MEDIAPLANE_ADMIN_ADDR", "off")
+        .env("DATABASE_URL", db.url())
+        .env(
+            "MEDIAPLANE_REDIS_PREFIX",
+            format!("mp_drain_{}", uuid::Uuid::new_v4().simple()),
+        )
+        .env("MEDIAPLANE_LOG_FORMAT", "json")
+        .env("MEDIAPLANE_RATE_LIMITS", "off")
+        .env(
+            "MEDIAPLANE_STORAGE_URL",
+            format!("file://{}", db.storage_dir().display()),
+        )
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = stdout.lines().map_while(Result::ok);
+    let line = lines
+        .find(|l| l.contains("serving gRPC"))
+        .expect("serving line");
+    std::thread::spawn(move || lines.for_each(drop));
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+    (child, v["fields"]["addr"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_under_load_answers_every_call_that_committed() {
+    const RUNS: usize = 6;
+    for run in 0..RUNS {
+        let db = ScratchDb::reserve().await;
+        let (mut child, addr) = tokio::task::block_in_place(|| serve_binary(&db));
+        let t = token("loaded");
+        let connect = || async {
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        };
+        let mut projects = pb::projects_service_client::ProjectsServiceClient::with_interceptor(
+            connect().await,
+            Bearer::new(&t),
+        );
+        let project = projects
+            .create_project(pb::CreateProjectRequest {
+                project: Some(new_project("drained")),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .name;
+
+        // 4 connections x 16 callers creating jobs, each with its own request id,
+        // until the server stops answering.
+        let mut callers = tokio::task::JoinSet::new();
+        for c in 0..4 {
+            let channel = connect().await;
+            for k in 0..16 {
+                let jobs = pb::jobs_service_client::JobsServiceClient::with_interceptor(
+                    channel.clone(),
+                    Bearer::new(&t),
+                );
+                let project = project.clone();
+                callers.spawn(async move {
+                    let mut jobs = jobs;
+                    let mut outcomes = Vec::new();
+                    for i in 0.. {
+                        let request_id = format!("r-{c}-{k}-{i}");
+                        let r = jobs
+                            .create_job(pb::CreateJobRequest {
+                                parent: project.clone(),
+                                job: Some(pb::Job {
+                                    kind: "render".into(),
+                                    ..Default::default()
+                                }),
+                                request_id: request_id.clone(),
+                            })
+                            .await;
+                        let failed = r.is_err();
+                        outcomes.push((
+                            request_id,
+                            r.map(|_| ()).map_err(|s| (s.code(), format!("{s:?}"))),
+                        ));
+                        if failed {
+                            return outcomes;
+                        }
+                    }
+                    outcomes
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300 + 40 * run as u64)).await;
+        let signalled = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(signalled.success());
+        let mut outcomes = Vec::new();
+        while let Some(done) = callers.join_next().await {
+            outcomes.extend(done.unwrap());
+        }
+        let exit = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit.code(), Some(0), "clean exit on SIGTERM");
+
+        let mut conn = AsyncPgConnection::establish(&db.url()).await.unwrap();
+        #[derive(diesel::QueryableByName)]
+        struct Committed {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            request_id: String,
+        }
+        let committed: std::collections::HashSet<String> =
+            diesel_async::RunQueryDsl::load::<Committed>(
+                diesel::sql_query("SELECT request_id FROM jobs WHERE request_id IS NOT NULL"),
+                &mut conn,
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.request_id)
+            .collect();
+        drop(conn);
+        let ok = outcomes.iter().filter(|(_, r)| r.is_ok()).count();
+        assert!(ok > 0, "run {run}: the load ran");
+        for (request_id, outcome) in &outcomes {
+            match outcome {
+                Ok(()) => assert!(
+                    committed.contains(request_id),
+                    "run {run}: {request_id} acknowledged, not stored"
+                ),
+                Err((_, status)) => assert!(
+                    !committed.contains(request_id),
+                    "run {run}: {request_id} committed, yet its caller got {status}"
+                ),
+            }
+        }
+        for (_, outcome) in &outcomes {
+            // Refused by the draining server (UNAVAILABLE), beyond its GOAWAY's last
+            // stream (which the h2 client reports as a GOAWAY error: never processed,
+            // safe to retry), or never sent (the client's connection closed under a
+            // queued request: CANCELLED).
+            if let Err((code, status)) = outcome {
+                let beyond_goaway = status.contains("GoAway(") && status.contains("NO_ERROR");
+                assert!(
+                    matches!(code, Code::Unavailable | Code::Cancelled) || beyond_goaway,
+                    "run {run}: calls that did not commit are retryable: {status}"
+                );
+            }
+        }
+        eprintln!(
+            "drain run {run}: {ok} acknowledged, {} refused",
+            outcomes.len() - ok
+        );
     }
 }
