@@ -95,6 +95,7 @@ impl Application {
         let hub = Hub::start(
             settings.redis_url.expose(),
             &settings.redis_prefix,
+            metrics.clone(),
             background.clone(),
         )
         .map_err(StartError::Config)?;
@@ -387,7 +388,7 @@ async fn serve_connection(
 }
 
 /// Every RPC path served: the label values call metrics may take.
-fn known_paths() -> Result<std::collections::HashSet<String>, StartError> {
+fn known_paths() -> Result<std::collections::HashMap<String, bool>, StartError> {
     let decode = |bytes: &[u8]| {
         <prost_types::FileDescriptorSet as prost::Message>::decode(bytes)
             .map_err(|e| StartError::Config(format!("descriptor set: {e}")))

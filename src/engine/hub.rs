@@ -52,6 +52,8 @@ struct Inner {
     /// Per kind, idle AcquireJobs calls in the order they started waiting.
     idle: Mutex<HashMap<String, IdleQueue>>,
     connected: AtomicBool,
+    /// Receipt lag and reconnects (none in unit tests).
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 /// One idle AcquireJobs call: woken at most once, by whichever of its kinds gets jobs first.
@@ -250,10 +252,18 @@ fn sweep<K>(map: &Mutex<HashMap<K, broadcast::Sender<Signal>>>) {
 
 impl Hub {
     /// Starts the subscriber task; it reconnects until `stop` fires.
-    pub fn start(redis_url: &str, prefix: &str, stop: CancellationToken) -> Result<Self, String> {
+    pub fn start(
+        redis_url: &str,
+        prefix: &str,
+        metrics: crate::metrics::Metrics,
+        stop: CancellationToken,
+    ) -> Result<Self, String> {
         let client =
             redis::Client::open(redis_url).map_err(|e| format!("invalid REDIS_URL: {e}"))?;
-        let hub = Self::new(prefix);
+        let mut hub = Self::new(prefix);
+        if let Some(inner) = Arc::get_mut(&mut hub.inner) {
+            inner.metrics = Some(metrics);
+        }
         tokio::spawn(hub.clone().run(client, stop));
         Ok(hub)
     }
@@ -266,6 +276,7 @@ impl Hub {
                 projects: Mutex::default(),
                 idle: Mutex::default(),
                 connected: AtomicBool::new(false),
+                metrics: None,
             }),
         }
     }
@@ -333,6 +344,7 @@ impl Hub {
     async fn run(self, client: redis::Client, stop: CancellationToken) {
         let mut retry = Duration::from_millis(100);
         let mut sweep_tick = tokio::time::interval(Duration::from_secs(30));
+        let mut subscribed_before = false;
         loop {
             let connect = async {
                 let mut pubsub = client.get_async_pubsub().await?;
@@ -363,6 +375,10 @@ impl Hub {
                 }
             };
             retry = Duration::from_millis(100);
+            if let (true, Some(m)) = (subscribed_before, &self.inner.metrics) {
+                m.redis_reconnected();
+            }
+            subscribed_before = true;
             self.inner.connected.store(true, Ordering::Relaxed);
             tracing::info!("subscribed to job events");
             // Anything published while we were not listening is in Postgres.
@@ -461,6 +477,14 @@ impl Hub {
         }
         match pb::JobEvent::decode(payload) {
             Ok(event) => {
+                if let (Some(m), Some(t)) = (&self.inner.metrics, &event.event_time) {
+                    let committed = std::time::UNIX_EPOCH
+                        + Duration::new(
+                            t.seconds.max(0) as u64,
+                            t.nanos.clamp(0, 999_999_999) as u32,
+                        );
+                    m.event_received(committed);
+                }
                 let signal = Signal::Event(Arc::new(HubEvent {
                     event,
                     encoded: crate::proto::EncodedJobEvent(bytes::Bytes::copy_from_slice(payload)),

@@ -55,6 +55,32 @@ pub struct Published {
     payload: Vec<u8>,
     /// What the event counts as in the job metrics, with the job's kind.
     counted: Option<(crate::metrics::JobEvent, String)>,
+    /// A leased job's wait since it was ready, or an ended job's run time (seconds).
+    took: Option<Took>,
+}
+
+#[derive(Clone, Copy)]
+enum Took {
+    Waited(f64),
+    Ran(f64),
+}
+
+/// The wait (on lease) or run time (on success or failure) an event closes.
+fn took(job: &Job, ty: EventType) -> Option<Took> {
+    let seconds = |from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chrono::Utc>| {
+        ((to - from).num_microseconds().unwrap_or(0).max(0)) as f64 / 1e6
+    };
+    if ty != EventType::StateChanged {
+        return None;
+    }
+    match job.state {
+        JobState::Running => Some(Took::Waited(seconds(job.schedule_time, job.update_time))),
+        JobState::Succeeded | JobState::Failed => {
+            let (start, end) = (job.start_time?, job.end_time.unwrap_or(job.update_time));
+            Some(Took::Ran(seconds(start, end)))
+        }
+        _ => None,
+    }
 }
 
 #[derive(Clone)]
@@ -155,6 +181,7 @@ fn to_publish(changes: &[(Job, EventType)]) -> Vec<Published> {
             job: job.id,
             payload: event(job, *ty).encode_to_vec(),
             counted: counted_as(job, *ty).map(|e| (e, job.kind.clone())),
+            took: took(job, *ty),
         })
         .collect()
 }
@@ -186,7 +213,11 @@ const EVENTS_MESSAGE_MAX: usize = 256 * 1024;
 /// The task that sends committed events to Redis: everything queued goes in one
 /// message (and the wake-ups in the same pipeline), in the order the writes handed it
 /// over (watchers order events by sequence and fill any gap from Postgres).
-fn spawn_publisher(redis: RedisPool, prefix: Arc<str>) -> mpsc::Sender<(Vec<Published>, Wake)> {
+fn spawn_publisher(
+    redis: RedisPool,
+    prefix: Arc<str>,
+    metrics: crate::metrics::Metrics,
+) -> mpsc::Sender<(Vec<Published>, Wake)> {
     let (tx, mut rx) = mpsc::channel::<(Vec<Published>, Wake)>(PUBLISH_QUEUE);
     tokio::spawn(async move {
         let mut batch = Vec::new();
@@ -224,7 +255,7 @@ fn spawn_publisher(redis: RedisPool, prefix: Arc<str>) -> mpsc::Sender<(Vec<Publ
                     .map_err(|e| e.to_string())
             };
             match tokio::time::timeout(Duration::from_secs(2), sent).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => metrics.events_published(events),
                 Ok(Err(e)) => {
                     tracing::warn!(redis = "down", error = %e, events, "publish failed; watchers will resync")
                 }
@@ -301,7 +332,7 @@ impl Engine {
     ) -> Self {
         let mut engine = Self {
             db,
-            publisher: spawn_publisher(redis, prefix.into()),
+            publisher: spawn_publisher(redis, prefix.into(), settings.metrics.clone()),
             hub,
             settings: Arc::new(settings),
             groups: None,
@@ -310,14 +341,26 @@ impl Engine {
         engine.groups = Some(Arc::new(Groups {
             creates: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = a.clone();
+                engine
+                    .settings
+                    .metrics
+                    .group_committed("create", calls.len());
                 async move { crate::batch::shared_or_alone(&calls, |c| engine.create_each(c)).await }
             }),
             leases: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = b.clone();
+                engine
+                    .settings
+                    .metrics
+                    .group_committed("write", calls.len());
                 async move { crate::batch::shared_or_alone(&calls, |c| engine.lease_tx(c, false)).await }
             }),
             acquires: crate::batch::Batcher::spawn(GROUP_LANES, ACQUIRE_GROUP_MAX, move |calls| {
                 let engine = c.clone();
+                engine
+                    .settings
+                    .metrics
+                    .group_committed("acquire", calls.len());
                 async move { engine.acquire_group(&calls).await }
             }),
         }));
@@ -336,9 +379,15 @@ impl Engine {
         if events.is_empty() && wake.is_empty() {
             return;
         }
+        let metrics = &self.settings.metrics;
         for e in &events {
             if let Some((event, kind)) = &e.counted {
-                self.settings.metrics.job_event(*event, kind);
+                metrics.job_event(*event, kind);
+                match e.took {
+                    Some(Took::Waited(s)) => metrics.job_waited(kind, s),
+                    Some(Took::Ran(s)) => metrics.job_ran(kind, s),
+                    None => {}
+                }
             }
         }
         let n = events.len();

@@ -152,7 +152,10 @@ impl Watcher for JobWatcher {
                 }
                 Ok(Signal::Event(_)) | Ok(Signal::Resync) => self.catch_up().await,
                 // Too slow: the newest state, not a backlog.
-                Err(RecvError::Lagged(_)) => self.snapshot().await,
+                Err(RecvError::Lagged(missed)) => {
+                    self.engine.settings.metrics.events_superseded(missed);
+                    self.snapshot().await
+                }
                 Err(RecvError::Closed) => Err(AppError::Unavailable("event hub closed".into())),
             },
             _ = resync.tick() => self.catch_up().await,
@@ -182,17 +185,21 @@ fn into_stream<W: Watcher>(
     rx: broadcast::Receiver<Signal>,
     resync: tokio::time::Interval,
     done: bool,
+    metrics: crate::metrics::Metrics,
 ) -> EventStream {
     let failed: Option<Status> = None;
+    // Counted open until the stream is dropped.
+    let open = metrics.watch_opened();
     futures::stream::unfold(
-        (watcher, rx, resync, done, failed),
-        |(mut w, mut rx, mut resync, mut done, mut failed)| async move {
+        (watcher, rx, resync, done, failed, open),
+        |(mut w, mut rx, mut resync, mut done, mut failed, open)| async move {
             loop {
                 if let Some(event) = w.queued().pop_front() {
-                    return Some((Ok(event), (w, rx, resync, done, failed)));
+                    open.0.event_delivered();
+                    return Some((Ok(event), (w, rx, resync, done, failed, open)));
                 }
                 if let Some(status) = failed.take() {
-                    return Some((Err(status), (w, rx, resync, true, None)));
+                    return Some((Err(status), (w, rx, resync, true, None, open)));
                 }
                 if done {
                     return None;
@@ -243,7 +250,14 @@ impl Engine {
         };
         let period = self.settings.watch_resync;
         let resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        Ok(into_stream(watcher, rx, resync, matches!(flow, Flow::Done)))
+        let metrics = self.settings.metrics.clone();
+        Ok(into_stream(
+            watcher,
+            rx,
+            resync,
+            matches!(flow, Flow::Done),
+            metrics,
+        ))
     }
 
     /// Snapshots of the project's jobs that match `filter` (newest 1,000), then every
@@ -274,7 +288,13 @@ impl Engine {
         };
         // The first tick is at once: the stream starts with the snapshots.
         let resync = tokio::time::interval(self.settings.watch_resync);
-        Ok(into_stream(watcher, rx, resync, false))
+        Ok(into_stream(
+            watcher,
+            rx,
+            resync,
+            false,
+            self.settings.metrics.clone(),
+        ))
     }
 }
 
@@ -519,7 +539,12 @@ impl Watcher for ProjectWatcher {
                     }
                     Ok(Flow::Continue)
                 }
-                Ok(Signal::Resync) | Err(RecvError::Lagged(_)) => self.sync().await,
+                Ok(Signal::Resync) => self.sync().await,
+                // Too slow: the view is read again, not the backlog sent.
+                Err(RecvError::Lagged(missed)) => {
+                    self.engine.settings.metrics.events_superseded(missed);
+                    self.sync().await
+                }
                 Err(RecvError::Closed) => Err(AppError::Unavailable("event hub closed".into())),
             },
         }

@@ -318,3 +318,178 @@ async fn metrics_count_calls_on_every_door_and_read_queues_from_postgres() {
         "unknown methods are `unknown`"
     );
 }
+
+#[tokio::test]
+async fn live_progress_job_timings_and_group_sizes_are_measured() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "live").await;
+    let mut watch = app
+        .jobs(&t)
+        .watch_jobs(pb::WatchJobsRequest {
+            parent: p.name.clone(),
+            filter: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let job = create_job_of(&app, &t, &p.name, "render").await;
+    create_job_of(&app, &t, &p.name, "render").await;
+    let w = token_with("fleet", &["worker"], Duration::from_secs(600));
+    let mut leases = 0.0;
+    let leased = loop {
+        let l = acquire_one(&app, &w, "w1", "render").await;
+        leases += 1.0;
+        if l.job.as_ref().unwrap().name == job.name {
+            break l;
+        }
+        // The other one: back to the queue.
+        app.jobs(&w)
+            .fail_job(pb::FailJobRequest {
+                name: l.job.unwrap().name,
+                lease_id: l.lease_id,
+                error: Some(tonic_types::pb::Status {
+                    code: 14,
+                    message: "not this one".into(),
+                    details: vec![],
+                }),
+                retryable: true,
+                retry_after: None,
+            })
+            .await
+            .unwrap();
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.jobs(&w)
+        .complete_job(pb::CompleteJobRequest {
+            name: job.name.clone(),
+            lease_id: leased.lease_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The watcher sees the job through to its end.
+    let mut received = 0.0;
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        received += 1.0;
+        let j = e.job.unwrap();
+        if j.name == job.name && j.state == pb::job::State::Succeeded as i32 {
+            break;
+        }
+    }
+
+    let families = scrape(&app).await;
+    let get = |name: &str, labels: &[(&str, &str)]| sample(&families, name, labels).unwrap_or(-1.0);
+    let watch_jobs = [
+        ("grpc_service", "mediaplane.v1.JobsService"),
+        ("grpc_method", "WatchJobs"),
+        ("transport", "grpc"),
+    ];
+    assert_eq!(get("mediaplane_watch_streams_open", &[]), 1.0);
+    assert_eq!(get("grpc_server_streams_open", &watch_jobs), 1.0);
+    assert!(get("grpc_server_msg_sent_total", &watch_jobs) >= received);
+    assert!(get("mediaplane_job_events_delivered_total", &[]) >= received);
+    assert!(get("mediaplane_job_events_published_total", &[]) >= received);
+    assert!(get("mediaplane_job_event_lag_seconds_count", &[]) >= received);
+    assert_eq!(
+        family_type(&families, "mediaplane_job_event_lag_seconds"),
+        "histogram"
+    );
+    assert_eq!(get("mediaplane_job_events_superseded_total", &[]), 0.0);
+    // Every lease waited; one run to success of >= 300 ms.
+    let render = [("kind", "render")];
+    assert_eq!(get("mediaplane_job_wait_seconds_count", &render), leases);
+    assert_eq!(get("mediaplane_job_run_seconds_count", &render), 1.0);
+    assert!(get("mediaplane_job_run_seconds_sum", &render) >= 0.3);
+    assert_eq!(
+        family_type(&families, "mediaplane_job_run_seconds"),
+        "histogram"
+    );
+    for lane in ["create", "acquire", "write"] {
+        assert!(
+            get("mediaplane_group_commit_size_count", &[("lane", lane)]) >= 1.0,
+            "{lane}"
+        );
+    }
+    assert_eq!(get("mediaplane_redis_reconnects_total", &[]), 0.0);
+
+    // A watcher too slow for a job's progress is given the newest snapshot: each
+    // event carries the job's ~200 KB input, so the stream's windows fill at once and
+    // the rest of the reports pass it by.
+    let big = prost_types::Struct {
+        fields: [(
+            "prompt".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("x".repeat(200_000))),
+            },
+        )]
+        .into(),
+    };
+    let slow_job = app
+        .jobs(&t)
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(pb::Job {
+                kind: "upscale".into(),
+                input: Some(big),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut slow = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: slow_job.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let l = acquire_one(&app, &w, "w2", "upscale").await;
+    for percent in 0..150 {
+        app.jobs(&w)
+            .report_progress(pb::ReportProgressRequest {
+                name: slow_job.name.clone(),
+                lease_id: l.lease_id.clone(),
+                progress_percent: percent % 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    // Now the watcher reads: it catches up with the newest state.
+    let mut last = None;
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(1500), slow.message())
+        .await
+        .map(|m| m.transpose())
+    {
+        last = Some(e.sequence);
+    }
+    assert!(last.is_some());
+    let families = scrape(&app).await;
+    assert!(
+        sample(&families, "mediaplane_job_events_superseded_total", &[]).unwrap() > 0.0,
+        "the slow watcher skipped to the newest state"
+    );
+
+    drop(watch);
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let families = scrape(&app).await;
+    assert_eq!(
+        sample(&families, "mediaplane_watch_streams_open", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&families, "grpc_server_streams_open", &watch_jobs),
+        Some(0.0)
+    );
+}

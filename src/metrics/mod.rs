@@ -6,8 +6,14 @@
 //!
 //! Label values are bounded: a method is named only if the server has it (every
 //! other path is `unknown`), so no client can grow the registry.
+mod calls;
+mod process;
+
+pub use calls::{CallTimer, known_paths, record_calls};
+use process::process_figures;
+
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::SystemTime,
 };
@@ -187,19 +193,49 @@ struct Inner {
     db_acquires: Family<OutcomeLabels, Counter>,
     db_wait: Counter<f64, std::sync::atomic::AtomicU64>,
     redis_connected: Gauge,
+    redis_reconnects: Counter,
     group_failures: Counter,
+    group_size: Family<LaneLabels, Histogram, fn() -> Histogram>,
+    job_wait: Family<KindLabels, Histogram, fn() -> Histogram>,
+    job_run: Family<KindLabels, Histogram, fn() -> Histogram>,
+    live: Live,
+    streams_open: Family<CallLabels, Gauge>,
+    messages_sent: Family<CallLabels, Counter>,
     asset_bytes: Family<DirectionLabels, Counter>,
     uploads: Gauge,
     resident: Gauge,
     cpu: Gauge<f64, std::sync::atomic::AtomicU64>,
     open_fds: Gauge,
-    /// `/package.Service/Method` paths this server serves.
-    known: HashSet<String>,
+    /// `/package.Service/Method` paths this server serves, and whether each streams.
+    known: HashMap<String, bool>,
+}
+
+/// Live progress: what watchers are sent.
+struct Live {
+    watch_streams: Gauge,
+    published: Counter,
+    delivered: Counter,
+    superseded: Counter,
+    lag: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    pub lane: &'static str,
+}
+
+fn job_time_histogram() -> Histogram {
+    // 10 ms to ~1.5 h.
+    Histogram::new(exponential_buckets(0.01, 2.0, 20))
+}
+
+fn group_size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
 }
 
 impl Metrics {
     /// `known`: every `/package.Service/Method` path served.
-    pub fn new(known: HashSet<String>) -> Self {
+    pub fn new(known: HashMap<String, bool>) -> Self {
         let mut registry = Registry::default();
         let started = Family::<CallLabels, Counter>::default();
         registry.register(
@@ -341,6 +377,83 @@ impl Metrics {
             "File descriptors the server process holds open",
             open_fds.clone(),
         );
+        let redis_reconnects = Counter::default();
+        registry.register(
+            "mediaplane_redis_reconnects",
+            "Times the job event subscription to Redis was re-established after a loss",
+            redis_reconnects.clone(),
+        );
+        let group_size = Family::<LaneLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            group_size_histogram,
+        );
+        registry.register(
+            "mediaplane_group_commit_size",
+            "Calls committed together in one transaction, by lane (create: CreateJob; write: worker reports and completions; acquire: AcquireJobs)",
+            group_size.clone(),
+        );
+        let job_wait = Family::<KindLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            job_time_histogram,
+        );
+        registry.register_with_unit(
+            "mediaplane_job_wait",
+            "Time from a job being ready (its schedule time) to its lease, by kind",
+            Unit::Seconds,
+            job_wait.clone(),
+        );
+        let job_run = Family::<KindLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            job_time_histogram,
+        );
+        registry.register_with_unit(
+            "mediaplane_job_run",
+            "Time from a job's first lease to its success or failure, by kind",
+            Unit::Seconds,
+            job_run.clone(),
+        );
+        let live = Live {
+            watch_streams: Gauge::default(),
+            published: Counter::default(),
+            delivered: Counter::default(),
+            superseded: Counter::default(),
+            lag: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+        };
+        registry.register(
+            "mediaplane_watch_streams_open",
+            "WatchJob and WatchJobs streams open on this instance, on every door",
+            live.watch_streams.clone(),
+        );
+        registry.register(
+            "mediaplane_job_events_published",
+            "Job events this instance handed to Redis for every instance's watchers",
+            live.published.clone(),
+        );
+        registry.register(
+            "mediaplane_job_events_delivered",
+            "Job events sent to watchers on this instance (one per watcher)",
+            live.delivered.clone(),
+        );
+        registry.register(
+            "mediaplane_job_events_superseded",
+            "Job events a slow watcher was not sent because a newer snapshot replaced them",
+            live.superseded.clone(),
+        );
+        registry.register_with_unit(
+            "mediaplane_job_event_lag",
+            "Time from a change's commit to its event's receipt from Redis on this instance",
+            Unit::Seconds,
+            live.lag.clone(),
+        );
+        let streams_open = Family::<CallLabels, Gauge>::default();
+        registry.register(
+            "grpc_server_streams_open",
+            "Streaming calls open, by service, method and transport",
+            streams_open.clone(),
+        );
+        let messages_sent = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "grpc_server_msg_sent",
+            "Messages sent on streaming calls, by service, method and transport",
+            messages_sent.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -361,7 +474,14 @@ impl Metrics {
                 db_acquires,
                 db_wait,
                 redis_connected,
+                redis_reconnects,
                 group_failures,
+                group_size,
+                job_wait,
+                job_run,
+                live,
+                streams_open,
+                messages_sent,
                 asset_bytes,
                 uploads,
                 resident,
@@ -374,7 +494,7 @@ impl Metrics {
 
     /// The labels of a call to `path` (`/package.Service/Method`); unknown paths share one.
     pub fn call_labels(&self, path: &str, transport: Transport) -> CallLabels {
-        let known = self.inner.known.contains(path);
+        let known = self.inner.known.contains_key(path);
         let (service, method) = path
             .strip_prefix('/')
             .and_then(|p| p.split_once('/'))
@@ -396,11 +516,27 @@ impl Metrics {
                 transport: labels.transport,
             })
             .inc();
+        let streaming = self
+            .inner
+            .known
+            .get(&format!("/{}/{}", labels.grpc_service, labels.grpc_method))
+            .copied()
+            .unwrap_or(false);
+        if streaming {
+            self.inner.streams_open.get_or_create(&labels).inc();
+        }
         CallTimer {
             metrics: self.clone(),
             labels: Some(labels),
             start: std::time::Instant::now(),
+            streaming,
         }
+    }
+
+    fn messages_sent_counter(&self, labels: Option<CallLabels>) -> Counter {
+        labels.map_or_else(Counter::default, |l| {
+            self.inner.messages_sent.get_or_create(&l).clone()
+        })
     }
 
     /// Reads `dependencies` at every scrape from now on.
@@ -472,6 +608,63 @@ impl Metrics {
             .inc();
     }
 
+    /// A job of `kind` waited `seconds` from ready to leased.
+    pub fn job_waited(&self, kind: &str, seconds: f64) {
+        self.inner
+            .job_wait
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// A job of `kind` ran `seconds` from its first lease to its end.
+    pub fn job_ran(&self, kind: &str, seconds: f64) {
+        self.inner
+            .job_run
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// A group of `calls` committed together in `lane`.
+    pub fn group_committed(&self, lane: &'static str, calls: usize) {
+        self.inner
+            .group_size
+            .get_or_create(&LaneLabels { lane })
+            .observe(calls as f64);
+    }
+
+    pub fn redis_reconnected(&self) {
+        self.inner.redis_reconnects.inc();
+    }
+
+    /// A watch stream open until the value is dropped.
+    pub fn watch_opened(&self) -> WatchOpen {
+        self.inner.live.watch_streams.inc();
+        WatchOpen(self.clone())
+    }
+
+    pub fn events_published(&self, n: usize) {
+        self.inner.live.published.inc_by(n as u64);
+    }
+
+    pub fn event_delivered(&self) {
+        self.inner.live.delivered.inc();
+    }
+
+    pub fn events_superseded(&self, n: u64) {
+        self.inner.live.superseded.inc_by(n);
+    }
+
+    /// An event committed at `committed` was received from Redis now.
+    pub fn event_received(&self, committed: SystemTime) {
+        if let Ok(lag) = SystemTime::now().duration_since(committed) {
+            self.inner.live.lag.observe(lag.as_secs_f64());
+        }
+    }
+
     /// The latest queue figures read from Postgres.
     pub fn set_queues(&self, figures: Vec<QueueFigures>) {
         let inner = &self.inner;
@@ -535,45 +728,11 @@ impl Metrics {
     }
 }
 
-/// One call's end, recorded once: when `finish` is called, else when dropped (the
-/// client went away first: CANCELLED).
-pub struct CallTimer {
-    metrics: Metrics,
-    labels: Option<CallLabels>,
-    start: std::time::Instant,
-}
+pub struct WatchOpen(pub Metrics);
 
-impl CallTimer {
-    pub fn finish(&mut self, code: &str) {
-        let Some(labels) = self.labels.take() else {
-            return;
-        };
-        let inner = &self.metrics.inner;
-        inner
-            .handling
-            .get_or_create(&labels)
-            .observe(self.start.elapsed().as_secs_f64());
-        inner
-            .in_flight
-            .get_or_create(&TransportLabels {
-                transport: labels.transport,
-            })
-            .dec();
-        inner
-            .handled
-            .get_or_create(&HandledLabels {
-                grpc_service: labels.grpc_service,
-                grpc_method: labels.grpc_method,
-                transport: labels.transport,
-                grpc_code: code.to_owned(),
-            })
-            .inc();
-    }
-}
-
-impl Drop for CallTimer {
+impl Drop for WatchOpen {
     fn drop(&mut self) {
-        self.finish("CANCELLED");
+        self.0.inner.live.watch_streams.dec();
     }
 }
 
@@ -582,128 +741,5 @@ pub struct UploadInProgress(Metrics);
 impl Drop for UploadInProgress {
     fn drop(&mut self) {
         self.0.inner.uploads.dec();
-    }
-}
-
-struct ProcessFigures {
-    resident_bytes: i64,
-    cpu_seconds: f64,
-    open_fds: i64,
-}
-
-/// From /proc (Linux); zeros elsewhere.
-fn process_figures() -> ProcessFigures {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let resident_kib: i64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
-    ProcessFigures {
-        resident_bytes: resident_kib * 1024,
-        cpu_seconds: (ticks(11) + ticks(12)) / hz,
-        open_fds,
-    }
-}
-
-/// Every `/package.Service/Method` in the descriptor sets.
-pub fn known_paths(sets: &[&prost_types::FileDescriptorSet]) -> HashSet<String> {
-    let mut out = HashSet::new();
-    for set in sets {
-        for file in &set.file {
-            for service in &file.service {
-                for method in &service.method {
-                    out.insert(format!(
-                        "/{}.{}/{}",
-                        file.package(),
-                        service.name(),
-                        method.name()
-                    ));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Counts every call that reaches the gRPC services, whatever its door: it sits inside
-/// tonic-web (grpc-web is gRPC by then) and the edge's REST calls come through it too;
-/// the door is the [`Transport`] the per-call middleware or the edge put on the request.
-pub async fn record_calls(
-    axum::extract::State(metrics): axum::extract::State<Metrics>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let transport = request
-        .extensions()
-        .get::<Transport>()
-        .copied()
-        .unwrap_or(Transport::Grpc);
-    let mut timer = metrics.start(metrics.call_labels(request.uri().path(), transport));
-    let response = next.run(request).await;
-    if let Some(code) = grpc_code(response.headers()) {
-        timer.finish(code);
-        return response;
-    }
-    response.map(|body| axum::body::Body::new(TimedBody { inner: body, timer }))
-}
-
-fn grpc_code(headers: &http::HeaderMap) -> Option<&'static str> {
-    let code: i32 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
-    Some(crate::edge::calls::code_name(tonic::Code::from_i32(code)))
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that records its call's code from the trailers.
-    struct TimedBody {
-        #[pin]
-        inner: axum::body::Body,
-        timer: CallTimer,
-    }
-}
-
-impl http_body::Body for TimedBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(code) = f.trailers_ref().and_then(grpc_code) {
-                    this.timer.finish(code);
-                }
-            }
-            // A body that ended without trailers is not a complete gRPC answer.
-            None => this.timer.finish("UNKNOWN"),
-            Some(Err(_)) => {}
-        }
-        std::task::Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
