@@ -98,8 +98,8 @@ diesel::table! {
         start_time -> Nullable<Timestamptz>,
         end_time -> Nullable<Timestamptz>,
         update_time -> Timestamptz,
-        traceparent -> Nullable<Text>,
         last_event -> Int2,
+        traceparent -> Nullable<Text>,
     }
 }
 
