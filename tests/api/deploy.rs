@@ -67,14 +67,26 @@ async fn manifests_validate_and_name_what_the_server_serves_and_exports() {
     create_job_of(&app, &t, &p.name, "render").await;
     let w = token_with("fleet", &["worker"], Duration::from_secs(600));
     let leased = acquire_one(&app, &w, "w", "render").await;
+    let done = leased.job.unwrap().name;
     app.jobs(&w)
         .complete_job(pb::CompleteJobRequest {
-            name: leased.job.unwrap().name,
+            name: done.clone(),
             lease_id: leased.lease_id,
             ..Default::default()
         })
         .await
         .unwrap();
+    // A stream: the finished job's snapshot, then its end.
+    let mut watch = app
+        .jobs(&t)
+        .watch_job(pb::WatchJobRequest {
+            name: done,
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while watch.message().await.unwrap().is_some() {}
     tokio::time::sleep(Duration::from_millis(600)).await;
     let text = reqwest::get(format!("http://{}/metrics", app.admin))
         .await
