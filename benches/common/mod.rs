@@ -29,6 +29,8 @@ impl Interceptor for Bearer {
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// `host:port` of `/metrics` (unless the settings turned it off).
+    pub admin: String,
     pub db: String,
 }
 
@@ -92,6 +94,7 @@ pub fn start_server(name: &str, extra: &[(&str, String)]) -> Server {
     Server {
         child,
         addr: format!("http://127.0.0.1:{port}"),
+        admin: format!("127.0.0.1:{admin_port}"),
         db,
     }
 }
