@@ -99,7 +99,7 @@ async fn run_workers(
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // The run ends when its last job is completed, not when every worker has returned:
     // the others are then long-polling for jobs that will never come (up to their
-    // wait_timeout, which until 2026-11-24 counted in the run's time).
+    // wait_timeout, which is not the engine's time).
     let finished = Arc::new(std::sync::OnceLock::<Instant>::new());
     let last_done = Arc::new(tokio::sync::Notify::new());
     let count = {
@@ -475,9 +475,9 @@ async fn main() {
                 .await
                 .unwrap()
                 .into_inner();
-            // Enough reports that a p99 is not just the slowest of a few (until 2026-11-24:
-            // 50, which with one watcher made the p99 the maximum). Each is numbered in
-            // its message, which the watchers read back.
+            // Enough reports that a p99 is not just the slowest of a few (with 50 and
+            // one watcher, the p99 would be the maximum). Each is numbered in its
+            // message, which the watchers read back.
             let reports: usize = 250;
             let sent_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
                 Arc::new(std::sync::Mutex::new(vec![None; reports + 1]));

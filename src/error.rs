@@ -1,4 +1,4 @@
-//! The service's one error type, and its one mapping to gRPC codes (DESIGN.md, "Errors").
+//! The service's one error type, and its one mapping to gRPC codes (docs/design.md, "Errors").
 //! The HTTP status for each code lives beside it so both transports share the table.
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, QuotaViolation, StatusExt};
@@ -92,7 +92,7 @@ impl AppError {
     }
 }
 
-/// HTTP status for a gRPC code, per DESIGN.md's table (grpc-gateway's mapping).
+/// HTTP status for a gRPC code, per the table in docs/design.md, "Errors" (grpc-gateway's mapping).
 pub fn http_status(code: Code) -> http::StatusCode {
     use http::StatusCode as S;
     match code {

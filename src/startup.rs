@@ -618,6 +618,7 @@ fn router(
     let ctx = CallContext {
         request_timeout: settings.request_timeout,
         draining,
+        max_message_bytes: settings.max_message_bytes,
     };
     let mut app =
         Router::new()

@@ -76,6 +76,8 @@ pub fn init_with(
         .with_threads(false)
         .with_level(false)
         .with_target(false)
+        // Busy and idle time per span: two clock reads on every poll of every call.
+        .with_tracked_inactivity(false)
         .with_filter(filter_fn(|m| {
             m.is_span() && m.target().starts_with("mediaplane")
         }));

@@ -163,7 +163,6 @@ impl AssetsApi {
 
 #[tonic::async_trait]
 impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
-    #[tracing::instrument(skip_all)]
     async fn create_asset(
         &self,
         request: Request<pb::CreateAssetRequest>,
@@ -174,7 +173,6 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         ))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn get_asset(
         &self,
         request: Request<pb::GetAssetRequest>,
@@ -184,7 +182,6 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         Ok(Response::new(self.visible(&caller, name).await?.into()))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn list_assets(
         &self,
         request: Request<pb::ListAssetsRequest>,
@@ -211,7 +208,7 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         ]);
         let after = page::decode(&r.page_token, &fingerprint)?;
         let mut conn = self.assets.db.get().await.map_err(AppError::from)?;
-        crate::db::jobs::lock_project(&mut conn, owner.as_deref(), project.0)
+        crate::db::projects::visible_owner(&mut conn, owner.as_deref(), project.0)
             .await?
             .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
         let query = db::assets::ListAssets {
@@ -233,7 +230,6 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn update_asset(
         &self,
         request: Request<pb::UpdateAssetRequest>,
@@ -274,7 +270,6 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         }
     }
 
-    #[tracing::instrument(skip_all)]
     async fn delete_asset(
         &self,
         request: Request<pb::DeleteAssetRequest>,
@@ -308,7 +303,6 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         }
     }
 
-    #[tracing::instrument(skip_all)]
     async fn upload_asset_content(
         &self,
         request: Request<Streaming<pb::UploadAssetContentRequest>>,
@@ -386,7 +380,6 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         Ok(Response::new(ready.into()))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn download_asset_content(
         &self,
         request: Request<pb::DownloadAssetContentRequest>,
@@ -439,7 +432,6 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         Ok(Response::new(Box::pin(head.chain(body))))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn create_signed_url(
         &self,
         request: Request<pb::CreateSignedUrlRequest>,

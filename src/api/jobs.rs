@@ -203,7 +203,6 @@ fn positive_duration(
 
 #[tonic::async_trait]
 impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
-    #[tracing::instrument(skip_all)]
     async fn create_job(
         &self,
         request: Request<pb::CreateJobRequest>,
@@ -230,7 +229,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         Ok(Response::new(job.into()))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn batch_create_jobs(
         &self,
         request: Request<pb::BatchCreateJobsRequest>,
@@ -278,7 +276,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
@@ -288,7 +285,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         Ok(Response::new(self.engine.get(&caller, name).await?.into()))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
@@ -328,7 +324,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         };
         let mut conn = super::conn(&self.engine.db).await?;
         // An invisible project is NOT_FOUND, not an empty list.
-        crate::db::jobs::lock_project(&mut conn, query.owner.as_deref(), project.0)
+        crate::db::projects::visible_owner(&mut conn, query.owner.as_deref(), project.0)
             .await?
             .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
         let (jobs, more) = crate::db::jobs::list(&mut conn, &query).await?;
@@ -343,7 +339,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
@@ -355,7 +350,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         ))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn retry_job(
         &self,
         request: Request<pb::RetryJobRequest>,
@@ -367,7 +361,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         ))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn watch_job(
         &self,
         request: Request<pb::WatchJobRequest>,
@@ -385,7 +378,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn watch_jobs(
         &self,
         request: Request<pb::WatchJobsRequest>,
@@ -398,7 +390,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    #[tracing::instrument(skip_all, fields(worker_id))]
     async fn acquire_jobs(
         &self,
         request: Request<pb::AcquireJobsRequest>,
@@ -494,7 +485,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         Ok(Response::new(pb::AcquireJobsResponse { jobs }))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn report_progress(
         &self,
         request: Request<pb::ReportProgressRequest>,
@@ -522,7 +512,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn complete_job(
         &self,
         request: Request<pb::CompleteJobRequest>,
@@ -543,7 +532,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         ))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn batch_complete_jobs(
         &self,
         request: Request<pb::BatchCompleteJobsRequest>,
@@ -603,7 +591,6 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         Ok(Response::new(response))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn fail_job(
         &self,
         request: Request<pb::FailJobRequest>,

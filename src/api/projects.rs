@@ -120,7 +120,6 @@ fn etag_conflict(name: ProjectName) -> Status {
 
 #[tonic::async_trait]
 impl crate::proto::server::projects_service_server::ProjectsService for ProjectsApi {
-    #[tracing::instrument(skip_all)]
     async fn create_project(
         &self,
         request: Request<pb::CreateProjectRequest>,
@@ -169,7 +168,6 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         Ok(Response::new(project.into()))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn get_project(
         &self,
         request: Request<pb::GetProjectRequest>,
@@ -183,7 +181,6 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         Ok(Response::new(project.into()))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn list_projects(
         &self,
         request: Request<pb::ListProjectsRequest>,
@@ -212,7 +209,6 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         }))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn update_project(
         &self,
         request: Request<pb::UpdateProjectRequest>,
@@ -250,7 +246,6 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         }
     }
 
-    #[tracing::instrument(skip_all)]
     async fn delete_project(
         &self,
         request: Request<pb::DeleteProjectRequest>,
@@ -276,7 +271,6 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         }
     }
 
-    #[tracing::instrument(skip_all)]
     async fn get_usage(
         &self,
         request: Request<pb::GetUsageRequest>,

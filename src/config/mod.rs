@@ -659,6 +659,30 @@ fn read_file(path: &PathBuf) -> Result<BTreeMap<String, String>, ConfigError> {
 mod tests {
     use super::*;
 
+    /// Operators read the settings in docs/configuration.md: one accepted here and
+    /// missing there is a setting nobody can find.
+    #[test]
+    fn every_setting_is_in_the_configuration_document() {
+        let doc = include_str!("../../docs/configuration.md");
+        let mut missing = Vec::new();
+        let command = <SettingsArgs as clap::Args>::augment_args(clap::Command::new("s"));
+        for arg in command.get_arguments() {
+            let flag = format!("`--{}`", arg.get_long().unwrap_or_default());
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            let env = format!("`{}`", env.unwrap_or_default());
+            let row = doc
+                .lines()
+                .any(|l| l.starts_with('|') && l.contains(&flag) && l.contains(&env));
+            if !row {
+                missing.push(format!("{env} {flag}"));
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "not in docs/configuration.md: {missing:?}"
+        );
+    }
+
     #[test]
     fn defaults_are_valid() {
         let s = Settings::defaults();

@@ -499,6 +499,28 @@ pub async fn list(conn: &mut AsyncPgConnection, q: &ListJobs) -> AppResult<(Vec<
     Ok((jobs_from(rows)?, more))
 }
 
+/// A time no change still to come can be older than: the start of the oldest
+/// transaction open on this database, or now. A job's `update_time` is its writer's
+/// transaction start (`now()`), so changes read from this time on include every one
+/// that was not yet visible when it was taken, whatever the clocks of the servers
+/// say and however long a writer's transaction runs.
+pub async fn change_horizon(conn: &mut AsyncPgConnection) -> AppResult<DateTime<Utc>> {
+    #[derive(diesel::QueryableByName)]
+    struct Horizon {
+        #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+        horizon: DateTime<Utc>,
+    }
+    let h: Horizon = diesel::sql_query(
+        "SELECT least(statement_timestamp(), \
+           (SELECT min(xact_start) FROM pg_stat_activity \
+             WHERE datname = current_database() AND backend_type = 'client backend' \
+               AND pid <> pg_backend_pid())) AS horizon",
+    )
+    .get_result(conn)
+    .await?;
+    Ok(h.horizon)
+}
+
 /// Ids and sequences of the jobs of a project that match `filter` and changed after
 /// `since` (dashboards catching up), newest first; the rows are read a page at a time
 /// with `get_many`. The filter is applied here, not by the caller: a dashboard of the

@@ -34,7 +34,7 @@ pub fn now_plus<ST: diesel::expression::TypedExpressionType>(ms: i64) -> NowPlus
 
 /// A hand-written statement (unnest, CTEs: what the query builder cannot say). Unlike
 /// `sql_query`, which diesel never prepares (a Parse and a plan on every call), a
-/// `Prepared` statement is prepared once per connection: its SQL is fixed per type.
+/// `Prepared` statement is prepared once per connection and distinct SQL text.
 pub trait Statement: Send + Sync + 'static {
     fn walk<'b>(
         &'b self,
@@ -44,9 +44,13 @@ pub trait Statement: Send + Sync + 'static {
 
 pub struct Prepared<S>(pub S);
 
+/// No static id: diesel then caches the prepared statement by its SQL text rather than
+/// by type, so a statement whose SQL varies with its input (the number of rows it
+/// names, an optional clause) can never run another text's prepared plan. The cost is
+/// writing the SQL on every call, microseconds beside the round trip.
 impl<S: Statement> diesel::query_builder::QueryId for Prepared<S> {
-    type QueryId = S;
-    const HAS_STATIC_QUERY_ID: bool = true;
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
 }
 
 impl<S: Statement> diesel::query_builder::QueryFragment<diesel::pg::Pg> for Prepared<S> {

@@ -226,6 +226,23 @@ fn replayed(row: &NewProjectRow<'_>, earlier: &Earlier) -> AppResult<Created> {
     }
 }
 
+/// Whether the caller (`owner`; `None`: an admin) can see project `id`, as its owner.
+/// A plain read for read-only paths: no row lock, so a read never waits for a
+/// deletion in progress (it sees the project as it was until that commits).
+pub async fn visible_owner(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    id: Uuid,
+) -> AppResult<Option<String>> {
+    Ok(projects::table
+        .filter(projects::id.eq(id))
+        .filter(visible_to(owner))
+        .select(projects::owner)
+        .first(conn)
+        .await
+        .optional()?)
+}
+
 pub async fn get(
     conn: &mut AsyncPgConnection,
     owner: Option<&str>,

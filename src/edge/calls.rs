@@ -31,6 +31,8 @@ pub struct CallContext {
     pub request_timeout: Duration,
     /// Cancelled when the server starts to shut down.
     pub draining: CancellationToken,
+    /// The largest gRPC message accepted (tonic enforces it; see [`Oversized`]).
+    pub max_message_bytes: usize,
 }
 
 pub async fn middleware(
@@ -52,6 +54,7 @@ pub async fn middleware(
         .insert(REQUEST_ID, request_id_header.clone());
 
     let grpc = is_grpc(request.headers());
+    let oversized = Oversized::watch(&mut request, ctx.max_message_bytes);
     // The door, for the call metrics (the edge marks its own calls REST).
     let transport = match request.headers().get(CONTENT_TYPE).map(|v| v.as_bytes()) {
         Some(ct) if ct.starts_with(b"application/grpc-web") => crate::metrics::Transport::GrpcWeb,
@@ -65,6 +68,8 @@ pub async fn middleware(
         %request_id,
         %method,
         trace_id = tracing::field::Empty,
+        // AcquireJobs records the worker it serves.
+        worker_id = tracing::field::Empty,
         otel.name = %method,
         otel.kind = "server",
         rpc.grpc.status_code = tracing::field::Empty,
@@ -92,7 +97,9 @@ pub async fn middleware(
         }
     };
     response.headers_mut().insert(REQUEST_ID, request_id_header);
-    resource_exhausted_for_oversized(&mut response);
+    if oversized.seen() {
+        resource_exhausted_for_oversized(&mut response);
+    }
 
     let (parts, body) = response.into_parts();
     let header_code = parts
@@ -144,16 +151,52 @@ pub async fn middleware(
     )
 }
 
-/// tonic reports a request over the size limit as OUT_OF_RANGE; the gRPC spec (and our
-/// error table) make it RESOURCE_EXHAUSTED.
+/// tonic refuses a request message over the size limit with OUT_OF_RANGE; the gRPC
+/// spec (and our error table) make it RESOURCE_EXHAUSTED. Whether that is what
+/// happened is read from the request itself, which declares each message's length
+/// in its prefix, not from tonic's wording. (grpc-web-text bodies are base64 and are
+/// not read: their oversized messages stay OUT_OF_RANGE.)
+#[derive(Clone, Default)]
+struct Oversized(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+impl Oversized {
+    fn watch(request: &mut Request, limit: usize) -> Self {
+        let binary = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc") && !ct.contains("-text"));
+        if !binary {
+            return Self(None);
+        }
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = seen.clone();
+        let mut prefixes = super::frames::FramePrefixes::default();
+        let body = std::mem::take(request.body_mut());
+        let scanned = http_body_util::BodyExt::map_frame(body, move |frame| {
+            if let Some(data) = frame.data_ref() {
+                prefixes.feed(data, |len| {
+                    if len > limit as u64 {
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+            frame
+        });
+        *request.body_mut() = Body::new(scanned);
+        Self(Some(seen))
+    }
+
+    fn seen(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 fn resource_exhausted_for_oversized(response: &mut Response) {
     let headers = response.headers_mut();
-    let oversized = headers.get("grpc-status").is_some_and(|v| v == "11")
-        && headers.get("grpc-message").is_some_and(|m| {
-            m.to_str()
-                .is_ok_and(|m| m.contains("message%20length%20too%20large"))
-        });
-    if oversized {
+    if headers.get("grpc-status").is_some_and(|v| v == "11") {
         headers.insert(
             "grpc-status",
             HeaderValue::from(tonic::Code::ResourceExhausted as i32),
@@ -351,5 +394,60 @@ impl http_body::Body for LoggedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status a client sees when the service answers OUT_OF_RANGE, worded as
+    /// tonic words a message over its limit, to a request declaring `declared` bytes.
+    async fn status_for(declared: u32) -> String {
+        let ctx = CallContext {
+            request_timeout: Duration::from_secs(5),
+            draining: CancellationToken::new(),
+            max_message_bytes: 100,
+        };
+        let app = axum::Router::new()
+            .route(
+                "/t.S/M",
+                axum::routing::post(|_body: Bytes| async {
+                    (
+                        [
+                            ("content-type", "application/grpc"),
+                            ("grpc-status", "11"),
+                            (
+                                "grpc-message",
+                                "Error,%20decoded%20message%20length%20too%20large",
+                            ),
+                        ],
+                        "",
+                    )
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(ctx, middleware));
+        let mut body = vec![0u8];
+        body.extend(declared.to_be_bytes());
+        body.extend(vec![0u8; declared.min(200) as usize]);
+        let request = http::Request::post("/t.S/M")
+            .header("content-type", "application/grpc")
+            .body(Body::from(body))
+            .unwrap();
+        let response = tower::ServiceExt::oneshot(app, request).await.unwrap();
+        response.headers()["grpc-status"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn only_a_message_over_the_limit_becomes_resource_exhausted() {
+        assert_eq!(status_for(1000).await, "8");
+        assert_eq!(
+            status_for(10).await,
+            "11",
+            "an OUT_OF_RANGE with any other cause stays what it is, whatever its words"
+        );
     }
 }

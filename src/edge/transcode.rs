@@ -565,10 +565,18 @@ impl Edge {
                                 format!("{id}event: message\ndata: {json}\n\n")
                             }
                             Ok((json, _)) => format!("{{\"result\":{json}}}\n"),
-                            Err(e) => final_line(sse, tonic::Code::Internal, &e),
+                            // The error is the stream's last line: what follows a
+                            // message that could not be rendered is not sent.
+                            Err(e) => {
+                                let last = final_line(sse, tonic::Code::Internal, &e);
+                                return Some((Ok(Bytes::from(last)), (reader, true)));
+                            }
                         }
                     }
-                    Some(Err(e)) => final_line(sse, tonic::Code::Internal, &e),
+                    Some(Err(e)) => {
+                        let last = final_line(sse, tonic::Code::Internal, &e);
+                        return Some((Ok(Bytes::from(last)), (reader, true)));
+                    }
                     None => {
                         let (code, message) = reader
                             .trailers
@@ -976,6 +984,10 @@ impl FrameReader {
                     as usize;
                 if self.buf.len() >= 5 + len {
                     if self.buf[0] != 0 {
+                        // Nothing after a frame we cannot read can be trusted: the
+                        // stream ends here, with this error.
+                        self.buf.clear();
+                        self.ended = true;
                         return Some(Err("compressed responses are not supported".into()));
                     }
                     self.buf.advance(5);
@@ -1006,6 +1018,49 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// gRPC frames as a response body: (compressed flag, message bytes) each.
+    fn frames(messages: &[(u8, &[u8])]) -> Body {
+        let mut out = Vec::new();
+        for (flag, m) in messages {
+            out.push(*flag);
+            out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            out.extend_from_slice(m);
+        }
+        Body::from(out)
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_cannot_be_read_ends_the_stream() {
+        let mut reader = FrameReader::new(frames(&[(1, b"zz"), (0, b"")]));
+        assert!(matches!(reader.next().await, Some(Err(_))));
+        assert!(reader.next().await.is_none(), "the error is not repeated");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_error_is_the_last_line() {
+        let pool = super::super::test_pool(
+            r#"syntax = "proto3";
+package t;
+import "google/api/annotations.proto";
+message Event { int64 sequence = 1; string text = 2; }
+"#,
+        );
+        let edge = Edge::with_pool(&pool, Router::new(), 1 << 20, true).unwrap();
+        let output = pool.get_message_by_name("t.Event").unwrap();
+        // A message, one that does not decode (a field without its value), another.
+        let good = [0x08, 0x01];
+        for sse in [false, true] {
+            let body = frames(&[(0, &good), (0, &[0x12]), (0, &good)]);
+            let r = edge.stream(body, output.clone(), String::new(), sse, HeaderMap::new());
+            let text = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            let text = String::from_utf8_lossy(&text);
+            let results = text.matches("\"sequence\":\"1\"").count();
+            assert_eq!(results, 1, "nothing is sent after the error: {text}");
+            assert!(text.trim_end().ends_with('}'), "{text}");
+            assert!(text.contains("INTERNAL"), "{text}");
+        }
+    }
 
     /// `response_body` and `additional_bindings` (rule forms our own API does not use)
     /// over HTTP on a real socket: a test proto, and a gRPC stub that echoes what the

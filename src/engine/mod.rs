@@ -952,7 +952,7 @@ impl Engine {
         let mut conn = self.conn().await?;
         let (count, published, kinds) = conn
             .transaction(async |conn| {
-                let expired = db::jobs::lock_expired(conn, 100).await?;
+                let expired = db::jobs::lock_expired(conn, reaper::REAP_BATCH as i64).await?;
                 let mut changes = Vec::with_capacity(expired.len());
                 let mut kinds = Wake::new();
                 for job in expired {

@@ -272,7 +272,7 @@ impl Engine {
         let owner = caller.owner_scope().map(str::to_owned);
         {
             let mut conn = self.db.get().await?;
-            db::jobs::lock_project(&mut conn, owner.as_deref(), project.0)
+            db::projects::visible_owner(&mut conn, owner.as_deref(), project.0)
                 .await?
                 .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
         }
@@ -417,11 +417,13 @@ impl ProjectWatcher {
     /// read later, a page at a time as the client takes them (`next_page`): each job
     /// carries its input, and a sync may find a thousand.
     async fn sync(&mut self) -> AppResult<Flow> {
-        let started = chrono::Utc::now();
-        // A little overlap: update_time is the writer's transaction time.
-        let since = self.synced.map(|t| t - chrono::Duration::seconds(5));
-        let (changed, left) = {
+        let since = self.synced;
+        let (changed, left, started) = {
             let mut conn = self.engine.db.get().await?;
+            // Read before the changes: the next sync starts from here, on Postgres's
+            // clock and behind every transaction still open (a change's update_time
+            // is its transaction's start), so no change is missed.
+            let started = db::jobs::change_horizon(&mut conn).await?;
             // A deleted project's jobs go without events: the stream ends here, as a
             // job's watch ends when its job is gone.
             if since.is_some()
@@ -458,7 +460,7 @@ impl ProjectWatcher {
                 }
                 _ => Vec::new(),
             };
-            (changed, left)
+            (changed, left, started)
         };
         // Oldest change first; what was sent at that sequence already is not read again.
         // (A sync runs only once the previous one's pages are read: `pending` is empty.)

@@ -14,7 +14,7 @@ pub struct CallTimer {
 }
 
 impl CallTimer {
-    pub fn finish(&mut self, code: &str) {
+    pub fn finish(&mut self, code: &'static str) {
         let Some(labels) = self.labels.take() else {
             return;
         };
@@ -38,7 +38,7 @@ impl CallTimer {
                 grpc_service: labels.grpc_service,
                 grpc_method: labels.grpc_method,
                 transport: labels.transport,
-                grpc_code: code.to_owned(),
+                grpc_code: code,
             })
             .inc();
     }
@@ -81,7 +81,7 @@ pub async fn record_calls(
         .get::<Transport>()
         .copied()
         .unwrap_or(Transport::Grpc);
-    let mut timer = metrics.start(metrics.call_labels(request.uri().path(), transport));
+    let mut timer = metrics.start(request.uri().path(), transport);
     let response = next.run(request).await;
     if let Some(code) = grpc_code(response.headers()) {
         timer.finish(code);
@@ -91,7 +91,7 @@ pub async fn record_calls(
         let labels = timer.labels.clone();
         (
             metrics.messages_sent_counter(labels),
-            MessageCounter::default(),
+            crate::edge::frames::FramePrefixes::default(),
         )
     });
     response.map(|body| {
@@ -114,7 +114,10 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: axum::body::Body,
         timer: CallTimer,
-        sent: Option<(prometheus_client::metrics::counter::Counter, MessageCounter)>,
+        sent: Option<(
+            prometheus_client::metrics::counter::Counter,
+            crate::edge::frames::FramePrefixes,
+        )>,
     }
 }
 
@@ -135,7 +138,7 @@ impl http_body::Body for TimedBody {
                 }
                 if let (Some(data), Some((counter, messages))) = (f.data_ref(), this.sent.as_mut())
                 {
-                    let n = messages.feed(data);
+                    let n = messages.feed(data, |_| {});
                     if n > 0 {
                         counter.inc_by(n);
                     }
@@ -154,67 +157,5 @@ impl http_body::Body for TimedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// Counts the gRPC messages in a response's data frames (each a 5-byte prefix with
-/// its length, then the message; frames split and join messages freely).
-#[derive(Default)]
-struct MessageCounter {
-    /// Bytes of the current message still to come.
-    remaining: u64,
-    /// Prefix bytes of the next message seen so far.
-    prefix: [u8; 5],
-    have: usize,
-}
-
-impl MessageCounter {
-    fn feed(&mut self, mut data: &[u8]) -> u64 {
-        let mut complete = 0;
-        while !data.is_empty() {
-            if self.remaining > 0 {
-                let take = (self.remaining as usize).min(data.len());
-                self.remaining -= take as u64;
-                data = &data[take..];
-                continue;
-            }
-            let take = (5 - self.have).min(data.len());
-            self.prefix[self.have..self.have + take].copy_from_slice(&data[..take]);
-            self.have += take;
-            data = &data[take..];
-            if self.have == 5 {
-                self.have = 0;
-                complete += 1;
-                let [_, a, b, c, d] = self.prefix;
-                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d]));
-            }
-        }
-        complete
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::MessageCounter;
-
-    #[test]
-    fn messages_are_counted_across_and_within_frames() {
-        let message = |len: u32| {
-            let mut m = vec![0u8];
-            m.extend_from_slice(&len.to_be_bytes());
-            m.extend(std::iter::repeat_n(7u8, len as usize));
-            m
-        };
-        let mut all = Vec::new();
-        for len in [3, 0, 10, 1] {
-            all.extend(message(len));
-        }
-        // One frame with all four; then the same bytes one at a time.
-        assert_eq!(MessageCounter::default().feed(&all), 4);
-        let mut c = MessageCounter::default();
-        assert_eq!(all.iter().map(|b| c.feed(&[*b])).sum::<u64>(), 4);
-        let mut c = MessageCounter::default();
-        let (a, b) = all.split_at(7);
-        assert_eq!(c.feed(a) + c.feed(b), 4);
     }
 }

@@ -54,17 +54,17 @@ impl EncodeLabelValue for Transport {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
-    pub grpc_service: String,
-    pub grpc_method: String,
+    pub grpc_service: &'static str,
+    pub grpc_method: &'static str,
     pub transport: Transport,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandledLabels {
-    pub grpc_service: String,
-    pub grpc_method: String,
+    pub grpc_service: &'static str,
+    pub grpc_method: &'static str,
     pub transport: Transport,
-    pub grpc_code: String,
+    pub grpc_code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -206,8 +206,18 @@ struct Inner {
     resident: Gauge,
     cpu: Gauge<f64, std::sync::atomic::AtomicU64>,
     open_fds: Gauge,
-    /// `/package.Service/Method` paths this server serves, and whether each streams.
-    known: HashMap<String, bool>,
+    /// `/package.Service/Method` paths this server serves, as call labels take them.
+    known: HashMap<String, KnownPath>,
+}
+
+/// A path's service and method, and whether it streams. The names are leaked once at
+/// start (the descriptor sets' few dozen methods), so a call's labels are built and
+/// hashed without allocating.
+#[derive(Clone, Copy)]
+struct KnownPath {
+    service: &'static str,
+    method: &'static str,
+    streaming: bool,
 }
 
 /// Live progress: what watchers are sent.
@@ -487,41 +497,48 @@ impl Metrics {
                 resident,
                 cpu,
                 open_fds,
-                known,
+                known: known
+                    .into_iter()
+                    .filter_map(|(path, streaming)| {
+                        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+                        let (service, method) = (leak(service), leak(method));
+                        Some((
+                            path,
+                            KnownPath {
+                                service,
+                                method,
+                                streaming,
+                            },
+                        ))
+                    })
+                    .collect(),
             }),
         }
     }
 
     /// The labels of a call to `path` (`/package.Service/Method`); unknown paths share one.
     pub fn call_labels(&self, path: &str, transport: Transport) -> CallLabels {
-        let known = self.inner.known.contains_key(path);
-        let (service, method) = path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .filter(|_| known)
-            .unwrap_or(("", "unknown"));
+        let (grpc_service, grpc_method) = self
+            .inner
+            .known
+            .get(path)
+            .map_or(("", "unknown"), |k| (k.service, k.method));
         CallLabels {
-            grpc_service: service.to_owned(),
-            grpc_method: method.to_owned(),
+            grpc_service,
+            grpc_method,
             transport,
         }
     }
 
     /// A call starts; the returned value records its end when told or dropped.
-    pub fn start(&self, labels: CallLabels) -> CallTimer {
+    pub fn start(&self, path: &str, transport: Transport) -> CallTimer {
+        let labels = self.call_labels(path, transport);
         self.inner.started.get_or_create(&labels).inc();
         self.inner
             .in_flight
-            .get_or_create(&TransportLabels {
-                transport: labels.transport,
-            })
+            .get_or_create(&TransportLabels { transport })
             .inc();
-        let streaming = self
-            .inner
-            .known
-            .get(&format!("/{}/{}", labels.grpc_service, labels.grpc_method))
-            .copied()
-            .unwrap_or(false);
+        let streaming = self.inner.known.get(path).is_some_and(|k| k.streaming);
         if streaming {
             self.inner.streams_open.get_or_create(&labels).inc();
         }
@@ -742,4 +759,8 @@ impl Drop for UploadInProgress {
     fn drop(&mut self) {
         self.0.inner.uploads.dec();
     }
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_owned().into_boxed_str())
 }

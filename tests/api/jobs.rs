@@ -1838,6 +1838,43 @@ async fn a_dashboard_learns_of_a_job_that_left_its_filter_while_redis_was_away()
     assert_eq!(named_states(&events), vec![(a.name, State::Running)]);
 }
 
+/// A change whose transaction ran longer than the resyncs between its start and its
+/// commit, and whose Redis event never came (written straight in SQL, as a lost
+/// message would leave it): its update_time is the transaction's start, long before
+/// it became visible. A resync must still find it.
+#[tokio::test]
+async fn a_dashboard_finds_a_change_whose_transaction_outlived_several_resyncs() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let app = TestApp::spawn_with(|s| s.watch_resync = Duration::from_millis(300)).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "slow writer").await;
+    let a = create_job(&app, &t, &p.name, job("render")).await;
+    let mut all = dashboard(&app, &t, &p.name, "").await;
+    assert_eq!(collect(&mut all, Duration::from_millis(500)).await.len(), 1);
+
+    let id = a.name.rsplit('/').next().unwrap();
+    let mut writer = diesel_async::AsyncPgConnection::establish(&app.db.url())
+        .await
+        .unwrap();
+    writer
+        .batch_execute(&format!(
+            "BEGIN; UPDATE jobs SET current_step = 'slow', progress_percent = 7 WHERE id = '{id}'"
+        ))
+        .await
+        .unwrap();
+    // Many resyncs pass while the transaction is open, and more than any fixed overlap.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    writer.batch_execute("COMMIT").await.unwrap();
+
+    let events = collect(&mut all, Duration::from_secs(3)).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.job.as_ref().is_some_and(|j| j.current_step == "slow")),
+        "the change was found by a resync: {events:?}"
+    );
+}
+
 #[tokio::test]
 async fn resuming_a_watch_gets_exactly_what_was_missed() {
     let app = TestApp::spawn().await;
@@ -2022,6 +2059,75 @@ async fn finished_jobs_are_pruned_after_the_retention() {
         "events go with the job"
     );
     assert_eq!(stored_events(&app, &keep.name).await, 1);
+}
+
+/// Pruning waits on a lock (an operator's transaction holding an old job's events):
+/// leases that expire meanwhile are still reaped.
+#[tokio::test]
+async fn a_prune_held_up_does_not_hold_up_expired_leases() {
+    use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    let app = TestApp::spawn_with(|s| {
+        s.reap_interval = Duration::from_millis(100);
+        s.job_retention = Duration::from_secs(1);
+    })
+    .await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "prune and reap").await;
+    let old = create_job(&app, &t, &p.name, job("render")).await;
+    let l = acquire(&app, "w", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    complete(&app, &l).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let id = old.name.rsplit('/').next().unwrap();
+    let mut holder = diesel_async::AsyncPgConnection::establish(&app.db.url())
+        .await
+        .unwrap();
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM job_events WHERE job_id = '{id}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    // The next prune deletes the old job, and waits for its events' lock.
+    let mut watcher = diesel_async::AsyncPgConnection::establish(&app.db.url())
+        .await
+        .unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let blocked = tokio::time::Instant::now();
+    loop {
+        let w: Waiting = diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND query LIKE 'DELETE FROM jobs%'",
+        )
+        .get_result(&mut watcher)
+        .await
+        .unwrap();
+        if w.n > 0 {
+            break;
+        }
+        assert!(
+            blocked.elapsed() < Duration::from_secs(15),
+            "no prune waited on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let fresh = create_job(&app, &t, &p.name, job("render")).await;
+    acquire(&app, "w2", &["render"], 1, 1.0, 0.0).await;
+    // Its lease expires in a second; the reaper puts it back for another attempt.
+    eventually(Duration::from_secs(5), "the expired lease reaped", || {
+        let (app, t, name) = (&app, &t, fresh.name.clone());
+        async move { get(app, t, &name).await.state == State::Queued as i32 }
+    })
+    .await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
 }
 
 #[tokio::test]

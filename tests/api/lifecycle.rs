@@ -662,3 +662,55 @@ async fn a_drain_under_load_answers_every_call_that_committed() {
         );
     }
 }
+
+/// Reads take no row locks: while a deletion (here, a transaction holding the
+/// project's row as a deletion does) is in progress, listing and watching the
+/// project's jobs and assets answer at once, with the project as it was.
+#[tokio::test]
+async fn reads_do_not_wait_for_a_deletion_in_progress() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "being deleted").await;
+    create_job_of(&app, &t, &p.name, "render").await;
+    let lock = lock_project(&app, &p.name).await;
+    let quick = Duration::from_secs(2);
+
+    let jobs = tokio::time::timeout(
+        quick,
+        app.jobs(&t).list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("ListJobs does not wait for the row lock")
+    .unwrap();
+    assert_eq!(jobs.into_inner().jobs.len(), 1);
+    tokio::time::timeout(
+        quick,
+        app.assets(&t).list_assets(pb::ListAssetsRequest {
+            parent: p.name.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("ListAssets does not wait for the row lock")
+    .unwrap();
+    let mut watch = tokio::time::timeout(
+        quick,
+        app.jobs(&t).watch_jobs(pb::WatchJobsRequest {
+            parent: p.name.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("WatchJobs opens without waiting for the row lock")
+    .unwrap()
+    .into_inner();
+    let first = tokio::time::timeout(quick, watch.message())
+        .await
+        .expect("and sends its snapshot")
+        .unwrap();
+    assert!(first.is_some());
+    drop(lock);
+}

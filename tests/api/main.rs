@@ -15,6 +15,8 @@ mod limits;
 mod metrics;
 mod projects;
 mod properties;
+mod readme;
+mod statements;
 mod traces;
 mod transports;
 mod worker;
