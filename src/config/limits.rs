@@ -1,4 +1,4 @@
-//! Settings of the limits against abuse (README, "Limits"): request rates per principal
+//! Settings of the limits against abuse (docs/limits.md): request rates per principal
 //! and class of call, connection caps and deadlines, and quotas per owner. Parsed here
 //! once; `crate::guard` enforces the rates and caps, the domain the quotas.
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The Kubernetes manifests, checked offline: the example overlay renders, every
 //! built-in object passes strict schema validation (tests/deploy/check.py), every
 //! probe's health service name is SERVING on a real server, and every metric the
-//! alerts or the README name is exported after a workload.
+//! alerts or docs/operations.md name is exported after a workload.
 use std::time::Duration;
 
 use mediaplane::proto::v1 as pb;
@@ -112,7 +112,7 @@ async fn manifests_validate_and_name_what_the_server_serves_and_exports() {
         let metric = metric.as_str().unwrap();
         assert!(
             exported.contains(metric),
-            "{metric} is named by an alert or the README but not exported:\n{text}"
+            "{metric} is named by an alert or docs/operations.md but not exported:\n{text}"
         );
     }
 }

@@ -2,7 +2,7 @@
 `kubectl kustomize`, validates every built-in object strictly against the Kubernetes
 API schema of one version (kubernetes-validate bundles the schemas), and prints as
 JSON what the Rust test checks against a real server: the health service names the
-probes use, and the metric names the alerts and the README's metrics table use."""
+probes use, and the metric names the alerts and the metrics table of docs/operations.md use."""
 import json
 import re
 import subprocess
@@ -48,8 +48,8 @@ for o in objects:
             for rule in group["rules"]:
                 alerts.append({"alert": rule["alert"], "metrics": sorted(set(METRIC.findall(rule["expr"])))})
 
-readme = open(f"{ROOT}/README.md").read()
-section = readme.split("### Metrics", 1)[1].split("\n#", 1)[0]
+operations = open(f"{ROOT}/docs/operations.md").read()
+section = operations.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
 documented = sorted(set(METRIC.findall(section)))
 
 json.dump(
