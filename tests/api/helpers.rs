@@ -270,17 +270,21 @@ impl Drop for TestApp {
             server.abort();
         }
         // Rate-limit state outlives the test by its refill time: remove this test's keys.
-        let pattern = format!("{}:*", self.settings.redis_prefix);
-        if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379")
-            && let Ok(mut conn) = client.get_connection()
-        {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(&pattern)
-                .query(&mut conn)
-                .unwrap_or_default();
-            if !keys.is_empty() {
-                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut conn);
-            }
+        remove_redis_keys(&self.settings.redis_prefix);
+    }
+}
+
+/// Removes every Redis key under `prefix` (a test's own).
+pub fn remove_redis_keys(prefix: &str) {
+    if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379")
+        && let Ok(mut conn) = client.get_connection()
+    {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query(&mut conn)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut conn);
         }
     }
 }

@@ -6,7 +6,7 @@
 //! to their defaults, are this test's own.
 use std::{process::Stdio, time::Duration};
 
-use crate::helpers::ScratchDb;
+use crate::helpers::{ScratchDb, remove_redis_keys};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mediaplane");
 const README: &str = include_str!("../../README.md");
@@ -119,19 +119,5 @@ async fn the_readme_tour_runs_as_written() {
         "{stdout}"
     );
     assert!(stdout.contains("event: status"), "{stdout}");
-    cleanup_redis(&prefix);
-}
-
-fn cleanup_redis(prefix: &str) {
-    if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379")
-        && let Ok(mut conn) = client.get_connection()
-    {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}:*"))
-            .query(&mut conn)
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut conn);
-        }
-    }
+    remove_redis_keys(&prefix);
 }
