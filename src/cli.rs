@@ -30,11 +30,11 @@ pub enum Command {
     /// Print a bearer token signed with the configured HS256 secret.
     Token(TokenArgs),
     /// Run jobs by executing a command (the worker protocol, in the box).
-    Worker(crate::worker::WorkerArgs),
+    Worker(crate::client::worker::WorkerArgs),
     /// Create, list and watch jobs.
     Jobs {
         #[command(subcommand)]
-        command: crate::jobs_cli::JobsCommand,
+        command: crate::client::jobs::JobsCommand,
     },
     /// Show the caller's usage of each quota (projects, unfinished jobs, asset bytes).
     Usage(crate::client::ClientArgs),
@@ -65,24 +65,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Serve(args) => serve(args).await.map(|()| ok),
         Command::Worker(args) => {
             let _log = telemetry::init(crate::config::LogFormat::Human, None)?;
-            crate::worker::run(args).await.map(|()| ok)
+            crate::client::worker::run(args).await.map(|()| ok)
         }
-        Command::Jobs { command } => crate::jobs_cli::run(command).await,
-        Command::Usage(client) => {
-            let mut c = client.connect().await?;
-            let usage = c
-                .projects
-                .get_usage(crate::proto::v1::GetUsageRequest {})
-                .await
-                .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-                .into_inner();
-            println!("owner: {}", usage.owner);
-            println!("{:<14} {:>16} {:>16}", "QUOTA", "USED", "LIMIT");
-            for q in usage.quotas {
-                println!("{:<14} {:>16} {:>16}", q.quota, q.used, q.limit);
-            }
-            Ok(ok)
-        }
+        Command::Jobs { command } => crate::client::jobs::run(command).await,
+        Command::Usage(client) => crate::client::print_usage(&client).await.map(|()| ok),
         Command::Migrate(args) => {
             let settings = Settings::load(&args)?;
             let _log = telemetry::init(settings.log_format, None)?;

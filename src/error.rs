@@ -1,9 +1,26 @@
 //! The service's one error type, and its one mapping to gRPC codes (docs/design.md, "Errors").
 //! The HTTP status for each code lives beside it so both transports share the table.
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, FieldViolation, QuotaViolation, StatusExt};
+use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
 
 pub type AppResult<T> = Result<T, AppError>;
+
+/// One problem with one field of a request (`google.rpc.BadRequest.FieldViolation`
+/// on the wire; kept free of tonic so the domain can build it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -128,7 +145,12 @@ impl From<AppError> for Status {
                 ErrorDetails::with_bad_request(
                     violations
                         .into_iter()
-                        .map(|v| FieldViolation::new(bounded(v.field), bounded(v.description)))
+                        .map(|v| {
+                            tonic_types::FieldViolation::new(
+                                bounded(v.field),
+                                bounded(v.description),
+                            )
+                        })
                         .collect::<Vec<_>>(),
                 ),
             ),

@@ -535,8 +535,7 @@ fn router(
         quotas,
     } = services;
     let projects = server::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(
-        engine.db.clone(),
-        quotas.clone(),
+        crate::projects::Projects::new(engine.db.clone(), quotas.clone()),
         limit,
     ))
     .max_decoding_message_size(limit)

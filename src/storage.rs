@@ -10,15 +10,7 @@ use object_store::{
 };
 use uuid::Uuid;
 
-#[derive(Debug, Clone)]
-pub struct StorageSettings {
-    /// `file:///abs/dir`, `file://./relative` or `s3://bucket[/prefix]`.
-    pub url: String,
-    pub s3_endpoint: Option<String>,
-    pub s3_region: String,
-    pub s3_access_key_id: Option<String>,
-    pub s3_secret_access_key: Option<crate::config::Secret>,
-}
+pub use crate::config::StorageSettings;
 
 #[derive(Clone)]
 pub struct Storage {

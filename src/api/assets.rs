@@ -4,15 +4,14 @@ use std::{pin::Pin, time::Duration};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{duration, json_to_struct, struct_to_json, timestamp};
+use crate::convert::duration;
 use crate::{
     AppError, AppResult,
     assets::{Assets, Expected},
     auth::{Caller, caller},
-    db::{self, projects::Outcome},
     domain::{
         Violations,
-        asset::{self, Asset, AssetFields, AssetFilter, AssetState, CREATE_PATHS, UrlMethod},
+        asset::{self, Asset, AssetFilter, AssetState, CREATE_PATHS, UrlMethod},
         names::{AssetName, ProjectName},
         page, project,
     },
@@ -37,82 +36,6 @@ impl AssetsApi {
 type DownloadStream =
     Pin<Box<dyn Stream<Item = Result<pb::DownloadAssetContentResponse, Status>> + Send>>;
 
-impl From<AssetState> for pb::asset::State {
-    fn from(s: AssetState) -> Self {
-        match s {
-            AssetState::Pending => Self::Pending,
-            AssetState::Ready => Self::Ready,
-            AssetState::Failed => Self::Failed,
-        }
-    }
-}
-
-impl From<Asset> for pb::Asset {
-    fn from(a: Asset) -> Self {
-        let etag = a.etag();
-        let name = crate::assets::name(&a);
-        let Asset {
-            id: _,
-            project_id,
-            owner: _,
-            display_name,
-            content_type,
-            size_bytes,
-            sha256,
-            state,
-            labels,
-            metadata,
-            source_job,
-            object_key: _,
-            revision: _,
-            create_time,
-            update_time,
-        } = a;
-        pb::Asset {
-            name,
-            display_name,
-            content_type,
-            size_bytes,
-            sha256,
-            state: pb::asset::State::from(state) as i32,
-            labels,
-            metadata: Some(json_to_struct(metadata)),
-            source_job: source_job
-                .map(|job| {
-                    crate::domain::names::JobName {
-                        project: project_id,
-                        job,
-                    }
-                    .to_string()
-                })
-                .unwrap_or_default(),
-            create_time: Some(timestamp(create_time)),
-            update_time: Some(timestamp(update_time)),
-            etag,
-        }
-    }
-}
-
-fn fields(asset: pb::Asset, prefix: &str, v: &mut Violations) -> AssetFields {
-    let metadata = match asset.metadata.map(struct_to_json).transpose() {
-        Ok(m) => m.unwrap_or_default(),
-        Err(why) => {
-            v.add(format!("{prefix}metadata"), why);
-            Default::default()
-        }
-    };
-    AssetFields {
-        display_name: asset.display_name,
-        content_type: asset.content_type,
-        labels: asset.labels,
-        metadata,
-    }
-}
-
-fn not_found(name: impl std::fmt::Display) -> AppError {
-    AppError::NotFound(format!("asset {name}"))
-}
-
 impl AssetsApi {
     async fn create(
         &self,
@@ -125,7 +48,7 @@ impl AssetsApi {
         let Some(a) = r.asset else {
             return Err(AppError::invalid(format!("{prefix}asset"), "required"));
         };
-        let fields = fields(a, &format!("{prefix}asset."), &mut v);
+        let fields = crate::convert::asset::fields(a, &format!("{prefix}asset."), &mut v);
         fields.validate(&format!("{prefix}asset."), &CREATE_PATHS, &mut v);
         if r.request_id.chars().count() > project::MAX_REQUEST_ID
             || !crate::domain::text::storable(&r.request_id)
@@ -137,27 +60,13 @@ impl AssetsApi {
         }
         let fields = v.into_result(fields)?;
         let request_id = (!r.request_id.is_empty()).then_some(r.request_id.as_str());
-        let mut conn = self.assets.db.get().await?;
-        let scope = caller.owner_scope().map(str::to_owned);
-        use diesel_async::AsyncConnection;
-        conn.transaction(async |conn| {
-            let owner = db::assets::lock_project(conn, scope.as_deref(), project.0)
-                .await?
-                .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
-            Ok(
-                db::assets::insert(conn, &owner, project.0, &fields, request_id)
-                    .await?
-                    .0,
-            )
-        })
-        .await
+        self.assets
+            .create(caller, project, &fields, request_id)
+            .await
     }
 
     async fn visible(&self, caller: &Caller, name: AssetName) -> AppResult<Asset> {
-        let mut conn = self.assets.db.get().await?;
-        db::assets::get(&mut conn, caller.owner_scope(), name.project, name.asset)
-            .await?
-            .ok_or_else(|| not_found(name))
+        self.assets.get(caller, name).await
     }
 }
 
@@ -207,18 +116,14 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
             &filter.canonical(),
         ]);
         let after = page::decode(&r.page_token, &fingerprint)?;
-        let mut conn = self.assets.db.get().await.map_err(AppError::from)?;
-        crate::db::projects::visible_owner(&mut conn, owner.as_deref(), project.0)
-            .await?
-            .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
-        let query = db::assets::ListAssets {
+        let query = crate::domain::asset::ListAssets {
             owner,
             project: project.0,
             filter,
             limit,
             after,
         };
-        let (assets, more) = db::assets::list(&mut conn, &query).await?;
+        let (assets, more) = self.assets.list(&query).await?;
         let (assets, last, cut) = super::fit_page(assets, self.page_budget, |a| page::Cursor {
             create_time: a.create_time,
             id: a.id,
@@ -239,35 +144,21 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
             asset: a,
             update_mask,
         } = request.into_inner();
-        let Some(a) = a else {
+        let Some(mut a) = a else {
             return Err(AppError::invalid("asset", "required").into());
         };
         let name = AssetName::parse("asset.name", &a.name)?;
         let paths = asset::parse_mask(&update_mask.map(|m| m.paths).unwrap_or_default())?;
-        let expected = (!a.etag.is_empty()).then(|| project::revision_of(&a.etag).unwrap_or(-1));
+        let etag = std::mem::take(&mut a.etag);
         let mut v = Violations::default();
-        let fields = fields(a, "asset.", &mut v);
+        let fields = crate::convert::asset::fields(a, "asset.", &mut v);
         fields.validate("asset.", &paths, &mut v);
         let fields = v.into_result(fields)?;
-        let mut conn = self.assets.db.get().await.map_err(AppError::from)?;
-        match db::assets::update(
-            &mut conn,
-            caller.owner_scope(),
-            name.project,
-            name.asset,
-            &fields,
-            &paths,
-            expected,
-        )
-        .await?
-        {
-            Outcome::Done(a) => Ok(Response::new(a.into())),
-            Outcome::NotFound => Err(not_found(name).into()),
-            Outcome::EtagMismatch => Err(AppError::Aborted(format!(
-                "etag does not match the current version of {name}"
-            ))
-            .into()),
-        }
+        let asset = self
+            .assets
+            .update(&caller, name, &fields, &paths, &etag)
+            .await?;
+        Ok(Response::new(asset.into()))
     }
 
     async fn delete_asset(
@@ -277,30 +168,8 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let name = AssetName::parse("name", &r.name)?;
-        let expected = (!r.etag.is_empty()).then(|| project::revision_of(&r.etag).unwrap_or(-1));
-        let mut conn = self.assets.db.get().await.map_err(AppError::from)?;
-        match db::assets::delete(
-            &mut conn,
-            caller.owner_scope(),
-            name.project,
-            name.asset,
-            expected,
-        )
-        .await?
-        {
-            Outcome::Done(key) => {
-                drop(conn);
-                if let Some(key) = key {
-                    self.assets.delete_bytes(&key).await;
-                }
-                Ok(Response::new(()))
-            }
-            Outcome::NotFound => Err(not_found(name).into()),
-            Outcome::EtagMismatch => Err(AppError::Aborted(format!(
-                "etag does not match the current version of {name}"
-            ))
-            .into()),
-        }
+        self.assets.delete(&caller, name, &r.etag).await?;
+        Ok(Response::new(()))
     }
 
     async fn upload_asset_content(

@@ -5,11 +5,11 @@ use std::{pin::Pin, time::Duration};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{datetime, duration, struct_to_json};
+use crate::convert::{datetime, duration, struct_to_json};
 use crate::{
     AppError,
     auth::{Caller, caller},
-    db::jobs::Fenced,
+    domain::job::Fenced,
     domain::{
         Violations,
         job::{self, JobError, JobFilter, NewJob},
@@ -314,7 +314,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             if descending { "desc" } else { "asc" },
         ]);
         let after = page::decode(&r.page_token, &fingerprint)?;
-        let query = crate::db::jobs::ListJobs {
+        let query = crate::domain::job::ListJobs {
             owner,
             project: project.0,
             filter,
@@ -322,12 +322,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             after,
             descending,
         };
-        let mut conn = super::conn(&self.engine.db).await?;
-        // An invisible project is NOT_FOUND, not an empty list.
-        crate::db::projects::visible_owner(&mut conn, query.owner.as_deref(), project.0)
-            .await?
-            .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
-        let (jobs, more) = crate::db::jobs::list(&mut conn, &query).await?;
+        let (jobs, more) = self.engine.list(&query).await?;
         let (jobs, last, cut) = super::fit_page(jobs, self.page_budget, |j| page::Cursor {
             create_time: j.create_time,
             id: j.id,
@@ -461,7 +456,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                     .lease_id
                     .map(|l| self.engine.settings.leases.seal(&caller.sub, l).to_string())
                     .unwrap_or_default(),
-                lease_expire_time: j.lease_expire_time.map(super::convert::timestamp),
+                lease_expire_time: j.lease_expire_time.map(crate::convert::timestamp),
                 traceparent: j.traceparent.clone().unwrap_or_default(),
                 job: Some(j.into()),
             })
@@ -508,7 +503,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         let job = self.engine.leased(&caller, name, &r.lease_id, op).await?;
         Ok(Response::new(pb::ReportProgressResponse {
             cancel_requested: job.cancel_requested,
-            lease_expire_time: job.lease_expire_time.map(super::convert::timestamp),
+            lease_expire_time: job.lease_expire_time.map(crate::convert::timestamp),
         }))
     }
 

@@ -1,20 +1,10 @@
-//! gRPC adapters, one file per service: validate, convert, call the domain and the
-//! database, convert back.
-use tonic::Status;
-
-use crate::{AppError, db, domain::page};
+//! gRPC adapters, one file per service: validate, convert (`crate::convert`), call
+//! the resource's service (the engine, `projects`, `assets`), convert back.
+use crate::domain::page;
 
 pub mod assets;
-pub mod convert;
 pub mod jobs;
 pub mod projects;
-
-/// A pooled connection, or UNAVAILABLE when Postgres cannot be reached in time.
-pub(crate) async fn conn(pool: &db::Pool) -> Result<db::PooledConn<'_>, Status> {
-    pool.get()
-        .await
-        .map_err(|e| Status::from(AppError::from(e)))
-}
 
 /// Room a list response keeps besides its items: the next page token and the framing.
 const PAGE_HEADROOM: usize = 4 * 1024;

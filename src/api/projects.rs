@@ -1,121 +1,32 @@
 //! ProjectsService over gRPC.
-use diesel_async::AsyncConnection;
 use tonic::{Request, Response, Status};
 
-use super::convert::{json_to_struct, struct_to_json, timestamp};
 use crate::{
-    AppError, AppResult,
+    AppError,
     auth::caller,
-    batch::Batcher,
-    db::{
-        self,
-        projects::{Created, NewProject, Outcome},
-    },
+    convert::project::fields,
     domain::{
         Violations,
         names::ProjectName,
-        project::{self, ALL_PATHS, ListQuery, Project, ProjectFields},
+        project::{self, ALL_PATHS, ListQuery},
     },
+    projects::Projects,
     proto::v1 as pb,
-    quotas::{Quota, Quotas},
 };
 
 pub struct ProjectsApi {
-    db: db::Pool,
-    quotas: Quotas,
-    /// Concurrent creates share one INSERT and one commit (group commit).
-    creates: Batcher<NewProject, Created>,
+    projects: Projects,
     /// Bytes of projects one ListProjects response may hold.
     page_budget: usize,
 }
 
-/// Inserts in flight at once, and projects per INSERT.
-const CREATE_LANES: usize = 4;
-const CREATE_GROUP_MAX: usize = 128;
-
 impl ProjectsApi {
-    /// Spawns the create lanes: call within the server's runtime.
-    pub fn new(db: db::Pool, quotas: Quotas, max_message_bytes: usize) -> Self {
-        let pool = db.clone();
-        let creates = Batcher::spawn(CREATE_LANES, CREATE_GROUP_MAX, move |group| {
-            let pool = pool.clone();
-            async move { crate::batch::shared_or_alone(&group, |g| insert(&pool, g)).await }
-        });
+    pub fn new(projects: Projects, max_message_bytes: usize) -> Self {
         Self {
-            db,
-            quotas,
-            creates,
+            projects,
             page_budget: super::page_budget(max_message_bytes),
         }
     }
-}
-
-/// One INSERT for the group (atomic on its own).
-async fn insert(pool: &db::Pool, group: &[NewProject]) -> AppResult<Vec<AppResult<Created>>> {
-    let mut conn = pool.get().await?;
-    db::projects::create_many(&mut conn, group).await
-}
-
-/// Client-settable fields of a wire project; output-only fields are ignored (AIP-203).
-fn fields(project: pb::Project, v: &mut Violations) -> ProjectFields {
-    let metadata = match project.metadata.map(struct_to_json).transpose() {
-        Ok(m) => m.unwrap_or_default(),
-        Err(why) => {
-            v.add("project.metadata", why);
-            Default::default()
-        }
-    };
-    ProjectFields {
-        display_name: project.display_name,
-        description: project.description,
-        labels: project.labels,
-        metadata,
-    }
-}
-
-impl From<Project> for pb::Project {
-    fn from(p: Project) -> Self {
-        let name = p.name().to_string();
-        let etag = p.etag();
-        let Project {
-            id: _,
-            owner,
-            display_name,
-            description,
-            labels,
-            metadata,
-            revision: _,
-            create_time,
-            update_time,
-        } = p;
-        pb::Project {
-            name,
-            display_name,
-            description,
-            labels,
-            metadata: Some(json_to_struct(metadata)),
-            owner,
-            create_time: Some(timestamp(create_time)),
-            update_time: Some(timestamp(update_time)),
-            etag,
-        }
-    }
-}
-
-fn not_found(name: ProjectName) -> Status {
-    AppError::NotFound(format!("project {name}")).into()
-}
-
-/// An etag we did not issue can never match: -1 is never a revision.
-fn expected_revision(etag: &str) -> Option<i64> {
-    (!etag.is_empty()).then(|| project::revision_of(etag).unwrap_or(-1))
-}
-
-fn etag_conflict(name: ProjectName) -> Status {
-    AppError::Aborted(format!(
-        "etag does not match the current version of {name}; read it again and retry"
-    ))
-    .into()
 }
 
 #[tonic::async_trait]
@@ -147,24 +58,8 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
             );
         }
         let fields = v.into_result(fields)?;
-        if !caller.is_admin() {
-            self.quotas.admit(Quota::Projects, &caller.sub, 1).await?;
-        }
-        let created = self
-            .creates
-            .call(NewProject {
-                owner: caller.sub,
-                fields,
-                request_id: (!request_id.is_empty()).then_some(request_id),
-            })
-            .await?;
-        let project = match created {
-            Created::New(p) => {
-                tracing::info!(project = %p.name(), "project created");
-                p
-            }
-            Created::Replayed(p) => p,
-        };
+        let request_id = (!request_id.is_empty()).then_some(request_id);
+        let project = self.projects.create(&caller, fields, request_id).await?;
         Ok(Response::new(project.into()))
     }
 
@@ -174,10 +69,7 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
     ) -> Result<Response<pb::Project>, Status> {
         let caller = caller(&request)?;
         let name = ProjectName::parse("name", &request.get_ref().name)?;
-        let mut conn = super::conn(&self.db).await?;
-        let project = db::projects::get(&mut conn, caller.owner_scope(), name.0)
-            .await?
-            .ok_or_else(|| not_found(name))?;
+        let project = self.projects.get(&caller, name).await?;
         Ok(Response::new(project.into()))
     }
 
@@ -194,8 +86,7 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
             &r.filter,
             &r.order_by,
         )?;
-        let mut conn = super::conn(&self.db).await?;
-        let (projects, more) = db::projects::list(&mut conn, &query).await?;
+        let (projects, more) = self.projects.list(&query).await?;
         let (projects, last, cut) = super::fit_page(projects, self.page_budget, |p| {
             crate::domain::page::Cursor {
                 create_time: p.create_time,
@@ -218,32 +109,22 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
             project,
             update_mask,
         } = request.into_inner();
-        let Some(project) = project else {
+        let Some(mut project) = project else {
             return Err(AppError::invalid("project", "required").into());
         };
         let name = ProjectName::parse("project.name", &project.name)?;
         let paths = project::parse_mask(&update_mask.map(|m| m.paths).unwrap_or_default())?;
-        let expected = expected_revision(&project.etag);
+        let etag = std::mem::take(&mut project.etag);
         let mut v = Violations::default();
         let fields = fields(project, &mut v);
         fields.validate("project.", &paths, &mut v);
         let fields = v.into_result(fields)?;
 
-        let mut conn = super::conn(&self.db).await?;
-        match db::projects::update(
-            &mut conn,
-            caller.owner_scope(),
-            name.0,
-            &fields,
-            &paths,
-            expected,
-        )
-        .await?
-        {
-            Outcome::Done(p) => Ok(Response::new(p.into())),
-            Outcome::NotFound => Err(not_found(name)),
-            Outcome::EtagMismatch => Err(etag_conflict(name)),
-        }
+        let project = self
+            .projects
+            .update(&caller, name, &fields, &paths, &etag)
+            .await?;
+        Ok(Response::new(project.into()))
     }
 
     async fn delete_project(
@@ -253,22 +134,8 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
         let caller = caller(&request)?;
         let r = request.into_inner();
         let name = ProjectName::parse("name", &r.name)?;
-        let mut conn = super::conn(&self.db).await?;
-        let (owner, revision) = (caller.owner_scope(), expected_revision(&r.etag));
-        match conn
-            .transaction(async |conn| db::projects::delete(conn, owner, name.0, revision).await)
-            .await?
-        {
-            Outcome::Done(()) => {
-                tracing::info!(project = %name, "project deleted");
-                for quota in Quota::ALL {
-                    self.quotas.forget(quota, &caller.sub);
-                }
-                Ok(Response::new(()))
-            }
-            Outcome::NotFound => Err(not_found(name)),
-            Outcome::EtagMismatch => Err(etag_conflict(name)),
-        }
+        self.projects.delete(&caller, name, &r.etag).await?;
+        Ok(Response::new(()))
     }
 
     async fn get_usage(
@@ -277,8 +144,8 @@ impl crate::proto::server::projects_service_server::ProjectsService for Projects
     ) -> Result<Response<pb::Usage>, Status> {
         let caller = caller(&request)?;
         let quotas = self
-            .quotas
-            .usage(&caller.sub)
+            .projects
+            .usage(&caller)
             .await?
             .into_iter()
             .map(|(quota, limit, used)| pb::QuotaUsage {

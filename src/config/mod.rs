@@ -226,7 +226,7 @@ pub struct Settings {
     pub watch_resync: Duration,
     pub job_retention: Duration,
     pub event_retention: Duration,
-    pub storage: crate::storage::StorageSettings,
+    pub storage: StorageSettings,
     pub max_asset_bytes: i64,
     pub project_quota_bytes: i64,
     pub signed_url_max_ttl: Duration,
@@ -234,6 +234,17 @@ pub struct Settings {
     pub public_url: Option<String>,
     pub url_signing_key: Option<Secret>,
     pub limits: Limits,
+}
+
+/// Where asset bytes are kept ([`crate::storage`] opens it).
+#[derive(Debug, Clone)]
+pub struct StorageSettings {
+    /// `file:///abs/dir`, `file://./relative` or `s3://bucket[/prefix]`.
+    pub url: String,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -493,7 +504,7 @@ impl Settings {
                 &args.event_retention,
                 Duration::from_secs(86400),
             )?,
-            storage: crate::storage::StorageSettings {
+            storage: StorageSettings {
                 url: parse_opt("storage_url", get("storage_url", &args.storage_url), |s| {
                     if s.starts_with("file://") || s.starts_with("s3://") {
                         Ok(s.to_owned())

@@ -11,14 +11,11 @@ use uuid::Uuid;
 
 use super::{
     projects::Outcome,
-    schema::{assets, direct_uploads, object_gc, projects},
+    schema::{assets, direct_uploads, object_gc},
 };
 use crate::{
     AppError, AppResult,
-    domain::{
-        asset::{Asset, AssetFields, AssetFilter, AssetState, Path},
-        page,
-    },
+    domain::asset::{Asset, AssetFields, AssetState, Path},
 };
 
 #[derive(Queryable, Selectable)]
@@ -120,26 +117,6 @@ struct NewAssetRow<'a> {
     request_hash: Option<Vec<u8>>,
 }
 
-/// The owner of a visible project, locked (FOR UPDATE serializes quota checks).
-pub async fn lock_project(
-    conn: &mut AsyncPgConnection,
-    owner: Option<&str>,
-    project: Uuid,
-) -> AppResult<Option<String>> {
-    Ok(projects::table
-        .filter(projects::id.eq(project))
-        .filter(
-            projects::owner
-                .eq(owner.unwrap_or_default().to_owned())
-                .or(owner.is_none().into_sql::<Bool>()),
-        )
-        .select(projects::owner)
-        .for_update()
-        .first(conn)
-        .await
-        .optional()?)
-}
-
 pub async fn insert(
     conn: &mut AsyncPgConnection,
     owner: &str,
@@ -227,16 +204,11 @@ pub async fn lock(
         .transpose()
 }
 
-pub struct ListAssets {
-    pub owner: Option<String>,
-    pub project: Uuid,
-    pub filter: AssetFilter,
-    pub limit: i64,
-    pub after: Option<page::Cursor>,
-}
-
 /// Newest first.
-pub async fn list(conn: &mut AsyncPgConnection, q: &ListAssets) -> AppResult<(Vec<Asset>, bool)> {
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    q: &crate::domain::asset::ListAssets,
+) -> AppResult<(Vec<Asset>, bool)> {
     let mut query = assets::table
         .filter(assets::project_id.eq(q.project))
         .filter(visible_to(q.owner.as_deref()))

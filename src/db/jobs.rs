@@ -14,10 +14,7 @@ use uuid::Uuid;
 use super::schema::{job_events, jobs, projects};
 use crate::{
     AppError, AppResult,
-    domain::{
-        job::{Job, JobError, JobFilter, JobState, NewJob},
-        page,
-    },
+    domain::job::{Fenced, Job, JobError, JobFilter, JobState, NewJob},
 };
 
 #[derive(Queryable, Selectable, QueryableByName)]
@@ -157,28 +154,7 @@ fn visible_to(owner: Option<&str>) -> VisibleTo {
         .or(owner.is_none().into_sql::<Bool>())
 }
 
-/// The owner of a project the caller can see, locked against deletion until commit
-/// (KEY SHARE: what the foreign key takes anyway, and compatible with other inserts).
-pub async fn lock_project(
-    conn: &mut AsyncPgConnection,
-    owner: Option<&str>,
-    project: Uuid,
-) -> AppResult<Option<String>> {
-    Ok(projects::table
-        .filter(projects::id.eq(project))
-        .filter(
-            projects::owner
-                .eq(owner.unwrap_or_default().to_owned())
-                .or(owner.is_none().into_sql::<Bool>()),
-        )
-        .select(projects::owner)
-        .for_key_share()
-        .first(conn)
-        .await
-        .optional()?)
-}
-
-/// Owners of the projects in `ids` that exist, locked like `lock_project`.
+/// Owners of the projects in `ids` that exist, locked like `projects::Lock::KeyShare`.
 pub async fn lock_projects(
     conn: &mut AsyncPgConnection,
     ids: &[Uuid],
@@ -463,17 +439,10 @@ pub async fn get_any(
     get(conn, None, project, id).await
 }
 
-pub struct ListJobs {
-    pub owner: Option<String>,
-    pub project: Uuid,
-    pub filter: JobFilter,
-    pub limit: i64,
-    pub after: Option<page::Cursor>,
-    /// Newest first when true.
-    pub descending: bool,
-}
-
-pub async fn list(conn: &mut AsyncPgConnection, q: &ListJobs) -> AppResult<(Vec<Job>, bool)> {
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    q: &crate::domain::job::ListJobs,
+) -> AppResult<(Vec<Job>, bool)> {
     let mut query = jobs::table
         .filter(jobs::project_id.eq(q.project))
         .filter(visible_to(q.owner.as_deref()))
@@ -867,20 +836,6 @@ pub async fn progress(
         .get_result(conn)
         .await?;
     row.try_into()
-}
-
-/// A worker's write that needs no decision in Rust: progress, or a complete without
-/// output assets.
-#[derive(Clone)]
-pub enum Fenced {
-    Progress {
-        percent: i32,
-        step: String,
-        message: String,
-    },
-    Complete {
-        result: Option<serde_json::Value>,
-    },
 }
 
 /// One worker write: applied only if the job is `id` in `project`, RUNNING under

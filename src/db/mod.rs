@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod projects;
 pub mod queues;
 pub mod schema;
+pub mod states;
 pub mod usage;
 
 /// `now() + ms` milliseconds, on the database's clock (the one every instance shares).

@@ -226,21 +226,36 @@ fn replayed(row: &NewProjectRow<'_>, earlier: &Earlier) -> AppResult<Created> {
     }
 }
 
-/// Whether the caller (`owner`; `None`: an admin) can see project `id`, as its owner.
-/// A plain read for read-only paths: no row lock, so a read never waits for a
-/// deletion in progress (it sees the project as it was until that commits).
-pub async fn visible_owner(
+/// How [`owner_of`] locks the project row it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// A plain read, for read-only paths: it never waits for a deletion in progress
+    /// (it sees the project as it was until that commits).
+    None,
+    /// Held against deletion until commit (what a foreign key takes anyway, and
+    /// compatible with other inserts).
+    KeyShare,
+    /// FOR UPDATE: serializes the writers that check a quota of the project.
+    Update,
+}
+
+/// The owner of project `id` when the caller (`owner`; `None`: an admin) can see it.
+pub async fn owner_of(
     conn: &mut AsyncPgConnection,
     owner: Option<&str>,
     id: Uuid,
+    lock: Lock,
 ) -> AppResult<Option<String>> {
-    Ok(projects::table
+    let query = projects::table
         .filter(projects::id.eq(id))
         .filter(visible_to(owner))
-        .select(projects::owner)
-        .first(conn)
-        .await
-        .optional()?)
+        .select(projects::owner);
+    Ok(match lock {
+        Lock::None => query.first(conn).await,
+        Lock::KeyShare => query.for_key_share().first(conn).await,
+        Lock::Update => query.for_update().first(conn).await,
+    }
+    .optional()?)
 }
 
 pub async fn get(

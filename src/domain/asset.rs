@@ -2,18 +2,11 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use diesel::{
-    deserialize::{FromSql, FromSqlRow},
-    expression::AsExpression,
-    pg::{Pg, PgValue},
-    serialize::{IsNull, Output, ToSql},
-};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use uuid::Uuid;
 
 use super::{Violations, labels};
-use crate::db::schema::sql_types::AssetState as SqlAssetState;
 
 pub const MAX_DISPLAY_NAME: usize = 512;
 pub const MAX_CONTENT_TYPE: usize = 255;
@@ -21,8 +14,7 @@ pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 /// Largest chunk in an upload or download message.
 pub const CHUNK: usize = 1024 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, AsExpression, FromSqlRow)]
-#[diesel(sql_type = SqlAssetState)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AssetState {
     Pending,
     Ready,
@@ -45,21 +37,6 @@ impl AssetState {
             "failed" => Self::Failed,
             _ => return None,
         })
-    }
-}
-
-impl ToSql<SqlAssetState, Pg> for AssetState {
-    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> diesel::serialize::Result {
-        use std::io::Write;
-        out.write_all(self.as_str().as_bytes())?;
-        Ok(IsNull::No)
-    }
-}
-
-impl FromSql<SqlAssetState, Pg> for AssetState {
-    fn from_sql(bytes: PgValue<'_>) -> diesel::deserialize::Result<Self> {
-        let text = std::str::from_utf8(bytes.as_bytes())?;
-        Self::parse(text).ok_or_else(|| format!("unknown asset_state {text:?}").into())
     }
 }
 
@@ -334,6 +311,15 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// A page of a project's assets, as ListAssets asks for it.
+pub struct ListAssets {
+    pub owner: Option<String>,
+    pub project: Uuid,
+    pub filter: AssetFilter,
+    pub limit: i64,
+    pub after: Option<super::page::Cursor>,
 }
 
 #[cfg(test)]

@@ -2,17 +2,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use chrono::{DateTime, Utc};
-use diesel::{
-    deserialize::{FromSql, FromSqlRow},
-    expression::AsExpression,
-    pg::{Pg, PgValue},
-    serialize::{IsNull, Output, ToSql},
-};
 use rand::Rng;
 use uuid::Uuid;
 
 use super::{Violations, labels};
-use crate::db::schema::sql_types::JobState as SqlJobState;
 
 pub const MAX_KIND_LEN: usize = 63;
 pub const MAX_INPUT_BYTES: usize = 256 * 1024;
@@ -31,8 +24,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 86400);
 
 /// QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED, and RUNNING -> QUEUED on a retry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, AsExpression, FromSqlRow)]
-#[diesel(sql_type = SqlJobState)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobState {
     Queued,
     Running,
@@ -66,21 +58,6 @@ impl JobState {
             "cancelled" => Self::Cancelled,
             _ => return None,
         })
-    }
-}
-
-impl ToSql<SqlJobState, Pg> for JobState {
-    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> diesel::serialize::Result {
-        use std::io::Write;
-        out.write_all(self.as_str().as_bytes())?;
-        Ok(IsNull::No)
-    }
-}
-
-impl FromSql<SqlJobState, Pg> for JobState {
-    fn from_sql(bytes: PgValue<'_>) -> diesel::deserialize::Result<Self> {
-        let text = std::str::from_utf8(bytes.as_bytes())?;
-        Self::parse(text).ok_or_else(|| format!("unknown job_state {text:?}").into())
     }
 }
 
@@ -285,6 +262,31 @@ impl JobFilter {
         kinds.sort();
         format!("{}|{}", states.join(","), kinds.join(","))
     }
+}
+
+/// A page of a project's jobs, as ListJobs asks for it.
+pub struct ListJobs {
+    pub owner: Option<String>,
+    pub project: Uuid,
+    pub filter: JobFilter,
+    pub limit: i64,
+    pub after: Option<super::page::Cursor>,
+    /// Newest first when true.
+    pub descending: bool,
+}
+
+/// A worker's write that needs no decision in Rust: progress, or a complete without
+/// output assets.
+#[derive(Clone)]
+pub enum Fenced {
+    Progress {
+        percent: i32,
+        step: String,
+        message: String,
+    },
+    Complete {
+        result: Option<serde_json::Value>,
+    },
 }
 
 #[cfg(test)]

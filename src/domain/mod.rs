@@ -14,12 +14,12 @@ pub const MAX_REPORTED: usize = 50;
 
 /// Errors found while validating a request: every one is reported at once.
 #[derive(Debug, Default)]
-pub struct Violations(Vec<tonic_types::FieldViolation>);
+pub struct Violations(Vec<crate::error::FieldViolation>);
 
 impl Violations {
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
         self.0
-            .push(tonic_types::FieldViolation::new(field, description));
+            .push(crate::error::FieldViolation::new(field, description));
     }
 
     /// The value of a check made elsewhere (a name's parse), or `None` with its

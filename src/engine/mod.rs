@@ -159,7 +159,7 @@ pub fn event(job: &Job, ty: EventType) -> pb::JobEvent {
         sequence: job.sequence,
         r#type: ty as i32,
         job: Some(job.clone().into()),
-        event_time: Some(crate::api::convert::timestamp(job.update_time)),
+        event_time: Some(crate::convert::timestamp(job.update_time)),
     }
 }
 
@@ -550,6 +550,22 @@ impl Engine {
             .ok_or_else(|| AppError::NotFound(format!("job {name}")))
     }
 
+    /// One page of a project's jobs and whether more follow; a project the caller
+    /// cannot see is NOT_FOUND, not an empty list.
+    pub async fn list(&self, query: &crate::domain::job::ListJobs) -> AppResult<(Vec<Job>, bool)> {
+        let mut conn = self.conn().await?;
+        let project = crate::domain::names::ProjectName(query.project);
+        db::projects::owner_of(
+            &mut conn,
+            query.owner.as_deref(),
+            query.project,
+            db::projects::Lock::None,
+        )
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
+        db::jobs::list(&mut conn, query).await
+    }
+
     pub async fn cancel(&self, caller: &Caller, name: JobName) -> AppResult<Job> {
         let mut conn = self.conn().await?;
         let scope = caller.owner_scope().map(str::to_owned);
@@ -837,7 +853,7 @@ impl Engine {
         for c in calls {
             *named.entry(c.name.job).or_default() += 1;
         }
-        let fenced: Vec<(usize, &db::jobs::Fenced)> = calls
+        let fenced: Vec<(usize, &crate::domain::job::Fenced)> = calls
             .iter()
             .enumerate()
             .filter(|(_, c)| named.get(&c.name.job) == Some(&1))
@@ -867,8 +883,8 @@ impl Engine {
             for (w, job) in written {
                 let (at, op) = &fenced[w];
                 let ty = match op {
-                    db::jobs::Fenced::Progress { .. } => EventType::Progress,
-                    db::jobs::Fenced::Complete { .. } => EventType::StateChanged,
+                    crate::domain::job::Fenced::Progress { .. } => EventType::Progress,
+                    crate::domain::job::Fenced::Complete { .. } => EventType::StateChanged,
                 };
                 changes.push((job.clone(), ty));
                 results[*at] = Some(Ok(Handled::Done(job)));
@@ -1042,7 +1058,7 @@ async fn apply(
         return Ok(Err(refused));
     }
     Ok(Ok(match &call.op {
-        LeaseOp::Fenced(db::jobs::Fenced::Progress {
+        LeaseOp::Fenced(crate::domain::job::Fenced::Progress {
             percent,
             step,
             message,
@@ -1050,7 +1066,7 @@ async fn apply(
             db::jobs::progress(conn, job.id, *percent, step, message).await?,
             EventType::Progress,
         ),
-        LeaseOp::Fenced(db::jobs::Fenced::Complete { result }) => (
+        LeaseOp::Fenced(crate::domain::job::Fenced::Complete { result }) => (
             db::jobs::succeed(conn, job.id, result.clone(), &[]).await?,
             EventType::StateChanged,
         ),
@@ -1097,7 +1113,7 @@ async fn apply(
 pub enum LeaseOp {
     /// Progress, or a complete without outputs: the database checks the lease as it
     /// writes (one statement for a whole group).
-    Fenced(db::jobs::Fenced),
+    Fenced(crate::domain::job::Fenced),
     /// A complete whose output assets are checked and linked first.
     CompleteWithOutputs {
         result: Option<serde_json::Value>,
@@ -1113,7 +1129,7 @@ pub enum LeaseOp {
 impl LeaseOp {
     pub fn complete(result: Option<serde_json::Value>, output_assets: Vec<String>) -> Self {
         if output_assets.is_empty() {
-            Self::Fenced(db::jobs::Fenced::Complete { result })
+            Self::Fenced(crate::domain::job::Fenced::Complete { result })
         } else {
             Self::CompleteWithOutputs {
                 result,

@@ -272,9 +272,14 @@ impl Engine {
         let owner = caller.owner_scope().map(str::to_owned);
         {
             let mut conn = self.db.get().await?;
-            db::projects::visible_owner(&mut conn, owner.as_deref(), project.0)
-                .await?
-                .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
+            db::projects::owner_of(
+                &mut conn,
+                owner.as_deref(),
+                project.0,
+                db::projects::Lock::None,
+            )
+            .await?
+            .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
         }
         let watcher = ProjectWatcher {
             engine: self.clone(),
@@ -526,7 +531,7 @@ impl Watcher for ProjectWatcher {
                 Ok(Signal::Event(ev)) => {
                     let job = ev.event.job.as_ref();
                     let id = job.and_then(|j| JobName::parse("name", &j.name).ok()).map(|n| n.job);
-                    let state = job.and_then(|j| pb::job::State::try_from(j.state).ok()).and_then(state_of);
+                    let state = job.and_then(|j| pb::job::State::try_from(j.state).ok()).and_then(crate::convert::job::state_of);
                     if let (Some(id), Some(state), Some(job)) = (id, state, job)
                         && self.view.admit(
                             &self.filter,
@@ -551,17 +556,6 @@ impl Watcher for ProjectWatcher {
             },
         }
     }
-}
-
-fn state_of(s: pb::job::State) -> Option<JobState> {
-    Some(match s {
-        pb::job::State::Unspecified => return None,
-        pb::job::State::Queued => JobState::Queued,
-        pb::job::State::Running => JobState::Running,
-        pb::job::State::Succeeded => JobState::Succeeded,
-        pb::job::State::Failed => JobState::Failed,
-        pb::job::State::Cancelled => JobState::Cancelled,
-    })
 }
 
 #[cfg(test)]

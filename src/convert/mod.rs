@@ -1,4 +1,11 @@
-//! Conversions between protobuf well-known types and domain values.
+//! Every conversion between the wire (`proto::v1`, protobuf well-known types) and
+//! the domain, in one place: the API handlers, the engine's watch streams and the
+//! client tools all convert through here. Well-known types are below; each
+//! resource has a file.
+pub mod asset;
+pub mod job;
+pub mod project;
+
 use chrono::{DateTime, Utc};
 use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};
 
@@ -65,93 +72,6 @@ fn json_to_value(v: serde_json::Value) -> Value {
         serde_json::Value::Object(o) => Kind::StructValue(json_to_struct(o)),
     };
     Value { kind: Some(kind) }
-}
-
-/// Stored job error as `google.rpc.Status` (code and message).
-pub fn job_error(e: crate::domain::job::JobError) -> tonic_types::pb::Status {
-    tonic_types::pb::Status {
-        code: e.code,
-        message: e.message,
-        details: vec![],
-    }
-}
-
-impl From<crate::domain::job::JobState> for crate::proto::v1::job::State {
-    fn from(s: crate::domain::job::JobState) -> Self {
-        use crate::domain::job::JobState as S;
-        match s {
-            S::Queued => Self::Queued,
-            S::Running => Self::Running,
-            S::Succeeded => Self::Succeeded,
-            S::Failed => Self::Failed,
-            S::Cancelled => Self::Cancelled,
-        }
-    }
-}
-
-impl From<crate::domain::job::Job> for crate::proto::v1::Job {
-    fn from(j: crate::domain::job::Job) -> Self {
-        use crate::domain::names::JobName;
-        let crate::domain::job::Job {
-            id,
-            project_id,
-            owner: _,
-            kind,
-            input,
-            labels,
-            state,
-            priority,
-            max_attempts,
-            attempt,
-            schedule_time,
-            progress_percent,
-            current_step,
-            message,
-            cancel_requested,
-            worker_id,
-            lease_id: _,
-            lease_expire_time,
-            result,
-            output_assets,
-            error,
-            sequence,
-            create_time,
-            start_time,
-            end_time,
-            update_time,
-            // Workers get it with their lease (LeasedJob), not every reader.
-            traceparent: _,
-        } = j;
-        Self {
-            name: JobName {
-                project: project_id,
-                job: id,
-            }
-            .to_string(),
-            kind,
-            input: Some(json_to_struct(input)),
-            state: crate::proto::v1::job::State::from(state) as i32,
-            priority,
-            max_attempts,
-            attempt,
-            schedule_time: Some(timestamp(schedule_time)),
-            progress_percent,
-            current_step,
-            message,
-            cancel_requested,
-            worker_id: worker_id.unwrap_or_default(),
-            lease_expire_time: lease_expire_time.map(timestamp),
-            result: result.map(json_to_struct),
-            output_assets,
-            error: error.map(job_error),
-            labels,
-            sequence,
-            create_time: Some(timestamp(create_time)),
-            start_time: start_time.map(timestamp),
-            end_time: end_time.map(timestamp),
-            update_time: Some(timestamp(update_time)),
-        }
-    }
 }
 
 /// Largest `google.protobuf.Duration` (about 10,000 years, per its definition).

@@ -23,8 +23,8 @@ use tokio::{
 use tonic::Code;
 
 use crate::{
-    api::convert::{json_to_struct, struct_to_json},
     client::{ClientArgs, Jobs},
+    convert::{json_to_struct, struct_to_json},
     proto::v1 as pb,
 };
 

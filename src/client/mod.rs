@@ -1,4 +1,9 @@
-//! A gRPC client for the CLI and the worker runtime: a channel plus the bearer token.
+//! The client side of the binary: `mediaplane worker`, `mediaplane jobs` and
+//! `mediaplane usage`, and the gRPC client they share (a channel plus the bearer
+//! token). Nothing here runs inside the server.
+pub mod jobs;
+pub mod worker;
+
 use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
@@ -63,4 +68,21 @@ impl ClientArgs {
             projects: ProjectsServiceClient::with_interceptor(channel, bearer),
         })
     }
+}
+
+/// `mediaplane usage`: the caller's use of each quota, as a table.
+pub async fn print_usage(args: &ClientArgs) -> anyhow::Result<()> {
+    let mut c = args.connect().await?;
+    let usage = c
+        .projects
+        .get_usage(crate::proto::v1::GetUsageRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    println!("owner: {}", usage.owner);
+    println!("{:<14} {:>16} {:>16}", "QUOTA", "USED", "LIMIT");
+    for q in usage.quotas {
+        println!("{:<14} {:>16} {:>16}", q.quota, q.used, q.limit);
+    }
+    Ok(())
 }

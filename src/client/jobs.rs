@@ -5,8 +5,8 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::{
-    api::convert::json_to_struct,
     client::ClientArgs,
+    convert::json_to_struct,
     proto::v1::{self as pb, job::State},
 };
 
