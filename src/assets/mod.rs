@@ -127,6 +127,15 @@ impl Assets {
             .ok_or_else(|| not_found(name))
     }
 
+    /// The asset a signed URL names: the signature is the caller's authority, so no
+    /// owner is checked.
+    pub async fn get_signed(&self, project: uuid::Uuid, id: uuid::Uuid) -> AppResult<Asset> {
+        let mut conn = self.db.get().await?;
+        db::assets::get(&mut conn, None, project, id)
+            .await?
+            .ok_or_else(|| not_found(format!("projects/{project}/assets/{id}")))
+    }
+
     /// One page of a project's assets, newest first, and whether more follow; a
     /// project the caller cannot see is NOT_FOUND, not an empty list.
     pub async fn list(&self, query: &ListAssets) -> AppResult<(Vec<Asset>, bool)> {

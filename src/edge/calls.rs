@@ -124,21 +124,20 @@ pub async fn middleware(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let ending = if content_type == "application/grpc"
-        || content_type.starts_with("application/grpc+")
-    {
-        (header_code.is_none()).then_some(Ending::Trailers)
-    } else if content_type.starts_with("application/x-ndjson") {
-        let line = serde_json::json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "server is shutting down", "details": []}});
-        Some(Ending::Data(Bytes::from(format!("{line}\n"))))
-    } else if content_type.starts_with("text/event-stream") {
-        let unavailable = serde_json::json!({"code": 503, "status": "UNAVAILABLE", "message": "server is shutting down"});
-        Some(Ending::Data(Bytes::from(format!(
-            "event: status\ndata: {unavailable}\n\n"
-        ))))
-    } else {
-        None
-    };
+    let ending =
+        if content_type == "application/grpc" || content_type.starts_with("application/grpc+") {
+            (header_code.is_none()).then_some(Ending::Trailers)
+        } else if content_type.starts_with("application/x-ndjson")
+            || content_type.starts_with("text/event-stream")
+        {
+            Some(Ending::Data(Bytes::from(super::errors::final_line(
+                content_type.starts_with("text/event-stream"),
+                tonic::Code::Unavailable,
+                "server is shutting down",
+            ))))
+        } else {
+            None
+        };
     let stop = ending.map(|e| (Box::pin(ctx.draining.clone().cancelled_owned()), e));
     Response::from_parts(
         parts,
@@ -242,38 +241,7 @@ fn error_response(grpc: bool, code: tonic::Code, message: &str) -> Response {
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         response
     } else {
-        let status = crate::error::http_status(code);
-        let body = serde_json::json!({"error": {"code": status.as_u16(), "status": code_name(code), "message": message, "details": []}});
-        let mut response = Response::new(Body::from(body.to_string()));
-        *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response
-    }
-}
-
-/// Canonical upper-case name of a code (`NOT_FOUND`), as google.rpc.Code spells it.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
+        *super::errors::error_response(code, message, vec![])
     }
 }
 
@@ -295,7 +263,7 @@ impl Drop for CallLog {
         let _enter = self.span.enter();
         if self.grpc {
             let code = match (self.code, self.finished) {
-                (Some(c), _) => code_name(tonic::Code::from_i32(c)),
+                (Some(c), _) => super::errors::code_name(tonic::Code::from_i32(c)),
                 (None, false) => "CANCELLED",
                 (None, true) => "UNKNOWN",
             };

@@ -3,6 +3,7 @@
 pub mod calls;
 pub mod coalesce;
 pub mod cors;
+pub mod errors;
 pub mod frames;
 pub mod health;
 pub mod json;

@@ -179,6 +179,11 @@ fn seg(s: &str) -> Seg {
     }
 }
 
+/// Every escape decoded, `%2F` too: query parameters, `grpc-message`.
+pub fn decode_all(s: &str) -> String {
+    decode(s, true)
+}
+
 /// Percent-decoding (the edge's only one); `%2F` stays encoded unless `slash` is true.
 /// A `%` not followed by two hex digits is kept as it is.
 pub fn decode(s: &str, slash: bool) -> String {

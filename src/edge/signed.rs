@@ -16,10 +16,7 @@ use uuid::Uuid;
 use crate::{
     AppError,
     assets::{Assets, Expected},
-    db,
     domain::asset::{self, AssetState, UrlMethod},
-    edge::calls::code_name,
-    error::http_status,
 };
 
 pub fn router(assets: Assets) -> Router {
@@ -40,10 +37,9 @@ struct Signed {
 
 fn error(e: AppError) -> Response {
     let code = e.code();
-    let status = http_status(code);
+    // Through Status: an internal error's message is the one clients may see.
     let message = tonic::Status::from(e).message().to_owned();
-    let body = serde_json::json!({"error": {"code": status.as_u16(), "status": code_name(code), "message": message, "details": []}});
-    (status, Json(body)).into_response()
+    *super::errors::error_response(code, &message, vec![])
 }
 
 fn check(
@@ -78,10 +74,7 @@ async fn load(
     project: Uuid,
     id: Uuid,
 ) -> Result<crate::domain::asset::Asset, AppError> {
-    let mut conn = assets.db.get().await?;
-    db::assets::get(&mut conn, None, project, id)
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("asset projects/{project}/assets/{id}")))
+    assets.get_signed(project, id).await
 }
 
 /// `bytes=a-b`, `bytes=a-`, `bytes=-n`; `None` for a missing header, `Err` when unsatisfiable.

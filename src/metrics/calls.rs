@@ -105,7 +105,7 @@ pub async fn record_calls(
 
 fn grpc_code(headers: &http::HeaderMap) -> Option<&'static str> {
     let code: i32 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
-    Some(crate::edge::calls::code_name(tonic::Code::from_i32(code)))
+    Some(crate::edge::errors::code_name(tonic::Code::from_i32(code)))
 }
 
 pin_project_lite::pin_project! {
