@@ -1,0 +1,255 @@
+//! Inserting jobs: many in one statement, with request-id replays told apart.
+use chrono::{DateTime, Utc};
+use diesel::{prelude::*, sql_types::Timestamptz, upsert::DecoratableTarget};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use crate::db::schema::jobs;
+use crate::{
+    AppError, AppResult,
+    domain::job::{Job, NewJob},
+};
+
+use super::*;
+
+#[derive(Insertable)]
+#[diesel(table_name = jobs)]
+struct NewJobRow<'a> {
+    id: Uuid,
+    project_id: Uuid,
+    owner: &'a str,
+    kind: &'a str,
+    input: serde_json::Value,
+    labels: serde_json::Value,
+    priority: i32,
+    max_attempts: i32,
+    schedule_time: Option<DateTime<Utc>>,
+    request_id: Option<&'a str>,
+    request_hash: Option<Vec<u8>>,
+    traceparent: Option<&'a str>,
+}
+
+/// A job to insert into a project whose owner is known (and locked).
+pub struct Insert<'a> {
+    pub owner: &'a str,
+    pub project: Uuid,
+    pub job: &'a NewJob,
+    pub request_id: Option<&'a str>,
+    /// The creating call's trace context, for the job's workers.
+    pub traceparent: Option<&'a str>,
+}
+
+/// Inserts jobs with one statement. Per job: the job and whether it is new; with a
+/// request id, a repeat gives the first job (`false`), and a different payload under
+/// the same id is ALREADY_EXISTS (nothing is written for that job).
+pub async fn insert_many(
+    conn: &mut AsyncPgConnection,
+    inserts: &[Insert<'_>],
+) -> AppResult<Vec<AppResult<(Job, bool)>>> {
+    let rows: Vec<NewJobRow> = inserts
+        .iter()
+        .map(|i| NewJobRow {
+            id: Uuid::now_v7(),
+            project_id: i.project,
+            owner: i.owner,
+            kind: &i.job.kind,
+            input: serde_json::Value::Object(i.job.input.clone()),
+            labels: labels_json(&i.job.labels),
+            priority: i.job.priority,
+            max_attempts: i.job.max_attempts,
+            schedule_time: i.job.schedule_time,
+            request_id: i.request_id,
+            request_hash: i.request_id.map(|_| i.job.digest()),
+            traceparent: i.traceparent,
+        })
+        .collect();
+    let mut inserted: std::collections::HashMap<Uuid, JobRow> = std::collections::HashMap::new();
+    // Bind parameters are limited to 65,535 per statement.
+    for chunk in rows.chunks(2000) {
+        let returned: Vec<JobRow> = if let [one] = chunk {
+            // One row: a statement diesel prepares once per connection (multi-row
+            // inserts vary in shape and are planned on every call).
+            diesel::insert_into(jobs::table)
+                .values(one)
+                .on_conflict((jobs::owner, jobs::request_id))
+                .filter_target(jobs::request_id.is_not_null())
+                .do_nothing()
+                .returning(JobRow::as_returning())
+                .get_results(conn)
+                .await?
+        } else {
+            diesel::insert_into(jobs::table)
+                .values(chunk)
+                .on_conflict((jobs::owner, jobs::request_id))
+                .filter_target(jobs::request_id.is_not_null())
+                .do_nothing()
+                .returning(JobRow::as_returning())
+                .get_results(conn)
+                .await?
+        };
+        inserted.extend(returned.into_iter().map(|r| (r.id, r)));
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let Some(r) = inserted.remove(&row.id) {
+            out.push(r.try_into().map(|job| (job, true)));
+            continue;
+        }
+        out.push(existing(conn, row).await);
+    }
+    Ok(out)
+}
+
+/// A job for [`insert_visible`]: its caller's scope (`None`: any owner), project, fields,
+/// request id and trace context.
+pub struct VisibleInsert<'a> {
+    pub scope: Option<&'a str>,
+    pub project: Uuid,
+    pub job: &'a NewJob,
+    pub request_id: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
+}
+
+/// Inserts jobs in one statement, each only if its project exists, is visible to its
+/// scope (`None`: any) and is not being deleted, and its request id is new. Runs as its
+/// own transaction: the jobs it returns (by their position in `inserts`) are committed,
+/// with their events. The others wrote nothing; `insert_many` in a transaction tells why.
+pub async fn insert_visible(
+    conn: &mut AsyncPgConnection,
+    inserts: &[VisibleInsert<'_>],
+) -> AppResult<Vec<(usize, Job)>> {
+    use diesel::sql_types::{Array, Bytea, Int4, Jsonb, Nullable as N, Text};
+    struct InsertVisible {
+        ids: Vec<Uuid>,
+        projects: Vec<Uuid>,
+        scopes: Vec<Option<String>>,
+        kinds: Vec<String>,
+        inputs: Vec<serde_json::Value>,
+        labels: Vec<serde_json::Value>,
+        priorities: Vec<i32>,
+        max_attempts: Vec<i32>,
+        schedule_times: Vec<Option<DateTime<Utc>>>,
+        request_ids: Vec<Option<String>>,
+        request_hashes: Vec<Option<Vec<u8>>>,
+        traceparents: Vec<Option<String>>,
+    }
+    impl crate::db::Statement for InsertVisible {
+        fn walk<'b>(
+            &'b self,
+            mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+        ) -> QueryResult<()> {
+            // The projects are locked first, skipping any that a deletion holds: their
+            // jobs are left out (the caller retries them alone, waiting for the deletion's
+            // outcome) instead of the whole group waiting on the foreign key's check.
+            out.push_sql("WITH p AS MATERIALIZED (SELECT id, owner FROM projects WHERE id = ANY(");
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
+            out.push_sql(
+                ") FOR KEY SHARE SKIP LOCKED) \
+                 INSERT INTO jobs (id, project_id, owner, kind, input, labels, priority, \
+                 max_attempts, schedule_time, request_id, request_hash, traceparent) \
+                 SELECT c.id, p.id, p.owner, c.kind, c.input, c.labels, c.priority, \
+                 c.max_attempts, COALESCE(c.schedule_time, now()), c.request_id, c.request_hash, \
+                 c.traceparent \
+                 FROM unnest(",
+            );
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Text>>, _>(&self.scopes)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Text>, _>(&self.kinds)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Jsonb>, _>(&self.inputs)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Jsonb>, _>(&self.labels)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Int4>, _>(&self.priorities)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Int4>, _>(&self.max_attempts)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Timestamptz>>, _>(&self.schedule_times)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Text>>, _>(&self.request_ids)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Bytea>>, _>(&self.request_hashes)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<N<Text>>, _>(&self.traceparents)?;
+            out.push_sql(
+                ") AS c(id, project, scope, kind, input, labels, priority, max_attempts, \
+                 schedule_time, request_id, request_hash, traceparent) \
+                 JOIN p ON p.id = c.project WHERE c.scope IS NULL OR p.owner = c.scope \
+                 ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *");
+            Ok(())
+        }
+    }
+    let ids: Vec<Uuid> = inserts.iter().map(|_| Uuid::now_v7()).collect();
+    let statement = InsertVisible {
+        ids: ids.clone(),
+        projects: inserts.iter().map(|i| i.project).collect(),
+        scopes: inserts.iter().map(|i| i.scope.map(str::to_owned)).collect(),
+        kinds: inserts.iter().map(|i| i.job.kind.clone()).collect(),
+        inputs: inserts
+            .iter()
+            .map(|i| serde_json::Value::Object(i.job.input.clone()))
+            .collect(),
+        labels: inserts.iter().map(|i| labels_json(&i.job.labels)).collect(),
+        priorities: inserts.iter().map(|i| i.job.priority).collect(),
+        max_attempts: inserts.iter().map(|i| i.job.max_attempts).collect(),
+        schedule_times: inserts.iter().map(|i| i.job.schedule_time).collect(),
+        request_ids: inserts
+            .iter()
+            .map(|i| i.request_id.map(str::to_owned))
+            .collect(),
+        request_hashes: inserts
+            .iter()
+            .map(|i| i.request_id.map(|_| i.job.digest()))
+            .collect(),
+        traceparents: inserts
+            .iter()
+            .map(|i| i.traceparent.map(str::to_owned))
+            .collect(),
+    };
+    let rows: Vec<JobRow> = match crate::db::Prepared(statement).load(conn).await {
+        Ok(rows) => rows,
+        // A project deleted while the jobs went in: nothing was written.
+        Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::ForeignKeyViolation,
+            _,
+        )) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let position: std::collections::HashMap<Uuid, usize> =
+        ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    rows.into_iter()
+        .map(|r| {
+            let at = position
+                .get(&r.id)
+                .copied()
+                .ok_or_else(|| AppError::internal("inserted a job nobody asked for"))?;
+            Ok((at, Job::try_from(r)?))
+        })
+        .collect()
+}
+
+/// The job a repeated request id refers to, if the request is the same.
+async fn existing(conn: &mut AsyncPgConnection, row: &NewJobRow<'_>) -> AppResult<(Job, bool)> {
+    let (Some(request_id), Some(digest)) = (row.request_id, row.request_hash.as_deref()) else {
+        return Err(AppError::internal(
+            "job insert without request_id returned no row",
+        ));
+    };
+    let (existing, hash, existing_project): (JobRow, Option<Vec<u8>>, Uuid) = jobs::table
+        .filter(jobs::owner.eq(row.owner))
+        .filter(jobs::request_id.eq(request_id))
+        .select((JobRow::as_select(), jobs::request_hash, jobs::project_id))
+        .first(conn)
+        .await?;
+    if hash.as_deref() == Some(digest) && existing_project == row.project_id {
+        Ok((existing.try_into()?, false))
+    } else {
+        Err(AppError::AlreadyExists(format!(
+            "request_id {request_id:?} was already used to create a different job"
+        )))
+    }
+}
