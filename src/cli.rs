@@ -1,7 +1,7 @@
 //! The `mediaplane` command line: `serve`, `migrate`, `token`.
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use rand::RngCore;
 
 use crate::{
@@ -56,6 +56,22 @@ pub struct TokenArgs {
     pub ttl: Duration,
     #[command(flatten)]
     pub settings: SettingsArgs,
+}
+
+/// The command line, with the config file's values (if one is named) under flags and
+/// environment variables; exits with clap's usage message or the setting at fault.
+pub fn parse() -> Cli {
+    let parsed = crate::config::parse_with_file(Cli::command(), std::env::args_os().collect())
+        .and_then(|m| Cli::from_arg_matches(&m).map_err(crate::config::ParseError::Clap));
+    match parsed {
+        Ok(cli) => cli,
+        Err(crate::config::ParseError::Clap(e)) => e.exit(),
+        Err(crate::config::ParseError::Config(e)) => {
+            // As every other failure at start: exit code 1.
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 /// Runs a command; the error text is what the user sees before exit code 1.
