@@ -249,7 +249,7 @@ impl Application {
             settings.db_pool_size,
             Box::new(move || hub.connected()),
         ));
-        spawn_queue_figures(
+        crate::metrics::admin::spawn_queue_figures(
             metrics.clone(),
             engine.db.clone(),
             settings.queue_figures_interval,
@@ -257,7 +257,7 @@ impl Application {
         );
         reaper::spawn(engine, background.clone());
         if let Some(admin) = admin {
-            spawn_admin(admin, metrics, background.clone());
+            crate::metrics::admin::spawn_admin(admin, metrics, background.clone());
         }
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -396,59 +396,6 @@ fn known_paths() -> Result<std::collections::HashMap<String, bool>, StartError> 
     let ours = decode(proto::FILE_DESCRIPTOR_SET)?;
     let health = decode(tonic_health::pb::FILE_DESCRIPTOR_SET)?;
     Ok(crate::metrics::known_paths(&[&ours, &health]))
-}
-
-/// The admin listener: `GET /metrics` until the background work stops.
-fn spawn_admin(listener: TcpListener, metrics: Metrics, stop: CancellationToken) {
-    let app = Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [(
-                        http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
-            }
-        }),
-    );
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::warn!(error = %e, "admin listener stopped");
-        }
-    });
-}
-
-/// Reads the queue figures from Postgres now and every `every`: scrapes never
-/// wait on the database.
-fn spawn_queue_figures(metrics: Metrics, db: db::Pool, every: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
-            let read = async {
-                let mut conn = db.get().await?;
-                db::queues::figures(&mut conn).await
-            };
-            match read.await {
-                Ok(figures) => metrics.set_queues(figures),
-                Err(e) => {
-                    metrics.queue_refresh_failed();
-                    tracing::debug!(error = %e, "queue figures not read");
-                }
-            }
-        }
-    });
 }
 
 /// Key of signed asset URLs: configured, else derived from the JWT secret (so every

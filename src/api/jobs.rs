@@ -1,5 +1,8 @@
 //! JobsService over gRPC: client methods (owner-scoped) and worker methods (role
 //! `worker`), all through the engine.
+//!
+//! The longest adapter because JobsService is the largest service (thirteen RPCs);
+//! each handler is only validation and conversion, as in the other adapters.
 use std::{pin::Pin, time::Duration};
 
 use futures::Stream;

@@ -6,6 +6,12 @@
 //!
 //! Label values are bounded: a method is named only if the server has it (every
 //! other path is `unknown`), so no client can grow the registry.
+//!
+//! Long on purpose: every metric's name, help text and type is declared in one place
+//! (`Metrics::new`), the list docs/operations.md mirrors (a test compares them), with
+//! the few methods that record each; splitting the list would scatter the one thing an
+//! operator needs read together.
+pub mod admin;
 mod calls;
 mod process;
 

@@ -1,21 +1,15 @@
-//! Live progress: subscribe first, then read Postgres, then follow events; any sign
-//! of a gap (sequence jump, lagging, Redis reconnect, the periodic resync) sends the
-//! watcher back to Postgres. Postgres is the only source of what watchers are told.
+//! One WatchJobs stream: the jobs of a project that match a filter, kept current.
 use std::collections::{HashMap, VecDeque};
 
-use futures::StreamExt;
 use tokio::sync::broadcast::{self, error::RecvError};
-use tonic::Status;
 use uuid::Uuid;
 
-use super::{Engine, event, hub::Signal};
+use crate::engine::{Engine, event, hub::Signal};
 use crate::{
-    AppError, AppResult,
-    auth::Caller,
-    db,
+    AppError, AppResult, db,
     domain::{
         job::{Job, JobFilter, JobState},
-        names::{JobName, ProjectName},
+        names::JobName,
     },
     proto::{
         EncodedJobEvent,
@@ -23,298 +17,20 @@ use crate::{
     },
 };
 
-pub type EventStream = futures::stream::BoxStream<'static, Result<EncodedJobEvent, Status>>;
+use super::{Flow, Watcher};
 
-fn is_terminal(event: &pb::JobEvent) -> bool {
-    event.job.as_ref().is_some_and(|j| {
-        matches!(
-            pb::job::State::try_from(j.state),
-            Ok(pb::job::State::Succeeded | pb::job::State::Failed | pb::job::State::Cancelled)
-        )
-    })
-}
-
-/// One WatchJob stream (see `into_stream`).
-struct JobWatcher {
-    engine: Engine,
-    owner: Option<String>,
-    name: JobName,
+pub(super) struct ProjectWatcher {
+    pub(super) engine: Engine,
+    pub(super) owner: Option<String>,
+    pub(super) project: Uuid,
+    pub(super) filter: JobFilter,
     /// Events decided but not yet taken by the stream.
-    out: VecDeque<EncodedJobEvent>,
-    /// Sequence of the last event queued.
-    last: i64,
-    /// Replaying stored events, and the last page read was full: read the next one
-    /// when the client has taken this one.
-    replaying: bool,
-}
-
-/// Stored events replayed per query. Each carries the whole job (whose input may be
-/// 256 KiB), so a watcher resuming far behind reads them a page at a time as its client
-/// takes them, not all at once.
-const REPLAY_PAGE: i64 = 32;
-
-enum Flow {
-    Continue,
-    Done,
-}
-
-impl JobWatcher {
-    fn send(&mut self, event: pb::JobEvent) -> Flow {
-        let encoded = EncodedJobEvent::new(&event);
-        self.send_encoded(&event, encoded)
-    }
-
-    /// `encoded` is `event`, encoded (shared with the instance's other watchers).
-    fn send_encoded(&mut self, event: &pb::JobEvent, encoded: EncodedJobEvent) -> Flow {
-        self.last = event.sequence;
-        self.out.push_back(encoded);
-        if is_terminal(event) {
-            Flow::Done
-        } else {
-            Flow::Continue
-        }
-    }
-
-    async fn current(&self) -> AppResult<Job> {
-        let mut conn = self.engine.db.get().await?;
-        db::jobs::get(
-            &mut conn,
-            self.owner.as_deref(),
-            self.name.project,
-            self.name.job,
-        )
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("job {}", self.name)))
-    }
-
-    async fn snapshot(&mut self) -> AppResult<Flow> {
-        let job = self.current().await?;
-        if job.sequence <= self.last {
-            return Ok(if job.state.is_terminal() {
-                Flow::Done
-            } else {
-                Flow::Continue
-            });
-        }
-        Ok(self.send(event(&job, EventType::Snapshot)))
-    }
-
-    /// Queues what was missed after `self.last`: the events themselves when they are
-    /// all still stored, else a snapshot.
-    async fn catch_up(&mut self) -> AppResult<Flow> {
-        self.replaying = false;
-        let (events, oldest) = {
-            let mut conn = self.engine.db.get().await?;
-            db::jobs::events_after(&mut conn, self.name.job, self.last, REPLAY_PAGE).await?
-        };
-        let complete = oldest.is_some_and(|o| o <= self.last + 1) && !events.is_empty();
-        if !complete {
-            return self.snapshot().await;
-        }
-        let full_page = events.len() as i64 == REPLAY_PAGE;
-        for (ty, job) in events {
-            let ty = EventType::try_from(i32::from(ty))
-                .map_err(|_| AppError::internal(format!("stored event type {ty}")))?;
-            if job.sequence != self.last + 1 {
-                return self.snapshot().await;
-            }
-            if let Flow::Done = self.send(event(&job, ty)) {
-                return Ok(Flow::Done);
-            }
-        }
-        if full_page {
-            self.replaying = true;
-            return Ok(Flow::Continue);
-        }
-        // Events may lag the row by nothing (same transaction), but be sure.
-        self.snapshot().await
-    }
-}
-
-impl Watcher for JobWatcher {
-    fn queued(&mut self) -> &mut VecDeque<EncodedJobEvent> {
-        &mut self.out
-    }
-
-    async fn step(
-        &mut self,
-        rx: &mut broadcast::Receiver<Signal>,
-        resync: &mut tokio::time::Interval,
-    ) -> AppResult<Flow> {
-        if self.replaying {
-            return self.catch_up().await;
-        }
-        tokio::select! {
-            signal = rx.recv() => match signal {
-                Ok(Signal::Event(ev)) if ev.event.sequence <= self.last => Ok(Flow::Continue),
-                Ok(Signal::Event(ev)) if ev.event.sequence == self.last + 1 => {
-                    Ok(self.send_encoded(&ev.event, ev.encoded.clone()))
-                }
-                Ok(Signal::Event(_)) | Ok(Signal::Resync) => self.catch_up().await,
-                // Too slow: the newest state, not a backlog.
-                Err(RecvError::Lagged(missed)) => {
-                    self.engine.settings.metrics.events_superseded(missed);
-                    self.snapshot().await
-                }
-                Err(RecvError::Closed) => Err(AppError::Unavailable("event hub closed".into())),
-            },
-            _ = resync.tick() => self.catch_up().await,
-        }
-    }
-}
-
-/// A watcher behind a stream: events it has decided wait in `queued`; `step` waits
-/// for the next signal (or the periodic resync) and queues what it calls for.
-trait Watcher: Send + 'static {
-    fn queued(&mut self) -> &mut VecDeque<EncodedJobEvent>;
-
-    fn step<'a>(
-        &'a mut self,
-        rx: &'a mut broadcast::Receiver<Signal>,
-        resync: &'a mut tokio::time::Interval,
-    ) -> impl Future<Output = AppResult<Flow>> + Send + 'a;
-}
-
-/// The stream of a watcher. It runs inside the stream itself (polled by the
-/// connection's stream task), not in a task of its own: one wake-up per event per
-/// watcher and no channel between. A client that reads slowly stops the polling, its
-/// broadcast receiver lags, and it gets the newest state instead of a backlog.
-/// Queued events first, then a step at a time until `Done` or an error (sent last).
-fn into_stream<W: Watcher>(
-    watcher: W,
-    rx: broadcast::Receiver<Signal>,
-    resync: tokio::time::Interval,
-    done: bool,
-    metrics: crate::metrics::Metrics,
-) -> EventStream {
-    let failed: Option<Status> = None;
-    // Counted open until the stream is dropped.
-    let open = metrics.watch_opened();
-    futures::stream::unfold(
-        (watcher, rx, resync, done, failed, open),
-        |(mut w, mut rx, mut resync, mut done, mut failed, open)| async move {
-            loop {
-                if let Some(event) = w.queued().pop_front() {
-                    open.0.event_delivered();
-                    return Some((Ok(event), (w, rx, resync, done, failed, open)));
-                }
-                if let Some(status) = failed.take() {
-                    return Some((Err(status), (w, rx, resync, true, None, open)));
-                }
-                if done {
-                    return None;
-                }
-                match w.step(&mut rx, &mut resync).await {
-                    Ok(Flow::Continue) => {}
-                    Ok(Flow::Done) => done = true,
-                    // What was queued before the error goes first.
-                    Err(e) => (done, failed) = (true, Some(e.into())),
-                }
-            }
-        },
-    )
-    .boxed()
-}
-
-impl Engine {
-    /// The current snapshot (or what was missed after `after_sequence`), then every
-    /// change, ending after the terminal event.
-    pub async fn watch_job(
-        &self,
-        caller: &Caller,
-        name: JobName,
-        after_sequence: i64,
-    ) -> AppResult<EventStream> {
-        let rx = self.hub.job(name.job);
-        let mut watcher = JobWatcher {
-            engine: self.clone(),
-            owner: caller.owner_scope().map(str::to_owned),
-            name,
-            out: VecDeque::new(),
-            last: 0,
-            replaying: false,
-        };
-        let job = watcher.current().await?;
-        let flow = if after_sequence > 0 && after_sequence < job.sequence {
-            watcher.last = after_sequence;
-            watcher.catch_up().await?
-        } else if after_sequence >= job.sequence && after_sequence > 0 {
-            watcher.last = job.sequence;
-            if job.state.is_terminal() {
-                Flow::Done
-            } else {
-                Flow::Continue
-            }
-        } else {
-            watcher.send(event(&job, EventType::Snapshot))
-        };
-        let period = self.settings.watch_resync;
-        let resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let metrics = self.settings.metrics.clone();
-        Ok(into_stream(
-            watcher,
-            rx,
-            resync,
-            matches!(flow, Flow::Done),
-            metrics,
-        ))
-    }
-
-    /// Snapshots of the project's jobs that match `filter` (newest 1,000), then every
-    /// change to a matching job while the stream is open.
-    pub async fn watch_jobs(
-        &self,
-        caller: &Caller,
-        project: ProjectName,
-        filter: JobFilter,
-    ) -> AppResult<EventStream> {
-        let rx = self.hub.project(project.0);
-        let owner = caller.owner_scope().map(str::to_owned);
-        {
-            let mut conn = self.db.get().await?;
-            db::projects::owner_of(
-                &mut conn,
-                owner.as_deref(),
-                project.0,
-                db::projects::Lock::None,
-            )
-            .await?
-            .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
-        }
-        let watcher = ProjectWatcher {
-            engine: self.clone(),
-            owner,
-            project: project.0,
-            filter,
-            out: VecDeque::new(),
-            view: View::default(),
-            pending: VecDeque::new(),
-            synced: None,
-        };
-        // The first tick is at once: the stream starts with the snapshots.
-        let resync = tokio::time::interval(self.settings.watch_resync);
-        Ok(into_stream(
-            watcher,
-            rx,
-            resync,
-            false,
-            self.settings.metrics.clone(),
-        ))
-    }
-}
-
-struct ProjectWatcher {
-    engine: Engine,
-    owner: Option<String>,
-    project: Uuid,
-    filter: JobFilter,
-    /// Events decided but not yet taken by the stream.
-    out: VecDeque<EncodedJobEvent>,
+    pub(super) out: VecDeque<EncodedJobEvent>,
     /// Jobs this stream has sent (see `View`).
-    view: View,
+    pub(super) view: View,
     /// Jobs a sync found whose rows are still to read, oldest change first.
-    pending: VecDeque<Uuid>,
-    synced: Option<chrono::DateTime<chrono::Utc>>,
+    pub(super) pending: VecDeque<Uuid>,
+    pub(super) synced: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What a project stream has sent, per job: its last sequence, and whether the client
@@ -322,7 +38,7 @@ struct ProjectWatcher {
 /// (its new state, which the client sees does not match), so a dashboard of running
 /// jobs learns that one finished; after that it is sent only if it matches again.
 #[derive(Default)]
-struct View {
+pub(super) struct View {
     jobs: HashMap<Uuid, Sent>,
 }
 
@@ -339,7 +55,7 @@ struct Sent {
 impl View {
     /// Whether a change of a job goes to the client, recording it if it does: a change
     /// newer than what was sent, of a job that matches or that the client shows.
-    fn admit(
+    pub(super) fn admit(
         &mut self,
         filter: &JobFilter,
         id: Uuid,
@@ -370,12 +86,12 @@ impl View {
     }
 
     /// Whether the change of `id` at `sequence` (or a later one) was sent.
-    fn has(&self, id: Uuid, sequence: i64) -> bool {
+    pub(super) fn has(&self, id: Uuid, sequence: i64) -> bool {
         self.jobs.get(&id).is_some_and(|s| s.sequence >= sequence)
     }
 
     /// Jobs the client shows as matching: the ones a sync checks for having left.
-    fn shown(&self) -> Vec<Uuid> {
+    pub(super) fn shown(&self) -> Vec<Uuid> {
         self.jobs
             .iter()
             .filter(|(_, s)| s.shown)
@@ -389,7 +105,7 @@ impl View {
     /// again; a newer change has a higher sequence and is judged afresh); and under an
     /// empty filter, where no job can leave it, any job sent before `since`. A finished
     /// job sent before `gone` (the retention) is deleted from Postgres or about to be.
-    fn forget(
+    pub(super) fn forget(
         &mut self,
         filter_is_empty: bool,
         since: chrono::DateTime<chrono::Utc>,
@@ -403,7 +119,7 @@ impl View {
 }
 
 impl ProjectWatcher {
-    fn offer(&mut self, job: &Job, now: chrono::DateTime<chrono::Utc>) {
+    pub(super) fn offer(&mut self, job: &Job, now: chrono::DateTime<chrono::Utc>) {
         if self.view.admit(
             &self.filter,
             job.id,
@@ -421,7 +137,7 @@ impl ProjectWatcher {
     /// those that match the filter, and those shown that may have left it. Their rows are
     /// read later, a page at a time as the client takes them (`next_page`): each job
     /// carries its input, and a sync may find a thousand.
-    async fn sync(&mut self) -> AppResult<Flow> {
+    pub(super) async fn sync(&mut self) -> AppResult<Flow> {
         let since = self.synced;
         let (changed, left, started) = {
             let mut conn = self.engine.db.get().await?;
@@ -489,7 +205,7 @@ impl ProjectWatcher {
     }
 
     /// Reads the next page of the jobs a sync found, and queues those still to send.
-    async fn next_page(&mut self) -> AppResult<Flow> {
+    pub(super) async fn next_page(&mut self) -> AppResult<Flow> {
         let ids: Vec<Uuid> = (0..SYNC_PAGE)
             .map_while(|_| self.pending.pop_front())
             .collect();
@@ -562,12 +278,12 @@ impl Watcher for ProjectWatcher {
 mod tests {
     use super::*;
 
-    fn at(secs: i64) -> chrono::DateTime<chrono::Utc> {
+    pub(super) fn at(secs: i64) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
     }
 
     #[test]
-    fn a_view_sends_matching_jobs_and_the_change_that_takes_one_out() {
+    pub(super) fn a_view_sends_matching_jobs_and_the_change_that_takes_one_out() {
         let running = JobFilter::parse("state = RUNNING").unwrap();
         let mut view = View::default();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
@@ -592,7 +308,7 @@ mod tests {
     }
 
     #[test]
-    fn a_view_forgets_what_no_sync_can_return_and_keeps_what_it_shows() {
+    pub(super) fn a_view_forgets_what_no_sync_can_return_and_keeps_what_it_shows() {
         let running = JobFilter::parse("state = RUNNING").unwrap();
         let mut view = View::default();
         let (shown, left, recent, done) = (
