@@ -1,4 +1,7 @@
 //! Start-up, shutdown, migrations, configuration and deadlines.
+//!
+//! One file over 600 lines: each test is one stage of an instance's life (start,
+//! configuration, migrations, deadlines, shutdown), read in that order.
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},

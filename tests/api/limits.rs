@@ -1,6 +1,9 @@
 //! Limits against abuse: request rates shared by every door and every instance (and
 //! kept locally while Redis is away), connection caps and deadlines, caps on open
 //! streams and uploads, and quotas per owner.
+//!
+//! Just over 600 lines: each limit's test sits beside the others so their shared
+//! settings (tight limits on one test app) read as one table.
 use std::time::Duration;
 
 use mediaplane::{

@@ -1,4 +1,6 @@
 //! Projects: CRUD, validation, masks, etags, idempotency, pagination.
+//!
+//! Just over 600 lines: one resource's whole contract, each test one rule of it.
 use std::collections::{BTreeMap, HashSet};
 
 use mediaplane::proto::v1 as pb;

@@ -1,6 +1,9 @@
 //! Jobs: writes under a lease: fencing, expired leases, retries and backoff,
 //! cancellation, worker tokens limited to kinds, batch completes, reapers on two
 //! instances.
+//!
+//! Just over 600 lines: every test here is a write racing a lease, and they share one
+//! set of expectations (what a stale token gets back).
 use std::time::Duration;
 
 use mediaplane::proto::v1::{self as pb, job::State};
