@@ -5,7 +5,8 @@
 //!    scraped every second, every span exported over OTLP/gRPC to a receiver in this
 //!    process, which counts spans without decoding them) against **off**
 //!    (`MEDIAPLANE_ADMIN_ADDR=off`, no OTLP endpoint), two release servers measured
-//!    in alternating rounds of one run. Trace context is
+//!    in alternating rounds of one run, with each server's CPU time per operation
+//!    (`/proc/<pid>/stat`, read around each run). Trace context is
 //!    propagated in both: it is behaviour (workers get their job's trace), not
 //!    instrumentation. Target: on at most 3% below off.
 //! 2. A scrape with 100 job kinds and 1,000,000 queued jobs: its time (target under
@@ -36,7 +37,7 @@ use tonic::{
 type Jobs = JobsServiceClient<InterceptedService<Channel, Bearer>>;
 type Projects = ProjectsServiceClient<InterceptedService<Channel, Bearer>>;
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 const RUN: Duration = Duration::from_secs(5);
 
 // The receiver skims each OTLP export request: it walks down to the spans and counts
@@ -111,6 +112,40 @@ impl tower::Service<http::Request<tonic::body::Body>> for Sink {
     }
 }
 
+/// Each round's rates and server CPU per operation, on and off.
+#[derive(Default)]
+struct Figures {
+    rate_on: Vec<f64>,
+    rate_off: Vec<f64>,
+    rate_ratio: Vec<f64>,
+    cpu_on: Vec<f64>,
+    cpu_off: Vec<f64>,
+    cpu_ratio: Vec<f64>,
+}
+
+impl Figures {
+    fn push(&mut self, (rate_on, cpu_on): (f64, f64), (rate_off, cpu_off): (f64, f64)) {
+        self.rate_on.push(rate_on);
+        self.rate_off.push(rate_off);
+        self.rate_ratio.push(rate_on / rate_off);
+        self.cpu_on.push(cpu_on);
+        self.cpu_off.push(cpu_off);
+        self.cpu_ratio.push(cpu_on / cpu_off);
+    }
+
+    fn print(self, what: &str) {
+        println!(
+            "{what:<32} {:>9.0} {:>9.0} {:>7.1}% {:>10.1} {:>10.1} {:>7.1}%",
+            median(self.rate_on),
+            median(self.rate_off),
+            100.0 * median(self.rate_ratio),
+            median(self.cpu_on),
+            median(self.cpu_off),
+            100.0 * median(self.cpu_ratio),
+        );
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -125,7 +160,7 @@ fn dur(secs: i64) -> Option<prost_types::Duration> {
 
 /// Jobs per second end to end: 64 producers create for `RUN`, 16 workers lease and
 /// complete; the rate counts jobs completed, over the time until the last one was.
-async fn jobs_rate(channels: &[Channel], project: &str, kind: &str) -> f64 {
+async fn jobs_run(channels: &[Channel], project: &str, kind: &str) -> (f64, f64) {
     let creating = Instant::now() + RUN;
     let created = Arc::new(AtomicUsize::new(0));
     let completed = Arc::new(AtomicUsize::new(0));
@@ -206,11 +241,14 @@ async fn jobs_rate(channels: &[Channel], project: &str, kind: &str) -> f64 {
     while producers.join_next().await.is_some() {}
     producing_done.store(true, Ordering::Relaxed);
     while workers.join_next().await.is_some() {}
-    completed.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    (
+        completed.load(Ordering::Relaxed) as f64,
+        start.elapsed().as_secs_f64(),
+    )
 }
 
-/// GetProject calls per second from 64 callers for `RUN`.
-async fn get_rate(channels: &[Channel], project: &str) -> f64 {
+/// GetProject calls from 64 callers for `RUN`, and the seconds they took.
+async fn get_run(channels: &[Channel], project: &str) -> (f64, f64) {
     let stop = Instant::now() + RUN;
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -232,7 +270,39 @@ async fn get_rate(channels: &[Channel], project: &str) -> f64 {
         });
     }
     while tasks.join_next().await.is_some() {}
-    done.load(Ordering::Relaxed) as f64 / RUN.as_secs_f64()
+    (done.load(Ordering::Relaxed) as f64, RUN.as_secs_f64())
+}
+
+/// CPU seconds `pid` has used (user + system), from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: state is the first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // USER_HZ: 100 on every Linux this runs on.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One measured run against `server`: (operations per second, server CPU µs per
+/// operation). The pause after it lets the server's background work (a span batch
+/// exported after the load stops) land in its own CPU figure, not the next run.
+async fn measured(
+    server: &common::Server,
+    run: impl std::future::Future<Output = (f64, f64)>,
+) -> (f64, f64) {
+    let pid = server.child.id();
+    let cpu = cpu_secs(pid);
+    let (ops, secs) = run.await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let used = cpu_secs(pid) - cpu;
+    (ops / secs, 1e6 * used / ops.max(1.0))
 }
 
 /// Scrapes `admin` every second until `stop` (as a demanding Prometheus would).
@@ -313,56 +383,40 @@ async fn cost() {
         RUN.as_secs()
     );
     println!(
-        "{:<28} {:>12} {:>12} {:>8}",
-        "workload", "on/s", "off/s", "on/off"
+        "{:<32} {:>9} {:>9} {:>8} {:>10} {:>10} {:>8}",
+        "workload", "on/s", "off/s", "on/off", "on µs CPU", "off µs CPU", "on/off"
     );
-    let (mut jobs_on, mut jobs_off, mut gets_on, mut gets_off) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let spans_before = sink.0.load(Ordering::Relaxed);
     let mut jobs_done_on = 0.0;
     // Each round measures both servers back to back, in turn first (a server that goes
     // second finds the machine warmer, the database's caches fuller); the ratio is the
     // median of the rounds' ratios, which drift of the machine between rounds cancels.
-    let mut jobs_ratio = Vec::new();
-    let mut gets_ratio = Vec::new();
+    let mut jobs = Figures::default();
+    let mut gets = Figures::default();
     for round in 0..ROUNDS {
         let kind = format!("noop{round}");
         let on_first = round % 2 == 1;
-        let (on, off) = if on_first {
-            let on = jobs_rate(&c_on, &p_on, &kind).await;
-            (on, jobs_rate(&c_off, &p_off, &kind).await)
+        let (on_run, off_run) = if on_first {
+            let a = measured(&on, jobs_run(&c_on, &p_on, &kind)).await;
+            (a, measured(&off, jobs_run(&c_off, &p_off, &kind)).await)
         } else {
-            let off = jobs_rate(&c_off, &p_off, &kind).await;
-            (jobs_rate(&c_on, &p_on, &kind).await, off)
+            let b = measured(&off, jobs_run(&c_off, &p_off, &kind)).await;
+            (measured(&on, jobs_run(&c_on, &p_on, &kind)).await, b)
         };
-        jobs_done_on += on * RUN.as_secs_f64();
-        jobs_on.push(on);
-        jobs_off.push(off);
-        jobs_ratio.push(on / off);
-        let (on, off) = if on_first {
-            let on = get_rate(&c_on, &p_on).await;
-            (on, get_rate(&c_off, &p_off).await)
+        jobs_done_on += on_run.0 * RUN.as_secs_f64();
+        jobs.push(on_run, off_run);
+        let (on_run, off_run) = if on_first {
+            let a = measured(&on, get_run(&c_on, &p_on)).await;
+            (a, measured(&off, get_run(&c_off, &p_off)).await)
         } else {
-            let off = get_rate(&c_off, &p_off).await;
-            (get_rate(&c_on, &p_on).await, off)
+            let b = measured(&off, get_run(&c_off, &p_off)).await;
+            (measured(&on, get_run(&c_on, &p_on)).await, b)
         };
-        gets_on.push(on);
-        gets_off.push(off);
-        gets_ratio.push(on / off);
+        gets.push(on_run, off_run);
     }
     scraping.store(true, Ordering::Relaxed);
-    let (a, b) = (median(jobs_on), median(jobs_off));
-    println!(
-        "{:<28} {a:>12.0} {b:>12.0} {:>7.1}%",
-        "jobs end to end (64 in flight)",
-        100.0 * median(jobs_ratio)
-    );
-    let (a, b) = (median(gets_on), median(gets_off));
-    println!(
-        "{:<28} {a:>12.0} {b:>12.0} {:>7.1}%",
-        "GetProject (64 callers)",
-        100.0 * median(gets_ratio)
-    );
+    jobs.print("jobs end to end (64 in flight)");
+    gets.print("GetProject (64 callers)");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let spans = sink.0.load(Ordering::Relaxed) - spans_before;
     println!(

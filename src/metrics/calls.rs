@@ -1,52 +1,160 @@
 //! Call metrics: every call that reaches the gRPC services, whatever its door.
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::OnceLock};
+
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
+use tonic::Code;
 
 use super::{CallLabels, HandledLabels, Metrics, Transport, TransportLabels};
+
+/// One method's series on one door, taken from their families at its first call and
+/// kept: a call then counts itself with a few atomic adds, where looking each series
+/// up would hash its labels into five families under their locks (most of what the
+/// call metrics cost per call, in `cargo bench --bench telemetry`). Taken lazily so a
+/// method never called exports no series.
+#[derive(Default)]
+pub(super) struct CallSeries {
+    started: OnceLock<Counter>,
+    handling: OnceLock<Histogram>,
+    streams_open: OnceLock<Gauge>,
+    messages_sent: OnceLock<Counter>,
+    /// By gRPC code (0-16).
+    handled: [OnceLock<Counter>; 17],
+}
 
 /// One call's end, recorded once: when `finish` is called, else when dropped (the
 /// client went away first: CANCELLED).
 pub struct CallTimer {
-    pub(super) metrics: Metrics,
-    pub(super) labels: Option<CallLabels>,
-    pub(super) start: std::time::Instant,
+    metrics: Metrics,
+    /// Index of the call's method in `Inner::paths`.
+    path: usize,
+    transport: Transport,
+    start: std::time::Instant,
     /// A streaming call: counted open, and its messages counted.
-    pub(super) streaming: bool,
+    streaming: bool,
+    finished: bool,
+}
+
+impl Metrics {
+    /// A call starts; the returned value records its end when told or dropped.
+    pub fn start(&self, path: &str, transport: Transport) -> CallTimer {
+        let inner = &self.inner;
+        let index = inner
+            .by_path
+            .get(path)
+            .copied()
+            .unwrap_or(inner.paths.len() - 1);
+        let streaming = inner.paths[index].streaming;
+        let series = self.series(index, transport);
+        series
+            .started
+            .get_or_init(|| {
+                inner
+                    .started
+                    .get_or_create(&self.labels(index, transport))
+                    .clone()
+            })
+            .inc();
+        self.in_flight(transport).inc();
+        if streaming {
+            self.streams_open(index, transport).inc();
+        }
+        CallTimer {
+            metrics: self.clone(),
+            path: index,
+            transport,
+            start: std::time::Instant::now(),
+            streaming,
+            finished: false,
+        }
+    }
+
+    fn series(&self, index: usize, transport: Transport) -> &CallSeries {
+        &self.inner.paths[index].series[transport as usize]
+    }
+
+    fn labels(&self, index: usize, transport: Transport) -> CallLabels {
+        let path = &self.inner.paths[index];
+        CallLabels {
+            grpc_service: path.service,
+            grpc_method: path.method,
+            transport,
+        }
+    }
+
+    fn in_flight(&self, transport: Transport) -> &Gauge {
+        self.inner.in_flight_by[transport as usize].get_or_init(|| {
+            self.inner
+                .in_flight
+                .get_or_create(&TransportLabels { transport })
+                .clone()
+        })
+    }
+
+    fn streams_open(&self, index: usize, transport: Transport) -> &Gauge {
+        self.series(index, transport).streams_open.get_or_init(|| {
+            self.inner
+                .streams_open
+                .get_or_create(&self.labels(index, transport))
+                .clone()
+        })
+    }
+
+    fn messages_sent(&self, index: usize, transport: Transport) -> Counter {
+        self.series(index, transport)
+            .messages_sent
+            .get_or_init(|| {
+                self.inner
+                    .messages_sent
+                    .get_or_create(&self.labels(index, transport))
+                    .clone()
+            })
+            .clone()
+    }
 }
 
 impl CallTimer {
-    pub fn finish(&mut self, code: &'static str) {
-        let Some(labels) = self.labels.take() else {
+    pub fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.finished, true) {
             return;
-        };
-        let inner = &self.metrics.inner;
-        if self.streaming {
-            inner.streams_open.get_or_create(&labels).dec();
         }
-        inner
+        let (metrics, index, transport) = (&self.metrics, self.path, self.transport);
+        let inner = &metrics.inner;
+        let series = metrics.series(index, transport);
+        if self.streaming {
+            metrics.streams_open(index, transport).dec();
+        }
+        series
             .handling
-            .get_or_create(&labels)
+            .get_or_init(|| {
+                inner
+                    .handling
+                    .get_or_create(&metrics.labels(index, transport))
+                    .clone()
+            })
             .observe(self.start.elapsed().as_secs_f64());
-        inner
-            .in_flight
-            .get_or_create(&TransportLabels {
-                transport: labels.transport,
-            })
-            .dec();
-        inner
-            .handled
-            .get_or_create(&HandledLabels {
-                grpc_service: labels.grpc_service,
-                grpc_method: labels.grpc_method,
-                transport: labels.transport,
-                grpc_code: code,
-            })
-            .inc();
+        metrics.in_flight(transport).dec();
+        let handled = || {
+            let labels = metrics.labels(index, transport);
+            inner
+                .handled
+                .get_or_create(&HandledLabels {
+                    grpc_service: labels.grpc_service,
+                    grpc_method: labels.grpc_method,
+                    transport,
+                    grpc_code: crate::edge::errors::code_name(code),
+                })
+                .clone()
+        };
+        match series.handled.get(code as usize) {
+            Some(cell) => cell.get_or_init(handled).inc(),
+            None => handled().inc(),
+        };
     }
 }
 
 impl Drop for CallTimer {
     fn drop(&mut self) {
-        self.finish("CANCELLED");
+        self.finish(Code::Cancelled);
     }
 }
 
@@ -88,9 +196,8 @@ pub async fn record_calls(
         return response;
     }
     let sent = timer.streaming.then(|| {
-        let labels = timer.labels.clone();
         (
-            metrics.messages_sent_counter(labels),
+            metrics.messages_sent(timer.path, timer.transport),
             crate::edge::frames::FramePrefixes::default(),
         )
     });
@@ -103,9 +210,9 @@ pub async fn record_calls(
     })
 }
 
-fn grpc_code(headers: &http::HeaderMap) -> Option<&'static str> {
+fn grpc_code(headers: &http::HeaderMap) -> Option<Code> {
     let code: i32 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
-    Some(crate::edge::errors::code_name(tonic::Code::from_i32(code)))
+    Some(Code::from_i32(code))
 }
 
 pin_project_lite::pin_project! {
@@ -115,7 +222,7 @@ pin_project_lite::pin_project! {
         inner: axum::body::Body,
         timer: CallTimer,
         sent: Option<(
-            prometheus_client::metrics::counter::Counter,
+            Counter,
             crate::edge::frames::FramePrefixes,
         )>,
     }
@@ -145,7 +252,7 @@ impl http_body::Body for TimedBody {
                 }
             }
             // A body that ended without trailers is not a complete gRPC answer.
-            None => this.timer.finish("UNKNOWN"),
+            None => this.timer.finish(Code::Unknown),
             Some(Err(_)) => {}
         }
         std::task::Poll::Ready(frame)

@@ -46,6 +46,10 @@ pub enum Transport {
     Http,
 }
 
+impl Transport {
+    const COUNT: usize = 4;
+}
+
 impl EncodeLabelValue for Transport {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         use std::fmt::Write;
@@ -212,18 +216,22 @@ struct Inner {
     resident: Gauge,
     cpu: Gauge<f64, std::sync::atomic::AtomicU64>,
     open_fds: Gauge,
-    /// `/package.Service/Method` paths this server serves, as call labels take them.
-    known: HashMap<String, KnownPath>,
+    /// Every method this server serves, then one for every other path (`unknown`).
+    paths: Vec<KnownPath>,
+    /// `/package.Service/Method` -> its index in `paths`.
+    by_path: HashMap<String, usize>,
+    /// `in_flight`'s series by [`Transport`], resolved at first use.
+    in_flight_by: [std::sync::OnceLock<Gauge>; Transport::COUNT],
 }
 
-/// A path's service and method, and whether it streams. The names are leaked once at
-/// start (the descriptor sets' few dozen methods), so a call's labels are built and
-/// hashed without allocating.
-#[derive(Clone, Copy)]
+/// A path's service and method, whether it streams, and its call series per door. The
+/// names are leaked once at start (the descriptor sets' few dozen methods), so a call's
+/// labels are built and hashed without allocating.
 struct KnownPath {
     service: &'static str,
     method: &'static str,
     streaming: bool,
+    series: [calls::CallSeries; Transport::COUNT],
 }
 
 /// Live progress: what watchers are sent.
@@ -470,6 +478,27 @@ impl Metrics {
             "Messages sent on streaming calls, by service, method and transport",
             messages_sent.clone(),
         );
+        let (mut paths, mut by_path) = (Vec::new(), HashMap::new());
+        for (path, streaming) in known {
+            let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/'))
+            else {
+                continue;
+            };
+            let known = KnownPath {
+                service: leak(service),
+                method: leak(method),
+                streaming,
+                series: Default::default(),
+            };
+            by_path.insert(path, paths.len());
+            paths.push(known);
+        }
+        paths.push(KnownPath {
+            service: "",
+            method: "unknown",
+            streaming: false,
+            series: Default::default(),
+        });
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -503,63 +532,11 @@ impl Metrics {
                 resident,
                 cpu,
                 open_fds,
-                known: known
-                    .into_iter()
-                    .filter_map(|(path, streaming)| {
-                        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-                        let (service, method) = (leak(service), leak(method));
-                        Some((
-                            path,
-                            KnownPath {
-                                service,
-                                method,
-                                streaming,
-                            },
-                        ))
-                    })
-                    .collect(),
+                paths,
+                by_path,
+                in_flight_by: Default::default(),
             }),
         }
-    }
-
-    /// The labels of a call to `path` (`/package.Service/Method`); unknown paths share one.
-    pub fn call_labels(&self, path: &str, transport: Transport) -> CallLabels {
-        let (grpc_service, grpc_method) = self
-            .inner
-            .known
-            .get(path)
-            .map_or(("", "unknown"), |k| (k.service, k.method));
-        CallLabels {
-            grpc_service,
-            grpc_method,
-            transport,
-        }
-    }
-
-    /// A call starts; the returned value records its end when told or dropped.
-    pub fn start(&self, path: &str, transport: Transport) -> CallTimer {
-        let labels = self.call_labels(path, transport);
-        self.inner.started.get_or_create(&labels).inc();
-        self.inner
-            .in_flight
-            .get_or_create(&TransportLabels { transport })
-            .inc();
-        let streaming = self.inner.known.get(path).is_some_and(|k| k.streaming);
-        if streaming {
-            self.inner.streams_open.get_or_create(&labels).inc();
-        }
-        CallTimer {
-            metrics: self.clone(),
-            labels: Some(labels),
-            start: std::time::Instant::now(),
-            streaming,
-        }
-    }
-
-    fn messages_sent_counter(&self, labels: Option<CallLabels>) -> Counter {
-        labels.map_or_else(Counter::default, |l| {
-            self.inner.messages_sent.get_or_create(&l).clone()
-        })
     }
 
     /// Reads `dependencies` at every scrape from now on.
