@@ -139,8 +139,10 @@ async fn serve(args: SettingsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// SIGINT or SIGTERM (what Kubernetes sends a pod it stops). The handlers are
+/// installed at the first poll and stay for the future's life: keep one future and
+/// poll it wherever the caller waits, so a signal between two waits is not missed.
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

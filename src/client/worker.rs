@@ -119,6 +119,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut started = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
     tracing::info!(%worker_id, kinds = ?args.kinds, "worker started");
+    // SIGINT or SIGTERM: take no more jobs, let the running ones finish, then exit.
+    let stop = crate::cli::shutdown_signal();
+    tokio::pin!(stop);
     loop {
         while tasks.try_join_next().is_some() {}
         let remaining = if args.max_jobs > 0 {
@@ -131,8 +134,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
         let free = concurrency.saturating_sub(tasks.len());
         if free == 0 {
-            tasks.join_next().await;
-            continue;
+            tokio::select! {
+                _ = tasks.join_next() => continue,
+                () = &mut stop => break,
+            }
         }
         let request = pb::AcquireJobsRequest {
             worker_id: worker_id.clone(),
@@ -150,7 +155,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let mut jobs_client = client.jobs.clone();
         let leased = tokio::select! {
             r = jobs_client.acquire_jobs(request) => r,
-            _ = tokio::signal::ctrl_c() => break,
+            () = &mut stop => break,
         };
         let leased = match leased {
             Ok(r) => r.into_inner().jobs,
@@ -179,6 +184,12 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
     }
     // Jobs already started run to their end.
+    if !tasks.is_empty() {
+        tracing::info!(
+            running = tasks.len(),
+            "stopping: finishing the running jobs"
+        );
+    }
     while tasks.join_next().await.is_some() {}
     Ok(())
 }

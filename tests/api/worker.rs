@@ -167,3 +167,68 @@ async fn a_failing_command_fails_the_attempt_and_cancel_kills_the_command() {
     let out = watch_cmd(&app, &t, &job.name).output().await.unwrap();
     assert_eq!(out.status.code(), Some(4), "CANCELLED exits 4");
 }
+
+/// Sends `signal` to the child (the worker process only, not its commands).
+fn signal(child: &tokio::process::Child, signal: i32) {
+    let pid = child.id().expect("the worker is running") as i32;
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+#[tokio::test]
+async fn sigterm_lets_running_jobs_finish_takes_no_more_and_exits() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "runtime stops").await;
+
+    // Busy: the job in hand is finished and reported, nothing new is leased.
+    let job = new_job(&app, &t, &p.name, 1).await;
+    let mut busy = worker_cmd(&app, "echo PROGRESS 50 half; sleep 2", 0)
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "job running", || {
+        let (app, t, name) = (&app, t.clone(), job.name.clone());
+        async move { state_of(app, &t, &name).await.progress_percent == 50 }
+    })
+    .await;
+    signal(&busy, libc::SIGTERM);
+    // A job created once the signal is handled (a long-poll would take it at once).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next = new_job(&app, &t, &p.name, 1).await;
+    let status = tokio::time::timeout(Duration::from_secs(15), busy.wait())
+        .await
+        .expect("the worker exits after its job")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        State::try_from(state_of(&app, &t, &job.name).await.state).unwrap(),
+        State::Succeeded,
+        "the running job was finished, not abandoned"
+    );
+    assert_eq!(
+        State::try_from(state_of(&app, &t, &next.name).await.state).unwrap(),
+        State::Queued,
+        "no job is leased after the signal"
+    );
+
+    // Idle (the queued job done, in a long-poll): it exits at once.
+    let mut idle = worker_cmd(&app, "true", 0).spawn().unwrap();
+    eventually(Duration::from_secs(10), "next job done", || {
+        let (app, t, name) = (&app, t.clone(), next.name.clone());
+        async move { state_of(app, &t, &name).await.state == State::Succeeded as i32 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = std::time::Instant::now();
+    signal(&idle, libc::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(5), idle.wait())
+        .await
+        .expect("an idle worker exits at once")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+}
