@@ -30,9 +30,10 @@ pub struct Projects {
 
 impl Projects {
     /// Spawns the create lanes: call within the server's runtime.
-    pub fn new(db: db::Pool, quotas: Quotas) -> Self {
+    pub fn new(db: db::Pool, quotas: Quotas, metrics: crate::metrics::Metrics) -> Self {
         let pool = db.clone();
         let creates = Batcher::spawn(CREATE_LANES, CREATE_GROUP_MAX, move |group| {
+            metrics.group_committed("project_create", group.len());
             let pool = pool.clone();
             async move { crate::batch::shared_or_alone(&group, |g| insert(&pool, g)).await }
         });

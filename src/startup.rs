@@ -482,7 +482,11 @@ fn router(
         quotas,
     } = services;
     let projects = server::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(
-        crate::projects::Projects::new(engine.db.clone(), quotas.clone()),
+        crate::projects::Projects::new(
+            engine.db.clone(),
+            quotas.clone(),
+            engine.settings.metrics.clone(),
+        ),
         limit,
     ))
     .max_decoding_message_size(limit)

@@ -410,7 +410,7 @@ async fn live_progress_job_timings_and_group_sizes_are_measured() {
         family_type(&families, "mediaplane_job_run_seconds"),
         "histogram"
     );
-    for lane in ["create", "acquire", "write"] {
+    for lane in ["create", "acquire", "write", "project_create"] {
         assert!(
             get("mediaplane_group_commit_size_count", &[("lane", lane)]) >= 1.0,
             "{lane}"
