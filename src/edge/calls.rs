@@ -153,32 +153,44 @@ pub async fn middleware(
 /// tonic refuses a request message over the size limit with OUT_OF_RANGE; the gRPC
 /// spec (and our error table) make it RESOURCE_EXHAUSTED. Whether that is what
 /// happened is read from the request itself, which declares each message's length
-/// in its prefix, not from tonic's wording. (grpc-web-text bodies are base64 and are
-/// not read: their oversized messages stay OUT_OF_RANGE.)
+/// in its prefix (under base64 for grpc-web-text), not from tonic's wording.
 #[derive(Clone, Default)]
 struct Oversized(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
 
+/// Reads the message prefixes of a request body, binary or base64.
+enum Prefixes {
+    Binary(super::frames::FramePrefixes),
+    Text(super::frames::TextFramePrefixes),
+}
+
 impl Oversized {
     fn watch(request: &mut Request, limit: usize) -> Self {
-        let binary = request
+        let content_type = request
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/grpc") && !ct.contains("-text"));
-        if !binary {
+            .unwrap_or("");
+        let mut prefixes = if content_type.starts_with("application/grpc-web-text") {
+            Prefixes::Text(Default::default())
+        } else if content_type.starts_with("application/grpc") {
+            Prefixes::Binary(Default::default())
+        } else {
             return Self(None);
-        }
+        };
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = seen.clone();
-        let mut prefixes = super::frames::FramePrefixes::default();
         let body = std::mem::take(request.body_mut());
         let scanned = http_body_util::BodyExt::map_frame(body, move |frame| {
             if let Some(data) = frame.data_ref() {
-                prefixes.feed(data, |len| {
+                let each = |len| {
                     if len > limit as u64 {
                         flag.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
-                });
+                };
+                match &mut prefixes {
+                    Prefixes::Binary(p) => p.feed(data, each),
+                    Prefixes::Text(p) => p.feed(data, each),
+                };
             }
             frame
         });

@@ -40,9 +40,61 @@ impl FramePrefixes {
     }
 }
 
+/// [`FramePrefixes`] under grpc-web-text's base64, which a client may send in chunks
+/// that each end padded: every complete group of four characters is decoded on its
+/// own and its bytes fed on. Characters that are not base64 are left for tonic-web to
+/// refuse.
+#[derive(Default)]
+pub struct TextFramePrefixes {
+    quad: [u8; 4],
+    have: usize,
+    frames: FramePrefixes,
+}
+
+impl TextFramePrefixes {
+    pub fn feed(&mut self, data: &[u8], mut each: impl FnMut(u64)) -> u64 {
+        use base64::Engine;
+        let mut complete = 0;
+        for &c in data {
+            if c.is_ascii_whitespace() {
+                continue;
+            }
+            self.quad[self.have] = c;
+            self.have += 1;
+            if self.have == 4 {
+                self.have = 0;
+                let mut bytes = [0u8; 3];
+                if let Ok(n) =
+                    base64::engine::general_purpose::STANDARD.decode_slice(self.quad, &mut bytes)
+                {
+                    complete += self.frames.feed(&bytes[..n], &mut each);
+                }
+            }
+        }
+        complete
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::FramePrefixes;
+    use super::{FramePrefixes, TextFramePrefixes};
+
+    #[test]
+    fn text_frames_are_read_through_base64_in_padded_chunks() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let first = [0u8, 0, 0, 0, 2, 9, 9];
+        let second = [0u8, 0, 1, 0, 0];
+        // Two chunks, each padded (7 bytes: one `=`), then split mid-quad.
+        let text = format!("{}{}", b64.encode(first), b64.encode(second));
+        let mut lengths = Vec::new();
+        let mut c = TextFramePrefixes::default();
+        let (a, b) = text.split_at(6);
+        let n =
+            c.feed(a.as_bytes(), |l| lengths.push(l)) + c.feed(b.as_bytes(), |l| lengths.push(l));
+        assert_eq!(n, 2);
+        assert_eq!(lengths, [2, 65536]);
+    }
 
     #[test]
     fn messages_are_seen_across_and_within_frames() {

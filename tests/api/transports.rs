@@ -248,4 +248,56 @@ async fn oversized_messages_are_resource_exhausted() {
         "the limit is in the message: {}",
         err.message()
     );
+
+    // grpc-web, binary and base64 text (which a browser without binary support sends):
+    // the same code.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let request = pb::CreateProjectRequest {
+        project: Some(pb::Project {
+            display_name: "big".into(),
+            description: "x".repeat(20 * 1024),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    };
+    let frame = grpc_web_frame(&request);
+    let http = reqwest::Client::builder().http1_only().build().unwrap();
+    for text in [false, true] {
+        let content_type = if text {
+            "application/grpc-web-text"
+        } else {
+            "application/grpc-web+proto"
+        };
+        let body = if text {
+            b64.encode(&frame).into_bytes()
+        } else {
+            frame.clone()
+        };
+        let r = http
+            .post(app.http("/mediaplane.v1.ProjectsService/CreateProject"))
+            .header("content-type", content_type)
+            .header("x-grpc-web", "1")
+            .bearer_auth(token("alice"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{content_type}");
+        let header = r.headers().get("grpc-status").cloned();
+        let body = r.bytes().await.unwrap();
+        let body = if text {
+            b64.decode(&body).unwrap()
+        } else {
+            body.to_vec()
+        };
+        let (_, trailers) = parse_grpc_web(&body);
+        let code = header
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_else(|| trailers.clone());
+        assert!(
+            code == "8" || code.contains("grpc-status:8") || code.contains("grpc-status: 8"),
+            "{content_type}: RESOURCE_EXHAUSTED (8) expected: {code}"
+        );
+    }
 }
