@@ -114,6 +114,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 async fn serve(args: SettingsArgs) -> anyhow::Result<()> {
     let mut settings = Settings::load(&args)?;
     let _telemetry = telemetry::init(settings.log_format, settings.otlp_endpoint.as_deref())?;
+    let mut first_run_token = None;
     if settings.jwt.secret.is_none() && settings.jwt.public_key_pem.is_none() {
         // First run: no set-up needed, yet the server is still closed to anyone without this token.
         let mut bytes = [0u8; 32];
@@ -132,8 +133,18 @@ async fn serve(args: SettingsArgs) -> anyhow::Result<()> {
              Token for user `local` (worker role, valid 24h):\n\n{token}\n\n\
              Set MEDIAPLANE_JWT_SECRET to keep tokens valid across restarts."
         );
+        first_run_token = Some(token);
     }
     let app = startup::Application::build(settings).await?;
+    if let Some(token) = first_run_token {
+        // The token rides in the fragment, which browsers never send: it reaches no
+        // server and no log, and the page removes it from the address bar.
+        let mut addr = app.local_addr();
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        eprintln!("Studio (signs you in): http://{addr}/#token={token}\n");
+    }
     app.run_until_stopped(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -554,6 +554,7 @@ fn router(
         .map_err(StartError::Config)?;
     let http = edge::health::router(health)
         .merge(edge::signed::router(assets))
+        .merge(edge::studio::router())
         .fallback_service(transcoder.router());
     // Both routers have fallbacks (gRPC answers UNIMPLEMENTED, HTTP a JSON 404), so
     // dispatch by content type rather than merging them.

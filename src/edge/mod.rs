@@ -10,6 +10,7 @@ pub mod json;
 pub mod openapi;
 pub mod rules;
 pub mod signed;
+pub mod studio;
 pub mod transcode;
 
 /// Compiles `source` as `t/t.proto` (beside our protos, for the googleapis imports):

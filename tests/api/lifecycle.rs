@@ -248,11 +248,15 @@ async fn binary_serves_with_a_first_run_token_and_exits_cleanly_on_sigterm() {
     // stderr carries the token, stdout the JSON logs with the bound address.
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let token = tokio::task::spawn_blocking(move || {
-        stderr
-            .lines()
-            .map_while(Result::ok)
+        let mut lines = stderr.lines().map_while(Result::ok);
+        let token = lines
             .find(|l| l.starts_with("eyJ"))
-            .expect("a token is printed")
+            .expect("a token is printed");
+        let link = lines
+            .find(|l| l.contains("#token="))
+            .expect("a studio link is printed");
+        std::thread::spawn(move || lines.for_each(drop));
+        (token, link)
     });
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let addr = tokio::task::spawn_blocking(move || {
@@ -265,7 +269,12 @@ async fn binary_serves_with_a_first_run_token_and_exits_cleanly_on_sigterm() {
         std::thread::spawn(move || lines.for_each(drop));
         v["fields"]["addr"].as_str().unwrap().to_owned()
     });
-    let (token, addr) = (token.await.unwrap(), addr.await.unwrap());
+    let ((token, link), addr) = (token.await.unwrap(), addr.await.unwrap());
+    // The one-click link: this server's address, the token only in the fragment.
+    assert!(
+        link.ends_with(&format!("http://{addr}/#token={token}")),
+        "{link}"
+    );
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()

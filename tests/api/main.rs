@@ -17,6 +17,7 @@ mod projects;
 mod properties;
 mod readme;
 mod statements;
+mod studio;
 mod traces;
 mod transports;
 mod worker;

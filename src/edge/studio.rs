@@ -1,0 +1,64 @@
+//! The studio page: plain HTML, CSS and JavaScript modules, embedded at compile time
+//! and served at `/` on the public port. No build step and no Node for `cargo build`;
+//! the page loads nothing from elsewhere (its CSP says so), so it works offline. It
+//! signs in with a bearer token kept in `sessionStorage` and talks to the REST edge of
+//! the same origin, like any other client.
+use axum::{
+    Router,
+    http::{HeaderValue, header},
+    response::IntoResponse,
+    routing::get,
+};
+
+const INDEX: &str = include_str!("studio/index.html");
+const APP_JS: &str = include_str!("studio/app.js");
+const API_JS: &str = include_str!("studio/api.js");
+const APP_CSS: &str = include_str!("studio/app.css");
+
+/// Only this origin: scripts, styles, fetches and EventSource; previews may show blobs.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                   img-src 'self' blob: data:; media-src 'self' blob:; base-uri 'none'; \
+                   form-action 'none'; frame-ancestors 'none'";
+
+pub fn router() -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { file("text/html; charset=utf-8", INDEX) }),
+        )
+        .route(
+            "/studio/app.js",
+            get(|| async { file("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/studio/api.js",
+            get(|| async { file("text/javascript; charset=utf-8", API_JS) }),
+        )
+        .route(
+            "/studio/app.css",
+            get(|| async { file("text/css; charset=utf-8", APP_CSS) }),
+        )
+}
+
+fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(CSP),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+            (
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            ),
+            // The files change only with the binary: revalidate rather than cache stale.
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+}

@@ -1,0 +1,80 @@
+// Drives the studio page the server itself serves, in headless Chromium: sign-in from
+// the `#token=` link, projects created, searched, renamed and deleted (confirming the
+// dialog), sign-out and sign-in by form, a refused token. Prints what it saw as JSON.
+// Env: SERVER (mediaplane URL), TOKEN.
+import { chromium } from "playwright-core";
+
+const { SERVER, TOKEN } = process.env;
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const seen = { elsewhere: [], pageErrors: [], dialogs: [] };
+let failed = false;
+try {
+  const page = await browser.newPage();
+  page.on("console", (m) => console.error(`page: ${m.text()}`));
+  page.on("pageerror", (e) => seen.pageErrors.push(String(e)));
+  page.on("request", (r) => {
+    if (!r.url().startsWith(SERVER)) seen.elsewhere.push(r.url());
+  });
+  const rows = () => page.$$eval("#project-rows tr", (trs) => trs.map((tr) => tr.querySelector(".display-name").textContent));
+
+  await page.goto(`${SERVER}/#token=${encodeURIComponent(TOKEN)}`);
+  await page.waitForSelector("#projects:not([hidden])");
+  seen.urlAfterLink = page.url();
+  seen.stored = await page.evaluate(() => sessionStorage.getItem("mediaplane.token"));
+
+  for (const name of ["Storyboard", "Scratch"]) {
+    await page.fill("#new-project", name);
+    await page.click("#create-project button");
+    await page.waitForFunction((n) => [...document.querySelectorAll("#project-rows .display-name")].some((c) => c.textContent === n), name);
+  }
+  await page.fill("#search", "story");
+  seen.searched = await rows();
+  await page.fill("#search", "");
+
+  const byName = async (text) => {
+    const name = await page.locator("#project-rows tr", { hasText: text }).getAttribute("data-name");
+    return page.locator(`#project-rows tr[data-name="${name}"]`);
+  };
+  const storyboard = await byName("Storyboard");
+  await storyboard.getByRole("button", { name: "Rename" }).click();
+  await storyboard.locator("input").fill("Storyboard v2");
+  await storyboard.getByRole("button", { name: "Save" }).click();
+  await page.waitForFunction(() => [...document.querySelectorAll("#project-rows .display-name")].some((c) => c.textContent === "Storyboard v2"));
+
+  // Dismissing the confirmation deletes nothing; accepting it deletes.
+  let answer = false;
+  page.on("dialog", (d) => {
+    seen.dialogs.push(d.message());
+    answer ? d.accept() : d.dismiss();
+  });
+  const scratch = await byName("Scratch");
+  await scratch.getByRole("button", { name: "Delete" }).click();
+  seen.afterDismiss = await rows();
+  answer = true;
+  await scratch.getByRole("button", { name: "Delete" }).click();
+  await page.waitForFunction(() => ![...document.querySelectorAll("#project-rows .display-name")].some((c) => c.textContent === "Scratch"));
+  seen.afterDelete = await rows();
+
+  await page.click("#sign-out");
+  await page.waitForSelector("#sign-in:not([hidden])");
+  seen.storedAfterSignOut = await page.evaluate(() => sessionStorage.getItem("mediaplane.token"));
+  await page.fill("#token", "not-a-token");
+  await page.click("#sign-in-form button");
+  await page.waitForSelector("#sign-in:not([hidden])");
+  await page.waitForFunction(() => document.getElementById("status").textContent.includes("refused"));
+  seen.refused = await page.textContent("#status");
+  await page.fill("#token", TOKEN);
+  await page.click("#sign-in-form button");
+  await page.waitForFunction(() => document.querySelectorAll("#project-rows tr").length === 1);
+  seen.afterSignIn = await rows();
+} catch (e) {
+  console.error(String(e));
+  failed = true;
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(seen));
+process.exit(failed ? 1 : 0);
