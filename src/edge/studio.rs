@@ -10,10 +10,29 @@ use axum::{
     routing::get,
 };
 
-const INDEX: &str = include_str!("studio/index.html");
-const APP_JS: &str = include_str!("studio/app.js");
-const API_JS: &str = include_str!("studio/api.js");
-const APP_CSS: &str = include_str!("studio/app.css");
+/// Every file of the page: path, content type, bytes.
+const FILES: &[(&str, &str, &str)] = &[
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("studio/index.html"),
+    ),
+    (
+        "/studio/app.css",
+        "text/css; charset=utf-8",
+        include_str!("studio/app.css"),
+    ),
+    ("/studio/app.js", JS, include_str!("studio/app.js")),
+    ("/studio/api.js", JS, include_str!("studio/api.js")),
+    ("/studio/ui.js", JS, include_str!("studio/ui.js")),
+    (
+        "/studio/projects.js",
+        JS,
+        include_str!("studio/projects.js"),
+    ),
+    ("/studio/jobs.js", JS, include_str!("studio/jobs.js")),
+];
+const JS: &str = "text/javascript; charset=utf-8";
 
 /// Only this origin: scripts, styles, fetches and EventSource; previews may show blobs.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
@@ -21,23 +40,11 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; conn
                    form-action 'none'; frame-ancestors 'none'";
 
 pub fn router() -> Router {
-    Router::new()
-        .route(
-            "/",
-            get(|| async { file("text/html; charset=utf-8", INDEX) }),
-        )
-        .route(
-            "/studio/app.js",
-            get(|| async { file("text/javascript; charset=utf-8", APP_JS) }),
-        )
-        .route(
-            "/studio/api.js",
-            get(|| async { file("text/javascript; charset=utf-8", API_JS) }),
-        )
-        .route(
-            "/studio/app.css",
-            get(|| async { file("text/css; charset=utf-8", APP_CSS) }),
-        )
+    FILES
+        .iter()
+        .fold(Router::new(), |router, &(path, content_type, body)| {
+            router.route(path, get(move || async move { file(content_type, body) }))
+        })
 }
 
 fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {

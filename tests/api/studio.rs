@@ -1,6 +1,6 @@
 //! The studio page, served by the binary at `/`, driven in a real browser (headless
 //! Chromium via playwright-core).
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use mediaplane::proto::v1 as pb;
 
@@ -109,4 +109,176 @@ async fn a_browser_signs_in_from_the_link_and_manages_projects() {
         .projects;
     let names: Vec<_> = listed.iter().map(|p| p.display_name.as_str()).collect();
     assert_eq!(names, ["Storyboard v2"]);
+}
+
+/// Runs jobs of kind `paint` (progress, then success) and `doomed` (fails its first
+/// attempt for good, succeeds once retried) until told to stop.
+fn studio_worker(app: &TestApp) -> tokio::task::JoinHandle<()> {
+    let mut c = app.jobs(&token_with("gpu", &["worker"], Duration::from_secs(600)));
+    tokio::spawn(async move {
+        loop {
+            let leased = c
+                .acquire_jobs(pb::AcquireJobsRequest {
+                    worker_id: "studio-test".into(),
+                    kinds: vec!["paint".into(), "doomed".into()],
+                    max_jobs: 1,
+                    lease_duration: Some(prost_types::Duration {
+                        seconds: 30,
+                        nanos: 0,
+                    }),
+                    wait_timeout: Some(prost_types::Duration {
+                        seconds: 5,
+                        nanos: 0,
+                    }),
+                })
+                .await;
+            let Ok(leased) = leased else { return };
+            for l in leased.into_inner().jobs {
+                let job = l.job.unwrap();
+                if job.kind == "doomed" && job.attempt == 1 {
+                    c.fail_job(pb::FailJobRequest {
+                        name: job.name,
+                        lease_id: l.lease_id,
+                        error: Some(tonic_types::pb::Status {
+                            code: tonic::Code::Internal as i32,
+                            message: "out of film".into(),
+                            details: vec![],
+                        }),
+                        retryable: false,
+                        retry_after: None,
+                    })
+                    .await
+                    .unwrap();
+                    continue;
+                }
+                c.report_progress(pb::ReportProgressRequest {
+                    name: job.name.clone(),
+                    lease_id: l.lease_id.clone(),
+                    progress_percent: 50,
+                    current_step: "color".into(),
+                    message: String::new(),
+                })
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                c.complete_job(pb::CompleteJobRequest {
+                    name: job.name,
+                    lease_id: l.lease_id,
+                    result: None,
+                    output_assets: vec![],
+                })
+                .await
+                .unwrap();
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    assert!(
+        std::path::Path::new(&format!("{dir}/node_modules/playwright-core")).exists(),
+        "playwright-core missing: run scripts/test.sh, which installs it"
+    );
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "Launch film").await;
+    let create = |kind: &str, max_attempts| pb::CreateJobRequest {
+        parent: p.name.clone(),
+        job: Some(pb::Job {
+            kind: kind.into(),
+            max_attempts,
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    };
+    let mut jobs = app.jobs(&t);
+    let queued = jobs
+        .create_job(create("render", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    let doomed = jobs
+        .create_job(create("doomed", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let worker = studio_worker(&app);
+    eventually(Duration::from_secs(10), "doomed failed", || {
+        let (mut jobs, name) = (app.jobs(&t), doomed.name.clone());
+        async move {
+            let j = jobs
+                .get_job(pb::GetJobRequest { name })
+                .await
+                .unwrap()
+                .into_inner();
+            j.state == pb::job::State::Failed as i32
+        }
+    })
+    .await;
+
+    let (server, tok, project) = (app.http(""), t.clone(), p.name.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(format!("{dir}/studio_jobs.mjs"))
+            .env("SERVER", server.trim_end_matches('/'))
+            .env("TOKEN", tok)
+            .env("PROJECT", project)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    worker.abort();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "browser run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(seen["title"], "Launch film");
+    assert!(
+        seen["inputError"].as_str().unwrap().starts_with("Input:"),
+        "{seen}"
+    );
+    assert!(!seen["kindError"].as_str().unwrap().is_empty(), "{seen}");
+    assert_eq!(
+        seen["filteredState"], "FAILED",
+        "the filter survived the reload"
+    );
+    assert_eq!(seen["filteredKinds"], serde_json::json!(["doomed"]));
+    assert_eq!(seen["pageErrors"], serde_json::json!([]), "{seen}");
+
+    // What the page did is what the server holds.
+    let state = |name: String| {
+        let mut jobs = app.jobs(&t);
+        async move {
+            let j = jobs
+                .get_job(pb::GetJobRequest { name })
+                .await
+                .unwrap()
+                .into_inner();
+            (pb::job::State::try_from(j.state).unwrap(), j.attempt)
+        }
+    };
+    assert_eq!(state(queued.name).await.0, pb::job::State::Cancelled);
+    assert_eq!(state(doomed.name).await, (pb::job::State::Succeeded, 2));
+    let listed = app
+        .jobs(&t)
+        .list_jobs(pb::ListJobsRequest {
+            parent: p.name.clone(),
+            filter: "kind = \"paint\"".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), 1, "one job created from the page");
+    assert_eq!(
+        pb::job::State::try_from(listed[0].state).unwrap(),
+        pb::job::State::Succeeded
+    );
 }

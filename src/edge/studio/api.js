@@ -9,10 +9,20 @@ export const token = {
 };
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, details = []) {
     super(message);
     this.status = status;
     this.code = code;
+    this.details = details;
+  }
+
+  /// `google.rpc.BadRequest` field violations: field path -> description.
+  get fields() {
+    const out = {};
+    for (const d of this.details) {
+      for (const v of d.fieldViolations ?? []) out[v.field] = v.description;
+    }
+    return out;
   }
 }
 
@@ -32,7 +42,19 @@ export async function call(method, path, { query, body } = {}) {
   const json = text ? JSON.parse(text) : {};
   if (!response.ok) {
     const e = json.error ?? {};
-    throw new ApiError(response.status, e.status ?? "UNKNOWN", e.message ?? response.statusText);
+    throw new ApiError(response.status, e.status ?? "UNKNOWN", e.message ?? response.statusText, e.details ?? []);
   }
   return json;
+}
+
+/// A server-sent event stream of `path` (a watch route). EventSource cannot send
+/// headers, so the token goes in the query, which the server accepts on watch
+/// routes only. It reconnects by itself, resuming with `Last-Event-ID`.
+export function watch(path, query = {}) {
+  const url = new URL(path, location.origin);
+  for (const [k, v] of Object.entries(query)) {
+    if (v !== undefined && v !== "") url.searchParams.set(k, v);
+  }
+  url.searchParams.set("access_token", token.get() ?? "");
+  return new EventSource(url);
 }

@@ -1,0 +1,43 @@
+// What every view uses: lookups, element building (text only: nothing from the
+// server is ever parsed as HTML), the status line, and errors.
+import { ApiError, token } from "./api.js";
+
+export const $ = (id) => document.getElementById(id);
+
+export function el(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+
+export function say(text, error = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", error);
+}
+
+const views = ["sign-in", "projects", "jobs"];
+
+export function show(view) {
+  for (const id of views) $(id).hidden = id !== view;
+  $("sign-out").hidden = view === "sign-in";
+}
+
+// A refused token sends the user back to sign-in; anything else is shown.
+export function failed(e) {
+  if (e instanceof ApiError && e.status === 401) {
+    token.clear();
+    show("sign-in");
+    say("Your token was refused (expired or not for this server): sign in again.", true);
+    return;
+  }
+  say(e instanceof ApiError ? `${e.code}: ${e.message}` : String(e), true);
+}
+
+/// "3 s", "5 min", "2 h", "4 d" since `time`.
+export function age(time) {
+  const s = Math.max(0, (Date.now() - new Date(time).getTime()) / 1000);
+  if (s < 60) return `${Math.floor(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h`;
+  return `${Math.floor(s / 86400)} d`;
+}

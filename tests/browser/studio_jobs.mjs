@@ -1,0 +1,75 @@
+// A project's jobs on the studio page, in headless Chromium: the table follows the
+// stream while a worker (driven by the Rust test) runs jobs; a job is created from the
+// form (bad input shown on its field first); filters go into the URL and survive a
+// reload; a job is cancelled from its row and one retried from a selection.
+// Env: SERVER, TOKEN, PROJECT. Prints what it saw as JSON.
+import { chromium } from "playwright-core";
+
+const { SERVER, TOKEN, PROJECT } = process.env;
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const seen = { pageErrors: [] };
+let failed = false;
+const row = (page, kind, state) =>
+  page.waitForFunction(
+    ([k, s]) => [...document.querySelectorAll("#job-rows tr")].some((r) => r.children[2].textContent === k && r.dataset.state === s),
+    [kind, state],
+    { timeout: 20000 },
+  );
+try {
+  const page = await browser.newPage();
+  page.on("pageerror", (e) => seen.pageErrors.push(String(e)));
+  page.on("console", (m) => console.error(`page: ${m.text()}`));
+  await page.goto(`${SERVER}/?project=${encodeURIComponent(PROJECT)}#token=${encodeURIComponent(TOKEN)}`);
+  await page.waitForSelector("#jobs:not([hidden])");
+  await page.waitForFunction(() => document.getElementById("live").dataset.state === "live");
+  await row(page, "render", "QUEUED");
+  await row(page, "doomed", "FAILED");
+  seen.title = await page.textContent("#jobs-title");
+
+  // Bad input is refused on its field, by the page and by the server.
+  await page.fill("#job-kind", "paint");
+  await page.fill("#job-input", "{not json");
+  await page.click("#create-job button[type=submit]");
+  seen.inputError = await page.textContent("#job-input-error");
+  await page.fill("#job-input", '{"prompt": "a fox"}');
+  await page.fill("#job-kind", "Not A Kind!");
+  await page.click("#create-job button[type=submit]");
+  await page.waitForFunction(() => document.getElementById("job-kind-error").textContent !== "");
+  seen.kindError = await page.textContent("#job-kind-error");
+  await page.fill("#job-kind", "paint");
+  await page.click("#create-job button[type=submit]");
+  // The worker takes it, reports, completes: every step arrives through the stream.
+  await page.waitForFunction(() =>
+    [...document.querySelectorAll("#job-rows tr")].some((r) => r.children[2].textContent === "paint" && r.children[5].textContent === "color"),
+    null, { timeout: 20000 });
+  await row(page, "paint", "SUCCEEDED");
+
+  // A filter goes into the URL and survives a reload.
+  await page.selectOption("#filter-state", "FAILED");
+  await page.waitForFunction(() => location.search.includes("state=FAILED"));
+  await page.reload();
+  await page.waitForFunction(() => document.getElementById("live").dataset.state === "live");
+  await row(page, "doomed", "FAILED");
+  seen.filteredState = await page.inputValue("#filter-state");
+  seen.filteredKinds = await page.$$eval("#job-rows tr", (trs) => trs.map((r) => r.children[2].textContent));
+
+  // Back to all; cancel one from its row, retry one from a selection.
+  await page.selectOption("#filter-state", "");
+  await row(page, "render", "QUEUED");
+  await page.locator("#job-rows tr", { hasText: "render" }).getByRole("button", { name: "Cancel" }).click();
+  await row(page, "render", "CANCELLED");
+  await page.locator("#job-rows tr", { hasText: "doomed" }).locator("input[type=checkbox]").check();
+  await page.click("#retry-selected");
+  await row(page, "doomed", "SUCCEEDED");
+  seen.status = await page.textContent("#status");
+} catch (e) {
+  console.error(String(e));
+  failed = true;
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(seen));
+process.exit(failed ? 1 : 0);
