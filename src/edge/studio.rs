@@ -31,6 +31,7 @@ const FILES: &[(&str, &str, &str)] = &[
         include_str!("studio/projects.js"),
     ),
     ("/studio/jobs.js", JS, include_str!("studio/jobs.js")),
+    ("/studio/job.js", JS, include_str!("studio/job.js")),
 ];
 const JS: &str = "text/javascript; charset=utf-8";
 

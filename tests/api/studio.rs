@@ -282,3 +282,194 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
         pb::job::State::Succeeded
     );
 }
+
+/// A real 1x1 PNG, so the browser can decode the preview.
+const PIXEL: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=";
+
+#[tokio::test]
+async fn a_browser_shows_one_job_live_with_its_timeline_result_and_output() {
+    use base64::Engine;
+    use sha2::Digest;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "Posters").await;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(PIXEL)
+        .unwrap();
+    let sha: String = sha2::Sha256::digest(&png)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let header = pb::UploadAssetContentRequest {
+        payload: Some(pb::upload_asset_content_request::Payload::Header(
+            pb::UploadAssetHeader {
+                name: String::new(),
+                create: Some(pb::CreateAssetRequest {
+                    parent: p.name.clone(),
+                    asset: Some(pb::Asset {
+                        display_name: "poster.png".into(),
+                        content_type: "image/png".into(),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                }),
+                sha256: sha,
+                size_bytes: png.len() as i64,
+            },
+        )),
+    };
+    let chunk = pb::UploadAssetContentRequest {
+        payload: Some(pb::upload_asset_content_request::Payload::Chunk(
+            bytes::Bytes::from(png),
+        )),
+    };
+    let asset = app
+        .assets(&t)
+        .upload_asset_content(tokio_stream::iter([header, chunk]))
+        .await
+        .unwrap()
+        .into_inner();
+    let input = prost_types::Struct {
+        fields: [(
+            "prompt".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("a fox".into())),
+            },
+        )]
+        .into(),
+    };
+    let job = app
+        .jobs(&t)
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(pb::Job {
+                kind: "poster".into(),
+                input: Some(input),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The worker starts once the page follows the job, so the page sees every change.
+    let (opened, open) = tokio::sync::oneshot::channel::<()>();
+    let worker = {
+        let mut c = app.jobs(&token_with("gpu", &["worker"], Duration::from_secs(600)));
+        let asset = asset.name.clone();
+        tokio::spawn(async move {
+            open.await.expect("the page opened");
+            let leased = c
+                .acquire_jobs(pb::AcquireJobsRequest {
+                    worker_id: "poster-1".into(),
+                    kinds: vec!["poster".into()],
+                    max_jobs: 1,
+                    lease_duration: Some(prost_types::Duration {
+                        seconds: 30,
+                        nanos: 0,
+                    }),
+                    wait_timeout: None,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .jobs
+                .remove(0);
+            let name = leased.job.unwrap().name;
+            for (pct, step) in [(30, "sketch"), (70, "color")] {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                c.report_progress(pb::ReportProgressRequest {
+                    name: name.clone(),
+                    lease_id: leased.lease_id.clone(),
+                    progress_percent: pct,
+                    current_step: step.into(),
+                    message: String::new(),
+                })
+                .await
+                .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let result = prost_types::Struct {
+                fields: [(
+                    "frames".to_owned(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::NumberValue(24.0)),
+                    },
+                )]
+                .into(),
+            };
+            c.complete_job(pb::CompleteJobRequest {
+                name,
+                lease_id: leased.lease_id,
+                result: Some(result),
+                output_assets: vec![asset],
+            })
+            .await
+            .unwrap();
+        })
+    };
+    let mut node = tokio::process::Command::new("node")
+        .arg(format!("{dir}/studio_job.mjs"))
+        .env("SERVER", app.http("").trim_end_matches('/'))
+        .env("TOKEN", &t)
+        .env("JOB", &job.name)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(node.stdout.take().unwrap()));
+    let mut opened = Some(opened);
+    let mut last = String::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line == "open" {
+            let _ = opened.take().map(|o| o.send(()));
+        } else {
+            last = line;
+        }
+    }
+    let status = node.wait().await.unwrap();
+    assert!(status.success(), "browser run failed: {last}");
+    worker.await.unwrap();
+    let seen: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(seen["first"], "QUEUED", "{seen}");
+    let steps: Vec<&str> = seen["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert!(
+        steps.iter().any(|s| s.starts_with("RUNNING 30% sketch"))
+            && steps.iter().any(|s| s.starts_with("RUNNING 70% color")),
+        "progress pushed step by step: {steps:?}"
+    );
+    let timeline: Vec<&str> = seen["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert_eq!(timeline.first(), Some(&"CREATED"), "{timeline:?}");
+    assert_eq!(timeline.last(), Some(&"SUCCEEDED"), "{timeline:?}");
+    assert!(timeline.contains(&"RUNNING"), "{timeline:?}");
+    assert_eq!(
+        timeline.iter().filter(|s| **s == "PROGRESS").count(),
+        2,
+        "{timeline:?}"
+    );
+    assert_eq!(seen["result"], serde_json::json!({"frames": 24}));
+    assert_eq!(seen["input"], serde_json::json!({"prompt": "a fox"}));
+    assert!(
+        seen["output"].as_str().unwrap().contains("poster.png"),
+        "{seen}"
+    );
+    assert!(
+        seen["back"].as_str().unwrap().contains("project="),
+        "{seen}"
+    );
+    assert_eq!(seen["pageErrors"], serde_json::json!([]), "{seen}");
+}

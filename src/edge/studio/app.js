@@ -1,6 +1,7 @@
-// The studio: sign-in, then the view the URL names: `?project=projects/…` (with its
-// filters) shows that project's jobs, live; otherwise the projects.
+// The studio: sign-in, then the view the URL names: `?job=…` one job, `?project=…`
+// (with its filters) that project's jobs, live; otherwise the projects.
 import { token } from "./api.js";
+import { closeJob, openJob } from "./job.js";
 import { closeJobs, openJobs } from "./jobs.js";
 import { clearProjects, loadProjects } from "./projects.js";
 import { $, failed, say, show } from "./ui.js";
@@ -17,9 +18,14 @@ function takeFragmentToken() {
 
 async function signedIn() {
   say("");
-  const project = new URLSearchParams(location.search).get("project");
+  const query = new URLSearchParams(location.search);
+  const project = query.get("project");
+  const job = query.get("job");
   try {
-    if (project) {
+    if (job) {
+      show("job");
+      await openJob(job);
+    } else if (project) {
       show("jobs");
       await openJobs(project);
     } else {
@@ -41,6 +47,7 @@ $("sign-out").addEventListener("click", () => {
   token.clear();
   clearProjects();
   closeJobs();
+  closeJob();
   show("sign-in");
   say("Signed out.");
 });

@@ -111,7 +111,7 @@ function jobRow(j) {
     "tr",
     {},
     el("td", {}, pick),
-    el("td", { className: "mono", textContent: id }),
+    el("td", { className: "mono" }, el("a", { href: `?job=${encodeURIComponent(j.name)}`, textContent: id })),
     el("td", { textContent: j.kind }),
     el("td", { className: `state ${j.state}`, textContent: j.state }),
     el("td", {}, el("progress", { max: 100, value: pct }), ` ${pct}%`),

@@ -15,7 +15,7 @@ export function say(text, error = false) {
   $("status").classList.toggle("error", error);
 }
 
-const views = ["sign-in", "projects", "jobs"];
+const views = ["sign-in", "projects", "jobs", "job"];
 
 export function show(view) {
   for (const id of views) $(id).hidden = id !== view;

@@ -1,0 +1,142 @@
+// One job: its progress live (WatchJob over SSE), a timeline of its events (stored
+// events replayed from its creation while they are kept), each attempt's error,
+// input and result as JSON, and its output assets with previews.
+import { call, watch } from "./api.js";
+import { $, el, failed, say } from "./ui.js";
+
+let stream = null;
+
+export async function openJob(name) {
+  const job = await call("GET", `/v1/${name}`);
+  const project = name.split("/jobs/")[0];
+  $("job-back").href = `?project=${encodeURIComponent(project)}`;
+  $("job-timeline").replaceChildren(
+    entry(job.createTime, "CREATED", `${job.kind}, priority ${job.priority ?? 0}, up to ${job.maxAttempts} attempts`),
+  );
+  render(job);
+  closeJob();
+  // After sequence 1 (its creation): every stored event since, then each new one.
+  stream = watch(`/v1/${name}:watch`, { afterSequence: 1 });
+  stream.onopen = () => live("live");
+  stream.onerror = () => live(stream?.readyState === EventSource.CLOSED ? "closed" : "reconnecting…");
+  stream.onmessage = (m) => {
+    const event = JSON.parse(m.data);
+    if (!event.job) return;
+    render(event.job);
+    $("job-timeline").append(describe(event));
+  };
+  stream.addEventListener("status", (m) => {
+    const status = JSON.parse(m.data);
+    stream.close();
+    live(status.code === 200 ? "ended" : "closed");
+    if (status.code !== 200) say(`${status.status}: ${status.message}`, true);
+  });
+}
+
+export function closeJob() {
+  stream?.close();
+  stream = null;
+}
+
+function live(state) {
+  $("job-live").textContent = state;
+  $("job-live").dataset.state = state;
+}
+
+function entry(time, what, detail) {
+  return el(
+    "li",
+    {},
+    el("time", { textContent: new Date(time).toLocaleTimeString(), dateTime: time }),
+    " ",
+    el("strong", { textContent: what }),
+    detail ? ` ${detail}` : "",
+  );
+}
+
+function describe(event) {
+  const j = event.job;
+  const time = event.eventTime ?? j.updateTime;
+  switch (event.type) {
+    case "SNAPSHOT":
+      return entry(time, "SNAPSHOT", `${j.state} (earlier events are no longer kept)`);
+    case "PROGRESS":
+      return entry(time, "PROGRESS", `${j.progressPercent ?? 0}% ${j.currentStep ?? ""} ${j.message ?? ""}`.trim());
+    case "CANCEL_REQUESTED":
+      return entry(time, "CANCEL REQUESTED", "");
+    default: {
+      const why = j.error ? `: ${j.error.message}` : "";
+      const who = j.state === "RUNNING" ? ` (attempt ${j.attempt}, ${j.workerId})` : "";
+      return entry(time, j.state, `${who}${why}`);
+    }
+  }
+}
+
+function render(j) {
+  $("job-heading").textContent = `${j.kind} ${j.name.split("/").pop()}`;
+  $("job-state").textContent = j.state;
+  $("job-state").className = `state ${j.state}`;
+  const pct = j.progressPercent ?? 0;
+  $("job-progress").value = pct;
+  $("job-percent").textContent = `${pct}%`;
+  $("job-step").textContent = [j.currentStep, j.message].filter(Boolean).join(": ");
+  const facts = [
+    ["Attempt", `${j.attempt ?? 0} of ${j.maxAttempts}`],
+    ["Worker", j.workerId ?? ""],
+    ["Created", j.createTime],
+    ["Started", j.startTime ?? ""],
+    ["Ended", j.endTime ?? ""],
+    ["Not before", j.scheduleTime ?? ""],
+  ];
+  $("job-facts").replaceChildren(
+    ...facts.flatMap(([k, v]) => [el("dt", { textContent: k }), el("dd", { textContent: v })]),
+  );
+  $("job-error").textContent = j.error ? `${j.error.message}` : "";
+  $("job-input-json").textContent = JSON.stringify(j.input ?? {}, null, 2);
+  $("job-result-json").textContent = j.result ? JSON.stringify(j.result, null, 2) : "—";
+  outputs(j.outputAssets ?? []);
+}
+
+let shownOutputs = "";
+
+// Output assets with a preview: a signed GET URL, since an <img> cannot send a token.
+async function outputs(names) {
+  const key = names.join(",");
+  if (key === shownOutputs) return;
+  shownOutputs = key;
+  const items = await Promise.all(
+    names.map(async (name) => {
+      try {
+        const asset = await call("GET", `/v1/${name}`);
+        const signed = await call("POST", `/v1/${name}:signUrl`, { body: { method: "GET", ttl: "3600s" } });
+        return assetItem(asset, signed.url);
+      } catch (e) {
+        failed(e);
+        return el("li", { textContent: name });
+      }
+    }),
+  );
+  $("job-outputs").replaceChildren(...items);
+}
+
+export function assetItem(asset, url) {
+  const type = asset.contentType ?? "";
+  let preview = "";
+  if (type.startsWith("image/")) preview = el("img", { src: url, alt: asset.displayName ?? "", loading: "lazy" });
+  else if (type.startsWith("video/")) preview = el("video", { src: url, controls: true, preload: "metadata" });
+  const link = el("a", { href: url, textContent: asset.displayName || asset.name.split("/").pop(), download: "" });
+  return el("li", { className: "asset" }, preview, link, ` ${type}, ${size(asset.sizeBytes)}`);
+}
+
+export function size(bytes) {
+  const n = Number(bytes ?? 0);
+  if (n < 1024) return `${n} B`;
+  const units = ["KiB", "MiB", "GiB", "TiB"];
+  let v = n / 1024;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i += 1;
+  }
+  return `${v.toFixed(1)} ${units[i]}`;
+}
