@@ -225,6 +225,7 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
             .env("SERVER", server.trim_end_matches('/'))
             .env("TOKEN", tok)
             .env("PROJECT", project)
+            .env("PNG", PIXEL)
             .output()
     })
     .await
@@ -250,8 +251,44 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
     );
     assert_eq!(seen["filteredKinds"], serde_json::json!(["doomed"]));
     assert_eq!(seen["pageErrors"], serde_json::json!([]), "{seen}");
+    assert_eq!(seen["downloaded"], "storyboard notes\n", "{seen}");
+    let uploads = seen["uploads"].to_string();
+    assert!(
+        uploads.contains("frame.png") && uploads.contains("notes.txt") && uploads.contains("done"),
+        "{uploads}"
+    );
 
     // What the page did is what the server holds.
+    let assets = app
+        .assets(&t)
+        .list_assets(pb::ListAssetsRequest {
+            parent: p.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .assets;
+    let mut stored: Vec<_> = assets
+        .iter()
+        .map(|a| {
+            (
+                a.display_name.as_str(),
+                a.content_type.as_str(),
+                a.state,
+                a.size_bytes,
+            )
+        })
+        .collect();
+    stored.sort();
+    let ready = pb::asset::State::Ready as i32;
+    assert_eq!(
+        stored,
+        [
+            ("frame.png", "image/png", ready, 68),
+            ("notes.txt", "text/plain", ready, 17)
+        ]
+    );
     let state = |name: String| {
         let mut jobs = app.jobs(&t);
         async move {

@@ -2,10 +2,12 @@
 // stream while a worker (driven by the Rust test) runs jobs; a job is created from the
 // form (bad input shown on its field first); filters go into the URL and survive a
 // reload; a job is cancelled from its row and one retried from a selection.
-// Env: SERVER, TOKEN, PROJECT. Prints what it saw as JSON.
+// Assets: one dropped on the drop zone, one chosen with the file picker; the preview
+// and the download go through signed URLs.
+// Env: SERVER, TOKEN, PROJECT, PNG (base64). Prints what it saw as JSON.
 import { chromium } from "playwright-core";
 
-const { SERVER, TOKEN, PROJECT } = process.env;
+const { SERVER, TOKEN, PROJECT, PNG } = process.env;
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
@@ -65,6 +67,27 @@ try {
   await page.click("#retry-selected");
   await row(page, "doomed", "SUCCEEDED");
   seen.status = await page.textContent("#status");
+
+  // Drag and drop: a DataTransfer holding a file, dropped on the zone.
+  await page.evaluate((b64) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const data = new DataTransfer();
+    data.items.add(new File([bytes], "frame.png", { type: "image/png" }));
+    document.getElementById("drop-zone").dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true }));
+  }, PNG);
+  await page.waitForFunction(() => {
+    const img = document.querySelector("#asset-list img");
+    return img && img.complete && img.naturalWidth > 0;
+  }, null, { timeout: 20000 });
+  // The file picker.
+  await page.setInputFiles("#asset-file", { name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("storyboard notes\n") });
+  await page.waitForFunction(() => document.querySelectorAll("#asset-list li.asset a").length === 2, null, { timeout: 20000 });
+  seen.uploads = await page.$$eval("#uploads li", (lis) => lis.map((li) => li.textContent.trim()));
+  seen.assets = await page.$$eval("#asset-list li", (lis) => lis.map((li) => li.textContent.trim()));
+  seen.downloaded = await page.evaluate(async () => {
+    const link = [...document.querySelectorAll("#asset-list a")].find((a) => a.textContent === "notes.txt");
+    return await (await fetch(link.href)).text();
+  });
 } catch (e) {
   console.error(String(e));
   failed = true;

@@ -1,6 +1,7 @@
 // The studio: sign-in, then the view the URL names: `?job=…` one job, `?project=…`
 // (with its filters) that project's jobs, live; otherwise the projects.
 import { token } from "./api.js";
+import { openAssets } from "./assets.js";
 import { closeJob, openJob } from "./job.js";
 import { closeJobs, openJobs } from "./jobs.js";
 import { clearProjects, loadProjects } from "./projects.js";
@@ -28,6 +29,7 @@ async function signedIn() {
     } else if (project) {
       show("jobs");
       await openJobs(project);
+      await openAssets(project);
     } else {
       show("projects");
       await loadProjects();

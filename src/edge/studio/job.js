@@ -2,7 +2,7 @@
 // events replayed from its creation while they are kept), each attempt's error,
 // input and result as JSON, and its output assets with previews.
 import { call, watch } from "./api.js";
-import { $, el, failed, say } from "./ui.js";
+import { $, assetItem, el, failed, say } from "./ui.js";
 
 let stream = null;
 
@@ -117,26 +117,4 @@ async function outputs(names) {
     }),
   );
   $("job-outputs").replaceChildren(...items);
-}
-
-export function assetItem(asset, url) {
-  const type = asset.contentType ?? "";
-  let preview = "";
-  if (type.startsWith("image/")) preview = el("img", { src: url, alt: asset.displayName ?? "", loading: "lazy" });
-  else if (type.startsWith("video/")) preview = el("video", { src: url, controls: true, preload: "metadata" });
-  const link = el("a", { href: url, textContent: asset.displayName || asset.name.split("/").pop(), download: "" });
-  return el("li", { className: "asset" }, preview, link, ` ${type}, ${size(asset.sizeBytes)}`);
-}
-
-export function size(bytes) {
-  const n = Number(bytes ?? 0);
-  if (n < 1024) return `${n} B`;
-  const units = ["KiB", "MiB", "GiB", "TiB"];
-  let v = n / 1024;
-  let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i += 1;
-  }
-  return `${v.toFixed(1)} ${units[i]}`;
 }

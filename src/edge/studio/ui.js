@@ -41,3 +41,27 @@ export function age(time) {
   if (s < 86400) return `${Math.floor(s / 3600)} h`;
   return `${Math.floor(s / 86400)} d`;
 }
+
+/// An asset as a list item: a preview for images and videos, a download link, type
+/// and size. `url` is a signed GET URL.
+export function assetItem(asset, url) {
+  const type = asset.contentType ?? "";
+  let preview = "";
+  if (type.startsWith("image/")) preview = el("img", { src: url, alt: asset.displayName ?? "", loading: "lazy" });
+  else if (type.startsWith("video/")) preview = el("video", { src: url, controls: true, preload: "metadata" });
+  const link = el("a", { href: url, textContent: asset.displayName || asset.name.split("/").pop(), download: "" });
+  return el("li", { className: "asset" }, preview, link, ` ${type}, ${size(asset.sizeBytes)}`);
+}
+
+export function size(bytes) {
+  const n = Number(bytes ?? 0);
+  if (n < 1024) return `${n} B`;
+  const units = ["KiB", "MiB", "GiB", "TiB"];
+  let v = n / 1024;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i += 1;
+  }
+  return `${v.toFixed(1)} ${units[i]}`;
+}
