@@ -61,6 +61,7 @@ fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),
             ),
+            (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
             (
                 header::REFERRER_POLICY,
                 HeaderValue::from_static("no-referrer"),

@@ -29,6 +29,9 @@ async fn the_page_is_served_from_the_binary_and_loads_nothing_from_elsewhere() {
             "{csp}"
         );
         assert_eq!(headers["x-content-type-options"], "nosniff");
+        assert_eq!(headers["x-frame-options"], "DENY");
+        assert_eq!(headers["referrer-policy"], "no-referrer");
+        assert!(csp.contains("frame-ancestors 'none'") && !csp.contains("unsafe-inline"));
     }
     let html = http
         .get(app.http("/"))
@@ -226,6 +229,7 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
             .env("TOKEN", tok)
             .env("PROJECT", project)
             .env("PNG", PIXEL)
+            .env("SHOTS", concat!(env!("CARGO_MANIFEST_DIR"), "/target"))
             .output()
     })
     .await
@@ -252,6 +256,14 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
     assert_eq!(seen["filteredKinds"], serde_json::json!(["doomed"]));
     assert_eq!(seen["pageErrors"], serde_json::json!([]), "{seen}");
     assert_eq!(seen["downloaded"], "storyboard notes\n", "{seen}");
+    assert!(
+        seen["phoneOverflow"].as_i64().unwrap() <= 0,
+        "nothing wider than a phone's screen but the tables, which scroll: {seen}"
+    );
+    for shot in ["desktop", "phone", "desktop-dark"] {
+        let path = format!("{}/target/studio-{shot}.png", env!("CARGO_MANIFEST_DIR"));
+        assert!(std::fs::metadata(&path).unwrap().len() > 1000, "{path}");
+    }
     let uploads = seen["uploads"].to_string();
     assert!(
         uploads.contains("frame.png") && uploads.contains("notes.txt") && uploads.contains("done"),

@@ -84,6 +84,16 @@ try {
   await page.waitForFunction(() => document.querySelectorAll("#asset-list li.asset a").length === 2, null, { timeout: 20000 });
   seen.uploads = await page.$$eval("#uploads li", (lis) => lis.map((li) => li.textContent.trim()));
   seen.assets = await page.$$eval("#asset-list li", (lis) => lis.map((li) => li.textContent.trim()));
+  // Screenshots at a desktop's and a phone's width, light and dark, as test output.
+  const shots = process.env.SHOTS;
+  if (shots) {
+    for (const [name, width, height, scheme] of [["desktop", 1280, 900, "light"], ["phone", 390, 844, "light"], ["desktop-dark", 1280, 900, "dark"]]) {
+      await page.setViewportSize({ width, height });
+      await page.emulateMedia({ colorScheme: scheme });
+      await page.screenshot({ path: `${shots}/studio-${name}.png`, fullPage: true });
+    }
+    seen.phoneOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  }
   seen.downloaded = await page.evaluate(async () => {
     const link = [...document.querySelectorAll("#asset-list a")].find((a) => a.textContent === "notes.txt");
     return await (await fetch(link.href)).text();

@@ -111,7 +111,8 @@ function jobRow(j) {
     "tr",
     {},
     el("td", {}, pick),
-    el("td", { className: "mono" }, el("a", { href: `?job=${encodeURIComponent(j.name)}`, textContent: id })),
+    // The end of an id tells jobs apart (its start is the creation time).
+    el("td", { className: "mono" }, el("a", { href: `?job=${encodeURIComponent(j.name)}`, textContent: `…${id.slice(-8)}`, title: id })),
     el("td", { textContent: j.kind }),
     el("td", { className: `state ${j.state}`, textContent: j.state }),
     el("td", {}, el("progress", { max: 100, value: pct }), ` ${pct}%`),
