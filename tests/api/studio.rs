@@ -61,12 +61,14 @@ async fn a_browser_signs_in_from_the_link_and_manages_projects() {
     }
     let app = TestApp::spawn().await;
     let t = token("alice");
+    let other = create_project(&app, &token("bob"), "Bob's secret").await;
     let (server, tok) = (app.http(""), t.clone());
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(format!("{dir}/studio.mjs"))
             .env("SERVER", server.trim_end_matches('/'))
             .env("TOKEN", tok)
+            .env("OTHER", other.name)
             .output()
     })
     .await
@@ -99,6 +101,11 @@ async fn a_browser_signs_in_from_the_link_and_manages_projects() {
         "{seen}"
     );
     assert_eq!(seen["afterSignIn"], serde_json::json!(["Storyboard v2"]));
+    assert!(
+        seen["other"].as_str().unwrap().contains("NOT_FOUND"),
+        "{seen}"
+    );
+    assert_eq!(seen["otherTitle"], "", "nothing of bob's project is shown");
     assert_eq!(seen["elsewhere"], serde_json::json!([]), "{seen}");
     assert_eq!(seen["pageErrors"], serde_json::json!([]), "{seen}");
 

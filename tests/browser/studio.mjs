@@ -1,10 +1,11 @@
 // Drives the studio page the server itself serves, in headless Chromium: sign-in from
 // the `#token=` link, projects created, searched, renamed and deleted (confirming the
-// dialog), sign-out and sign-in by form, a refused token. Prints what it saw as JSON.
-// Env: SERVER (mediaplane URL), TOKEN.
+// dialog), sign-out and sign-in by form, a refused token, another user's project
+// refused. Prints what it saw as JSON. Env: SERVER (mediaplane URL), TOKEN, OTHER (a
+// project of another user).
 import { chromium } from "playwright-core";
 
-const { SERVER, TOKEN } = process.env;
+const { SERVER, TOKEN, OTHER } = process.env;
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
@@ -70,6 +71,12 @@ try {
   await page.click("#sign-in-form button");
   await page.waitForFunction(() => document.querySelectorAll("#project-rows tr").length === 1);
   seen.afterSignIn = await rows();
+
+  // Another user's project, opened by its URL: the API's answer, nothing of it shown.
+  await page.goto(`${SERVER}/?project=${encodeURIComponent(OTHER)}`);
+  await page.waitForFunction(() => document.getElementById("status").textContent.includes("NOT_FOUND"));
+  seen.other = await page.textContent("#status");
+  seen.otherTitle = await page.textContent("#jobs-title");
 } catch (e) {
   console.error(String(e));
   failed = true;
