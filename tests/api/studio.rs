@@ -214,7 +214,15 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
         .await
         .unwrap()
         .into_inner();
+    let film = jobs
+        .create_job(create("film", 3))
+        .await
+        .unwrap()
+        .into_inner();
     let worker = studio_worker(&app);
+    let mut runtime = runtime(&app, "film", "echo PROGRESS 10 rolling; sleep 60")
+        .spawn()
+        .unwrap();
     eventually(Duration::from_secs(10), "doomed failed", || {
         let (mut jobs, name) = (app.jobs(&t), doomed.name.clone());
         async move {
@@ -320,6 +328,11 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
         }
     };
     assert_eq!(state(queued.name).await.0, pb::job::State::Cancelled);
+    assert_eq!(state(film.name).await.0, pb::job::State::Cancelled);
+    assert!(
+        runtime.try_wait().unwrap().is_none(),
+        "the worker stopped the command, not itself"
+    );
     assert_eq!(state(doomed.name).await, (pb::job::State::Succeeded, 2));
     let listed = app
         .jobs(&t)
@@ -337,6 +350,21 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
         pb::job::State::try_from(listed[0].state).unwrap(),
         pb::job::State::Succeeded
     );
+}
+
+/// `mediaplane worker` for `kind`, running `command` for each job.
+fn runtime(app: &TestApp, kind: &str, command: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mediaplane"));
+    cmd.args(["worker", "--server", &app.http(""), "--kinds", kind])
+        .args(["--lease", "3s", "--command", command])
+        .env(
+            "MEDIAPLANE_TOKEN",
+            token_with("runtime", &["worker"], Duration::from_secs(600)),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
 }
 
 /// A real 1x1 PNG, so the browser can decode the preview.
@@ -411,62 +439,21 @@ async fn a_browser_shows_one_job_live_with_its_timeline_result_and_output() {
         .unwrap()
         .into_inner();
 
-    // The worker starts once the page follows the job, so the page sees every change.
+    // `mediaplane worker` running a shell command starts once the page follows the job,
+    // so the page sees every change.
     let (opened, open) = tokio::sync::oneshot::channel::<()>();
-    let worker = {
-        let mut c = app.jobs(&token_with("gpu", &["worker"], Duration::from_secs(600)));
-        let asset = asset.name.clone();
-        tokio::spawn(async move {
-            open.await.expect("the page opened");
-            let leased = c
-                .acquire_jobs(pb::AcquireJobsRequest {
-                    worker_id: "poster-1".into(),
-                    kinds: vec!["poster".into()],
-                    max_jobs: 1,
-                    lease_duration: Some(prost_types::Duration {
-                        seconds: 30,
-                        nanos: 0,
-                    }),
-                    wait_timeout: None,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .jobs
-                .remove(0);
-            let name = leased.job.unwrap().name;
-            for (pct, step) in [(30, "sketch"), (70, "color")] {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                c.report_progress(pb::ReportProgressRequest {
-                    name: name.clone(),
-                    lease_id: leased.lease_id.clone(),
-                    progress_percent: pct,
-                    current_step: step.into(),
-                    message: String::new(),
-                })
-                .await
-                .unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            let result = prost_types::Struct {
-                fields: [(
-                    "frames".to_owned(),
-                    prost_types::Value {
-                        kind: Some(prost_types::value::Kind::NumberValue(24.0)),
-                    },
-                )]
-                .into(),
-            };
-            c.complete_job(pb::CompleteJobRequest {
-                name,
-                lease_id: leased.lease_id,
-                result: Some(result),
-                output_assets: vec![asset],
-            })
-            .await
-            .unwrap();
-        })
-    };
+    let script = format!(
+        "echo PROGRESS 30 sketch; sleep 0.6; echo PROGRESS 70 color; sleep 0.6; \
+         echo 'RESULT {{\"frames\": 24}}'; echo OUTPUT {}",
+        asset.name
+    );
+    let mut worker_cmd = runtime(&app, "poster", &script);
+    worker_cmd.args(["--max-jobs", "1"]);
+    let worker = tokio::spawn(async move {
+        open.await.expect("the page opened");
+        let status = worker_cmd.status().await.unwrap();
+        assert!(status.success());
+    });
     let mut node = tokio::process::Command::new("node")
         .arg(format!("{dir}/studio_job.mjs"))
         .env("SERVER", app.http("").trim_end_matches('/'))
@@ -512,9 +499,9 @@ async fn a_browser_shows_one_job_live_with_its_timeline_result_and_output() {
     assert_eq!(timeline.first(), Some(&"CREATED"), "{timeline:?}");
     assert_eq!(timeline.last(), Some(&"SUCCEEDED"), "{timeline:?}");
     assert!(timeline.contains(&"RUNNING"), "{timeline:?}");
-    assert_eq!(
-        timeline.iter().filter(|s| **s == "PROGRESS").count(),
-        2,
+    // Two reports, and heartbeats (which renew the lease) when the command runs long.
+    assert!(
+        timeline.iter().filter(|s| **s == "PROGRESS").count() >= 2,
         "{timeline:?}"
     );
     assert_eq!(seen["result"], serde_json::json!({"frames": 24}));

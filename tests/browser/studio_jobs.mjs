@@ -31,6 +31,14 @@ try {
   await row(page, "doomed", "FAILED");
   seen.title = await page.textContent("#jobs-title");
 
+  // A running job (`mediaplane worker` running a long command), cancelled from its row:
+  // the worker learns it at its next heartbeat, stops the command, and the row follows.
+  await page.waitForFunction(() =>
+    [...document.querySelectorAll("#job-rows tr")].some((r) => r.children[2].textContent === "film" && r.children[5].textContent === "rolling"),
+    null, { timeout: 20000 });
+  await page.locator("#job-rows tr", { hasText: "film" }).getByRole("button", { name: "Cancel" }).click();
+  await row(page, "film", "CANCELLED");
+
   // Bad input is refused on its field, by the page and by the server.
   await page.fill("#job-kind", "paint");
   await page.fill("#job-input", "{not json");
