@@ -516,3 +516,108 @@ async fn a_browser_shows_one_job_live_with_its_timeline_result_and_output() {
     );
     assert_eq!(seen["pageErrors"], serde_json::json!([]), "{seen}");
 }
+
+#[tokio::test]
+async fn a_dropped_connection_resumes_without_a_lost_update() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "Reels").await;
+    let job = app
+        .jobs(&t)
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(pb::Job {
+                kind: "reel".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The browser reaches the server through a proxy the test can cut.
+    let proxy = ChaosProxy::start(Box::leak(app.addr.to_string().into_boxed_str())).await;
+    let mut node = tokio::process::Command::new("node")
+        .arg(format!("{dir}/studio_resume.mjs"))
+        .env("SERVER", format!("http://{}", proxy.addr))
+        .env("TOKEN", &t)
+        .env("JOB", &job.name)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(node.stdout.take().unwrap()));
+    let mut until = async |want: &str| {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.starts_with(want) {
+                return line;
+            }
+        }
+        panic!("the page ended before `{want}`");
+    };
+    until("open").await;
+
+    let mut c = app.jobs(&token_with("gpu", &["worker"], Duration::from_secs(600)));
+    let leased = c
+        .acquire_jobs(pb::AcquireJobsRequest {
+            worker_id: "reel-1".into(),
+            kinds: vec!["reel".into()],
+            max_jobs: 1,
+            lease_duration: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            wait_timeout: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .remove(0);
+    let report = |pct: i32, step: &str| pb::ReportProgressRequest {
+        name: job.name.clone(),
+        lease_id: leased.lease_id.clone(),
+        progress_percent: pct,
+        current_step: step.into(),
+        message: String::new(),
+    };
+    c.report_progress(report(20, "cut")).await.unwrap();
+    until("step cut").await;
+    // Cut: the page's stream drops; two updates happen while it is away.
+    proxy.cut().await;
+    until("live reconnecting").await;
+    c.report_progress(report(40, "missed-one")).await.unwrap();
+    c.report_progress(report(60, "missed-two")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    until("step missed-two").await;
+    c.complete_job(pb::CompleteJobRequest {
+        name: job.name.clone(),
+        lease_id: leased.lease_id,
+        result: None,
+        output_assets: vec![],
+    })
+    .await
+    .unwrap();
+    let mut last = String::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        last = line;
+    }
+    assert!(
+        node.wait().await.unwrap().success(),
+        "browser run failed: {last}"
+    );
+    let seen: serde_json::Value = serde_json::from_str(&last).unwrap();
+    let timeline = seen["timeline"].to_string();
+    for step in ["20% cut", "40% missed-one", "60% missed-two", "SUCCEEDED"] {
+        assert!(timeline.contains(step), "{step} in {timeline}");
+    }
+    let live = seen["live"].to_string();
+    assert!(
+        live.contains("reconnecting") && live.rfind("live") > live.find("reconnecting"),
+        "the page showed the drop and the return: {live}"
+    );
+    assert_eq!(seen["pageErrors"], serde_json::json!([]), "{seen}");
+}
