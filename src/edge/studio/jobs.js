@@ -25,6 +25,8 @@ export function closeJobs() {
   stream?.close();
   stream = null;
   jobs.clear();
+  rows.clear();
+  changed.clear();
   selected.clear();
 }
 
@@ -59,7 +61,9 @@ function follow() {
   stream.onerror = () => live(stream?.readyState === EventSource.CLOSED ? "closed" : "reconnecting…");
   stream.onmessage = (m) => {
     const event = JSON.parse(m.data);
-    if (event.job) jobs.set(event.job.name, event.job);
+    if (!event.job) return;
+    jobs.set(event.job.name, event.job);
+    changed.add(event.job.name);
     redraw();
   };
   // The stream's end: OK never comes for WatchJobs; an error (the project deleted, a
@@ -77,7 +81,11 @@ function live(state) {
   $("live").dataset.state = state;
 }
 
-// Many events can arrive in one frame: draw once per frame.
+// Many events can arrive in one frame: draw once per frame, rebuilding only the rows
+// of jobs that changed, and reordering only when a job is new to the view.
+const rows = new Map();
+const changed = new Set();
+
 function redraw() {
   if (drawing) return;
   drawing = true;
@@ -88,10 +96,24 @@ function redraw() {
 }
 
 function draw() {
-  const rows = [...jobs.values()]
-    .sort((a, b) => (a.createTime < b.createTime ? 1 : -1))
-    .map(jobRow);
-  $("job-rows").replaceChildren(...rows);
+  let reorder = false;
+  for (const name of changed) {
+    const job = jobs.get(name);
+    const row = jobRow(job);
+    const old = rows.get(name);
+    rows.set(name, row);
+    if (old) old.replaceWith(row);
+    else reorder = true;
+  }
+  changed.clear();
+  if (reorder || rows.size !== $("job-rows").children.length) {
+    const order = [...jobs.values()].sort((a, b) => (a.createTime < b.createTime ? 1 : -1));
+    $("job-rows").replaceChildren(...order.map((j) => rows.get(j.name)));
+  }
+  showSelection();
+}
+
+function showSelection() {
   $("selection").textContent = selected.size ? `${selected.size} selected` : "";
 }
 
@@ -101,7 +123,7 @@ function jobRow(j) {
   pick.setAttribute("aria-label", `Select ${id}`);
   pick.addEventListener("change", () => {
     pick.checked ? selected.add(j.name) : selected.delete(j.name);
-    draw();
+    showSelection();
   });
   const pct = j.progressPercent ?? 0;
   const actions = el("td", { className: "actions" });
@@ -151,6 +173,8 @@ function bulk(verb, fits) {
   if (!names.length) return say(`Nothing selected can be ${verb === "cancel" ? "cancelled" : "retried"}.`, true);
   if (verb === "cancel" && !confirm(`Cancel ${names.length} job${names.length > 1 ? "s" : ""}?`)) return;
   selected.clear();
+  for (const box of document.querySelectorAll("#job-rows input[type=checkbox]")) box.checked = false;
+  showSelection();
   act(names, verb);
 }
 
