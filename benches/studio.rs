@@ -139,7 +139,7 @@ async fn main() {
                 c.report_progress(pb::ReportProgressRequest {
                     name: name.clone(),
                     lease_id: l.lease_id.clone(),
-                    progress_percent: (n % 100) as i32,
+                    progress_percent: n % 100,
                     current_step: tag.clone(),
                     message: String::new(),
                 })
