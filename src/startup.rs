@@ -176,6 +176,7 @@ impl Application {
             health.clone(),
             settings.health_interval,
         );
+        let storage_origin = assets.storage.presign_origin().await;
         let router = router(
             &settings,
             guard,
@@ -184,6 +185,7 @@ impl Application {
                 engine: engine.clone(),
                 assets: assets.clone(),
                 quotas,
+                storage_origin,
             },
             health.clone(),
             health_service,
@@ -464,6 +466,8 @@ struct Services {
     engine: Engine,
     assets: Assets,
     quotas: Quotas,
+    /// Where the store's signed URLs point (S3), for the studio page's CSP.
+    storage_origin: Option<String>,
 }
 
 fn router(
@@ -480,6 +484,7 @@ fn router(
         engine,
         assets,
         quotas,
+        storage_origin,
     } = services;
     let projects = server::projects_service_server::ProjectsServiceServer::new(ProjectsApi::new(
         crate::projects::Projects::new(
@@ -554,7 +559,7 @@ fn router(
         .map_err(StartError::Config)?;
     let http = edge::health::router(health)
         .merge(edge::signed::router(assets))
-        .merge(edge::studio::router())
+        .merge(edge::studio::router(storage_origin.as_deref()))
         .fallback_service(transcoder.router());
     // Both routers have fallbacks (gRPC answers UNIMPLEMENTED, HTTP a JSON 404), so
     // dispatch by content type rather than merging them.

@@ -191,6 +191,21 @@ impl Storage {
         }
     }
 
+    /// The origin (`https://host[:port]`) of the URLs the store signs, if it signs any:
+    /// the studio page's CSP lets previews, downloads and uploads reach it.
+    pub async fn presign_origin(&self) -> Option<String> {
+        let signer = self.signer.as_ref()?;
+        let url = signer
+            .signed_url(
+                http::Method::GET,
+                &self.path("origin-probe"),
+                Duration::from_secs(60),
+            )
+            .await
+            .ok()?;
+        Some(url.origin().ascii_serialization())
+    }
+
     /// A copy made by the store (server-side on S3: the bytes do not pass through here).
     pub async fn copy(&self, from: &str, to: &str) -> Result<(), StorageError> {
         Ok(self.store.copy(&self.path(from), &self.path(to)).await?)

@@ -37,26 +37,36 @@ const FILES: &[(&str, &str, &str)] = &[
 const JS: &str = "text/javascript; charset=utf-8";
 
 /// Only this origin: scripts, styles, fetches and EventSource; previews may show blobs.
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
-                   img-src 'self' blob: data:; media-src 'self' blob:; base-uri 'none'; \
-                   form-action 'none'; frame-ancestors 'none'";
+/// `storage`: the origin of the store's own signed URLs (S3), which previews, downloads
+/// and uploads reach directly.
+fn csp(storage: Option<&str>) -> String {
+    let s = storage.map(|o| format!(" {o}")).unwrap_or_default();
+    format!(
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'{s}; \
+         img-src 'self' blob: data:{s}; media-src 'self' blob:{s}; base-uri 'none'; \
+         form-action 'none'; frame-ancestors 'none'"
+    )
+}
 
-pub fn router() -> Router {
+pub fn router(storage_origin: Option<&str>) -> Router {
+    let csp = HeaderValue::from_str(&csp(storage_origin))
+        .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'"));
     FILES
         .iter()
         .fold(Router::new(), |router, &(path, content_type, body)| {
-            router.route(path, get(move || async move { file(content_type, body) }))
+            let csp = csp.clone();
+            router.route(
+                path,
+                get(move || async move { file(content_type, body, csp) }),
+            )
         })
 }
 
-fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+fn file(content_type: &'static str, body: &'static str, csp: HeaderValue) -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(CSP),
-            ),
+            (header::CONTENT_SECURITY_POLICY, csp),
             (
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),

@@ -621,3 +621,29 @@ async fn a_dropped_connection_resumes_without_a_lost_update() {
     );
     assert_eq!(seen["pageErrors"], serde_json::json!([]), "{seen}");
 }
+
+#[tokio::test]
+async fn with_s3_storage_the_page_may_reach_the_bucket_and_nothing_else() {
+    let s3 = S3Server::start().await;
+    let app = TestApp::spawn_with(|s| s3.configure(s)).await;
+    let r = reqwest::get(app.http("/")).await.unwrap();
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    let host = s3.endpoint.trim_start_matches("http://");
+    for directive in ["connect-src", "img-src", "media-src"] {
+        let sources = csp
+            .split(';')
+            .find(|d| d.trim().starts_with(directive))
+            .unwrap();
+        assert!(
+            sources.contains(host),
+            "{directive} allows the bucket: {csp}"
+        );
+    }
+    for directive in [
+        "script-src 'self';",
+        "style-src 'self';",
+        "default-src 'none';",
+    ] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+}
