@@ -84,6 +84,8 @@ async fn a_browser_signs_in_from_the_link_and_manages_projects() {
     let url = seen["urlAfterLink"].as_str().unwrap();
     assert!(!url.contains("token"), "the fragment is removed: {url}");
     assert_eq!(seen["stored"], t.as_str(), "kept in sessionStorage");
+    assert_eq!(seen["tabbedTo"], "new-project", "{seen}");
+    assert_eq!(seen["renameFocused"], "New name", "{seen}");
     assert_eq!(seen["searched"], serde_json::json!(["Storyboard"]));
     assert_eq!(
         seen["afterDismiss"].as_array().unwrap().len(),

@@ -19,6 +19,10 @@ try {
   page.on("request", (r) => {
     if (!r.url().startsWith(SERVER)) seen.elsewhere.push(r.url());
   });
+  const byName = async (text) => {
+    const name = await page.locator("#project-rows tr", { hasText: text }).getAttribute("data-name");
+    return page.locator(`#project-rows tr[data-name="${name}"]`);
+  };
   const rows = () => page.$$eval("#project-rows tr", (trs) => trs.map((tr) => tr.querySelector(".display-name").textContent));
 
   await page.goto(`${SERVER}/#token=${encodeURIComponent(TOKEN)}`);
@@ -31,14 +35,30 @@ try {
     await page.click("#create-project button");
     await page.waitForFunction((n) => [...document.querySelectorAll("#project-rows .display-name")].some((c) => c.textContent === n), name);
   }
+  // By keyboard alone: from the search box, Tab to the name field, type, Enter.
+  await page.focus("#search");
+  await page.keyboard.press("Tab");
+  seen.tabbedTo = await page.evaluate(() => document.activeElement.id);
+  await page.keyboard.type("Keys");
+  await page.keyboard.press("Enter");
+  await page.waitForFunction(() => [...document.querySelectorAll("#project-rows .display-name")].some((c) => c.textContent === "Keys"));
+  const keys = await byName("Keys");
+  await keys.getByRole("button", { name: "Rename" }).focus();
+  await page.keyboard.press("Enter");
+  seen.renameFocused = await page.evaluate(() => document.activeElement.getAttribute("aria-label"));
+  await page.keyboard.press("Control+A");
+  await page.keyboard.type("Keyboard");
+  await page.keyboard.press("Enter");
+  await page.waitForFunction(() => [...document.querySelectorAll("#project-rows .display-name")].some((c) => c.textContent === "Keyboard"));
+  page.once("dialog", (d) => d.accept());
+  await (await byName("Keyboard")).getByRole("button", { name: "Delete" }).focus();
+  await page.keyboard.press("Enter");
+  await page.waitForFunction(() => ![...document.querySelectorAll("#project-rows .display-name")].some((c) => c.textContent === "Keyboard"));
+
   await page.fill("#search", "story");
   seen.searched = await rows();
   await page.fill("#search", "");
 
-  const byName = async (text) => {
-    const name = await page.locator("#project-rows tr", { hasText: text }).getAttribute("data-name");
-    return page.locator(`#project-rows tr[data-name="${name}"]`);
-  };
   const storyboard = await byName("Storyboard");
   await storyboard.getByRole("button", { name: "Rename" }).click();
   await storyboard.locator("input").fill("Storyboard v2");

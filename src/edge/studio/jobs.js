@@ -21,6 +21,14 @@ export async function openJobs(name) {
   follow();
 }
 
+// Ages move on without events: refresh them every few seconds.
+setInterval(() => {
+  for (const [name, row] of rows) {
+    const job = jobs.get(name);
+    if (job) row.children[7].textContent = age(job.createTime);
+  }
+}, 5000);
+
 export function closeJobs() {
   stream?.close();
   stream = null;
