@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Bearer, channel, start_server, token};
+use common::{Bearer, channel, cpu_secs, start_server, token};
 use mediaplane::proto::v1::{
     self as pb, jobs_service_client::JobsServiceClient,
     projects_service_client::ProjectsServiceClient,
@@ -271,23 +271,6 @@ async fn get_run(channels: &[Channel], project: &str) -> (f64, f64) {
     }
     while tasks.join_next().await.is_some() {}
     (done.load(Ordering::Relaxed) as f64, RUN.as_secs_f64())
-}
-
-/// CPU seconds `pid` has used (user + system), from `/proc/<pid>/stat`.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the `(comm)`: state is the first, utime the 12th, stime the 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // USER_HZ: 100 on every Linux this runs on.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// One measured run against `server`: (operations per second, server CPU µs per
