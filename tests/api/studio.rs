@@ -1,10 +1,67 @@
 //! The studio page, served by the binary at `/`, driven in a real browser (headless
 //! Chromium via playwright-core).
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use mediaplane::proto::v1 as pb;
 
 use crate::helpers::*;
+
+/// A script of tests/browser run by node in headless Chromium: the lines it prints as
+/// it goes can be waited for, and its last line is what it saw, as JSON.
+struct Page {
+    node: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    last: String,
+}
+
+impl Page {
+    fn start(script: &str, env: &[(&str, &str)]) -> Self {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+        for needed in [
+            "/usr/bin/chromium",
+            &format!("{dir}/node_modules/playwright-core"),
+        ] {
+            assert!(
+                std::path::Path::new(needed).exists(),
+                "{needed} missing: run scripts/test.sh, which installs it"
+            );
+        }
+        let mut node = tokio::process::Command::new("node")
+            .arg(format!("{dir}/{script}"))
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = tokio::io::BufReader::new(node.stdout.take().unwrap());
+        Self {
+            node,
+            lines: tokio::io::AsyncBufReadExt::lines(stdout),
+            last: String::new(),
+        }
+    }
+
+    /// Waits for a line starting with `prefix`.
+    async fn until(&mut self, prefix: &str) -> String {
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            if line.starts_with(prefix) {
+                return line;
+            }
+            self.last = line;
+        }
+        panic!("the page ended before `{prefix}`: {}", self.last);
+    }
+
+    /// Waits for the script to end well, and returns what it saw.
+    async fn seen(mut self) -> serde_json::Value {
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            self.last = line;
+        }
+        let status = self.node.wait().await.unwrap();
+        assert!(status.success(), "browser run failed: {}", self.last);
+        serde_json::from_str(&self.last).unwrap()
+    }
+}
 
 #[tokio::test]
 async fn the_page_is_served_from_the_binary_and_loads_nothing_from_elsewhere() {
@@ -49,38 +106,16 @@ async fn the_page_is_served_from_the_binary_and_loads_nothing_from_elsewhere() {
 
 #[tokio::test]
 async fn a_browser_signs_in_from_the_link_and_manages_projects() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
-    for needed in [
-        "/usr/bin/chromium",
-        &format!("{dir}/node_modules/playwright-core"),
-    ] {
-        assert!(
-            std::path::Path::new(needed).exists(),
-            "{needed} missing: run scripts/test.sh, which installs it"
-        );
-    }
     let app = TestApp::spawn().await;
     let t = token("alice");
     let other = create_project(&app, &token("bob"), "Bob's secret").await;
-    let (server, tok) = (app.http(""), t.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(format!("{dir}/studio.mjs"))
-            .env("SERVER", server.trim_end_matches('/'))
-            .env("TOKEN", tok)
-            .env("OTHER", other.name)
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "browser run failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let server = app.http("");
+    let env = [
+        ("SERVER", server.as_str()),
+        ("TOKEN", t.as_str()),
+        ("OTHER", other.name.as_str()),
+    ];
+    let seen = Page::start("studio.mjs", &env).seen().await;
     let url = seen["urlAfterLink"].as_str().unwrap();
     assert!(!url.contains("token"), "the fragment is removed: {url}");
     assert_eq!(seen["stored"], t.as_str(), "kept in sessionStorage");
@@ -188,11 +223,6 @@ fn studio_worker(app: &TestApp) -> tokio::task::JoinHandle<()> {
 
 #[tokio::test]
 async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
-    assert!(
-        std::path::Path::new(&format!("{dir}/node_modules/playwright-core")).exists(),
-        "playwright-core missing: run scripts/test.sh, which installs it"
-    );
     let app = TestApp::spawn().await;
     let t = token("alice");
     let p = create_project(&app, &t, "Launch film").await;
@@ -238,28 +268,16 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
     })
     .await;
 
-    let (server, tok, project) = (app.http(""), t.clone(), p.name.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(format!("{dir}/studio_jobs.mjs"))
-            .env("SERVER", server.trim_end_matches('/'))
-            .env("TOKEN", tok)
-            .env("PROJECT", project)
-            .env("PNG", PIXEL)
-            .env("SHOTS", concat!(env!("CARGO_MANIFEST_DIR"), "/target"))
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let server = app.http("");
+    let env = [
+        ("SERVER", server.as_str()),
+        ("TOKEN", t.as_str()),
+        ("PROJECT", p.name.as_str()),
+        ("PNG", PIXEL),
+        ("SHOTS", concat!(env!("CARGO_MANIFEST_DIR"), "/target")),
+    ];
+    let seen = Page::start("studio_jobs.mjs", &env).seen().await;
     worker.abort();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "browser run failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(seen["title"], "Launch film");
     assert!(
         seen["inputError"].as_str().unwrap().starts_with("Input:"),
@@ -377,7 +395,6 @@ const PIXEL: &str =
 async fn a_browser_shows_one_job_live_with_its_timeline_result_and_output() {
     use base64::Engine;
     use sha2::Digest;
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
     let app = TestApp::spawn().await;
     let t = token("alice");
     let p = create_project(&app, &t, "Posters").await;
@@ -441,9 +458,16 @@ async fn a_browser_shows_one_job_live_with_its_timeline_result_and_output() {
         .unwrap()
         .into_inner();
 
+    let server = app.http("");
+    let env = [
+        ("SERVER", server.as_str()),
+        ("TOKEN", t.as_str()),
+        ("JOB", job.name.as_str()),
+    ];
+    let mut page = Page::start("studio_job.mjs", &env);
     // `mediaplane worker` running a shell command starts once the page follows the job,
     // so the page sees every change.
-    let (opened, open) = tokio::sync::oneshot::channel::<()>();
+    page.until("open").await;
     let script = format!(
         "echo PROGRESS 30 sketch; sleep 0.6; echo PROGRESS 70 color; sleep 0.6; \
          echo 'RESULT {{\"frames\": 24}}'; echo OUTPUT {}",
@@ -451,35 +475,9 @@ async fn a_browser_shows_one_job_live_with_its_timeline_result_and_output() {
     );
     let mut worker_cmd = runtime(&app, "poster", &script);
     worker_cmd.args(["--max-jobs", "1"]);
-    let worker = tokio::spawn(async move {
-        open.await.expect("the page opened");
-        let status = worker_cmd.status().await.unwrap();
-        assert!(status.success());
-    });
-    let mut node = tokio::process::Command::new("node")
-        .arg(format!("{dir}/studio_job.mjs"))
-        .env("SERVER", app.http("").trim_end_matches('/'))
-        .env("TOKEN", &t)
-        .env("JOB", &job.name)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines =
-        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(node.stdout.take().unwrap()));
-    let mut opened = Some(opened);
-    let mut last = String::new();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if line == "open" {
-            let _ = opened.take().map(|o| o.send(()));
-        } else {
-            last = line;
-        }
-    }
-    let status = node.wait().await.unwrap();
-    assert!(status.success(), "browser run failed: {last}");
-    worker.await.unwrap();
-    let seen: serde_json::Value = serde_json::from_str(&last).unwrap();
+    let status = worker_cmd.status().await.unwrap();
+    assert!(status.success());
+    let seen = page.seen().await;
     assert_eq!(seen["first"], "QUEUED", "{seen}");
     let steps: Vec<&str> = seen["steps"]
         .as_array()
@@ -521,7 +519,6 @@ async fn a_browser_shows_one_job_live_with_its_timeline_result_and_output() {
 
 #[tokio::test]
 async fn a_dropped_connection_resumes_without_a_lost_update() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
     let app = TestApp::spawn().await;
     let t = token("alice");
     let p = create_project(&app, &t, "Reels").await;
@@ -540,26 +537,14 @@ async fn a_dropped_connection_resumes_without_a_lost_update() {
         .into_inner();
     // The browser reaches the server through a proxy the test can cut.
     let proxy = ChaosProxy::start(Box::leak(app.addr.to_string().into_boxed_str())).await;
-    let mut node = tokio::process::Command::new("node")
-        .arg(format!("{dir}/studio_resume.mjs"))
-        .env("SERVER", format!("http://{}", proxy.addr))
-        .env("TOKEN", &t)
-        .env("JOB", &job.name)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines =
-        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(node.stdout.take().unwrap()));
-    let mut until = async |want: &str| {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.starts_with(want) {
-                return line;
-            }
-        }
-        panic!("the page ended before `{want}`");
-    };
-    until("open").await;
+    let server = format!("http://{}", proxy.addr);
+    let env = [
+        ("SERVER", server.as_str()),
+        ("TOKEN", t.as_str()),
+        ("JOB", job.name.as_str()),
+    ];
+    let mut page = Page::start("studio_resume.mjs", &env);
+    page.until("open").await;
 
     let mut c = app.jobs(&token_with("gpu", &["worker"], Duration::from_secs(600)));
     let leased = c
@@ -586,15 +571,15 @@ async fn a_dropped_connection_resumes_without_a_lost_update() {
         message: String::new(),
     };
     c.report_progress(report(20, "cut")).await.unwrap();
-    until("step cut").await;
+    page.until("step cut").await;
     // Cut: the page's stream drops; two updates happen while it is away.
     proxy.cut().await;
-    until("live reconnecting").await;
+    page.until("live reconnecting").await;
     c.report_progress(report(40, "missed-one")).await.unwrap();
     c.report_progress(report(60, "missed-two")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.restore();
-    until("step missed-two").await;
+    page.until("step missed-two").await;
     c.complete_job(pb::CompleteJobRequest {
         name: job.name.clone(),
         lease_id: leased.lease_id,
@@ -603,15 +588,7 @@ async fn a_dropped_connection_resumes_without_a_lost_update() {
     })
     .await
     .unwrap();
-    let mut last = String::new();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        last = line;
-    }
-    assert!(
-        node.wait().await.unwrap().success(),
-        "browser run failed: {last}"
-    );
-    let seen: serde_json::Value = serde_json::from_str(&last).unwrap();
+    let seen = page.seen().await;
     let timeline = seen["timeline"].to_string();
     for step in ["20% cut", "40% missed-one", "60% missed-two", "SUCCEEDED"] {
         assert!(timeline.contains(step), "{step} in {timeline}");

@@ -1,7 +1,7 @@
 // Builds the page, serves it, drives it in headless Chromium and checks what it shows.
 // Env: SERVER (mediaplane URL), TOKEN, PORT (where to serve the page), SCREENSHOT.
 import { build } from "esbuild";
-import { chromium } from "playwright-core";
+import { launch } from "./harness.mjs";
 import http from "node:http";
 import fs from "node:fs";
 import path from "node:path";
@@ -21,10 +21,7 @@ const site = http.createServer((req, res) => {
 });
 await new Promise((ok) => site.listen(Number(PORT), "127.0.0.1", ok));
 
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 let failed = false;
 try {
   const page = await browser.newPage();

@@ -3,19 +3,11 @@
 // dialog), sign-out and sign-in by form, a refused token, another user's project
 // refused. Prints what it saw as JSON. Env: SERVER (mediaplane URL), TOKEN, OTHER (a
 // project of another user).
-import { chromium } from "playwright-core";
+import { drive } from "./harness.mjs";
 
 const { SERVER, TOKEN, OTHER } = process.env;
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
-const seen = { elsewhere: [], pageErrors: [], dialogs: [] };
-let failed = false;
-try {
-  const page = await browser.newPage();
-  page.on("console", (m) => console.error(`page: ${m.text()}`));
-  page.on("pageerror", (e) => seen.pageErrors.push(String(e)));
+const seen = { elsewhere: [], dialogs: [] };
+await drive(seen, async (page) => {
   page.on("request", (r) => {
     if (!r.url().startsWith(SERVER)) seen.elsewhere.push(r.url());
   });
@@ -97,11 +89,4 @@ try {
   await page.waitForFunction(() => document.getElementById("status").textContent.includes("NOT_FOUND"));
   seen.other = await page.textContent("#status");
   seen.otherTitle = await page.textContent("#jobs-title");
-} catch (e) {
-  console.error(String(e));
-  failed = true;
-} finally {
-  await browser.close();
-}
-console.log(JSON.stringify(seen));
-process.exit(failed ? 1 : 0);
+});

@@ -3,13 +3,10 @@
 // (`current_step`) first shows in a row, by the page's own clock, and how busy the
 // main thread was (Chromium's TaskDuration). Env: SERVER, TOKEN, PROJECT, RUN_SECS.
 // Prints `ready` once the table is loaded, then JSON.
-import { chromium } from "playwright-core";
+import { launch } from "./harness.mjs";
 
 const { SERVER, TOKEN, PROJECT, RUN_SECS } = process.env;
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
 const cdp = await page.context().newCDPSession(page);
 await cdp.send("Performance.enable");

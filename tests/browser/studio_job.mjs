@@ -2,19 +2,11 @@
 // progress arrives live, the timeline lists its events, the result shows as JSON and
 // the output image loads through a signed URL. Env: SERVER, TOKEN, JOB. Prints `open`
 // once it follows the job (the test's worker waits for it), then what it saw as JSON.
-import { chromium } from "playwright-core";
+import { drive } from "./harness.mjs";
 
 const { SERVER, TOKEN, JOB } = process.env;
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
-const seen = { pageErrors: [], steps: [] };
-let failed = false;
-try {
-  const page = await browser.newPage();
-  page.on("pageerror", (e) => seen.pageErrors.push(String(e)));
-  page.on("console", (m) => console.error(`page: ${m.text()}`));
+const seen = { steps: [] };
+await drive(seen, async (page) => {
   await page.goto(`${SERVER}/?job=${encodeURIComponent(JOB)}#token=${encodeURIComponent(TOKEN)}`);
   await page.waitForSelector("#job:not([hidden])");
   await page.waitForFunction(() => document.getElementById("job-live").dataset.state === "live");
@@ -39,11 +31,4 @@ try {
   seen.input = JSON.parse(await page.textContent("#job-input-json"));
   seen.output = await page.textContent("#job-outputs");
   seen.back = await page.getAttribute("#job-back", "href");
-} catch (e) {
-  console.error(String(e));
-  failed = true;
-} finally {
-  await browser.close();
-}
-console.log(JSON.stringify(seen));
-process.exit(failed ? 1 : 0);
+});

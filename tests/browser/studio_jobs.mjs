@@ -5,25 +5,17 @@
 // Assets: one dropped on the drop zone, one chosen with the file picker; the preview
 // and the download go through signed URLs.
 // Env: SERVER, TOKEN, PROJECT, PNG (base64). Prints what it saw as JSON.
-import { chromium } from "playwright-core";
+import { drive } from "./harness.mjs";
 
 const { SERVER, TOKEN, PROJECT, PNG } = process.env;
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
-const seen = { pageErrors: [] };
-let failed = false;
+const seen = {};
 const row = (page, kind, state) =>
   page.waitForFunction(
     ([k, s]) => [...document.querySelectorAll("#job-rows tr")].some((r) => r.children[2].textContent === k && r.dataset.state === s),
     [kind, state],
     { timeout: 20000 },
   );
-try {
-  const page = await browser.newPage();
-  page.on("pageerror", (e) => seen.pageErrors.push(String(e)));
-  page.on("console", (m) => console.error(`page: ${m.text()}`));
+await drive(seen, async (page) => {
   await page.goto(`${SERVER}/?project=${encodeURIComponent(PROJECT)}#token=${encodeURIComponent(TOKEN)}`);
   await page.waitForSelector("#jobs:not([hidden])");
   await page.waitForFunction(() => document.getElementById("live").dataset.state === "live");
@@ -106,11 +98,4 @@ try {
     const link = [...document.querySelectorAll("#asset-list a")].find((a) => a.textContent === "notes.txt");
     return await (await fetch(link.href)).text();
   });
-} catch (e) {
-  console.error(String(e));
-  failed = true;
-} finally {
-  await browser.close();
-}
-console.log(JSON.stringify(seen));
-process.exit(failed ? 1 : 0);
+});

@@ -2,18 +2,11 @@
 // and the server) while the job moves on, and the page must resume with
 // Last-Event-ID and show every update it missed. Env: SERVER (the proxy), TOKEN, JOB.
 // Prints `open`, then `step <text>` and `live <state>` as they change, then JSON.
-import { chromium } from "playwright-core";
+import { drive } from "./harness.mjs";
 
 const { SERVER, TOKEN, JOB } = process.env;
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
-const seen = { pageErrors: [], live: [] };
-let failed = false;
-try {
-  const page = await browser.newPage();
-  page.on("pageerror", (e) => seen.pageErrors.push(String(e)));
+const seen = { live: [] };
+await drive(seen, async (page) => {
   await page.exposeFunction("report", (line) => {
     if (line.startsWith("live ")) seen.live.push(line.slice(5));
     console.log(line);
@@ -31,11 +24,4 @@ try {
   console.log("open");
   await page.waitForFunction(() => document.getElementById("job-state").textContent === "SUCCEEDED", null, { timeout: 40000 });
   seen.timeline = await page.$$eval("#job-timeline li", (lis) => lis.map((li) => li.textContent.replace(/^\S+ (AM|PM)? ?/, "")));
-} catch (e) {
-  console.error(String(e));
-  failed = true;
-} finally {
-  await browser.close();
-}
-console.log(JSON.stringify(seen));
-process.exit(failed ? 1 : 0);
+});
