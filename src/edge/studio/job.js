@@ -1,8 +1,8 @@
 // One job: its progress live (WatchJob over SSE), a timeline of its events (stored
 // events replayed from its creation while they are kept), each attempt's error,
 // input and result as JSON, and its output assets with previews.
-import { call, watch } from "./api.js";
-import { $, assetItem, el, failed, say } from "./ui.js";
+import { call } from "./api.js";
+import { $, assetItem, el, failed, follow } from "./ui.js";
 
 let stream = null;
 
@@ -16,31 +16,15 @@ export async function openJob(name) {
   render(job);
   closeJob();
   // After sequence 1 (its creation): every stored event since, then each new one.
-  stream = watch(`/v1/${name}:watch`, { afterSequence: 1 });
-  stream.onopen = () => live("live");
-  stream.onerror = () => live(stream?.readyState === EventSource.CLOSED ? "closed" : "reconnecting…");
-  stream.onmessage = (m) => {
-    const event = JSON.parse(m.data);
-    if (!event.job) return;
+  stream = follow(`/v1/${name}:watch`, { afterSequence: 1 }, $("job-live"), (event) => {
     render(event.job);
     $("job-timeline").append(describe(event));
-  };
-  stream.addEventListener("status", (m) => {
-    const status = JSON.parse(m.data);
-    stream.close();
-    live(status.code === 200 ? "ended" : "closed");
-    if (status.code !== 200) say(`${status.status}: ${status.message}`, true);
   });
 }
 
 export function closeJob() {
   stream?.close();
   stream = null;
-}
-
-function live(state) {
-  $("job-live").textContent = state;
-  $("job-live").dataset.state = state;
 }
 
 function entry(time, what, detail) {

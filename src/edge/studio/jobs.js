@@ -1,8 +1,8 @@
 // A project's jobs, live: WatchJobs over SSE (resumed with Last-Event-ID when the
 // connection drops), filters kept in the URL, jobs created, cancelled and retried one
 // by one or on a selection.
-import { ApiError, call, watch } from "./api.js";
-import { $, age, el, failed, say } from "./ui.js";
+import { ApiError, call } from "./api.js";
+import { $, age, el, failed, follow, say } from "./ui.js";
 
 let project = "";
 let stream = null;
@@ -18,7 +18,7 @@ export async function openJobs(name) {
   $("filter-state").value = q.get("state") ?? "";
   $("filter-kind").value = q.get("kind") ?? "";
   $("filter-label").value = q.get("label") ?? "";
-  follow();
+  subscribe();
 }
 
 // Ages move on without events: refresh them every few seconds.
@@ -54,7 +54,7 @@ function filter() {
   return parts.join(" AND ");
 }
 
-function follow() {
+function subscribe() {
   closeJobs();
   draw();
   for (const id of ["filter-kind", "filter-label"]) {
@@ -63,30 +63,12 @@ function follow() {
       return;
     }
   }
-  live("connecting…");
-  stream = watch(`/v1/${project}/jobs:watch`, { filter: filter() });
-  stream.onopen = () => live("live");
-  stream.onerror = () => live(stream?.readyState === EventSource.CLOSED ? "closed" : "reconnecting…");
-  stream.onmessage = (m) => {
-    const event = JSON.parse(m.data);
-    if (!event.job) return;
+  // WatchJobs never ends OK; an error (the project deleted, a bad filter) is final.
+  stream = follow(`/v1/${project}/jobs:watch`, { filter: filter() }, $("live"), (event) => {
     jobs.set(event.job.name, event.job);
     changed.add(event.job.name);
     redraw();
-  };
-  // The stream's end: OK never comes for WatchJobs; an error (the project deleted, a
-  // bad filter) is final, so stop the browser reconnecting.
-  stream.addEventListener("status", (m) => {
-    const status = JSON.parse(m.data);
-    stream.close();
-    live("closed");
-    if (status.code !== 200) say(`${status.status}: ${status.message}`, true);
   });
-}
-
-function live(state) {
-  $("live").textContent = state;
-  $("live").dataset.state = state;
 }
 
 // Many events can arrive in one frame: draw once per frame, rebuilding only the rows
@@ -194,7 +176,7 @@ $("job-filters").addEventListener("change", () => {
     if (v) q.set(key, v);
   }
   history.replaceState(null, "", `?${q}`);
-  follow();
+  subscribe();
 });
 $("job-filters").addEventListener("submit", (event) => event.preventDefault());
 $("cancel-selected").addEventListener("click", () => bulk("cancel", (s) => s === "QUEUED" || s === "RUNNING"));

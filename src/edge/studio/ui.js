@@ -1,6 +1,6 @@
 // What every view uses: lookups, element building (text only: nothing from the
 // server is ever parsed as HTML), the status line, and errors.
-import { ApiError, token } from "./api.js";
+import { ApiError, token, watch } from "./api.js";
 
 export const $ = (id) => document.getElementById(id);
 
@@ -64,4 +64,30 @@ export function size(bytes) {
     i += 1;
   }
   return `${v.toFixed(1)} ${units[i]}`;
+}
+
+/// Follows the watch route `path`: `onEvent` gets each event that carries a job, and
+/// `indicator` shows the connection (connecting…, live, reconnecting…, ended, closed).
+/// The stream's final status ends it, since the browser would otherwise reconnect;
+/// an error status is shown.
+export function follow(path, query, indicator, onEvent) {
+  const show = (state) => {
+    indicator.textContent = state;
+    indicator.dataset.state = state;
+  };
+  show("connecting…");
+  const stream = watch(path, query);
+  stream.onopen = () => show("live");
+  stream.onerror = () => show(stream.readyState === EventSource.CLOSED ? "closed" : "reconnecting…");
+  stream.onmessage = (m) => {
+    const event = JSON.parse(m.data);
+    if (event.job) onEvent(event);
+  };
+  stream.addEventListener("status", (m) => {
+    const status = JSON.parse(m.data);
+    stream.close();
+    show(status.code === 200 ? "ended" : "closed");
+    if (status.code !== 200) say(`${status.status}: ${status.message}`, true);
+  });
+  return stream;
 }
