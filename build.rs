@@ -9,6 +9,7 @@ const FILES: &[&str] = &[
     "mediaplane/v1/projects.proto",
     "mediaplane/v1/jobs.proto",
     "mediaplane/v1/assets.proto",
+    "mediaplane/v1/queues.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

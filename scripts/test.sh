@@ -67,7 +67,12 @@ if ! diff -u src/db/schema.rs target/schema.generated.rs; then
   echo "src/db/schema.rs drifted from migrations/: run 'diesel print-schema > src/db/schema.rs'"
   exit 1
 fi
-diesel migration redo --all --locked-schema --database-url "$SCRATCH_URL" >/dev/null
+# Revert and re-apply as two commands: `redo --all` runs everything in one transaction,
+# where a new enum value (job_state's `waiting`) cannot be used by the next migration.
+# A config without print_schema keeps diesel from rewriting schema.rs in between.
+printf '[migrations_directory]\ndir = "%s/migrations"\n' "$PWD" > target/diesel-check.toml
+diesel migration revert --all --config-file target/diesel-check.toml --database-url "$SCRATCH_URL" >/dev/null
+diesel migration run --config-file target/diesel-check.toml --database-url "$SCRATCH_URL" >/dev/null
 echo "schema.rs up to date; every migration reverts and re-applies"
 cleanup
 

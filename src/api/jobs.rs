@@ -15,7 +15,7 @@ use crate::{
     domain::job::Fenced,
     domain::{
         Violations,
-        job::{self, JobError, JobFilter, NewJob},
+        job::{self, Dependency, DependencyScope, JobError, JobFilter, NewJob},
         names::{AssetName, JobName, ProjectName},
         page, text,
     },
@@ -84,7 +84,12 @@ fn require_worker(caller: &Caller) -> Result<(), Status> {
 }
 
 /// Validates a CreateJobRequest's job; field names get `prefix` (`job.`, `requests[3].job.`).
-fn new_job(job: Option<pb::Job>, prefix: &str, v: &mut Violations) -> NewJob {
+fn new_job(
+    job: Option<pb::Job>,
+    prefix: &str,
+    scope: &DependencyScope<'_>,
+    v: &mut Violations,
+) -> NewJob {
     let Some(job) = job else {
         v.add(prefix.trim_end_matches('.'), "required");
         return NewJob {
@@ -94,8 +99,19 @@ fn new_job(job: Option<pb::Job>, prefix: &str, v: &mut Violations) -> NewJob {
             priority: 0,
             max_attempts: 1,
             schedule_time: None,
+            depends_on: Vec::new(),
+            run_anyway: false,
+            concurrency_key: String::new(),
         };
     };
+    let mut depends_on = Vec::with_capacity(job.depends_on.len());
+    for (i, entry) in job.depends_on.iter().enumerate() {
+        match Dependency::parse(entry, scope) {
+            Ok(d) if !depends_on.contains(&d) => depends_on.push(d),
+            Ok(_) => {}
+            Err(why) => v.add(format!("{prefix}depends_on[{i}]"), why),
+        }
+    }
     let input = match job.input.map(struct_to_json).transpose() {
         Ok(i) => i.unwrap_or_default(),
         Err(why) => {
@@ -124,6 +140,9 @@ fn new_job(job: Option<pb::Job>, prefix: &str, v: &mut Violations) -> NewJob {
             job.max_attempts
         },
         schedule_time,
+        depends_on,
+        run_anyway: job.run_anyway,
+        concurrency_key: job.concurrency_key,
     };
     new.validate(prefix, v);
     new
@@ -215,10 +234,16 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             parent,
             job,
             request_id: rid,
+            // Only BatchCreateJobs resolves keys.
+            key: _,
         } = request.into_inner();
         let project = ProjectName::parse("parent", &parent)?;
         let mut v = Violations::default();
-        let new = new_job(job, "job.", &mut v);
+        let scope = DependencyScope {
+            project: project.0,
+            batch: None,
+        };
+        let new = new_job(job, "job.", &scope, &mut v);
         let rid = request_id(rid, "request_id", &mut v);
         let new = v.into_result(new)?;
         self.admit_jobs(&caller, 1).await?;
@@ -260,6 +285,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             );
         }
         let mut jobs = Vec::with_capacity(requests.len());
+        let mut keys = std::collections::HashMap::new();
         for (i, r) in requests.into_iter().enumerate() {
             if !r.parent.is_empty() && r.parent != parent {
                 v.add(
@@ -267,7 +293,21 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                     "must be empty or equal to the batch's parent",
                 );
             }
-            let new = new_job(r.job, &format!("requests[{i}].job."), &mut v);
+            let scope = DependencyScope {
+                project: project.0,
+                batch: Some((i, &keys)),
+            };
+            let new = new_job(r.job, &format!("requests[{i}].job."), &scope, &mut v);
+            if !r.key.is_empty() {
+                if !crate::domain::labels::valid_key(&r.key) {
+                    v.add(
+                        format!("requests[{i}].key"),
+                        "1 to 63 lowercase letters, digits, `_` or `-`, starting with a letter",
+                    );
+                } else if keys.insert(r.key.clone(), i).is_some() {
+                    v.add(format!("requests[{i}].key"), "used by an earlier request of the batch");
+                }
+            }
             let rid = request_id(r.request_id, &format!("requests[{i}].request_id"), &mut v);
             jobs.push((new, rid));
         }
@@ -452,16 +492,34 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             .await?;
         let leases: Vec<(uuid::Uuid, Option<uuid::Uuid>)> =
             jobs.iter().map(|j| (j.id, j.lease_id)).collect();
+        // Their dependencies as they ended, read once for all of them.
+        let dependencies = self.engine.dependencies_of(&jobs).await?;
         let mut jobs: Vec<pb::LeasedJob> = jobs
             .into_iter()
-            .map(|j| pb::LeasedJob {
-                lease_id: j
-                    .lease_id
-                    .map(|l| self.engine.settings.leases.seal(&caller.sub, l).to_string())
-                    .unwrap_or_default(),
-                lease_expire_time: j.lease_expire_time.map(crate::convert::timestamp),
-                traceparent: j.traceparent.clone().unwrap_or_default(),
-                job: Some(j.into()),
+            .map(|j| {
+                let mut leased = pb::LeasedJob {
+                    lease_id: j
+                        .lease_id
+                        .map(|l| self.engine.settings.leases.seal(&caller.sub, l).to_string())
+                        .unwrap_or_default(),
+                    lease_expire_time: j.lease_expire_time.map(crate::convert::timestamp),
+                    traceparent: j.traceparent.clone().unwrap_or_default(),
+                    dependencies: j
+                        .depends_on
+                        .iter()
+                        .filter_map(|d| dependencies.get(d).cloned().map(Into::into))
+                        .collect(),
+                    job: None,
+                };
+                leased.job = Some(j.into());
+                // Results too large to come along (100 dependencies of 256 KiB each):
+                // names, states and outputs only; the worker reads results with GetJob.
+                if prost::Message::encoded_len(&leased) > self.page_budget {
+                    for d in &mut leased.dependencies {
+                        d.result = None;
+                    }
+                }
+                leased
             })
             .collect();
         // Jobs with large inputs: as many as one response holds; the rest go back to the

@@ -52,6 +52,7 @@ pub enum JobsCommand {
 fn state_name(state: i32) -> &'static str {
     match State::try_from(state).unwrap_or(State::Unspecified) {
         State::Unspecified => "UNKNOWN",
+        State::Waiting => "WAITING",
         State::Queued => "QUEUED",
         State::Running => "RUNNING",
         State::Succeeded => "SUCCEEDED",
@@ -88,6 +89,7 @@ pub async fn run(command: JobsCommand) -> anyhow::Result<ExitCode> {
                     parent: project,
                     job: Some(job),
                     request_id: uuid::Uuid::new_v4().to_string(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?

@@ -18,6 +18,7 @@ impl From<JobState> for pb::job::State {
     fn from(s: JobState) -> Self {
         use JobState as S;
         match s {
+            S::Waiting => Self::Waiting,
             S::Queued => Self::Queued,
             S::Running => Self::Running,
             S::Succeeded => Self::Succeeded,
@@ -59,6 +60,10 @@ impl From<Job> for pb::Job {
             update_time,
             // Workers get it with their lease (LeasedJob), not every reader.
             traceparent: _,
+            depends_on,
+            run_anyway,
+            has_dependents: _,
+            concurrency_key,
         } = j;
         Self {
             name: JobName {
@@ -88,6 +93,36 @@ impl From<Job> for pb::Job {
             start_time: start_time.map(timestamp),
             end_time: end_time.map(timestamp),
             update_time: Some(timestamp(update_time)),
+            depends_on: depends_on
+                .into_iter()
+                .map(|job| {
+                    JobName {
+                        project: project_id,
+                        job,
+                    }
+                    .to_string()
+                })
+                .collect(),
+            run_anyway,
+            concurrency_key,
+        }
+    }
+}
+
+/// A leased job's dependency as its worker gets it.
+impl From<Job> for pb::Dependency {
+    fn from(j: Job) -> Self {
+        let name = crate::domain::names::JobName {
+            project: j.project_id,
+            job: j.id,
+        };
+        Self {
+            name: name.to_string(),
+            kind: j.kind,
+            state: pb::job::State::from(j.state) as i32,
+            result: j.result.map(json_to_struct),
+            output_assets: j.output_assets,
+            error: j.error.map(job_error),
         }
     }
 }
@@ -96,6 +131,7 @@ impl From<Job> for pb::Job {
 pub fn state_of(s: pb::job::State) -> Option<JobState> {
     Some(match s {
         pb::job::State::Unspecified => return None,
+        pb::job::State::Waiting => JobState::Waiting,
         pb::job::State::Queued => JobState::Queued,
         pb::job::State::Running => JobState::Running,
         pb::job::State::Succeeded => JobState::Succeeded,

@@ -100,6 +100,12 @@ diesel::table! {
         update_time -> Timestamptz,
         last_event -> Int2,
         traceparent -> Nullable<Text>,
+        depends_on -> Array<Nullable<Uuid>>,
+        run_anyway -> Bool,
+        has_dependents -> Bool,
+        cancelled_by -> Nullable<Uuid>,
+        concurrency_key -> Text,
+        fair_seq -> Int8,
     }
 }
 
@@ -127,6 +133,23 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    queues (kind) {
+        kind -> Text,
+        paused -> Bool,
+        max_running -> Nullable<Int4>,
+        max_running_per_key -> Nullable<Int4>,
+        rate_jobs -> Nullable<Int4>,
+        rate_interval_ms -> Nullable<Int8>,
+        rate_tokens -> Float8,
+        rate_time -> Nullable<Timestamptz>,
+        restricted -> Nullable<Bool>,
+        revision -> Int8,
+        create_time -> Timestamptz,
+        update_time -> Timestamptz,
+    }
+}
+
 diesel::joinable!(assets -> jobs (source_job));
 diesel::joinable!(assets -> projects (project_id));
 diesel::joinable!(direct_uploads -> assets (asset_id));
@@ -139,4 +162,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     jobs,
     object_gc,
     projects,
+    queues,
 );

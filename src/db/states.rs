@@ -50,6 +50,14 @@ macro_rules! pg_enum {
             }
         }
 
+        impl<'a> AsExpression<$sql> for &'a $state {
+            type Expression = <$bind as AsExpression<$sql>>::Expression;
+
+            fn as_expression(self) -> Self::Expression {
+                AsExpression::<$sql>::as_expression($bind(*self))
+            }
+        }
+
         impl Queryable<$sql, Pg> for $state {
             type Row = Self;
 

@@ -23,9 +23,15 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Longest delay a worker may ask for before a retry.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 86400);
 
-/// QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED, and RUNNING -> QUEUED on a retry.
+/// Most dependencies a job may have.
+pub const MAX_DEPENDENCIES: usize = 100;
+pub const MAX_CONCURRENCY_KEY: usize = 128;
+
+/// [WAITING ->] QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED, and RUNNING ->
+/// QUEUED on a retry. WAITING: some dependency has not succeeded yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobState {
+    Waiting,
     Queued,
     Running,
     Succeeded,
@@ -40,6 +46,7 @@ impl JobState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Waiting => "waiting",
             Self::Queued => "queued",
             Self::Running => "running",
             Self::Succeeded => "succeeded",
@@ -51,6 +58,7 @@ impl JobState {
     /// From a filter value: `RUNNING`, `running`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.to_ascii_lowercase().as_str() {
+            "waiting" => Self::Waiting,
             "queued" => Self::Queued,
             "running" => Self::Running,
             "succeeded" => Self::Succeeded,
@@ -99,6 +107,12 @@ pub struct Job {
     pub update_time: DateTime<Utc>,
     /// W3C trace context of the call that created the job.
     pub traceparent: Option<String>,
+    /// Jobs of the same project this one waits for.
+    pub depends_on: Vec<Uuid>,
+    pub run_anyway: bool,
+    /// Some job depended on this one while it was unfinished: its end settles them.
+    pub has_dependents: bool,
+    pub concurrency_key: String,
 }
 
 /// What a client may set when creating a job, validated.
@@ -110,6 +124,56 @@ pub struct NewJob {
     pub priority: i32,
     pub max_attempts: i32,
     pub schedule_time: Option<DateTime<Utc>>,
+    pub depends_on: Vec<Dependency>,
+    pub run_anyway: bool,
+    pub concurrency_key: String,
+}
+
+/// A dependency as a create names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Dependency {
+    /// An existing job of the same project.
+    Job(Uuid),
+    /// An earlier job of the same BatchCreateJobs call, by position.
+    Batch(usize),
+}
+
+/// Where a create stands, for resolving `depends_on`: the project, and in a batch the
+/// request's position and the keys of the requests before it.
+pub struct DependencyScope<'a> {
+    pub project: Uuid,
+    /// `None` outside BatchCreateJobs.
+    pub batch: Option<(usize, &'a std::collections::HashMap<String, usize>)>,
+}
+
+impl Dependency {
+    /// One `depends_on` entry: a job name of the same project, or in a batch `@key` /
+    /// `@index` naming an earlier request (so a batch can never hold a cycle).
+    pub fn parse(entry: &str, scope: &DependencyScope<'_>) -> Result<Self, String> {
+        let Some(reference) = entry.strip_prefix('@') else {
+            let name = super::names::JobName::parse("depends_on", entry)
+                .map_err(|_| "expected a job name (projects/{project}/jobs/{job}) or, in BatchCreateJobs, @key or @index".to_owned())?;
+            if name.project != scope.project {
+                return Err("must be a job of the same project".into());
+            }
+            return Ok(Self::Job(name.job));
+        };
+        let Some((at, keys)) = scope.batch else {
+            return Err("`@` names a request of the same batch: only in BatchCreateJobs".into());
+        };
+        let index = if !reference.is_empty() && reference.bytes().all(|b| b.is_ascii_digit()) {
+            reference.parse::<usize>().ok()
+        } else {
+            keys.get(reference).copied()
+        };
+        match index {
+            Some(i) if i < at => Ok(Self::Batch(i)),
+            _ => Err(format!(
+                "`{}` names no earlier request of this batch (a job can depend only on requests before it)",
+                super::text::quote(entry)
+            )),
+        }
+    }
 }
 
 pub fn valid_kind(kind: &str) -> bool {
@@ -147,6 +211,20 @@ impl NewJob {
             );
         }
         labels::validate(&format!("{prefix}labels"), &self.labels, v);
+        if self.depends_on.len() > MAX_DEPENDENCIES {
+            v.add(
+                format!("{prefix}depends_on"),
+                format!("at most {MAX_DEPENDENCIES} dependencies"),
+            );
+        }
+        if self.concurrency_key.chars().count() > MAX_CONCURRENCY_KEY
+            || !super::text::storable(&self.concurrency_key)
+        {
+            v.add(
+                format!("{prefix}concurrency_key"),
+                format!("at most {MAX_CONCURRENCY_KEY} characters, without NUL"),
+            );
+        }
     }
 
     pub fn digest(&self) -> Vec<u8> {
@@ -206,6 +284,8 @@ pub fn after_failure(
 pub struct JobFilter {
     pub states: Vec<JobState>,
     pub kinds: Vec<String>,
+    /// `labels.KEY = "value"` terms: every one must hold.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl JobFilter {
@@ -218,7 +298,7 @@ impl JobFilter {
         for term in filter.split(" AND ") {
             let (field, value) = term.split_once('=').ok_or_else(|| {
                 format!(
-                    "unsupported term `{}`: expected state = STATE or kind = \"KIND\"",
+                    "unsupported term `{}`: expected state = STATE, kind = \"KIND\" or labels.KEY = \"VALUE\"",
                     super::text::quote(term.trim())
                 )
             })?;
@@ -235,9 +315,21 @@ impl JobFilter {
                         super::text::quote(value)
                     ));
                 }
+                field if field.starts_with("labels.") => {
+                    let key = &field["labels.".len()..];
+                    if !labels::valid_key(key) {
+                        return Err(format!("`{}` is not a label key", super::text::quote(key)));
+                    }
+                    if out.labels.insert(key.to_owned(), value.to_owned()).is_some() {
+                        return Err(format!(
+                            "label `{}` is named twice",
+                            super::text::quote(key)
+                        ));
+                    }
+                }
                 other => {
                     return Err(format!(
-                        "cannot filter on `{}`: use state or kind",
+                        "cannot filter on `{}`: use state, kind or labels.KEY",
                         super::text::quote(other)
                     ));
                 }
@@ -247,12 +339,19 @@ impl JobFilter {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.states.is_empty() && self.kinds.is_empty()
+        self.states.is_empty() && self.kinds.is_empty() && self.labels.is_empty()
     }
 
-    pub fn matches(&self, state: JobState, kind: &str) -> bool {
+    /// Whether a job in `state` of `kind` whose labels `label` reads matches.
+    pub fn matches<'a>(
+        &self,
+        state: JobState,
+        kind: &str,
+        label: impl Fn(&str) -> Option<&'a str>,
+    ) -> bool {
         (self.states.is_empty() || self.states.contains(&state))
             && (self.kinds.is_empty() || self.kinds.iter().any(|k| k == kind))
+            && self.labels.iter().all(|(k, v)| label(k) == Some(v.as_str()))
     }
 
     pub fn canonical(&self) -> String {
@@ -260,7 +359,8 @@ impl JobFilter {
         states.sort();
         let mut kinds = self.kinds.clone();
         kinds.sort();
-        format!("{}|{}", states.join(","), kinds.join(","))
+        let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{}|{}|{}", states.join(","), kinds.join(","), labels.join(","))
     }
 }
 
@@ -325,10 +425,40 @@ mod tests {
     }
 
     #[test]
+    fn dependencies() {
+        let project = Uuid::now_v7();
+        let keys: std::collections::HashMap<String, usize> = [("tts".to_owned(), 1)].into();
+        let in_batch = DependencyScope {
+            project,
+            batch: Some((2, &keys)),
+        };
+        let job = Uuid::now_v7();
+        assert_eq!(
+            Dependency::parse(&format!("projects/{project}/jobs/{job}"), &in_batch),
+            Ok(Dependency::Job(job))
+        );
+        assert_eq!(Dependency::parse("@tts", &in_batch), Ok(Dependency::Batch(1)));
+        assert_eq!(Dependency::parse("@0", &in_batch), Ok(Dependency::Batch(0)));
+        assert!(Dependency::parse("@2", &in_batch).is_err(), "itself");
+        assert!(Dependency::parse("@later", &in_batch).is_err());
+        let other = Uuid::now_v7();
+        assert!(Dependency::parse(&format!("projects/{other}/jobs/{job}"), &in_batch).is_err());
+        let alone = DependencyScope {
+            project,
+            batch: None,
+        };
+        assert!(Dependency::parse("@0", &alone).is_err());
+    }
+
+    #[test]
     fn filters() {
         let f = JobFilter::parse(r#"state = RUNNING AND kind = "render""#).unwrap();
-        assert!(f.matches(JobState::Running, "render"));
-        assert!(!f.matches(JobState::Queued, "render"));
+        assert!(f.matches(JobState::Running, "render", |_| None));
+        assert!(!f.matches(JobState::Queued, "render", |_| None));
+        let p = JobFilter::parse(r#"labels.pipeline = "post-42" AND state = WAITING"#).unwrap();
+        assert!(p.matches(JobState::Waiting, "tts", |k| (k == "pipeline").then_some("post-42")));
+        assert!(!p.matches(JobState::Waiting, "tts", |_| None));
+        assert!(JobFilter::parse(r#"labels.a = "1" AND labels.a = "2""#).is_err());
         assert!(JobFilter::parse("owner = x").is_err());
         assert!(valid_kind("render.4k") && !valid_kind("Render") && !valid_kind(""));
     }

@@ -5,6 +5,7 @@ pub mod labels;
 pub mod names;
 pub mod page;
 pub mod project;
+pub mod queue;
 pub mod text;
 
 /// Violations listed in one error at most. The details travel in a response header

@@ -8,8 +8,8 @@ use crate::{
     auth::Caller,
     db,
     domain::{
-        job::{Job, NewJob},
-        names::ProjectName,
+        job::{Dependency, Job, JobState, NewJob},
+        names::{JobName, ProjectName},
     },
     proto::v1::job_event::Type as EventType,
 };
@@ -47,7 +47,8 @@ impl Engine {
                 traceparent: traceparent.clone(),
             })
             .collect();
-        if let (Some(groups), [_]) = (&self.groups, calls.as_slice()) {
+        let pipeline = calls.iter().any(|c| !c.job.depends_on.is_empty());
+        if let (Some(groups), [_], false) = (&self.groups, calls.as_slice(), pipeline) {
             let call = calls
                 .into_iter()
                 .next()
@@ -87,6 +88,9 @@ impl Engine {
                                 job: &c.job,
                                 request_id: c.request_id.as_deref(),
                                 traceparent: c.traceparent.as_deref(),
+                                depends_on: &[],
+                                state: JobState::Queued,
+                                has_dependents: false,
                             });
                             slots.push(i);
                             results.push(None);
@@ -98,10 +102,12 @@ impl Engine {
                     }
                 }
                 let mut changes = Vec::new();
-                for (slot, outcome) in slots
-                    .into_iter()
-                    .zip(db::jobs::insert_many(conn, &inserts).await?)
-                {
+                let inserted = if calls.iter().any(|c| !c.job.depends_on.is_empty()) {
+                    insert_pipeline(conn, &inserts).await?
+                } else {
+                    db::jobs::insert_many(conn, &inserts).await?
+                };
+                for (slot, outcome) in slots.into_iter().zip(inserted) {
                     results[slot] = Some(outcome.map(|(job, fresh)| {
                         if fresh {
                             changes.push((job.clone(), EventType::Created));
@@ -170,4 +176,114 @@ impl Engine {
             )
             .collect())
     }
+}
+
+/// Inserts the jobs of a pipeline (one project; a job may depend on existing jobs and on
+/// earlier jobs of the same call) one at a time, in order, so each later job names the
+/// ids the earlier ones got (a repeated request id gives the first job's). Existing
+/// dependencies are locked FOR SHARE first: none can end before this transaction
+/// commits, and the one that ends them then sees these dependents. A job starts WAITING
+/// unless its dependencies are already done. Refusals (a dependency missing, or failed
+/// without `run_anyway`) fail the whole call.
+async fn insert_pipeline(
+    conn: &mut diesel_async::AsyncPgConnection,
+    inserts: &[db::jobs::Insert<'_>],
+) -> AppResult<Vec<AppResult<(Job, bool)>>> {
+    let Some(first) = inserts.first() else {
+        return Ok(Vec::new());
+    };
+    let project = first.project;
+    let mut existing: Vec<Uuid> = inserts
+        .iter()
+        .flat_map(|i| i.job.depends_on.iter())
+        .filter_map(|d| match d {
+            Dependency::Job(id) => Some(*id),
+            Dependency::Batch(_) => None,
+        })
+        .collect();
+    existing.sort_unstable();
+    existing.dedup();
+    let states = db::jobs::lock_dependencies(conn, project, &existing).await?;
+    if let Some(missing) = existing.iter().find(|id| !states.contains_key(id)) {
+        return Err(AppError::NotFound(format!(
+            "dependency {}",
+            JobName {
+                project,
+                job: *missing
+            }
+        )));
+    }
+    let unfinished: Vec<Uuid> = states
+        .iter()
+        .filter(|(_, (_, s))| !s.is_terminal())
+        .map(|(id, _)| *id)
+        .collect();
+    db::jobs::mark_has_dependents(conn, &unfinished).await?;
+    // Which jobs of the call a later one depends on.
+    let mut depended = vec![false; inserts.len()];
+    for i in inserts {
+        for d in &i.job.depends_on {
+            if let Dependency::Batch(j) = d
+                && let Some(flag) = depended.get_mut(*j)
+            {
+                *flag = true;
+            }
+        }
+    }
+    let mut out: Vec<AppResult<(Job, bool)>> = Vec::with_capacity(inserts.len());
+    let mut made: Vec<(Uuid, JobState)> = Vec::with_capacity(inserts.len());
+    for (n, i) in inserts.iter().enumerate() {
+        let mut ids = Vec::with_capacity(i.job.depends_on.len());
+        let mut ready = true;
+        for d in &i.job.depends_on {
+            let (id, state) = match d {
+                Dependency::Job(id) => (*id, states.get(id).map(|(_, s)| *s)),
+                Dependency::Batch(j) => match made.get(*j) {
+                    Some((id, state)) => (*id, Some(*state)),
+                    None => return Err(AppError::internal("a batch reference ahead of its job")),
+                },
+            };
+            let state = state.ok_or_else(|| AppError::internal("dependency without state"))?;
+            match state {
+                JobState::Succeeded => {}
+                JobState::Failed | JobState::Cancelled if i.job.run_anyway => {}
+                JobState::Failed | JobState::Cancelled => {
+                    return Err(AppError::FailedPrecondition(format!(
+                        "dependency {} is {}: retry it first, or set run_anyway",
+                        JobName { project, job: id },
+                        state.as_str().to_uppercase()
+                    )));
+                }
+                _ => ready = false,
+            }
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        let insert = db::jobs::Insert {
+            depends_on: &ids,
+            state: if ready {
+                JobState::Queued
+            } else {
+                JobState::Waiting
+            },
+            has_dependents: depended[n],
+            ..*i
+        };
+        let mut one = db::jobs::insert_many(conn, std::slice::from_ref(&insert)).await?;
+        let result = one
+            .pop()
+            .ok_or_else(|| AppError::internal("insert returned nothing"))?;
+        let (id, state) = match &result {
+            Ok((job, _)) => (job.id, job.state),
+            Err(_) => (Uuid::nil(), JobState::Queued),
+        };
+        // A replayed job that later jobs depend on: its end must settle them.
+        if depended[n] && let Ok((job, false)) = &result && !job.has_dependents {
+            db::jobs::mark_has_dependents(conn, &[job.id]).await?;
+        }
+        made.push((id, state));
+        out.push(result);
+    }
+    Ok(out)
 }

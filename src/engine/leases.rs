@@ -198,6 +198,25 @@ impl Engine {
         }
     }
 
+    /// The dependencies of `jobs` (leased), by id: what their workers get with them.
+    pub async fn dependencies_of(
+        &self,
+        jobs: &[Job],
+    ) -> AppResult<std::collections::HashMap<Uuid, Job>> {
+        let mut ids: Vec<Uuid> = jobs.iter().flat_map(|j| j.depends_on.iter().copied()).collect();
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let mut conn = self.conn().await?;
+        Ok(db::jobs::get_by_ids(&mut conn, &ids)
+            .await?
+            .into_iter()
+            .map(|j| (j.id, j))
+            .collect())
+    }
+
     /// Puts jobs that an AcquireJobs call leased but could not return back in the
     /// queue, the attempt not counted, and wakes workers for them.
     pub async fn release(&self, leases: &[(Uuid, Uuid)]) -> AppResult<()> {
@@ -411,6 +430,19 @@ impl Engine {
                         changes.push((job.clone(), ty));
                         Handled::Done(job)
                     }));
+                }
+                // Jobs that ended here release or cancel the jobs waiting on them, in
+                // this transaction.
+                let ended: Vec<Uuid> = changes
+                    .iter()
+                    .filter(|(j, _)| j.has_dependents && j.state.is_terminal())
+                    .map(|(j, _)| j.id)
+                    .collect();
+                for job in db::jobs::settle_dependents(conn, &ended).await? {
+                    if job.state == JobState::Queued {
+                        *kinds.entry(job.kind.clone()).or_default() += 1;
+                    }
+                    changes.push((job, EventType::StateChanged));
                 }
                 let published = to_publish(&changes);
                 Ok::<_, AppError>((results, published, kinds))

@@ -185,34 +185,45 @@ impl Engine {
     pub async fn cancel(&self, caller: &Caller, name: JobName) -> AppResult<Job> {
         let mut conn = self.conn().await?;
         let scope = caller.owner_scope().map(str::to_owned);
-        let (job, published) = conn
+        let (job, published, wake) = conn
             .transaction(async |conn| {
                 let job = db::jobs::lock(conn, scope.as_deref(), name.project, name.job)
                     .await?
                     .ok_or_else(|| AppError::NotFound(format!("job {name}")))?;
                 let (job, ty) = match job.state {
-                    JobState::Queued => (db::jobs::cancel_queued(conn, job.id).await?, EventType::StateChanged),
-                    JobState::Running if job.cancel_requested => return Ok((job, Vec::new())),
+                    JobState::Waiting | JobState::Queued => (db::jobs::cancel_queued(conn, job.id).await?, EventType::StateChanged),
+                    JobState::Running if job.cancel_requested => return Ok((job, Vec::new(), Wake::new())),
                     JobState::Running => (db::jobs::request_cancel(conn, job.id).await?, EventType::CancelRequested),
                     state => {
                         return Err(AppError::FailedPrecondition(format!(
-                            "job {name} is already {}; only QUEUED or RUNNING jobs can be cancelled",
+                            "job {name} is already {}; only WAITING, QUEUED or RUNNING jobs can be cancelled",
                             state.as_str().to_uppercase()
                         )));
                     }
                 };
-                let published = to_publish(&[(job.clone(), ty)]);
-                Ok((job, published))
+                // Its waiting dependents go with it: at once when it ended, and when it
+                // runs, now rather than when its worker stops (except those that run
+                // anyway, which wait for its end).
+                let dependents = match (job.has_dependents, job.state) {
+                    (false, _) => Vec::new(),
+                    (true, JobState::Cancelled) => db::jobs::settle_dependents(conn, &[job.id]).await?,
+                    (true, _) => db::jobs::cancel_dependents(conn, &[job.id]).await?,
+                };
+                let wake = wake_for(&dependents);
+                let mut changes = vec![(job.clone(), ty)];
+                changes.extend(dependents.into_iter().map(|j| (j, EventType::StateChanged)));
+                let published = to_publish(&changes);
+                Ok((job, published, wake))
             })
             .await?;
-        self.publish(published, Wake::new());
+        self.publish(published, wake);
         Ok(job)
     }
 
     pub async fn retry(&self, caller: &Caller, name: JobName) -> AppResult<Job> {
         let mut conn = self.conn().await?;
         let scope = caller.owner_scope().map(str::to_owned);
-        let (job, published) = conn
+        let (job, published, wake) = conn
             .transaction(async |conn| {
                 let job = db::jobs::lock(conn, scope.as_deref(), name.project, name.job)
                     .await?
@@ -223,12 +234,57 @@ impl Engine {
                         job.state.as_str().to_uppercase()
                     )));
                 }
-                let job = db::jobs::requeue(conn, job.id).await?;
-                let published = to_publish(&[(job.clone(), EventType::StateChanged)]);
-                Ok::<_, AppError>((job, published))
+                let state = dependencies_allow(conn, &job).await?;
+                let job = db::jobs::requeue(conn, job.id, state).await?;
+                let mut changes = vec![(job.clone(), EventType::StateChanged)];
+                if job.has_dependents {
+                    let rearmed = db::jobs::rearm_dependents(conn, job.id).await?;
+                    changes.extend(rearmed.into_iter().map(|j| (j, EventType::StateChanged)));
+                }
+                let wake = wake_for(changes.iter().map(|(j, _)| j));
+                let published = to_publish(&changes);
+                Ok::<_, AppError>((job, published, wake))
             })
             .await?;
-        self.publish(published, Wake::from([(job.kind.clone(), 1)]));
+        self.publish(published, wake);
         Ok(job)
     }
+}
+
+/// The state a retried job goes back to: QUEUED, or WAITING while a dependency is
+/// unfinished (marked so that its end settles this job). A dependency that failed
+/// refuses the retry (unless the job runs anyway): it would be cancelled again at once.
+async fn dependencies_allow(
+    conn: &mut diesel_async::AsyncPgConnection,
+    job: &Job,
+) -> AppResult<JobState> {
+    if job.depends_on.is_empty() {
+        return Ok(JobState::Queued);
+    }
+    let states = db::jobs::lock_dependencies(conn, job.project_id, &job.depends_on).await?;
+    let mut unfinished = Vec::new();
+    for (id, (_, state)) in &states {
+        match state {
+            JobState::Succeeded => {}
+            JobState::Failed | JobState::Cancelled if job.run_anyway => {}
+            JobState::Failed | JobState::Cancelled => {
+                return Err(AppError::FailedPrecondition(format!(
+                    "dependency {} is {}: retry it first",
+                    JobName {
+                        project: job.project_id,
+                        job: *id
+                    },
+                    state.as_str().to_uppercase()
+                )));
+            }
+            _ => unfinished.push(*id),
+        }
+    }
+    unfinished.sort_unstable();
+    db::jobs::mark_has_dependents(conn, &unfinished).await?;
+    Ok(if unfinished.is_empty() {
+        JobState::Queued
+    } else {
+        JobState::Waiting
+    })
 }

@@ -54,7 +54,7 @@ pub fn spawn_queue_figures(
             }
             let read = async {
                 let mut conn = db.get().await?;
-                db::queues::figures(&mut conn).await
+                db::queues::figures(&mut conn, None).await
             };
             match read.await {
                 Ok(figures) => metrics.set_queues(figures),

@@ -24,7 +24,7 @@ use std::{
     time::SystemTime,
 };
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{
@@ -157,14 +157,7 @@ pub struct JobEventLabels {
 }
 
 /// What one queue holds, read from Postgres (every instance reports the same).
-#[derive(Debug, Clone, PartialEq)]
-pub struct QueueFigures {
-    pub kind: String,
-    pub queued: i64,
-    pub running: i64,
-    /// When the longest-waiting queued job became ready (its schedule time).
-    pub oldest_ready: Option<DateTime<Utc>>,
-}
+pub use crate::domain::queue::QueueFigures;
 
 fn handling_histogram() -> Histogram {
     // 0.5 ms to ~33 s.

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::db::schema::jobs;
 use crate::{
     AppError, AppResult,
-    domain::job::{Job, NewJob},
+    domain::job::{Job, JobState, NewJob},
 };
 
 use super::*;
@@ -27,9 +27,15 @@ struct NewJobRow<'a> {
     request_id: Option<&'a str>,
     request_hash: Option<Vec<u8>>,
     traceparent: Option<&'a str>,
+    concurrency_key: &'a str,
+    run_anyway: bool,
+    depends_on: Vec<Option<Uuid>>,
+    state: JobState,
+    has_dependents: bool,
 }
 
 /// A job to insert into a project whose owner is known (and locked).
+#[derive(Clone, Copy)]
 pub struct Insert<'a> {
     pub owner: &'a str,
     pub project: Uuid,
@@ -37,6 +43,11 @@ pub struct Insert<'a> {
     pub request_id: Option<&'a str>,
     /// The creating call's trace context, for the job's workers.
     pub traceparent: Option<&'a str>,
+    /// Its dependencies (resolved to ids) and the state they put it in.
+    pub depends_on: &'a [Uuid],
+    pub state: JobState,
+    /// A later job of the same batch depends on it.
+    pub has_dependents: bool,
 }
 
 /// Inserts jobs with one statement. Per job: the job and whether it is new; with a
@@ -61,6 +72,11 @@ pub async fn insert_many(
             request_id: i.request_id,
             request_hash: i.request_id.map(|_| i.job.digest()),
             traceparent: i.traceparent,
+            concurrency_key: &i.job.concurrency_key,
+            run_anyway: i.job.run_anyway,
+            depends_on: i.depends_on.iter().copied().map(Some).collect(),
+            state: i.state,
+            has_dependents: i.has_dependents,
         })
         .collect();
     let mut inserted: std::collections::HashMap<Uuid, JobRow> = std::collections::HashMap::new();
@@ -132,6 +148,7 @@ pub async fn insert_visible(
         request_ids: Vec<Option<String>>,
         request_hashes: Vec<Option<Vec<u8>>>,
         traceparents: Vec<Option<String>>,
+        keys: Vec<String>,
     }
     impl crate::db::Statement for InsertVisible {
         fn walk<'b>(
@@ -146,10 +163,10 @@ pub async fn insert_visible(
             out.push_sql(
                 ") FOR KEY SHARE SKIP LOCKED) \
                  INSERT INTO jobs (id, project_id, owner, kind, input, labels, priority, \
-                 max_attempts, schedule_time, request_id, request_hash, traceparent) \
+                 max_attempts, schedule_time, request_id, request_hash, traceparent, concurrency_key) \
                  SELECT c.id, p.id, p.owner, c.kind, c.input, c.labels, c.priority, \
                  c.max_attempts, COALESCE(c.schedule_time, now()), c.request_id, c.request_hash, \
-                 c.traceparent \
+                 c.traceparent, c.key \
                  FROM unnest(",
             );
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
@@ -175,9 +192,11 @@ pub async fn insert_visible(
             out.push_bind_param::<Array<N<Bytea>>, _>(&self.request_hashes)?;
             out.push_sql(", ");
             out.push_bind_param::<Array<N<Text>>, _>(&self.traceparents)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Text>, _>(&self.keys)?;
             out.push_sql(
                 ") AS c(id, project, scope, kind, input, labels, priority, max_attempts, \
-                 schedule_time, request_id, request_hash, traceparent) \
+                 schedule_time, request_id, request_hash, traceparent, key) \
                  JOIN p ON p.id = c.project WHERE c.scope IS NULL OR p.owner = c.scope \
                  ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *");
             Ok(())
@@ -208,6 +227,10 @@ pub async fn insert_visible(
         traceparents: inserts
             .iter()
             .map(|i| i.traceparent.map(str::to_owned))
+            .collect(),
+        keys: inserts
+            .iter()
+            .map(|i| i.job.concurrency_key.clone())
             .collect(),
     };
     let rows: Vec<JobRow> = match crate::db::Prepared(statement).load(conn).await {

@@ -365,7 +365,7 @@ impl crate::db::Statement for WriteFenced {
              CASE WHEN c.done THEN now() ELSE jobs.end_time END \
              FROM (SELECT (",
         );
-        bind_named::<Array<Bool>, _>(&mut out, binds, &self.done)?;
+        let done = bind_named::<Array<Bool>, _>(&mut out, binds, &self.done)?;
         out.push_sql(")[w.i] AS done, (");
         bind_named::<Array<Int4>, _>(&mut out, binds, &self.percents)?;
         out.push_sql(")[w.i] AS percent, (");
@@ -387,7 +387,11 @@ impl crate::db::Statement for WriteFenced {
         bind_named::<Array<SqlUuid>, _>(&mut out, binds, &self.projects)?;
         out.push_sql(&format!(")[{at}] AND jobs.lease_id = ("));
         bind_named::<Array<SqlUuid>, _>(&mut out, binds, &self.leases)?;
-        out.push_sql(&format!(")[{at}] AND (("));
+        // A job that others wait on ends through the transactional path, which settles
+        // them in the same transaction.
+        out.push_sql(&format!(
+            ")[{at}] AND NOT (jobs.has_dependents AND ({done})[{at}]) AND (("
+        ));
         let kinds = bind_named::<Array<N<Text>>, _>(&mut out, binds, &self.kinds)?;
         // A call whose project a deletion may hold (its bucket's lock is taken) is
         // skipped, not waited for: an UPDATE cannot skip a locked row, and the

@@ -19,10 +19,12 @@ use crate::{
 mod create;
 mod events;
 mod leases;
+mod pipelines;
 
 pub use create::*;
 pub use events::*;
 pub use leases::*;
+pub use pipelines::*;
 
 #[derive(Queryable, Selectable, QueryableByName)]
 #[diesel(table_name = jobs, check_for_backend(diesel::pg::Pg))]
@@ -54,6 +56,10 @@ pub struct JobRow {
     end_time: Option<DateTime<Utc>>,
     update_time: DateTime<Utc>,
     traceparent: Option<String>,
+    depends_on: Vec<Option<Uuid>>,
+    run_anyway: bool,
+    has_dependents: bool,
+    concurrency_key: String,
 }
 
 fn object(
@@ -101,6 +107,10 @@ impl TryFrom<JobRow> for Job {
             end_time,
             update_time,
             traceparent,
+            depends_on,
+            run_anyway,
+            has_dependents,
+            concurrency_key,
         } = r;
         Ok(Job {
             id,
@@ -134,6 +144,10 @@ impl TryFrom<JobRow> for Job {
             end_time,
             update_time,
             traceparent,
+            depends_on: depends_on.into_iter().flatten().collect(),
+            run_anyway,
+            has_dependents,
+            concurrency_key,
         })
     }
 }
@@ -219,6 +233,13 @@ pub async fn list(
     if !q.filter.kinds.is_empty() {
         query = query.filter(jobs::kind.eq_any(q.filter.kinds.clone()));
     }
+    if !q.filter.labels.is_empty() {
+        // `labels @> {...}`: every label of the filter.
+        query = query.filter(
+            sql::<Bool>("labels @> ")
+                .bind::<diesel::sql_types::Jsonb, _>(labels_json(&q.filter.labels)),
+        );
+    }
     if let Some(after) = q.after {
         query = query.filter(super::after_cursor(after, q.descending));
     }
@@ -280,6 +301,12 @@ pub async fn changed_since(
     }
     if !filter.kinds.is_empty() {
         query = query.filter(jobs::kind.eq_any(filter.kinds.clone()));
+    }
+    if !filter.labels.is_empty() {
+        query = query.filter(
+            sql::<Bool>("labels @> ")
+                .bind::<diesel::sql_types::Jsonb, _>(labels_json(&filter.labels)),
+        );
     }
     if let Some(since) = since {
         query = query.filter(jobs::update_time.ge(since));
@@ -374,11 +401,13 @@ pub async fn request_cancel(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult
     row.try_into()
 }
 
-/// FAILED or CANCELLED -> QUEUED as a new attempt (one more attempt is always allowed).
-pub async fn requeue(conn: &mut AsyncPgConnection, id: Uuid) -> AppResult<Job> {
+/// FAILED or CANCELLED -> QUEUED (or WAITING for its dependencies) as a new attempt
+/// (one more attempt is always allowed).
+pub async fn requeue(conn: &mut AsyncPgConnection, id: Uuid, state: JobState) -> AppResult<Job> {
     let row: JobRow = diesel::update(jobs::table.filter(jobs::id.eq(id)))
         .set((
-            jobs::state.eq(JobState::Queued),
+            jobs::state.eq(state),
+            jobs::cancelled_by.eq(None::<Uuid>),
             jobs::max_attempts.eq(sql::<Integer>("GREATEST(max_attempts, attempt + 1)")),
             jobs::schedule_time.eq(diesel::dsl::now),
             jobs::cancel_requested.eq(false),

@@ -67,10 +67,10 @@ pub fn event(job: &Job, ty: EventType) -> pb::JobEvent {
     }
 }
 
-/// Per kind, how many of `jobs` became available: the wake-up for them.
+/// Per kind, how many of `jobs` became available (QUEUED): the wake-up for them.
 pub(super) fn wake_for<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> Wake {
     let mut kinds = Wake::new();
-    for job in jobs {
+    for job in jobs.into_iter().filter(|j| j.state == JobState::Queued) {
         *kinds.entry(job.kind.clone()).or_default() += 1;
     }
     kinds
@@ -100,7 +100,10 @@ fn counted_as(job: &Job, ty: EventType) -> Option<crate::metrics::JobEvent> {
             JobState::Succeeded => E::Succeeded,
             JobState::Failed => E::Failed,
             JobState::Cancelled => E::Cancelled,
+            // Released by its dependencies, not a new attempt.
+            JobState::Queued if job.attempt == 0 => return None,
             JobState::Queued => E::Retried,
+            JobState::Waiting => return None,
         }),
         _ => None,
     }

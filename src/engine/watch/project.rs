@@ -55,16 +55,18 @@ struct Sent {
 impl View {
     /// Whether a change of a job goes to the client, recording it if it does: a change
     /// newer than what was sent, of a job that matches or that the client shows.
-    pub(super) fn admit(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn admit<'a>(
         &mut self,
         filter: &JobFilter,
         id: Uuid,
         sequence: i64,
         state: JobState,
         kind: &str,
+        label: impl Fn(&str) -> Option<&'a str>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> bool {
-        let matching = filter.matches(state, kind);
+        let matching = filter.matches(state, kind, label);
         let shown = match self.jobs.get(&id) {
             Some(sent) if sent.sequence >= sequence => return false,
             Some(sent) => sent.shown,
@@ -126,6 +128,7 @@ impl ProjectWatcher {
             job.sequence,
             job.state,
             &job.kind,
+            |k| job.labels.get(k).map(String::as_str),
             now,
         ) {
             self.out
@@ -255,6 +258,7 @@ impl Watcher for ProjectWatcher {
                             ev.event.sequence,
                             state,
                             &job.kind,
+                            |k| job.labels.get(k).map(String::as_str),
                             chrono::Utc::now(),
                         )
                     {
@@ -288,18 +292,18 @@ mod tests {
         let mut view = View::default();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         // Not shown and not matching: nothing to say.
-        assert!(!view.admit(&running, a, 1, JobState::Queued, "render", at(0)));
-        assert!(view.admit(&running, a, 2, JobState::Running, "render", at(1)));
+        assert!(!view.admit(&running, a, 1, JobState::Queued, "render", |_| None, at(0)));
+        assert!(view.admit(&running, a, 2, JobState::Running, "render", |_| None, at(1)));
         assert!(
-            !view.admit(&running, a, 2, JobState::Running, "render", at(2)),
+            !view.admit(&running, a, 2, JobState::Running, "render", |_| None, at(2)),
             "sent already"
         );
-        assert!(view.admit(&running, a, 3, JobState::Running, "render", at(3)));
+        assert!(view.admit(&running, a, 3, JobState::Running, "render", |_| None, at(3)));
         // Leaves the filter: sent once, then no more until it matches again.
-        assert!(view.admit(&running, a, 4, JobState::Queued, "render", at(4)));
-        assert!(!view.admit(&running, a, 5, JobState::Queued, "render", at(5)));
-        assert!(view.admit(&running, a, 6, JobState::Running, "render", at(6)));
-        assert!(view.admit(&running, b, 1, JobState::Running, "render", at(6)));
+        assert!(view.admit(&running, a, 4, JobState::Queued, "render", |_| None, at(4)));
+        assert!(!view.admit(&running, a, 5, JobState::Queued, "render", |_| None, at(5)));
+        assert!(view.admit(&running, a, 6, JobState::Running, "render", |_| None, at(6)));
+        assert!(view.admit(&running, b, 1, JobState::Running, "render", |_| None, at(6)));
         let mut shown = view.shown();
         shown.sort();
         let mut both = vec![a, b];
@@ -317,11 +321,11 @@ mod tests {
             Uuid::now_v7(),
             Uuid::now_v7(),
         );
-        view.admit(&running, shown, 1, JobState::Running, "render", at(0));
-        view.admit(&running, left, 1, JobState::Running, "render", at(0));
-        view.admit(&running, left, 2, JobState::Succeeded, "render", at(1));
-        view.admit(&running, recent, 1, JobState::Running, "render", at(20));
-        view.admit(&running, recent, 2, JobState::Failed, "render", at(20));
+        view.admit(&running, shown, 1, JobState::Running, "render", |_| None, at(0));
+        view.admit(&running, left, 1, JobState::Running, "render", |_| None, at(0));
+        view.admit(&running, left, 2, JobState::Succeeded, "render", |_| None, at(1));
+        view.admit(&running, recent, 1, JobState::Running, "render", |_| None, at(20));
+        view.admit(&running, recent, 2, JobState::Failed, "render", |_| None, at(20));
         view.forget(false, at(10), at(-100));
         let mut kept: Vec<Uuid> = view.jobs.keys().copied().collect();
         kept.sort();
@@ -332,7 +336,7 @@ mod tests {
         // A finished job it shows is forgotten after the retention.
         let failed = JobFilter::parse("state = FAILED").unwrap();
         let mut view = View::default();
-        view.admit(&failed, done, 1, JobState::Failed, "render", at(0));
+        view.admit(&failed, done, 1, JobState::Failed, "render", |_| None, at(0));
         view.forget(false, at(10), at(-1));
         assert!(view.jobs.contains_key(&done));
         view.forget(false, at(10), at(5));
@@ -341,8 +345,8 @@ mod tests {
         // No filter: nothing can leave it, so only what a sync may return again is kept.
         let all = JobFilter::default();
         let mut view = View::default();
-        view.admit(&all, shown, 1, JobState::Running, "render", at(0));
-        view.admit(&all, recent, 1, JobState::Queued, "render", at(20));
+        view.admit(&all, shown, 1, JobState::Running, "render", |_| None, at(0));
+        view.admit(&all, recent, 1, JobState::Queued, "render", |_| None, at(20));
         view.forget(true, at(10), at(-100));
         assert_eq!(view.jobs.keys().copied().collect::<Vec<_>>(), vec![recent]);
     }
