@@ -319,6 +319,7 @@ async fn main() {
                                 parent: project.clone(),
                                 job: Some(job(&kind)),
                                 request_id: String::new(),
+                                key: String::new(),
                             })
                             .await
                             .unwrap();
@@ -368,6 +369,7 @@ async fn main() {
                             parent: String::new(),
                             job: Some(job(kind)),
                             request_id: String::new(),
+                            key: String::new(),
                         })
                         .collect();
                     c.batch_create_jobs(pb::BatchCreateJobsRequest {
@@ -414,6 +416,7 @@ async fn main() {
                         parent: String::new(),
                         job: Some(job(&kind)),
                         request_id: String::new(),
+                        key: String::new(),
                     })
                     .collect();
                 client(0)
@@ -471,6 +474,7 @@ async fn main() {
                     parent: project.clone(),
                     job: Some(job("latency")),
                     request_id: String::new(),
+                    key: String::new(),
                 })
                 .await
                 .unwrap()
@@ -575,6 +579,7 @@ async fn main() {
                 parent: project.clone(),
                 job: Some(job("idle")),
                 request_id: String::new(),
+                key: String::new(),
             })
             .await
             .unwrap()

@@ -77,6 +77,7 @@ async fn main() {
                     ..Default::default()
                 }),
                 request_id: String::new(),
+                key: String::new(),
             })
             .collect();
         jobs.batch_create_jobs(pb::BatchCreateJobsRequest {

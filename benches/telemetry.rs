@@ -182,6 +182,7 @@ async fn jobs_run(channels: &[Channel], project: &str, kind: &str) -> (f64, f64)
                         ..Default::default()
                     }),
                     request_id: String::new(),
+                    key: String::new(),
                 })
                 .await
                 .unwrap();
@@ -453,7 +454,9 @@ async fn scrape() {
     let mut refresh = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        let figures = mediaplane::db::queues::figures(&mut conn).await.unwrap();
+        let figures = mediaplane::db::queues::figures(&mut conn, None)
+            .await
+            .unwrap();
         refresh.push(t.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(figures.len(), KINDS);
         assert_eq!(figures.iter().map(|f| f.queued).sum::<i64>(), JOBS as i64);

@@ -36,6 +36,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::client::jobs::JobsCommand,
     },
+    /// Queues per job kind (admins): what each holds; pause, resume, limit.
+    Queues {
+        #[command(subcommand)]
+        command: crate::client::queues::QueuesCommand,
+    },
     /// Show the caller's usage of each quota (projects, unfinished jobs, asset bytes).
     Usage(crate::client::ClientArgs),
 }
@@ -84,6 +89,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             crate::client::worker::run(args).await.map(|()| ok)
         }
         Command::Jobs { command } => crate::client::jobs::run(command).await,
+        Command::Queues { command } => crate::client::queues::run(command).await,
         Command::Usage(client) => crate::client::print_usage(&client).await.map(|()| ok),
         Command::Migrate(args) => {
             let settings = Settings::load(&args)?;

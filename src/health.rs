@@ -27,7 +27,7 @@ use crate::{
     db,
     proto::server::{
         assets_service_server::AssetsServiceServer, jobs_service_server::JobsServiceServer,
-        projects_service_server::ProjectsServiceServer,
+        projects_service_server::ProjectsServiceServer, queues_service_server::QueuesServiceServer,
     },
     redis::RedisPool,
 };
@@ -81,12 +81,13 @@ pub const READINESS: &str = "readiness";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Names that follow Postgres.
-pub fn gated_names() -> [&'static str; 4] {
+pub fn gated_names() -> [&'static str; 5] {
     [
         READINESS,
         <ProjectsServiceServer<crate::api::projects::ProjectsApi> as NamedService>::NAME,
         <JobsServiceServer<crate::api::jobs::JobsApi> as NamedService>::NAME,
         <AssetsServiceServer<crate::api::assets::AssetsApi> as NamedService>::NAME,
+        <QueuesServiceServer<crate::api::queues::QueuesApi> as NamedService>::NAME,
     ]
 }
 

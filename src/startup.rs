@@ -496,6 +496,11 @@ fn router(
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
+    let queues = server::queues_service_server::QueuesServiceServer::new(
+        crate::api::queues::QueuesApi::new(engine.clone()),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
     let jobs = server::jobs_service_server::JobsServiceServer::new(JobsApi::new(
         engine,
         quotas.clone(),
@@ -532,6 +537,7 @@ fn router(
     let mut grpc = Routes::new(projects)
         .add_service(jobs)
         .add_service(assets_service)
+        .add_service(queues)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -92,11 +92,11 @@ CREATE TABLE queues (
     paused              boolean     NOT NULL DEFAULT false,
     max_running         integer     CHECK (max_running > 0),
     max_running_per_key integer     CHECK (max_running_per_key > 0),
-    -- At most `rate_jobs` starts per `rate_interval_ms` (a token bucket of that size).
-    rate_jobs           integer     CHECK (rate_jobs > 0),
+    -- At most `rate_jobs` starts in any `rate_interval_ms`: the start times within the
+    -- last interval are kept (a sliding log, at most `rate_jobs` long).
+    rate_jobs           integer     CHECK (rate_jobs BETWEEN 1 AND 10000),
     rate_interval_ms    bigint      CHECK (rate_interval_ms > 0),
-    rate_tokens         double precision NOT NULL DEFAULT 0,
-    rate_time           timestamptz,
+    rate_starts         timestamptz[] NOT NULL DEFAULT '{}',
     restricted          boolean     GENERATED ALWAYS AS (
         paused OR max_running IS NOT NULL OR max_running_per_key IS NOT NULL
         OR rate_jobs IS NOT NULL) STORED,

@@ -305,7 +305,10 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                         "1 to 63 lowercase letters, digits, `_` or `-`, starting with a letter",
                     );
                 } else if keys.insert(r.key.clone(), i).is_some() {
-                    v.add(format!("requests[{i}].key"), "used by an earlier request of the batch");
+                    v.add(
+                        format!("requests[{i}].key"),
+                        "used by an earlier request of the batch",
+                    );
                 }
             }
             let rid = request_id(r.request_id, &format!("requests[{i}].request_id"), &mut v);
@@ -375,6 +378,18 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             jobs,
             next_page_token,
         }))
+    }
+
+    async fn summarize_jobs(
+        &self,
+        request: Request<pb::SummarizeJobsRequest>,
+    ) -> Result<Response<pb::JobsSummary>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let project = ProjectName::parse("parent", &r.parent)?;
+        let filter = JobFilter::parse(&r.filter).map_err(|why| AppError::invalid("filter", why))?;
+        let summary = self.engine.summarize(&caller, project, &filter).await?;
+        Ok(Response::new(summary.into()))
     }
 
     async fn cancel_job(

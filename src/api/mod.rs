@@ -5,6 +5,7 @@ use crate::domain::page;
 pub mod assets;
 pub mod jobs;
 pub mod projects;
+pub mod queues;
 
 /// Room a list response keeps besides its items: the next page token and the framing.
 const PAGE_HEADROOM: usize = 4 * 1024;

@@ -2,6 +2,7 @@
 //! `mediaplane usage`, and the gRPC client they share (a channel plus the bearer
 //! token). Nothing here runs inside the server.
 pub mod jobs;
+pub mod queues;
 pub mod worker;
 
 use tonic::{
@@ -13,6 +14,7 @@ use tonic::{
 
 use crate::proto::v1::{
     jobs_service_client::JobsServiceClient, projects_service_client::ProjectsServiceClient,
+    queues_service_client::QueuesServiceClient,
 };
 
 #[derive(Debug, clap::Args, Clone)]
@@ -43,10 +45,12 @@ impl Interceptor for Bearer {
 
 pub type Jobs = JobsServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Projects = ProjectsServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Queues = QueuesServiceClient<InterceptedService<Channel, Bearer>>;
 
 pub struct Client {
     pub jobs: Jobs,
     pub projects: Projects,
+    pub queues: Queues,
 }
 
 impl ClientArgs {
@@ -65,7 +69,8 @@ impl ClientArgs {
             .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", self.server))?;
         Ok(Client {
             jobs: JobsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            projects: ProjectsServiceClient::with_interceptor(channel, bearer),
+            projects: ProjectsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            queues: QueuesServiceClient::with_interceptor(channel, bearer),
         })
     }
 }

@@ -139,3 +139,20 @@ pub fn state_of(s: pb::job::State) -> Option<JobState> {
         pb::job::State::Cancelled => JobState::Cancelled,
     })
 }
+
+impl From<crate::domain::job::JobsSummary> for pb::JobsSummary {
+    fn from(s: crate::domain::job::JobsSummary) -> Self {
+        use JobState as S;
+        Self {
+            total_jobs: s.total,
+            waiting_jobs: s.count(S::Waiting),
+            queued_jobs: s.count(S::Queued),
+            running_jobs: s.count(S::Running),
+            succeeded_jobs: s.count(S::Succeeded),
+            failed_jobs: s.count(S::Failed),
+            cancelled_jobs: s.count(S::Cancelled),
+            progress_percent: s.progress_percent,
+            done: s.done,
+        }
+    }
+}

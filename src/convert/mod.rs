@@ -5,6 +5,7 @@
 pub mod asset;
 pub mod job;
 pub mod project;
+pub mod queue;
 
 use chrono::{DateTime, Utc};
 use prost_types::{ListValue, Struct, Timestamp, Value, value::Kind};

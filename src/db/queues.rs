@@ -5,7 +5,6 @@
 use chrono::{DateTime, Utc};
 use diesel::{
     QueryableByName,
-    dsl::sql,
     prelude::*,
     sql_types::{BigInt, Nullable, Text, Timestamptz},
 };
@@ -38,10 +37,13 @@ impl From<QueueRow> for Queue {
                 paused: r.paused,
                 max_running: r.max_running,
                 max_running_per_key: r.max_running_per_key,
-                start_rate: r.rate_jobs.zip(r.rate_interval_ms).map(|(jobs, ms)| StartRate {
-                    jobs,
-                    interval: std::time::Duration::from_millis(ms.max(0) as u64),
-                }),
+                start_rate: r
+                    .rate_jobs
+                    .zip(r.rate_interval_ms)
+                    .map(|(jobs, ms)| StartRate {
+                        jobs,
+                        interval: std::time::Duration::from_millis(ms.max(0) as u64),
+                    }),
             },
             revision: r.revision,
             update_time: Some(r.update_time),
@@ -96,18 +98,6 @@ pub async fn put(
         if expected.is_some_and(|e| e != current.unwrap_or(0)) {
             return Ok(Updated::Stale);
         }
-        let rate_changed = match current {
-            None => true,
-            Some(_) => {
-                let (jobs, ms): (Option<i32>, Option<i64>) = queues::table
-                    .find(kind)
-                    .select((queues::rate_jobs, queues::rate_interval_ms))
-                    .first(conn)
-                    .await?;
-                jobs != s.start_rate.map(|r| r.jobs)
-                    || ms != s.start_rate.map(|r| r.interval.as_millis() as i64)
-            }
-        };
         let values = (
             queues::kind.eq(kind),
             queues::paused.eq(s.paused),
@@ -116,24 +106,13 @@ pub async fn put(
             queues::rate_jobs.eq(s.start_rate.map(|r| r.jobs)),
             queues::rate_interval_ms.eq(s.start_rate.map(|r| r.interval.as_millis() as i64)),
         );
-        let full_bucket = (
-            queues::rate_tokens.eq(s.start_rate.map_or(0.0, |r| f64::from(r.jobs))),
-            queues::rate_time.eq(sql::<Nullable<Timestamptz>>("now()")),
-        );
         let row: QueueRow = if current.is_none() {
-            // A new rate starts with a full bucket.
             diesel::insert_into(queues::table)
-                .values((values, full_bucket))
+                .values(values)
                 .returning(QueueRow::as_returning())
                 .get_result(conn)
                 .await?
         } else {
-            if rate_changed {
-                diesel::update(queues::table.find(kind))
-                    .set(full_bucket)
-                    .execute(conn)
-                    .await?;
-            }
             diesel::update(queues::table.find(kind))
                 .set((
                     values,
@@ -219,4 +198,192 @@ pub async fn figures(
             failed_last_minute: r.failed,
         })
         .collect())
+}
+
+/// Kinds whose queue restricts leasing: paused, or with a limit or a start rate.
+pub async fn restricted(conn: &mut AsyncPgConnection) -> AppResult<Vec<String>> {
+    Ok(queues::table
+        .filter(queues::restricted.eq(true))
+        .select(queues::kind)
+        .load(conn)
+        .await?)
+}
+
+#[derive(QueryableByName)]
+struct Candidate {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    concurrency_key: String,
+}
+
+#[derive(QueryableByName)]
+struct KeyCount {
+    #[diesel(sql_type = Text)]
+    concurrency_key: String,
+    #[diesel(sql_type = BigInt)]
+    running: i64,
+}
+
+/// Queued jobs read per page while looking past keys at their limit, and pages read at
+/// most per kind and call: a key with a long queue at its limit costs a bounded scan.
+const CANDIDATE_PAGE: i64 = 256;
+const CANDIDATE_PAGES: i64 = 8;
+
+/// Leases jobs of the restricted kinds among `kinds` for `takers` (in their order), in
+/// one transaction that holds those queues' rows locked, so the limits hold across
+/// every instance: nothing while paused; no more running than `max_running`, nor per
+/// concurrency key than `max_running_per_key`; no more starts than the start rate's
+/// bucket holds (its tokens are taken in the same transaction). Jobs are taken in the
+/// fetch order (priority, turn across keys, due time).
+pub async fn lease_limited(
+    conn: &mut AsyncPgConnection,
+    kinds: &[String],
+    takers: &[crate::db::jobs::Taker<'_>],
+) -> AppResult<Vec<Vec<crate::domain::job::Job>>> {
+    use diesel::sql_types::Array;
+    let mut out: Vec<Vec<crate::domain::job::Job>> = takers.iter().map(|_| Vec::new()).collect();
+    let mut wants: Vec<i64> = takers.iter().map(|t| t.max.max(0)).collect();
+    if wants.iter().sum::<i64>() == 0 {
+        return Ok(out);
+    }
+    conn.transaction(async |conn| {
+        let mut kinds = kinds.to_vec();
+        kinds.sort_unstable();
+        kinds.dedup();
+        // Locks the queues, forgetting starts older than their interval.
+        let rows: Vec<LimitRow> = diesel::sql_query(
+            "UPDATE queues SET rate_starts = CASE WHEN rate_jobs IS NULL THEN '{}' ELSE \
+                 ARRAY(SELECT t FROM unnest(rate_starts) t \
+                       WHERE t > now() - rate_interval_ms * interval '1 millisecond' ORDER BY t) END \
+             WHERE kind IN (SELECT kind FROM queues WHERE kind = ANY($1) AND restricted \
+                            ORDER BY kind FOR UPDATE) \
+             RETURNING kind, paused, max_running, max_running_per_key, rate_jobs, \
+                 cardinality(rate_starts)::bigint AS recent_starts",
+        )
+        .bind::<Array<Text>, _>(&kinds)
+        .load(conn)
+        .await?;
+        for q in rows {
+            let want: i64 = wants.iter().sum();
+            if want == 0 || q.paused {
+                continue;
+            }
+            let running: Vec<KeyCount> = diesel::sql_query(
+                "SELECT concurrency_key, count(*)::bigint AS running FROM jobs \
+                 WHERE state = 'running' AND kind = $1 GROUP BY concurrency_key",
+            )
+            .bind::<Text, _>(&q.kind)
+            .load(conn)
+            .await?;
+            let total: i64 = running.iter().map(|r| r.running).sum();
+            let mut budget = want;
+            if let Some(max) = q.max_running {
+                budget = budget.min(i64::from(max) - total);
+            }
+            if let Some(rate) = q.rate_jobs {
+                budget = budget.min(i64::from(rate) - q.recent_starts);
+            }
+            if budget <= 0 {
+                continue;
+            }
+            let mut per_key: std::collections::HashMap<String, i64> = running
+                .into_iter()
+                .map(|r| (r.concurrency_key, r.running))
+                .collect();
+            let mut chosen: Vec<uuid::Uuid> = Vec::new();
+            let mut page = 0;
+            while (chosen.len() as i64) < budget && page < CANDIDATE_PAGES {
+                let candidates: Vec<Candidate> = diesel::sql_query(
+                    "SELECT id, concurrency_key FROM jobs \
+                     WHERE state = 'queued' AND kind = $1 AND schedule_time <= now() \
+                     ORDER BY priority DESC, fair_seq, schedule_time, create_time \
+                     LIMIT $2 OFFSET $3",
+                )
+                .bind::<Text, _>(&q.kind)
+                .bind::<BigInt, _>(CANDIDATE_PAGE)
+                .bind::<BigInt, _>(page * CANDIDATE_PAGE)
+                .load(conn)
+                .await?;
+                let last_page = (candidates.len() as i64) < CANDIDATE_PAGE;
+                for c in candidates {
+                    if chosen.len() as i64 >= budget {
+                        break;
+                    }
+                    if let Some(limit) = q.max_running_per_key {
+                        let n = per_key.entry(c.concurrency_key).or_default();
+                        if *n >= i64::from(limit) {
+                            continue;
+                        }
+                        *n += 1;
+                    }
+                    chosen.push(c.id);
+                }
+                // Without a per-key limit every candidate is taken: one page is enough.
+                if last_page || q.max_running_per_key.is_none() {
+                    break;
+                }
+                page += 1;
+            }
+            let mut leased_here = 0i64;
+            let mut rest = chosen.as_slice();
+            for (i, taker) in takers.iter().enumerate() {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (wants[i] as usize).min(rest.len());
+                if n == 0 {
+                    continue;
+                }
+                let (mine, others) = rest.split_at(n);
+                rest = others;
+                let rows: Vec<crate::db::jobs::JobRow> = diesel::sql_query(
+                    "UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = $2, \
+                         lease_id = gen_random_uuid(), lease_duration_ms = $3, \
+                         lease_expire_time = now() + $3 * interval '1 millisecond', \
+                         start_time = COALESCE(start_time, now()), \
+                         progress_percent = 0, current_step = '', message = '' \
+                     WHERE id = ANY($1) AND state = 'queued' RETURNING *",
+                )
+                .bind::<Array<diesel::sql_types::Uuid>, _>(mine)
+                .bind::<Text, _>(taker.worker_id)
+                .bind::<BigInt, _>(taker.lease_ms)
+                .load(conn)
+                .await?;
+                wants[i] -= rows.len() as i64;
+                leased_here += rows.len() as i64;
+                for row in rows {
+                    out[i].push(crate::domain::job::Job::try_from(row)?);
+                }
+            }
+            if q.rate_jobs.is_some() && leased_here > 0 {
+                diesel::sql_query(
+                    "UPDATE queues SET rate_starts = rate_starts || array_fill(now(), ARRAY[$2]) \
+                     WHERE kind = $1",
+                )
+                .bind::<Text, _>(&q.kind)
+                .bind::<diesel::sql_types::Integer, _>(leased_here as i32)
+                .execute(conn)
+                .await?;
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+#[derive(QueryableByName)]
+struct LimitRow {
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    paused: bool,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Integer>)]
+    max_running: Option<i32>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Integer>)]
+    max_running_per_key: Option<i32>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Integer>)]
+    rate_jobs: Option<i32>,
+    #[diesel(sql_type = BigInt)]
+    recent_starts: i64,
 }

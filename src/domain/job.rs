@@ -320,7 +320,11 @@ impl JobFilter {
                     if !labels::valid_key(key) {
                         return Err(format!("`{}` is not a label key", super::text::quote(key)));
                     }
-                    if out.labels.insert(key.to_owned(), value.to_owned()).is_some() {
+                    if out
+                        .labels
+                        .insert(key.to_owned(), value.to_owned())
+                        .is_some()
+                    {
                         return Err(format!(
                             "label `{}` is named twice",
                             super::text::quote(key)
@@ -351,7 +355,10 @@ impl JobFilter {
     ) -> bool {
         (self.states.is_empty() || self.states.contains(&state))
             && (self.kinds.is_empty() || self.kinds.iter().any(|k| k == kind))
-            && self.labels.iter().all(|(k, v)| label(k) == Some(v.as_str()))
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| label(k) == Some(v.as_str()))
     }
 
     pub fn canonical(&self) -> String {
@@ -359,8 +366,50 @@ impl JobFilter {
         states.sort();
         let mut kinds = self.kinds.clone();
         kinds.sort();
-        let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        format!("{}|{}|{}", states.join(","), kinds.join(","), labels.join(","))
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        format!(
+            "{}|{}|{}",
+            states.join(","),
+            kinds.join(","),
+            labels.join(",")
+        )
+    }
+}
+
+/// How far a set of jobs has come: jobs per state and their mean progress.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobsSummary {
+    pub total: i64,
+    pub by_state: BTreeMap<&'static str, i64>,
+    /// 0 to 100; a SUCCEEDED job counts 100.
+    pub progress_percent: f64,
+    /// Every job ended.
+    pub done: bool,
+}
+
+impl JobsSummary {
+    /// From `(state, jobs, sum of progress)` per state.
+    pub fn from_counts(rows: &[(JobState, i64, i64)]) -> Self {
+        let total: i64 = rows.iter().map(|r| r.1).sum();
+        let progress: i64 = rows.iter().map(|r| r.2).sum();
+        Self {
+            total,
+            by_state: rows.iter().map(|(s, n, _)| (s.as_str(), *n)).collect(),
+            progress_percent: if total == 0 {
+                0.0
+            } else {
+                progress as f64 / total as f64
+            },
+            done: rows.iter().all(|(s, _, _)| s.is_terminal()),
+        }
+    }
+
+    pub fn count(&self, state: JobState) -> i64 {
+        self.by_state.get(state.as_str()).copied().unwrap_or(0)
     }
 }
 
@@ -437,7 +486,10 @@ mod tests {
             Dependency::parse(&format!("projects/{project}/jobs/{job}"), &in_batch),
             Ok(Dependency::Job(job))
         );
-        assert_eq!(Dependency::parse("@tts", &in_batch), Ok(Dependency::Batch(1)));
+        assert_eq!(
+            Dependency::parse("@tts", &in_batch),
+            Ok(Dependency::Batch(1))
+        );
         assert_eq!(Dependency::parse("@0", &in_batch), Ok(Dependency::Batch(0)));
         assert!(Dependency::parse("@2", &in_batch).is_err(), "itself");
         assert!(Dependency::parse("@later", &in_batch).is_err());
@@ -456,7 +508,9 @@ mod tests {
         assert!(f.matches(JobState::Running, "render", |_| None));
         assert!(!f.matches(JobState::Queued, "render", |_| None));
         let p = JobFilter::parse(r#"labels.pipeline = "post-42" AND state = WAITING"#).unwrap();
-        assert!(p.matches(JobState::Waiting, "tts", |k| (k == "pipeline").then_some("post-42")));
+        assert!(p.matches(JobState::Waiting, "tts", |k| {
+            (k == "pipeline").then_some("post-42")
+        }));
         assert!(!p.matches(JobState::Waiting, "tts", |_| None));
         assert!(JobFilter::parse(r#"labels.a = "1" AND labels.a = "2""#).is_err());
         assert!(JobFilter::parse("owner = x").is_err());

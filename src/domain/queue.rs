@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use super::Violations;
 
 pub const MAX_LIMIT: i32 = 1_000_000;
-pub const MAX_RATE_JOBS: i32 = 1_000_000;
+/// The start times of the last interval are kept, one per start.
+pub const MAX_RATE_JOBS: i32 = 10_000;
 pub const MIN_RATE_INTERVAL: Duration = Duration::from_millis(1);
 pub const MAX_RATE_INTERVAL: Duration = Duration::from_secs(86_400);
 

@@ -279,7 +279,10 @@ async fn insert_pipeline(
             Err(_) => (Uuid::nil(), JobState::Queued),
         };
         // A replayed job that later jobs depend on: its end must settle them.
-        if depended[n] && let Ok((job, false)) = &result && !job.has_dependents {
+        if depended[n]
+            && let Ok((job, false)) = &result
+            && !job.has_dependents
+        {
             db::jobs::mark_has_dependents(conn, &[job.id]).await?;
         }
         made.push((id, state));

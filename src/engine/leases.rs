@@ -156,9 +156,26 @@ impl Engine {
         let Some(&first) = members.first() else {
             return Ok(Vec::new());
         };
+        let restricted = self.restricted_among(&calls[first].kinds).await?;
         let leased = {
             let mut conn = self.conn().await?;
-            db::jobs::acquire_for(&mut conn, &calls[first].kinds, &takers).await?
+            let mut leased = db::jobs::acquire_for(&mut conn, &calls[first].kinds, &takers).await?;
+            if !restricted.is_empty() {
+                // What the plain statement left wanting, from the limited queues.
+                let wanting: Vec<db::jobs::Taker> = takers
+                    .iter()
+                    .zip(&leased)
+                    .map(|(t, got)| db::jobs::Taker {
+                        max: t.max - got.len() as i64,
+                        ..*t
+                    })
+                    .collect();
+                let more = db::queues::lease_limited(&mut conn, &restricted, &wanting).await?;
+                for (got, more) in leased.iter_mut().zip(more) {
+                    got.extend(more);
+                }
+            }
+            leased
         };
         let changes: Vec<_> = leased
             .iter()
@@ -189,7 +206,13 @@ impl Engine {
             if !jobs.is_empty() || now >= deadline {
                 return Ok(jobs);
             }
-            let nap = (deadline - now).min(self.settings.poll_interval);
+            let mut nap = (deadline - now).min(self.settings.poll_interval);
+            // A restricted kind frees slots without a wake-up (a start rate's window
+            // moving on, a wake-up lost with Redis): look again soon, still without
+            // spinning.
+            if kinds.iter().any(|k| self.is_restricted(k)) {
+                nap = nap.min(super::queues::RESTRICTED_POLL);
+            }
             tokio::select! {
                 () = idle.woken() => {}
                 () = tokio::time::sleep(nap) => {}
@@ -203,7 +226,10 @@ impl Engine {
         &self,
         jobs: &[Job],
     ) -> AppResult<std::collections::HashMap<Uuid, Job>> {
-        let mut ids: Vec<Uuid> = jobs.iter().flat_map(|j| j.depends_on.iter().copied()).collect();
+        let mut ids: Vec<Uuid> = jobs
+            .iter()
+            .flat_map(|j| j.depends_on.iter().copied())
+            .collect();
         if ids.is_empty() {
             return Ok(Default::default());
         }
@@ -367,7 +393,8 @@ impl Engine {
                 changes.push((job.clone(), ty));
                 results[*at] = Some(Ok(Handled::Done(job)));
             }
-            self.publish(to_publish(&changes), Wake::new());
+            let freed = self.freed(changes.iter().map(|(j, _)| j));
+            self.publish(to_publish(&changes), freed);
         }
         let rest: Vec<&LeaseCall> = calls
             .iter()
@@ -438,6 +465,9 @@ impl Engine {
                     .filter(|(j, _)| j.has_dependents && j.state.is_terminal())
                     .map(|(j, _)| j.id)
                     .collect();
+                for (kind, n) in self.freed(changes.iter().map(|(j, _)| j)) {
+                    *kinds.entry(kind).or_default() += n;
+                }
                 for job in db::jobs::settle_dependents(conn, &ended).await? {
                     if job.state == JobState::Queued {
                         *kinds.entry(job.kind.clone()).or_default() += 1;

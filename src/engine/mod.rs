@@ -27,6 +27,7 @@ use crate::{
 mod create;
 pub mod fanout;
 mod leases;
+mod queues;
 pub mod reaper;
 pub mod watch;
 
@@ -34,6 +35,7 @@ pub use create::CreateCall;
 pub use fanout::{Published, Wake, event, hub, hub::Hub};
 use fanout::{spawn_publisher, to_publish, wake_for};
 pub use leases::{AcquireCall, LeaseCall, LeaseOp};
+pub use queues::QueueView;
 
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -63,6 +65,8 @@ pub struct Engine {
     /// Group commit for the hot single-job writes; `None` in the engine the lanes
     /// themselves use, which runs each group directly.
     groups: Option<Arc<Groups>>,
+    /// Which kinds' queues restrict leasing, as read last (see `queues.rs`).
+    restricted: Arc<queues::Restricted>,
 }
 
 /// Group transactions in flight at once per kind of write, and calls per transaction.
@@ -124,6 +128,7 @@ impl Engine {
             hub,
             settings: Arc::new(settings),
             groups: None,
+            restricted: Arc::default(),
         };
         let (a, b, c) = (engine.clone(), engine.clone(), engine.clone());
         engine.groups = Some(Arc::new(Groups {
@@ -180,6 +185,22 @@ impl Engine {
         .await?
         .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
         db::jobs::list(&mut conn, query).await
+    }
+
+    /// How far a project's jobs that match `filter` have come.
+    pub async fn summarize(
+        &self,
+        caller: &Caller,
+        project: crate::domain::names::ProjectName,
+        filter: &crate::domain::job::JobFilter,
+    ) -> AppResult<crate::domain::job::JobsSummary> {
+        let mut conn = self.conn().await?;
+        let owner = caller.owner_scope();
+        db::projects::owner_of(&mut conn, owner, project.0, db::projects::Lock::None)
+            .await?
+            .ok_or_else(|| AppError::NotFound(format!("project {project}")))?;
+        let rows = db::jobs::summarize(&mut conn, owner, project.0, filter).await?;
+        Ok(crate::domain::job::JobsSummary::from_counts(&rows))
     }
 
     pub async fn cancel(&self, caller: &Caller, name: JobName) -> AppResult<Job> {

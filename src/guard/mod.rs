@@ -172,7 +172,11 @@ fn classify(method: &str, caller_is_worker: bool) -> (Class, Option<Held>) {
                 None,
             )
         }
-        n if n.starts_with("Get") || n.starts_with("List") || n == "CreateSignedUrl" => {
+        n if n.starts_with("Get")
+            || n.starts_with("List")
+            || n == "CreateSignedUrl"
+            || n == "SummarizeJobs" =>
+        {
             (Class::Read, None)
         }
         _ => (Class::Write, None),

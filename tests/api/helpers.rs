@@ -362,6 +362,7 @@ pub async fn create_job_of(app: &TestApp, token: &str, parent: &str, kind: &str)
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .expect("create job")

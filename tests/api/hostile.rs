@@ -184,6 +184,7 @@ async fn input_storage_would_refuse_is_invalid_argument_on_both_doors_and_writes
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         };
     let bad_jobs = [
         ("NUL in an input key", job(Some(one("\0", text("v"))), None)),

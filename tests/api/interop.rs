@@ -100,6 +100,7 @@ async fn python_worker_completes_a_job() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap()
@@ -200,6 +201,7 @@ async fn python_worker_completes_its_jobs_in_one_batch() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .collect();
     let created = app

@@ -593,6 +593,7 @@ async fn a_drain_under_load_answers_every_call_that_committed() {
                                     ..Default::default()
                                 }),
                                 request_id: request_id.clone(),
+                                key: String::new(),
                             })
                             .await;
                         let failed = r.is_err();

@@ -454,6 +454,7 @@ async fn quotas_per_owner_refuse_with_quota_failure_and_usage_tells() {
                     parent: p.name.clone(),
                     job: Some(job("render")),
                     request_id: String::new(),
+                    key: String::new(),
                 })
                 .collect(),
         })
@@ -466,6 +467,7 @@ async fn quotas_per_owner_refuse_with_quota_failure_and_usage_tells() {
                 parent: p.name.clone(),
                 job: Some(job("render")),
                 request_id: String::new(),
+                key: String::new(),
             })
             .await
             .expect("within the quota");
@@ -476,6 +478,7 @@ async fn quotas_per_owner_refuse_with_quota_failure_and_usage_tells() {
             parent: p.name.clone(),
             job: Some(job("render")),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap_err();

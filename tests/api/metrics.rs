@@ -440,6 +440,7 @@ async fn live_progress_job_timings_and_group_sizes_are_measured() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap()

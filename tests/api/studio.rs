@@ -234,6 +234,7 @@ async fn a_browser_follows_a_projects_jobs_live_and_acts_on_them() {
             ..Default::default()
         }),
         request_id: String::new(),
+        key: String::new(),
     };
     let mut jobs = app.jobs(&t);
     let queued = jobs
@@ -453,6 +454,7 @@ async fn a_browser_shows_one_job_live_with_its_timeline_result_and_output() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap()
@@ -531,6 +533,7 @@ async fn a_dropped_connection_resumes_without_a_lost_update() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap()

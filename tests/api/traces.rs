@@ -308,6 +308,7 @@ async fn acquire_jobs_hands_out_the_creating_calls_trace_context() {
             ..Default::default()
         }),
         request_id: String::new(),
+        key: String::new(),
     });
     request
         .metadata_mut()

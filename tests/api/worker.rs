@@ -51,6 +51,7 @@ async fn new_job(app: &TestApp, t: &str, project: &str, max_attempts: i32) -> pb
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap()

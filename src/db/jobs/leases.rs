@@ -49,6 +49,7 @@ pub async fn release(conn: &mut AsyncPgConnection, leases: &[(Uuid, Uuid)]) -> A
 }
 
 /// One AcquireJobs call of a group that shares a leasing statement.
+#[derive(Clone, Copy)]
 pub struct Taker<'a> {
     pub worker_id: &'a str,
     pub max: i64,
@@ -96,20 +97,23 @@ pub async fn acquire_for(
             // about 90 of 110-185 ms for 3,200 jobs and 64 takers).
             out.push_sql(
                 "WITH due AS (SELECT f.tid, row_number() OVER \
-                 (ORDER BY f.priority DESC, f.schedule_time, f.create_time) AS n FROM \
+                 (ORDER BY f.priority DESC, f.fair_seq, f.schedule_time, f.create_time) AS n FROM \
                  (SELECT q.* FROM unnest(",
             );
             out.push_bind_param::<Array<Text>, _>(&self.kinds)?;
+            // Kinds whose queue restricts leasing (paused, limits, a start rate) are
+            // leased under their queue's lock instead (`queues::lease_limited`).
             out.push_sql(
                 ") AS k(kind) CROSS JOIN LATERAL (\
-                 SELECT ctid AS tid, priority, schedule_time, create_time FROM jobs \
+                 SELECT ctid AS tid, priority, fair_seq, schedule_time, create_time FROM jobs \
                  WHERE state = 'queued' AND kind = k.kind AND schedule_time <= now() \
-                 ORDER BY priority DESC, schedule_time, create_time LIMIT ",
+                 AND NOT EXISTS (SELECT 1 FROM queues qu WHERE qu.kind = k.kind AND qu.restricted) \
+                 ORDER BY priority DESC, fair_seq, schedule_time, create_time LIMIT ",
             );
             out.push_bind_param::<BigInt, _>(&self.total)?;
             out.push_sql(
                 " FOR UPDATE SKIP LOCKED) q \
-                 ORDER BY q.priority DESC, q.schedule_time, q.create_time LIMIT ",
+                 ORDER BY q.priority DESC, q.fair_seq, q.schedule_time, q.create_time LIMIT ",
             );
             out.push_bind_param::<BigInt, _>(&self.total)?;
             out.push_sql(") f), assigned AS (SELECT d.tid, width_bucket(d.n, ");

@@ -254,6 +254,41 @@ pub async fn list(
     Ok((jobs_from(rows)?, more))
 }
 
+/// Per state, how many of a project's jobs match `filter` and the sum of their
+/// progress (a SUCCEEDED job counts 100).
+pub async fn summarize(
+    conn: &mut AsyncPgConnection,
+    owner: Option<&str>,
+    project: Uuid,
+    filter: &JobFilter,
+) -> AppResult<Vec<(JobState, i64, i64)>> {
+    let mut query = jobs::table
+        .filter(jobs::project_id.eq(project))
+        .filter(visible_to(owner))
+        .group_by(jobs::state)
+        .select((
+            jobs::state,
+            diesel::dsl::count_star(),
+            sql::<diesel::sql_types::BigInt>(
+                "COALESCE(sum(CASE WHEN state = 'succeeded' THEN 100 ELSE progress_percent END), 0)::bigint",
+            ),
+        ))
+        .into_boxed();
+    if !filter.states.is_empty() {
+        query = query.filter(jobs::state.eq_any(filter.states.clone()));
+    }
+    if !filter.kinds.is_empty() {
+        query = query.filter(jobs::kind.eq_any(filter.kinds.clone()));
+    }
+    if !filter.labels.is_empty() {
+        query = query.filter(
+            sql::<Bool>("labels @> ")
+                .bind::<diesel::sql_types::Jsonb, _>(labels_json(&filter.labels)),
+        );
+    }
+    Ok(query.load(conn).await?)
+}
+
 /// A time no change still to come can be older than: the start of the oldest
 /// transaction open on this database, or now. A job's `update_time` is its writer's
 /// transaction start (`now()`), so changes read from this time on include every one

@@ -321,11 +321,51 @@ mod tests {
             Uuid::now_v7(),
             Uuid::now_v7(),
         );
-        view.admit(&running, shown, 1, JobState::Running, "render", |_| None, at(0));
-        view.admit(&running, left, 1, JobState::Running, "render", |_| None, at(0));
-        view.admit(&running, left, 2, JobState::Succeeded, "render", |_| None, at(1));
-        view.admit(&running, recent, 1, JobState::Running, "render", |_| None, at(20));
-        view.admit(&running, recent, 2, JobState::Failed, "render", |_| None, at(20));
+        view.admit(
+            &running,
+            shown,
+            1,
+            JobState::Running,
+            "render",
+            |_| None,
+            at(0),
+        );
+        view.admit(
+            &running,
+            left,
+            1,
+            JobState::Running,
+            "render",
+            |_| None,
+            at(0),
+        );
+        view.admit(
+            &running,
+            left,
+            2,
+            JobState::Succeeded,
+            "render",
+            |_| None,
+            at(1),
+        );
+        view.admit(
+            &running,
+            recent,
+            1,
+            JobState::Running,
+            "render",
+            |_| None,
+            at(20),
+        );
+        view.admit(
+            &running,
+            recent,
+            2,
+            JobState::Failed,
+            "render",
+            |_| None,
+            at(20),
+        );
         view.forget(false, at(10), at(-100));
         let mut kept: Vec<Uuid> = view.jobs.keys().copied().collect();
         kept.sort();
@@ -336,7 +376,15 @@ mod tests {
         // A finished job it shows is forgotten after the retention.
         let failed = JobFilter::parse("state = FAILED").unwrap();
         let mut view = View::default();
-        view.admit(&failed, done, 1, JobState::Failed, "render", |_| None, at(0));
+        view.admit(
+            &failed,
+            done,
+            1,
+            JobState::Failed,
+            "render",
+            |_| None,
+            at(0),
+        );
         view.forget(false, at(10), at(-1));
         assert!(view.jobs.contains_key(&done));
         view.forget(false, at(10), at(5));
@@ -346,7 +394,15 @@ mod tests {
         let all = JobFilter::default();
         let mut view = View::default();
         view.admit(&all, shown, 1, JobState::Running, "render", |_| None, at(0));
-        view.admit(&all, recent, 1, JobState::Queued, "render", |_| None, at(20));
+        view.admit(
+            &all,
+            recent,
+            1,
+            JobState::Queued,
+            "render",
+            |_| None,
+            at(20),
+        );
         view.forget(true, at(10), at(-100));
         assert_eq!(view.jobs.keys().copied().collect::<Vec<_>>(), vec![recent]);
     }

@@ -154,6 +154,7 @@ async fn job_outputs_must_be_ready_assets_of_the_project_and_link_back() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap()

@@ -15,6 +15,7 @@ async fn job_progress_streams_as_ndjson_and_sse_with_resume() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap()
@@ -133,6 +134,7 @@ async fn a_stream_that_fails_after_the_200_ends_with_an_error_line() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap()
@@ -175,6 +177,7 @@ async fn rest_streams_end_with_a_status_when_the_server_shuts_down() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap()

@@ -249,6 +249,7 @@ async fn a_batch_whose_answer_would_not_fit_is_refused_before_anything_is_writte
                 parent: String::new(),
                 job: Some(sized.clone()),
                 request_id: String::new(),
+                key: String::new(),
             })
             .collect(),
     };
@@ -296,6 +297,7 @@ async fn validation_and_batches_are_all_or_nothing() {
                 ..Default::default()
             }),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap_err();
@@ -305,6 +307,7 @@ async fn validation_and_batches_are_all_or_nothing() {
         parent: String::new(),
         job: Some(job(kind)),
         request_id: String::new(),
+        key: String::new(),
     };
     let err = c
         .batch_create_jobs(pb::BatchCreateJobsRequest {
@@ -379,6 +382,7 @@ async fn request_ids_make_create_idempotent_under_concurrency() {
             parent: p.name.clone(),
             job: Some(job("render")),
             request_id: "render-42".into(),
+            key: String::new(),
         };
         calls.push(tokio::spawn(async move {
             c.create_job(r).await.map(|r| r.into_inner().name)
@@ -395,6 +399,7 @@ async fn request_ids_make_create_idempotent_under_concurrency() {
             parent: p.name.clone(),
             job: Some(job("transcode")),
             request_id: "render-42".into(),
+            key: String::new(),
         })
         .await
         .unwrap_err();
@@ -426,6 +431,7 @@ async fn concurrent_calls_share_commits_but_not_outcomes() {
                 parent,
                 job: Some(job(&kind)),
                 request_id,
+                key: String::new(),
             })
             .await
             .map(|r| r.into_inner())
@@ -565,6 +571,7 @@ async fn another_owners_jobs_are_invisible_everywhere() {
             parent: p.name.clone(),
             job: Some(job("render")),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .unwrap_err()

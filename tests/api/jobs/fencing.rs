@@ -564,6 +564,7 @@ async fn reapers_on_two_instances_requeue_each_expired_job_exactly_once() {
             parent: String::new(),
             job: Some(job("render")),
             request_id: String::new(),
+            key: String::new(),
         })
         .collect();
     a.jobs(&t)

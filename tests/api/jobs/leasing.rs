@@ -18,6 +18,7 @@ async fn concurrent_acquirers_never_lease_the_same_job() {
             parent: String::new(),
             job: Some(job("render")),
             request_id: String::new(),
+            key: String::new(),
         })
         .collect();
     app.jobs(&t)
@@ -236,6 +237,7 @@ async fn new_jobs_wake_as_many_idle_workers_as_they_need_and_none_waits_for_the_
         parent: String::new(),
         job: Some(job("render")),
         request_id: String::new(),
+        key: String::new(),
     };
     app.jobs(&t)
         .batch_create_jobs(pb::BatchCreateJobsRequest {

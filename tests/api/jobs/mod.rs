@@ -49,6 +49,7 @@ pub(super) async fn create_job(app: &TestApp, t: &str, project: &str, j: pb::Job
             parent: project.into(),
             job: Some(j),
             request_id: String::new(),
+            key: String::new(),
         })
         .await
         .expect("create job")

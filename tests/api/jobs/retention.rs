@@ -236,6 +236,7 @@ async fn a_project_being_deleted_holds_up_its_own_calls_only() {
                     parent,
                     job: Some(job("render")),
                     request_id: String::new(),
+                    key: String::new(),
                 })
                 .await
                 .map(|r| r.into_inner().name)

@@ -107,6 +107,7 @@ async fn a_filtered_dashboard_gets_its_jobs_however_many_others_changed_since() 
                     parent: String::new(),
                     job: Some(job("transcode")),
                     request_id: String::new(),
+                    key: String::new(),
                 })
                 .collect(),
         })
