@@ -76,7 +76,7 @@ fn messages(
     out
 }
 
-async fn upload(
+pub(crate) async fn upload(
     app: &TestApp,
     t: &str,
     parent: &str,

@@ -1,0 +1,496 @@
+//! Queues: pause, limits that hold across instances, per-key limits, start rates, fair
+//! turns across concurrency keys, and the figures a queue reports; on both doors and
+//! through the CLI.
+use std::time::{Duration, Instant};
+
+use mediaplane::proto::v1 as pb;
+use tonic::Code;
+
+use crate::helpers::*;
+
+fn worker() -> String {
+    token_with("fleet", &["worker"], Duration::from_secs(600))
+}
+
+fn queues(
+    app: &TestApp,
+    token: &str,
+) -> pb::queues_service_client::QueuesServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+> {
+    pb::queues_service_client::QueuesServiceClient::with_interceptor(
+        app.channel.clone(),
+        Bearer::new(token),
+    )
+}
+
+async fn update(app: &TestApp, q: pb::Queue, paths: &[&str]) -> Result<pb::Queue, tonic::Status> {
+    queues(app, &admin_token("ops"))
+        .update_queue(pb::UpdateQueueRequest {
+            queue: Some(q),
+            update_mask: Some(prost_types::FieldMask {
+                paths: paths.iter().map(|p| p.to_string()).collect(),
+            }),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get_queue(app: &TestApp, kind: &str) -> pb::Queue {
+    queues(app, &admin_token("ops"))
+        .get_queue(pb::GetQueueRequest {
+            name: format!("queues/{kind}"),
+        })
+        .await
+        .expect("get queue")
+        .into_inner()
+}
+
+/// `n` jobs of `kind` with `key`, in one batch.
+async fn jobs_of(
+    app: &TestApp,
+    t: &str,
+    parent: &str,
+    kind: &str,
+    key: &str,
+    n: usize,
+) -> Vec<pb::Job> {
+    let requests = (0..n)
+        .map(|_| pb::CreateJobRequest {
+            job: Some(pb::Job {
+                kind: kind.into(),
+                concurrency_key: key.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    app.jobs(t)
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: parent.into(),
+            requests,
+        })
+        .await
+        .expect("batch")
+        .into_inner()
+        .jobs
+}
+
+async fn lease(app: &TestApp, kind: &str, max: i32, wait: f64) -> Vec<pb::LeasedJob> {
+    app.jobs(&worker())
+        .acquire_jobs(pb::AcquireJobsRequest {
+            worker_id: "w".into(),
+            kinds: vec![kind.into()],
+            max_jobs: max,
+            wait_timeout: Some(prost_types::Duration {
+                seconds: wait.trunc() as i64,
+                nanos: (wait.fract() * 1e9) as i32,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("acquire")
+        .into_inner()
+        .jobs
+}
+
+async fn complete(app: &TestApp, leased: &pb::LeasedJob) {
+    app.jobs(&worker())
+        .complete_job(pb::CompleteJobRequest {
+            name: leased.job.as_ref().unwrap().name.clone(),
+            lease_id: leased.lease_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("complete");
+}
+
+fn key_of(l: &pb::LeasedJob) -> String {
+    l.job.as_ref().unwrap().concurrency_key.clone()
+}
+
+#[tokio::test]
+async fn a_paused_queue_leases_nothing_and_resuming_wakes_a_waiting_worker() {
+    let app = TestApp::spawn().await;
+    let t = token("studio");
+    let parent = create_project(&app, &t, "pause").await.name;
+    let paused = update(
+        &app,
+        pb::Queue {
+            name: "queues/render".into(),
+            paused: true,
+            ..Default::default()
+        },
+        &["paused"],
+    )
+    .await
+    .unwrap();
+    assert!(paused.paused);
+    jobs_of(&app, &t, &parent, "render", "", 3).await;
+    assert!(lease(&app, "render", 3, 0.0).await.is_empty());
+    // Another kind is not held back.
+    jobs_of(&app, &t, &parent, "encode", "", 1).await;
+    assert_eq!(lease(&app, "encode", 3, 0.0).await.len(), 1);
+
+    let waiting = {
+        let app_jobs = app.jobs(&worker());
+        tokio::spawn(async move {
+            let mut c = app_jobs;
+            c.acquire_jobs(pb::AcquireJobsRequest {
+                worker_id: "waiting".into(),
+                kinds: vec!["render".into()],
+                max_jobs: 3,
+                wait_timeout: Some(prost_types::Duration {
+                    seconds: 20,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let q = get_queue(&app, "render").await;
+    assert_eq!((q.queued_jobs, q.running_jobs), (3, 0));
+    assert!(q.oldest_queued_age.is_some());
+    let started = Instant::now();
+    update(
+        &app,
+        pb::Queue {
+            name: "queues/render".into(),
+            paused: false,
+            ..Default::default()
+        },
+        &["paused"],
+    )
+    .await
+    .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken by the resume")
+        .unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn max_running_holds_across_instances_and_a_finished_job_frees_its_slot() {
+    let a = TestApp::spawn().await;
+    let b = a.spawn_peer().await;
+    let t = token("studio");
+    let parent = create_project(&a, &t, "gpus").await.name;
+    update(
+        &a,
+        pb::Queue {
+            name: "queues/gpu".into(),
+            max_running: 3,
+            ..Default::default()
+        },
+        &["max_running"],
+    )
+    .await
+    .unwrap();
+    jobs_of(&a, &t, &parent, "gpu", "", 20).await;
+    // Eight workers on two instances ask at once for more than exists.
+    let mut asks = Vec::new();
+    for i in 0..8 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        asks.push(lease(app, "gpu", 5, 0.0));
+    }
+    let got: Vec<pb::LeasedJob> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(got.len(), 3, "three GPUs");
+    assert_eq!(get_queue(&b, "gpu").await.running_jobs, 3);
+    // A worker waiting on the full queue gets the slot a completion frees.
+    let waiting = {
+        let mut c = b.jobs(&worker());
+        tokio::spawn(async move {
+            c.acquire_jobs(pb::AcquireJobsRequest {
+                worker_id: "next".into(),
+                kinds: vec!["gpu".into()],
+                max_jobs: 5,
+                wait_timeout: Some(prost_types::Duration {
+                    seconds: 20,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    complete(&a, &got[0]).await;
+    let next = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken when a slot frees")
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    let q = get_queue(&a, "gpu").await;
+    assert_eq!(
+        (q.running_jobs, q.queued_jobs, q.completions_per_minute),
+        (3, 16, 1)
+    );
+    assert_eq!(q.max_running, 3);
+}
+
+#[tokio::test]
+async fn max_running_per_key_limits_each_key_and_not_the_others() {
+    let app = TestApp::spawn().await;
+    let t = token("studio");
+    let parent = create_project(&app, &t, "tenants").await.name;
+    update(
+        &app,
+        pb::Queue {
+            name: "queues/ads".into(),
+            max_running_per_key: 2,
+            ..Default::default()
+        },
+        &["max_running_per_key"],
+    )
+    .await
+    .unwrap();
+    jobs_of(&app, &t, &parent, "ads", "acme", 10).await;
+    jobs_of(&app, &t, &parent, "ads", "globex", 1).await;
+    let got = lease(&app, "ads", 10, 0.0).await;
+    let mut keys: Vec<String> = got.iter().map(key_of).collect();
+    keys.sort();
+    assert_eq!(keys, vec!["acme", "acme", "globex"]);
+    assert!(lease(&app, "ads", 10, 0.0).await.is_empty());
+    complete(&app, &got[0]).await;
+    let more = lease(&app, "ads", 10, 0.0).await;
+    assert_eq!(more.len(), 1);
+}
+
+/// Round robin across keys by default: a customer's single render is not behind
+/// another's thousand, with no queue configured at all.
+#[tokio::test]
+async fn keys_take_turns_so_one_job_is_not_behind_a_thousand() {
+    let app = TestApp::spawn().await;
+    let t = token("studio");
+    let parent = create_project(&app, &t, "fair").await.name;
+    jobs_of(&app, &t, &parent, "render", "big", 1000).await;
+    jobs_of(&app, &t, &parent, "render", "small", 1).await;
+    jobs_of(&app, &t, &parent, "render", "", 1).await;
+    let first = lease(&app, "render", 3, 0.0).await;
+    let mut keys: Vec<String> = first.iter().map(key_of).collect();
+    keys.sort();
+    assert_eq!(keys, vec!["", "big", "small"], "one of each key first");
+    // Two keys with queues of their own alternate.
+    jobs_of(&app, &t, &parent, "render", "small", 5).await;
+    let next = lease(&app, "render", 10, 0.0).await;
+    let small = next.iter().filter(|l| key_of(l) == "small").count();
+    assert!(
+        small >= 4,
+        "small got {small} of 10: {:?}",
+        next.iter().map(key_of).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_start_rate_spaces_starts_across_the_interval() {
+    let app = TestApp::spawn().await;
+    let t = token("studio");
+    let parent = create_project(&app, &t, "api").await.name;
+    update(
+        &app,
+        pb::Queue {
+            name: "queues/tts".into(),
+            start_rate: Some(pb::StartRate {
+                jobs: 3,
+                interval: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+            }),
+            ..Default::default()
+        },
+        &["start_rate"],
+    )
+    .await
+    .unwrap();
+    jobs_of(&app, &t, &parent, "tts", "", 10).await;
+    let started = Instant::now();
+    let first = lease(&app, "tts", 10, 0.0).await;
+    assert_eq!(first.len(), 3);
+    assert!(lease(&app, "tts", 10, 0.0).await.is_empty());
+    // A waiting worker gets the next three once the first starts leave the window.
+    let next = lease(&app, "tts", 10, 5.0).await;
+    assert_eq!(next.len(), 3);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // The queue says what it holds.
+    let q = get_queue(&app, "tts").await;
+    assert_eq!((q.queued_jobs, q.running_jobs), (4, 6));
+}
+
+#[tokio::test]
+async fn queues_are_for_admins_with_clear_errors_on_both_doors() {
+    let app = TestApp::spawn().await;
+    let t = token("studio");
+    let err = queues(&app, &t)
+        .list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = queues(&app, &admin_token("ops"))
+        .get_queue(pb::GetQueueRequest {
+            name: "queues/Bad Kind".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = update(
+        &app,
+        pb::Queue {
+            name: "queues/render".into(),
+            max_running: -1,
+            ..Default::default()
+        },
+        &["max_running"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(violations(&err), vec!["queue.max_running"]);
+    let err = update(
+        &app,
+        pb::Queue {
+            name: "queues/render".into(),
+            ..Default::default()
+        },
+        &["queued_jobs"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(violations(&err), vec!["update_mask"]);
+    // A never-configured kind reads as a queue without limits.
+    let q = get_queue(&app, "render").await;
+    assert!(!q.paused && q.max_running == 0 && q.start_rate.is_none());
+    // Etags: a stale one is ABORTED, the current one applies.
+    let set = update(
+        &app,
+        pb::Queue {
+            name: "queues/render".into(),
+            max_running: 4,
+            etag: q.etag.clone(),
+            ..Default::default()
+        },
+        &["max_running"],
+    )
+    .await
+    .unwrap();
+    let err = update(
+        &app,
+        pb::Queue {
+            name: "queues/render".into(),
+            max_running: 5,
+            etag: q.etag.clone(),
+            ..Default::default()
+        },
+        &["max_running"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert_ne!(set.etag, q.etag);
+
+    // REST: read and patch through the HTTP/JSON edge.
+    let http = reqwest::Client::new();
+    let admin = admin_token("ops");
+    let got: serde_json::Value = http
+        .get(app.http("/v1/queues/render"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["maxRunning"], 4);
+    let patched = http
+        .patch(app.http("/v1/queues/render?updateMask=paused"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"paused": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    let patched: serde_json::Value = patched.json().await.unwrap();
+    assert_eq!(
+        (patched["paused"].as_bool(), patched["maxRunning"].as_i64()),
+        (Some(true), Some(4))
+    );
+    let listed: serde_json::Value = http
+        .get(app.http("/v1/queues"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["queues"][0]["name"], "queues/render");
+    let refused = http
+        .get(app.http("/v1/queues"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+}
+
+/// `mediaplane queues`: an operator pauses a queue and lists what every queue holds.
+#[tokio::test]
+async fn the_cli_pauses_and_lists_queues() {
+    let app = TestApp::spawn().await;
+    let t = token("studio");
+    let parent = create_project(&app, &t, "cli").await.name;
+    jobs_of(&app, &t, &parent, "render", "", 2).await;
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mediaplane"));
+        cmd.arg("queues")
+            .args(args)
+            .env("MEDIAPLANE_SERVER", app.http(""))
+            .env("MEDIAPLANE_TOKEN", admin_token("ops"));
+        cmd.output().expect("runs")
+    };
+    let out = run(&[
+        "update",
+        "render",
+        "--pause",
+        "--max-running",
+        "2",
+        "--start-rate",
+        "10/1s",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["list"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text.lines().find(|l| l.starts_with("render")).expect(&text);
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[..4], &["render", "paused", "0", "2"], "{text}");
+    assert!(row.contains("10/1s"), "{text}");
+    assert_eq!(get_queue(&app, "render").await.max_running, 2);
+    let out = run(&["update", "render"]).await;
+    assert!(!out.status.success(), "nothing to change is an error");
+}
