@@ -457,13 +457,16 @@ async fn the_cli_pauses_and_lists_queues() {
     let t = token("studio");
     let parent = create_project(&app, &t, "cli").await.name;
     jobs_of(&app, &t, &parent, "render", "", 2).await;
-    let run = |args: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mediaplane"));
-        cmd.arg("queues")
+    // Async: the server runs on this test's runtime.
+    let run = async |args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mediaplane"))
+            .arg("queues")
             .args(args)
             .env("MEDIAPLANE_SERVER", app.http(""))
-            .env("MEDIAPLANE_TOKEN", admin_token("ops"));
-        cmd.output().expect("runs")
+            .env("MEDIAPLANE_TOKEN", admin_token("ops"))
+            .output()
+            .await
+            .expect("runs")
     };
     let out = run(&[
         "update",
@@ -473,7 +476,8 @@ async fn the_cli_pauses_and_lists_queues() {
         "2",
         "--start-rate",
         "10/1s",
-    ]);
+    ])
+    .await;
     assert!(
         out.status.success(),
         "{}",
