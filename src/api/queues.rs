@@ -1,4 +1,5 @@
-//! QueuesService over gRPC: a queue per job kind, read and set by admins.
+//! QueuesService over gRPC: a queue per job kind, read by admins and workers, set by
+//! admins.
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -22,6 +23,18 @@ pub struct QueuesApi {
 impl QueuesApi {
     pub fn new(engine: Engine) -> Self {
         Self { engine }
+    }
+}
+
+/// Figures are for fleets too (autoscalers read them with a worker token).
+fn require_reader(caller: &Caller) -> Result<(), Status> {
+    if caller.is_admin() || caller.is_worker() {
+        Ok(())
+    } else {
+        Err(AppError::PermissionDenied(
+            "reading queues needs a token with the `admin` or `worker` role".into(),
+        )
+        .into())
     }
 }
 
@@ -111,7 +124,7 @@ impl crate::proto::server::queues_service_server::QueuesService for QueuesApi {
         request: Request<pb::GetQueueRequest>,
     ) -> Result<Response<pb::Queue>, Status> {
         let caller = caller(&request)?;
-        require_admin(&caller)?;
+        require_reader(&caller)?;
         let kind = kind_of("name", &request.get_ref().name)?;
         Ok(Response::new(self.engine.get_queue(&kind).await?.into()))
     }
@@ -121,7 +134,7 @@ impl crate::proto::server::queues_service_server::QueuesService for QueuesApi {
         request: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
         let caller = caller(&request)?;
-        require_admin(&caller)?;
+        require_reader(&caller)?;
         let queues = self.engine.list_queues().await?;
         Ok(Response::new(pb::ListQueuesResponse {
             queues: queues.into_iter().map(Into::into).collect(),

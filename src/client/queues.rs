@@ -1,4 +1,5 @@
-//! `mediaplane queues list | get | update`: operators' view of QueuesService.
+//! `mediaplane queues list | get | pause | resume | set`: operators' view of
+//! QueuesService.
 use std::{process::ExitCode, time::Duration};
 
 use crate::{client::ClientArgs, proto::v1 as pb};
@@ -16,16 +17,23 @@ pub enum QueuesCommand {
         client: ClientArgs,
         queue: String,
     },
-    /// Pause, resume or limit a queue; only the options given change.
-    Update {
+    /// Stop leasing jobs of a kind (running jobs finish).
+    Pause {
         #[command(flatten)]
         client: ClientArgs,
         queue: String,
-        /// Stop leasing this kind (running jobs finish).
-        #[arg(long, conflicts_with = "resume")]
-        pause: bool,
-        #[arg(long)]
-        resume: bool,
+    },
+    /// Lease jobs of a kind again.
+    Resume {
+        #[command(flatten)]
+        client: ClientArgs,
+        queue: String,
+    },
+    /// Set a queue's limits; only the options given change.
+    Set {
+        #[command(flatten)]
+        client: ClientArgs,
+        queue: String,
         /// Jobs of the kind running at once across every worker (0: no limit).
         #[arg(long)]
         max_running: Option<i32>,
@@ -156,11 +164,13 @@ pub async fn run(command: QueuesCommand) -> anyhow::Result<ExitCode> {
             print_header();
             print_row(&q);
         }
-        QueuesCommand::Update {
+        QueuesCommand::Pause { client, queue } => return set_paused(&client, &queue, true).await,
+        QueuesCommand::Resume { client, queue } => {
+            return set_paused(&client, &queue, false).await;
+        }
+        QueuesCommand::Set {
             client,
             queue,
-            pause,
-            resume,
             max_running,
             max_running_per_key,
             start_rate,
@@ -170,10 +180,6 @@ pub async fn run(command: QueuesCommand) -> anyhow::Result<ExitCode> {
                 name: queue_name(&queue),
                 ..Default::default()
             };
-            if pause || resume {
-                q.paused = pause;
-                paths.push("paused".to_owned());
-            }
             if let Some(n) = max_running {
                 q.max_running = n;
                 paths.push("max_running".to_owned());
@@ -188,22 +194,37 @@ pub async fn run(command: QueuesCommand) -> anyhow::Result<ExitCode> {
             }
             if paths.is_empty() {
                 anyhow::bail!(
-                    "nothing to change: give --pause, --resume, --max-running, --max-running-per-key or --start-rate"
+                    "nothing to set: give --max-running, --max-running-per-key or --start-rate"
                 );
             }
-            let mut c = client.connect().await?;
-            let q = c
-                .queues
-                .update_queue(pb::UpdateQueueRequest {
-                    queue: Some(q),
-                    update_mask: Some(prost_types::FieldMask { paths }),
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            print_header();
-            print_row(&q);
+            return update(&client, q, paths).await;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn set_paused(client: &ClientArgs, queue: &str, paused: bool) -> anyhow::Result<ExitCode> {
+    let q = pb::Queue {
+        name: queue_name(queue),
+        paused,
+        ..Default::default()
+    };
+    update(client, q, vec!["paused".to_owned()]).await
+}
+
+/// Updates the fields `paths` names and prints the queue as it is now.
+async fn update(client: &ClientArgs, q: pb::Queue, paths: Vec<String>) -> anyhow::Result<ExitCode> {
+    let mut c = client.connect().await?;
+    let q = c
+        .queues
+        .update_queue(pb::UpdateQueueRequest {
+            queue: Some(q),
+            update_mask: Some(prost_types::FieldMask { paths }),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    print_header();
+    print_row(&q);
     Ok(ExitCode::SUCCESS)
 }

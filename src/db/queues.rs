@@ -338,10 +338,12 @@ pub async fn lease_limited(
                 let (mine, others) = rest.split_at(n);
                 rest = others;
                 let rows: Vec<crate::db::jobs::JobRow> = diesel::sql_query(
+                    // Statement time, not the transaction's: the transaction may have
+                    // waited for the queue's lock, and a run starts when it is leased.
                     "UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = $2, \
                          lease_id = gen_random_uuid(), lease_duration_ms = $3, \
-                         lease_expire_time = now() + $3 * interval '1 millisecond', \
-                         start_time = COALESCE(start_time, now()), \
+                         lease_expire_time = statement_timestamp() + $3 * interval '1 millisecond', \
+                         start_time = COALESCE(start_time, statement_timestamp()), \
                          progress_percent = 0, current_step = '', message = '' \
                      WHERE id = ANY($1) AND state = 'queued' RETURNING *",
                 )
@@ -358,7 +360,9 @@ pub async fn lease_limited(
             }
             if q.rate_jobs.is_some() && leased_here > 0 {
                 diesel::sql_query(
-                    "UPDATE queues SET rate_starts = rate_starts || array_fill(now(), ARRAY[$2]) \
+                    // Recorded at the latest time and forgotten from the earliest
+                    // (`now()` above): either way errs on the side of fewer starts.
+                    "UPDATE queues SET rate_starts = rate_starts || array_fill(statement_timestamp(), ARRAY[$2]) \
                      WHERE kind = $1",
                 )
                 .bind::<Text, _>(&q.kind)

@@ -147,15 +147,15 @@ pub struct DependencyScope<'a> {
 }
 
 impl Dependency {
-    /// One `depends_on` entry: a job name of the same project, or in a batch `@key` /
-    /// `@index` naming an earlier request (so a batch can never hold a cycle).
+    /// One `depends_on` entry: a job name (looked for in the creating project), or in a
+    /// batch `@key` / `@index` naming an earlier request (so a batch can never hold a
+    /// cycle).
     pub fn parse(entry: &str, scope: &DependencyScope<'_>) -> Result<Self, String> {
         let Some(reference) = entry.strip_prefix('@') else {
             let name = super::names::JobName::parse("depends_on", entry)
                 .map_err(|_| "expected a job name (projects/{project}/jobs/{job}) or, in BatchCreateJobs, @key or @index".to_owned())?;
-            if name.project != scope.project {
-                return Err("must be a job of the same project".into());
-            }
+            // A job of another project is looked for in this one, and not found there:
+            // NOT_FOUND, as for any job the caller cannot see.
             return Ok(Self::Job(name.job));
         };
         let Some((at, keys)) = scope.batch else {
@@ -494,7 +494,11 @@ mod tests {
         assert!(Dependency::parse("@2", &in_batch).is_err(), "itself");
         assert!(Dependency::parse("@later", &in_batch).is_err());
         let other = Uuid::now_v7();
-        assert!(Dependency::parse(&format!("projects/{other}/jobs/{job}"), &in_batch).is_err());
+        assert_eq!(
+            Dependency::parse(&format!("projects/{other}/jobs/{job}"), &in_batch),
+            Ok(Dependency::Job(job)),
+            "looked for in this project (and not found there)"
+        );
         let alone = DependencyScope {
             project,
             batch: None,

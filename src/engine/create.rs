@@ -206,11 +206,7 @@ async fn insert_pipeline(
     let states = db::jobs::lock_dependencies(conn, project, &existing).await?;
     if let Some(missing) = existing.iter().find(|id| !states.contains_key(id)) {
         return Err(AppError::NotFound(format!(
-            "dependency {}",
-            JobName {
-                project,
-                job: *missing
-            }
+            "dependency: job {missing} is not a job of projects/{project}"
         )));
     }
     let unfinished: Vec<Uuid> = states

@@ -270,27 +270,126 @@ async fn max_running_per_key_limits_each_key_and_not_the_others() {
     assert_eq!(more.len(), 1);
 }
 
-/// Round robin across keys by default: a customer's single render is not behind
-/// another's thousand, with no queue configured at all.
+/// Six workers on two instances run 24 jobs of two keys under `max_running` 3 and
+/// `max_running_per_key` 2; the jobs' own start and end times show the limits were
+/// never passed, at any moment.
 #[tokio::test]
-async fn keys_take_turns_so_one_job_is_not_behind_a_thousand() {
+async fn limits_hold_over_a_whole_run_on_two_instances_by_the_jobs_own_times() {
+    let a = TestApp::spawn().await;
+    let b = a.spawn_peer().await;
+    let t = token("studio");
+    let parent = create_project(&a, &t, "timeline").await.name;
+    update(
+        &a,
+        pb::Queue {
+            name: "queues/gpu".into(),
+            max_running: 3,
+            max_running_per_key: 2,
+            ..Default::default()
+        },
+        &["max_running", "max_running_per_key"],
+    )
+    .await
+    .unwrap();
+    jobs_of(&a, &t, &parent, "gpu", "acme", 12).await;
+    jobs_of(&a, &t, &parent, "gpu", "globex", 12).await;
+    let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let mut c = if w % 2 == 0 { &a } else { &b }.jobs(&worker());
+        let done = done.clone();
+        workers.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while done.lock().unwrap().len() < 24 && Instant::now() < deadline {
+                let leased = c
+                    .acquire_jobs(pb::AcquireJobsRequest {
+                        worker_id: format!("w{w}"),
+                        kinds: vec!["gpu".into()],
+                        max_jobs: 2,
+                        wait_timeout: Some(prost_types::Duration {
+                            seconds: 0,
+                            nanos: 300_000_000,
+                        }),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .jobs;
+                for l in leased {
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    let job = l.job.unwrap();
+                    let ended = c
+                        .complete_job(pb::CompleteJobRequest {
+                            name: job.name.clone(),
+                            lease_id: l.lease_id,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    done.lock().unwrap().push((
+                        job.concurrency_key,
+                        ended.start_time.unwrap(),
+                        ended.end_time.unwrap(),
+                    ));
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let runs = done.lock().unwrap().clone();
+    assert_eq!(runs.len(), 24, "every job ran");
+    let at = |t: &prost_types::Timestamp| (t.seconds, t.nanos);
+    // +1 at each start, -1 at each end; an end and a start at the same instant do not
+    // overlap.
+    let mut events: Vec<((i64, i32), i32, String)> = runs
+        .iter()
+        .flat_map(|(k, s, e)| [(at(s), 1, k.clone()), (at(e), -1, k.clone())])
+        .collect();
+    events.sort_by(|x, y| x.0.cmp(&y.0).then(x.1.cmp(&y.1)));
+    let (mut total, mut peak) = (0, 0);
+    let mut per_key = std::collections::HashMap::<String, i32>::new();
+    let mut key_peak = 0;
+    for (_, delta, key) in events {
+        total += delta;
+        peak = peak.max(total);
+        let n = per_key.entry(key).or_default();
+        *n += delta;
+        key_peak = key_peak.max(*n);
+    }
+    assert!(peak <= 3, "at most three running at once, saw {peak}");
+    assert!(key_peak <= 2, "at most two per key at once, saw {key_peak}");
+    assert!(
+        peak >= 2,
+        "the limit was reached, not just respected by idling: {peak}"
+    );
+}
+
+/// Round robin across keys by default: a customer's ten renders are not behind
+/// another's ten thousand, with no queue configured at all.
+#[tokio::test]
+async fn keys_take_turns_so_ten_jobs_are_not_behind_ten_thousand() {
     let app = TestApp::spawn().await;
     let t = token("studio");
     let parent = create_project(&app, &t, "fair").await.name;
-    jobs_of(&app, &t, &parent, "render", "big", 1000).await;
-    jobs_of(&app, &t, &parent, "render", "small", 1).await;
+    for _ in 0..10 {
+        jobs_of(&app, &t, &parent, "render", "big", 1000).await;
+    }
+    jobs_of(&app, &t, &parent, "render", "small", 10).await;
     jobs_of(&app, &t, &parent, "render", "", 1).await;
     let first = lease(&app, "render", 3, 0.0).await;
     let mut keys: Vec<String> = first.iter().map(key_of).collect();
     keys.sort();
     assert_eq!(keys, vec!["", "big", "small"], "one of each key first");
-    // Two keys with queues of their own alternate.
-    jobs_of(&app, &t, &parent, "render", "small", 5).await;
-    let next = lease(&app, "render", 10, 0.0).await;
+    let next = lease(&app, "render", 20, 0.0).await;
     let small = next.iter().filter(|l| key_of(l) == "small").count();
-    assert!(
-        small >= 4,
-        "small got {small} of 10: {:?}",
+    assert_eq!(
+        small,
+        9,
+        "the rest of the ten in the next twenty: {:?}",
         next.iter().map(key_of).collect::<Vec<_>>()
     );
 }
@@ -341,6 +440,25 @@ async fn queues_are_for_admins_with_clear_errors_on_both_doors() {
     let t = token("studio");
     let err = queues(&app, &t)
         .list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Fleets read the figures with worker tokens; only admins change settings.
+    queues(&app, &worker())
+        .get_queue(pb::GetQueueRequest {
+            name: "queues/render".into(),
+        })
+        .await
+        .expect("workers read queues");
+    let err = queues(&app, &worker())
+        .update_queue(pb::UpdateQueueRequest {
+            queue: Some(pb::Queue {
+                name: "queues/render".into(),
+                paused: true,
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -468,10 +586,15 @@ async fn the_cli_pauses_and_lists_queues() {
             .await
             .expect("runs")
     };
+    let out = run(&["pause", "render"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&[
-        "update",
+        "set",
         "render",
-        "--pause",
         "--max-running",
         "2",
         "--start-rate",
@@ -495,6 +618,9 @@ async fn the_cli_pauses_and_lists_queues() {
     assert_eq!(&cols[..4], &["render", "paused", "0", "2"], "{text}");
     assert!(row.contains("10/1s"), "{text}");
     assert_eq!(get_queue(&app, "render").await.max_running, 2);
-    let out = run(&["update", "render"]).await;
-    assert!(!out.status.success(), "nothing to change is an error");
+    let out = run(&["set", "render"]).await;
+    assert!(!out.status.success(), "nothing to set is an error");
+    let out = run(&["resume", "render"]).await;
+    assert!(out.status.success());
+    assert!(!get_queue(&app, "render").await.paused);
 }
