@@ -3,9 +3,11 @@
 //!
 //! The command runs under `sh -c` with the job's input as JSON on stdin and in
 //! `MEDIAPLANE_JOB_INPUT`, plus `MEDIAPLANE_JOB_NAME`, `MEDIAPLANE_JOB_KIND` and
-//! `MEDIAPLANE_JOB_ATTEMPT`, and `TRACEPARENT` (W3C trace context of the request that
-//! created the job, when it had one; the worker's own calls about the job carry it
-//! too). It reports by printing lines on stdout:
+//! `MEDIAPLANE_JOB_ATTEMPT`, `MEDIAPLANE_DEPENDENCIES` (the job's dependencies as they
+//! ended, a JSON array of `{name, kind, state, result, output_assets}` in the order of
+//! `depends_on`; `[]` for a job without any), and `TRACEPARENT` (W3C trace context of
+//! the request that created the job, when it had one; the worker's own calls about the
+//! job carry it too). It reports by printing lines on stdout:
 //! - `PROGRESS <percent> [step]`            progress, and the current step
 //! - `MESSAGE <text>`                        a human-readable status line
 //! - `RESULT <json object>`                  the job's result
@@ -194,6 +196,25 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A leased job's dependencies for its command, as JSON.
+fn dependencies_json(deps: &[pb::Dependency]) -> String {
+    let deps: Vec<serde_json::Value> = deps
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "name": d.name,
+                "kind": d.kind,
+                "state": pb::job::State::try_from(d.state)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("STATE_UNSPECIFIED"),
+                "result": d.result.clone().map(struct_to_json).transpose().ok().flatten(),
+                "output_assets": d.output_assets,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(deps).to_string()
+}
+
 async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
     let Some(job) = leased.job else { return };
     // Only a well-formed context is passed on: the command may parse it.
@@ -213,6 +234,7 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
         .flatten()
         .unwrap_or_default();
     let input = serde_json::Value::Object(input).to_string();
+    let dependencies = dependencies_json(&leased.dependencies);
     tracing::info!(job = %job.name, attempt = job.attempt, "running");
 
     let mut command = Command::new("sh");
@@ -223,6 +245,7 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
         .env("MEDIAPLANE_JOB_KIND", &job.kind)
         .env("MEDIAPLANE_JOB_ATTEMPT", job.attempt.to_string())
         .env("MEDIAPLANE_JOB_INPUT", &input)
+        .env("MEDIAPLANE_DEPENDENCIES", &dependencies)
         .env_remove("TRACEPARENT");
     if let Some(tp) = held.traceparent.as_ref().and_then(|v| v.to_str().ok()) {
         command.env("TRACEPARENT", tp);
