@@ -41,7 +41,7 @@ pub async fn active_jobs(conn: &mut AsyncPgConnection, owner: &str, cap: i64) ->
         conn,
         "SELECT count(*) AS n FROM (SELECT 1 FROM jobs \
          WHERE project_id IN (SELECT id FROM projects WHERE owner = $1) \
-         AND state IN ('queued', 'running') LIMIT $2) t",
+         AND state IN ('waiting', 'queued', 'running') LIMIT $2) t",
         owner,
         cap,
     )
