@@ -54,6 +54,12 @@ impl Drop for Server {
 
 /// The release binary on a free port, its own database, and `extra` settings.
 pub fn start_server(name: &str, extra: &[(&str, String)]) -> Server {
+    start_server_bin(env!("CARGO_BIN_EXE_mediaplane"), name, extra)
+}
+
+/// `bin` (this build's binary, or another revision's for a baseline) as `start_server`
+/// starts it.
+pub fn start_server_bin(bin: &str, name: &str, extra: &[(&str, String)]) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -65,7 +71,7 @@ pub fn start_server(name: &str, extra: &[(&str, String)]) -> Server {
         .unwrap()
         .port();
     let db = format!("mp_bench_{name}_{}", std::process::id());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mediaplane"));
+    let mut cmd = Command::new(bin);
     cmd.arg("serve")
         .env("MEDIAPLANE_ADDR", format!("127.0.0.1:{port}"))
         .env("MEDIAPLANE_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
