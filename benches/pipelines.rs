@@ -72,21 +72,19 @@ impl Rig {
         let channels: Vec<Channel> =
             futures::future::join_all((0..8).map(|_| channel(&server.addr))).await;
         let owner = token("bench", &[]);
-        let project = ProjectsServiceClient::with_interceptor(
-            channels[0].clone(),
-            Bearer(owner.clone()),
-        )
-        .create_project(pb::CreateProjectRequest {
-            project: Some(pb::Project {
-                display_name: "bench".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .name;
+        let project =
+            ProjectsServiceClient::with_interceptor(channels[0].clone(), Bearer(owner.clone()))
+                .create_project(pb::CreateProjectRequest {
+                    project: Some(pb::Project {
+                        display_name: "bench".into(),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .name;
         Self {
             _server: server,
             channels,
@@ -224,10 +222,7 @@ async fn plain_round(bin: &str, name: &str, total: usize) -> (f64, f64) {
     }
     workers.abort_all();
     while workers.join_next().await.is_some() {}
-    (
-        total as f64 / took.as_secs_f64(),
-        cpu * 1e6 / total as f64,
-    )
+    (total as f64 / took.as_secs_f64(), cpu * 1e6 / total as f64)
 }
 
 async fn plain(baseline: Option<String>) {
@@ -338,8 +333,8 @@ async fn chains() {
                 for _ in 0..pipelines / 100 {
                     let mut requests = Vec::new();
                     for i in 0..10 {
-                        let step = |kind: &str, key: String, deps: Vec<String>| {
-                            pb::CreateJobRequest {
+                        let step =
+                            |kind: &str, key: String, deps: Vec<String>| pb::CreateJobRequest {
                                 job: Some(pb::Job {
                                     kind: kind.into(),
                                     depends_on: deps,
@@ -347,8 +342,7 @@ async fn chains() {
                                 }),
                                 key,
                                 ..Default::default()
-                            }
-                        };
+                            };
                         requests.push(step("script", format!("s{i}"), vec![]));
                         requests.push(step("speech", format!("t{i}"), vec![format!("@s{i}")]));
                         requests.push(step("render", String::new(), vec![format!("@t{i}")]));
@@ -463,7 +457,9 @@ async fn fairness() {
 
 #[tokio::main]
 async fn main() {
-    println!("mediaplane pipelines and fair queues benchmark (2-core machine shared with Postgres and Redis)\n");
+    println!(
+        "mediaplane pipelines and fair queues benchmark (2-core machine shared with Postgres and Redis)\n"
+    );
     if wanted("plain") {
         plain(std::env::var("MP_BENCH_BASELINE_BIN").ok()).await;
     }

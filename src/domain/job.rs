@@ -286,6 +286,31 @@ pub struct JobFilter {
     pub kinds: Vec<String>,
     /// `labels.KEY = "value"` terms: every one must hold.
     pub labels: BTreeMap<String, String>,
+    /// `depends_on = "projects/p/jobs/j"`: the jobs that depend on that one.
+    pub dependency: Option<Uuid>,
+}
+
+/// What a filter reads of a job, stored or on the wire.
+pub trait Filterable {
+    fn state(&self) -> JobState;
+    fn kind(&self) -> &str;
+    fn label(&self, key: &str) -> Option<&str>;
+    fn depends_on(&self, job: Uuid) -> bool;
+}
+
+impl Filterable for Job {
+    fn state(&self) -> JobState {
+        self.state
+    }
+    fn kind(&self) -> &str {
+        &self.kind
+    }
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+    fn depends_on(&self, job: Uuid) -> bool {
+        self.depends_on.contains(&job)
+    }
 }
 
 impl JobFilter {
@@ -298,7 +323,7 @@ impl JobFilter {
         for term in filter.split(" AND ") {
             let (field, value) = term.split_once('=').ok_or_else(|| {
                 format!(
-                    "unsupported term `{}`: expected state = STATE, kind = \"KIND\" or labels.KEY = \"VALUE\"",
+                    "unsupported term `{}`: expected state = STATE, kind = \"KIND\", labels.KEY = \"VALUE\" or depends_on = \"JOB\"",
                     super::text::quote(term.trim())
                 )
             })?;
@@ -314,6 +339,17 @@ impl JobFilter {
                         "`{}` is not a valid kind",
                         super::text::quote(value)
                     ));
+                }
+                "depends_on" => {
+                    let name = super::names::JobName::parse("filter", value).map_err(|_| {
+                        format!(
+                            "`{}` is not a job name (projects/{{project}}/jobs/{{job}})",
+                            super::text::quote(value)
+                        )
+                    })?;
+                    if out.dependency.replace(name.job).is_some() {
+                        return Err("depends_on is named twice".into());
+                    }
                 }
                 field if field.starts_with("labels.") => {
                     let key = &field["labels.".len()..];
@@ -333,7 +369,7 @@ impl JobFilter {
                 }
                 other => {
                     return Err(format!(
-                        "cannot filter on `{}`: use state, kind or labels.KEY",
+                        "cannot filter on `{}`: use state, kind, labels.KEY or depends_on",
                         super::text::quote(other)
                     ));
                 }
@@ -343,22 +379,20 @@ impl JobFilter {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.states.is_empty() && self.kinds.is_empty() && self.labels.is_empty()
+        self.states.is_empty()
+            && self.kinds.is_empty()
+            && self.labels.is_empty()
+            && self.dependency.is_none()
     }
 
-    /// Whether a job in `state` of `kind` whose labels `label` reads matches.
-    pub fn matches<'a>(
-        &self,
-        state: JobState,
-        kind: &str,
-        label: impl Fn(&str) -> Option<&'a str>,
-    ) -> bool {
-        (self.states.is_empty() || self.states.contains(&state))
-            && (self.kinds.is_empty() || self.kinds.iter().any(|k| k == kind))
+    pub fn matches(&self, job: &impl Filterable) -> bool {
+        (self.states.is_empty() || self.states.contains(&job.state()))
+            && (self.kinds.is_empty() || self.kinds.iter().any(|k| k == job.kind()))
             && self
                 .labels
                 .iter()
-                .all(|(k, v)| label(k) == Some(v.as_str()))
+                .all(|(k, v)| job.label(k) == Some(v.as_str()))
+            && self.dependency.is_none_or(|d| job.depends_on(d))
     }
 
     pub fn canonical(&self) -> String {
@@ -509,13 +543,31 @@ mod tests {
     #[test]
     fn filters() {
         let f = JobFilter::parse(r#"state = RUNNING AND kind = "render""#).unwrap();
-        assert!(f.matches(JobState::Running, "render", |_| None));
-        assert!(!f.matches(JobState::Queued, "render", |_| None));
+        struct J(JobState, Option<&'static str>, Vec<Uuid>);
+        impl Filterable for J {
+            fn state(&self) -> JobState {
+                self.0
+            }
+            fn kind(&self) -> &str {
+                "render"
+            }
+            fn label(&self, key: &str) -> Option<&str> {
+                (key == "pipeline").then_some(self.1).flatten()
+            }
+            fn depends_on(&self, job: Uuid) -> bool {
+                self.2.contains(&job)
+            }
+        }
+        assert!(f.matches(&J(JobState::Running, None, vec![])));
+        assert!(!f.matches(&J(JobState::Queued, None, vec![])));
         let p = JobFilter::parse(r#"labels.pipeline = "post-42" AND state = WAITING"#).unwrap();
-        assert!(p.matches(JobState::Waiting, "tts", |k| {
-            (k == "pipeline").then_some("post-42")
-        }));
-        assert!(!p.matches(JobState::Waiting, "tts", |_| None));
+        assert!(p.matches(&J(JobState::Waiting, Some("post-42"), vec![])));
+        assert!(!p.matches(&J(JobState::Waiting, None, vec![])));
+        let (project, dep) = (Uuid::now_v7(), Uuid::now_v7());
+        let d =
+            JobFilter::parse(&format!(r#"depends_on = "projects/{project}/jobs/{dep}""#)).unwrap();
+        assert!(d.matches(&J(JobState::Waiting, None, vec![dep])));
+        assert!(!d.matches(&J(JobState::Waiting, None, vec![])));
         assert!(JobFilter::parse(r#"labels.a = "1" AND labels.a = "2""#).is_err());
         assert!(JobFilter::parse("owner = x").is_err());
         assert!(valid_kind("render.4k") && !valid_kind("Render") && !valid_kind(""));

@@ -33,6 +33,7 @@ const FILES: &[(&str, &str, &str)] = &[
     ("/studio/jobs.js", JS, include_str!("studio/jobs.js")),
     ("/studio/job.js", JS, include_str!("studio/job.js")),
     ("/studio/assets.js", JS, include_str!("studio/assets.js")),
+    ("/studio/queues.js", JS, include_str!("studio/queues.js")),
 ];
 const JS: &str = "text/javascript; charset=utf-8";
 

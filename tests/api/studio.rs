@@ -629,3 +629,138 @@ async fn with_s3_storage_the_page_may_reach_the_bucket_and_nothing_else() {
         assert!(csp.contains(directive), "{csp}");
     }
 }
+
+/// The queues view (an admin pauses a queue and sets its limits, with a field error
+/// shown on the way) and a job's pipeline (its dependency and dependent, linked, their
+/// states moving live), in a real browser.
+#[tokio::test]
+async fn a_browser_runs_the_queues_and_follows_a_pipeline() {
+    let app = TestApp::spawn().await;
+    let admin = admin_token("ops");
+    let p = create_project(&app, &token("alice"), "Chain").await;
+    let step = |kind: &str, deps: &[&str]| pb::CreateJobRequest {
+        job: Some(pb::Job {
+            kind: kind.into(),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let jobs = app
+        .jobs(&admin)
+        .batch_create_jobs(pb::BatchCreateJobsRequest {
+            parent: p.name.clone(),
+            requests: vec![
+                step("script", &[]),
+                step("render", &["@0"]),
+                step("thumbnail", &["@1"]),
+                step("render", &[]),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let mut page = Page::start(
+        "studio_queues.mjs",
+        &[
+            ("SERVER", &app.http("")),
+            ("TOKEN", &admin),
+            ("FIRST", &jobs[0].name),
+            ("MIDDLE", &jobs[1].name),
+            ("LAST", &jobs[2].name),
+        ],
+    );
+    let queues = || {
+        pb::queues_service_client::QueuesServiceClient::with_interceptor(
+            app.channel.clone(),
+            Bearer::new(&admin),
+        )
+    };
+    let render = || pb::GetQueueRequest {
+        name: "queues/render".into(),
+    };
+    page.until("paused").await;
+    assert!(
+        queues()
+            .get_queue(render())
+            .await
+            .unwrap()
+            .into_inner()
+            .paused
+    );
+    page.until("limits").await;
+    let q = queues().get_queue(render()).await.unwrap().into_inner();
+    assert_eq!(q.max_running, 3);
+    assert_eq!(q.start_rate.map(|r| r.jobs), Some(5));
+    page.until("pipeline").await;
+    let leased = acquire_one(
+        &app,
+        &token_with("w", &["worker"], Duration::from_secs(60)),
+        "w",
+        "script",
+    )
+    .await;
+    app.jobs(&token_with("w", &["worker"], Duration::from_secs(60)))
+        .complete_job(pb::CompleteJobRequest {
+            name: leased.job.unwrap().name,
+            lease_id: leased.lease_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seen = page.seen().await;
+    assert_eq!(seen["pageErrors"], serde_json::json!([]));
+    let figures: Vec<String> = serde_json::from_value(seen["figures"].clone()).unwrap();
+    // Kind, state, waiting, queued: two renders, one of them waiting on the script.
+    assert_eq!(
+        &figures[..4],
+        &["render", "active", "1", "1"],
+        "{figures:?}"
+    );
+    assert!(
+        seen["fieldError"]
+            .as_str()
+            .unwrap()
+            .contains("start_rate.jobs: 1 to 10000"),
+        "{seen}"
+    );
+    assert!(
+        seen["intervalError"]
+            .as_str()
+            .unwrap()
+            .contains("start_rate.interval"),
+        "{seen}"
+    );
+    let limits: Vec<String> = serde_json::from_value(seen["limits"].clone()).unwrap();
+    assert_eq!(
+        (limits[7].as_str(), limits[9].as_str()),
+        ("3", "5 per 2s"),
+        "{limits:?}"
+    );
+    assert_eq!(seen["state"], "WAITING");
+    let dependency = seen["dependency"].as_str().unwrap();
+    assert!(
+        dependency.contains("script") && dependency.contains("QUEUED"),
+        "{dependency}"
+    );
+    assert_eq!(
+        seen["dependencyHref"],
+        format!("?job={}", jobs[0].name.replace('/', "%2F"))
+    );
+    assert!(
+        seen["dependent"].as_str().unwrap().contains("WAITING"),
+        "{seen}"
+    );
+    assert!(
+        seen["after"].as_str().unwrap().contains("SUCCEEDED"),
+        "{seen}"
+    );
+    assert!(
+        seen["firstDependents"]
+            .as_str()
+            .unwrap()
+            .contains(jobs[1].name.rsplit('/').next().unwrap()),
+        "{seen}"
+    );
+}

@@ -165,6 +165,35 @@ fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> serde_jso
     )
 }
 
+/// Narrows a boxed jobs query to a `JobFilter`'s terms (a macro: each query's boxed
+/// type differs by what it selects).
+macro_rules! filtered {
+    ($query:ident, $filter:expr) => {{
+        let filter: &JobFilter = $filter;
+        if !filter.states.is_empty() {
+            $query = $query.filter(jobs::state.eq_any(filter.states.clone()));
+        }
+        if !filter.kinds.is_empty() {
+            $query = $query.filter(jobs::kind.eq_any(filter.kinds.clone()));
+        }
+        if !filter.labels.is_empty() {
+            // `labels @> {...}`: every label of the filter.
+            $query = $query.filter(
+                sql::<Bool>("labels @> ")
+                    .bind::<diesel::sql_types::Jsonb, _>(labels_json(&filter.labels)),
+            );
+        }
+        if let Some(dependency) = filter.dependency {
+            // The cardinality term matches the GIN index's predicate.
+            $query = $query.filter(
+                sql::<Bool>("cardinality(depends_on) > 0 AND depends_on @> ARRAY[")
+                    .bind::<diesel::sql_types::Uuid, _>(dependency)
+                    .sql("]"),
+            );
+        }
+    }};
+}
+
 type VisibleTo =
     diesel::dsl::Or<diesel::dsl::Eq<jobs::owner, String>, diesel::dsl::AsExprOf<bool, Bool>>;
 
@@ -227,19 +256,7 @@ pub async fn list(
         .filter(visible_to(q.owner.as_deref()))
         .select(JobRow::as_select())
         .into_boxed();
-    if !q.filter.states.is_empty() {
-        query = query.filter(jobs::state.eq_any(q.filter.states.clone()));
-    }
-    if !q.filter.kinds.is_empty() {
-        query = query.filter(jobs::kind.eq_any(q.filter.kinds.clone()));
-    }
-    if !q.filter.labels.is_empty() {
-        // `labels @> {...}`: every label of the filter.
-        query = query.filter(
-            sql::<Bool>("labels @> ")
-                .bind::<diesel::sql_types::Jsonb, _>(labels_json(&q.filter.labels)),
-        );
-    }
+    filtered!(query, &q.filter);
     if let Some(after) = q.after {
         query = query.filter(super::after_cursor(after, q.descending));
     }
@@ -274,18 +291,7 @@ pub async fn summarize(
             ),
         ))
         .into_boxed();
-    if !filter.states.is_empty() {
-        query = query.filter(jobs::state.eq_any(filter.states.clone()));
-    }
-    if !filter.kinds.is_empty() {
-        query = query.filter(jobs::kind.eq_any(filter.kinds.clone()));
-    }
-    if !filter.labels.is_empty() {
-        query = query.filter(
-            sql::<Bool>("labels @> ")
-                .bind::<diesel::sql_types::Jsonb, _>(labels_json(&filter.labels)),
-        );
-    }
+    filtered!(query, filter);
     Ok(query.load(conn).await?)
 }
 
@@ -331,18 +337,7 @@ pub async fn changed_since(
         .order(jobs::update_time.desc())
         .limit(limit)
         .into_boxed();
-    if !filter.states.is_empty() {
-        query = query.filter(jobs::state.eq_any(filter.states.clone()));
-    }
-    if !filter.kinds.is_empty() {
-        query = query.filter(jobs::kind.eq_any(filter.kinds.clone()));
-    }
-    if !filter.labels.is_empty() {
-        query = query.filter(
-            sql::<Bool>("labels @> ")
-                .bind::<diesel::sql_types::Jsonb, _>(labels_json(&filter.labels)),
-        );
-    }
+    filtered!(query, filter);
     if let Some(since) = since {
         query = query.filter(jobs::update_time.ge(since));
     }

@@ -1,10 +1,12 @@
 // The studio: sign-in, then the view the URL names: `?job=…` one job, `?project=…`
-// (with its filters) that project's jobs, live; otherwise the projects.
+// (with its filters) that project's jobs, live; `?queues` the queues; otherwise the
+// projects.
 import { token } from "./api.js";
 import { openAssets } from "./assets.js";
 import { closeJob, openJob } from "./job.js";
 import { closeJobs, openJobs } from "./jobs.js";
 import { clearProjects, loadProjects } from "./projects.js";
+import { closeQueues, openQueues } from "./queues.js";
 import { $, failed, say, show } from "./ui.js";
 
 // A `#token=` fragment (the link `serve` prints) signs in and is removed at once, so
@@ -26,6 +28,9 @@ async function signedIn() {
     if (job) {
       show("job");
       await openJob(job);
+    } else if (query.has("queues")) {
+      show("queues");
+      await openQueues();
     } else if (project) {
       show("jobs");
       await openJobs(project);
@@ -50,6 +55,7 @@ $("sign-out").addEventListener("click", () => {
   clearProjects();
   closeJobs();
   closeJob();
+  closeQueues();
   show("sign-in");
   say("Signed out.");
 });

@@ -1,6 +1,7 @@
 // One job: its progress live (WatchJob over SSE), a timeline of its events (stored
 // events replayed from its creation while they are kept), each attempt's error,
-// input and result as JSON, and its output assets with previews.
+// input and result as JSON, its output assets with previews, and its pipeline: the
+// jobs it depends on and the jobs that depend on it, linked, each with its state.
 import { call } from "./api.js";
 import { $, assetItem, el, failed, follow } from "./ui.js";
 
@@ -15,11 +16,42 @@ export async function openJob(name) {
   );
   render(job);
   closeJob();
+  pipeline(job).catch(failed);
   // After sequence 1 (its creation): every stored event since, then each new one.
+  let state = job.state;
   stream = follow(`/v1/${name}:watch`, { afterSequence: 1 }, $("job-live"), (event) => {
     render(event.job);
     $("job-timeline").append(describe(event));
+    // Its end releases or cancels its dependents: show them as they are now.
+    if (event.job.state !== state) {
+      state = event.job.state;
+      pipeline(event.job).catch(failed);
+    }
   });
+}
+
+const link = (j) =>
+  el(
+    "li",
+    {},
+    el("a", { href: `?job=${encodeURIComponent(j.name)}`, textContent: `${j.kind} ${j.name.split("/").pop()}` }),
+    " ",
+    el("span", { className: `state ${j.state}`, textContent: j.state }),
+  );
+
+// Dependencies by name (read one by one: at most 100), and dependents by filter.
+async function pipeline(job) {
+  const deps = await Promise.all(
+    (job.dependsOn ?? []).map((name) =>
+      call("GET", `/v1/${name}`).catch(() => ({ name, kind: "(gone)", state: "" })),
+    ),
+  );
+  $("job-dependencies").replaceChildren(...deps.map(link));
+  const project = job.name.split("/jobs/")[0];
+  const { jobs = [] } = await call("GET", `/v1/${project}/jobs`, {
+    query: { filter: `depends_on = "${job.name}"`, pageSize: 100 },
+  });
+  $("job-dependents").replaceChildren(...jobs.map(link));
 }
 
 export function closeJob() {

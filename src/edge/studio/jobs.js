@@ -179,14 +179,16 @@ $("job-filters").addEventListener("change", () => {
   subscribe();
 });
 $("job-filters").addEventListener("submit", (event) => event.preventDefault());
-$("cancel-selected").addEventListener("click", () => bulk("cancel", (s) => s === "QUEUED" || s === "RUNNING"));
+$("cancel-selected").addEventListener("click", () =>
+  bulk("cancel", (s) => s === "WAITING" || s === "QUEUED" || s === "RUNNING"),
+);
 $("retry-selected").addEventListener("click", () => bulk("retry", (s) => s === "FAILED" || s === "CANCELLED"));
 
 // Creating a job: the input must be a JSON object; the server's own field errors
 // are shown on their fields too.
 $("create-job").addEventListener("submit", async (event) => {
   event.preventDefault();
-  for (const f of ["kind", "input", "priority", "schedule"]) $(`job-${f}-error`).textContent = "";
+  for (const f of ["kind", "input", "priority", "schedule", "depends"]) $(`job-${f}-error`).textContent = "";
   let input;
   try {
     input = JSON.parse($("job-input").value || "{}");
@@ -197,19 +199,31 @@ $("create-job").addEventListener("submit", async (event) => {
   }
   const job = { kind: $("job-kind").value.trim(), input, priority: Number($("job-priority").value || 0) };
   if ($("job-schedule").value) job.scheduleTime = new Date($("job-schedule").value).toISOString();
+  const depends = $("job-depends").value.split(/\s+/).filter(Boolean);
+  if (depends.length) job.dependsOn = depends;
   try {
     const created = await call("POST", `/v1/${project}/jobs`, { body: job, query: { requestId: crypto.randomUUID() } });
     say(`Created ${created.name.split("/").pop()}.`);
   } catch (e) {
     const fields = e instanceof ApiError ? e.fields : {};
-    const map = { "job.kind": "kind", "job.input": "input", "job.priority": "priority", "job.schedule_time": "schedule" };
+    const map = {
+      "job.kind": "kind",
+      "job.input": "input",
+      "job.priority": "priority",
+      "job.schedule_time": "schedule",
+      "job.depends_on": "depends",
+    };
     let shown = false;
     for (const [field, why] of Object.entries(fields)) {
-      const key = Object.keys(map).find((k) => field === k || field.startsWith(`${k}.`));
+      const key = Object.keys(map).find((k) => field === k || field.startsWith(`${k}.`) || field.startsWith(`${k}[`));
       if (key) {
         $(`job-${map[key]}-error`).textContent = why;
         shown = true;
       }
+    }
+    if (!shown && e instanceof ApiError && /dependency/.test(e.message)) {
+      $("job-depends-error").textContent = `${e.code}: ${e.message}`;
+      shown = true;
     }
     if (!shown) failed(e);
   }

@@ -15,11 +15,12 @@ export function say(text, error = false) {
   $("status").classList.toggle("error", error);
 }
 
-const views = ["sign-in", "projects", "jobs", "job"];
+const views = ["sign-in", "projects", "jobs", "job", "queues"];
 
 export function show(view) {
   for (const id of views) $(id).hidden = id !== view;
   $("sign-out").hidden = view === "sign-in";
+  $("nav").hidden = view === "sign-in";
 }
 
 // A refused token sends the user back to sign-in; anything else is shown.

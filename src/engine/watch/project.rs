@@ -1,6 +1,7 @@
 //! One WatchJobs stream: the jobs of a project that match a filter, kept current.
 use std::collections::{HashMap, VecDeque};
 
+use crate::domain::job::Filterable;
 use tokio::sync::broadcast::{self, error::RecvError};
 use uuid::Uuid;
 
@@ -55,18 +56,16 @@ struct Sent {
 impl View {
     /// Whether a change of a job goes to the client, recording it if it does: a change
     /// newer than what was sent, of a job that matches or that the client shows.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn admit<'a>(
+    pub(super) fn admit(
         &mut self,
         filter: &JobFilter,
         id: Uuid,
         sequence: i64,
-        state: JobState,
-        kind: &str,
-        label: impl Fn(&str) -> Option<&'a str>,
+        job: &impl Filterable,
         now: chrono::DateTime<chrono::Utc>,
     ) -> bool {
-        let matching = filter.matches(state, kind, label);
+        let matching = filter.matches(job);
+        let state = job.state();
         let shown = match self.jobs.get(&id) {
             Some(sent) if sent.sequence >= sequence => return false,
             Some(sent) => sent.shown,
@@ -122,15 +121,10 @@ impl View {
 
 impl ProjectWatcher {
     pub(super) fn offer(&mut self, job: &Job, now: chrono::DateTime<chrono::Utc>) {
-        if self.view.admit(
-            &self.filter,
-            job.id,
-            job.sequence,
-            job.state,
-            &job.kind,
-            |k| job.labels.get(k).map(String::as_str),
-            now,
-        ) {
+        if self
+            .view
+            .admit(&self.filter, job.id, job.sequence, job, now)
+        {
             self.out
                 .push_back(EncodedJobEvent::new(&event(job, EventType::Snapshot)));
         }
@@ -256,9 +250,7 @@ impl Watcher for ProjectWatcher {
                             &self.filter,
                             id,
                             ev.event.sequence,
-                            state,
-                            &job.kind,
-                            |k| job.labels.get(k).map(String::as_str),
+                            &Wire(job, state),
                             chrono::Utc::now(),
                         )
                     {
@@ -278,9 +270,48 @@ impl Watcher for ProjectWatcher {
     }
 }
 
+/// A job as an event carries it, with its state read.
+struct Wire<'a>(&'a pb::Job, JobState);
+
+impl Filterable for Wire<'_> {
+    fn state(&self) -> JobState {
+        self.1
+    }
+    fn kind(&self) -> &str {
+        &self.0.kind
+    }
+    fn label(&self, key: &str) -> Option<&str> {
+        self.0.labels.get(key).map(String::as_str)
+    }
+    fn depends_on(&self, job: Uuid) -> bool {
+        self.0
+            .depends_on
+            .iter()
+            .any(|name| JobName::parse("depends_on", name).is_ok_and(|n| n.job == job))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A render job in a state, without labels or dependencies.
+    struct Test(JobState);
+
+    impl Filterable for Test {
+        fn state(&self) -> JobState {
+            self.0
+        }
+        fn kind(&self) -> &str {
+            "render"
+        }
+        fn label(&self, _: &str) -> Option<&str> {
+            None
+        }
+        fn depends_on(&self, _: Uuid) -> bool {
+            false
+        }
+    }
 
     pub(super) fn at(secs: i64) -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
@@ -292,18 +323,18 @@ mod tests {
         let mut view = View::default();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         // Not shown and not matching: nothing to say.
-        assert!(!view.admit(&running, a, 1, JobState::Queued, "render", |_| None, at(0)));
-        assert!(view.admit(&running, a, 2, JobState::Running, "render", |_| None, at(1)));
+        assert!(!view.admit(&running, a, 1, &Test(JobState::Queued), at(0)));
+        assert!(view.admit(&running, a, 2, &Test(JobState::Running), at(1)));
         assert!(
-            !view.admit(&running, a, 2, JobState::Running, "render", |_| None, at(2)),
+            !view.admit(&running, a, 2, &Test(JobState::Running), at(2)),
             "sent already"
         );
-        assert!(view.admit(&running, a, 3, JobState::Running, "render", |_| None, at(3)));
+        assert!(view.admit(&running, a, 3, &Test(JobState::Running), at(3)));
         // Leaves the filter: sent once, then no more until it matches again.
-        assert!(view.admit(&running, a, 4, JobState::Queued, "render", |_| None, at(4)));
-        assert!(!view.admit(&running, a, 5, JobState::Queued, "render", |_| None, at(5)));
-        assert!(view.admit(&running, a, 6, JobState::Running, "render", |_| None, at(6)));
-        assert!(view.admit(&running, b, 1, JobState::Running, "render", |_| None, at(6)));
+        assert!(view.admit(&running, a, 4, &Test(JobState::Queued), at(4)));
+        assert!(!view.admit(&running, a, 5, &Test(JobState::Queued), at(5)));
+        assert!(view.admit(&running, a, 6, &Test(JobState::Running), at(6)));
+        assert!(view.admit(&running, b, 1, &Test(JobState::Running), at(6)));
         let mut shown = view.shown();
         shown.sort();
         let mut both = vec![a, b];
@@ -321,51 +352,11 @@ mod tests {
             Uuid::now_v7(),
             Uuid::now_v7(),
         );
-        view.admit(
-            &running,
-            shown,
-            1,
-            JobState::Running,
-            "render",
-            |_| None,
-            at(0),
-        );
-        view.admit(
-            &running,
-            left,
-            1,
-            JobState::Running,
-            "render",
-            |_| None,
-            at(0),
-        );
-        view.admit(
-            &running,
-            left,
-            2,
-            JobState::Succeeded,
-            "render",
-            |_| None,
-            at(1),
-        );
-        view.admit(
-            &running,
-            recent,
-            1,
-            JobState::Running,
-            "render",
-            |_| None,
-            at(20),
-        );
-        view.admit(
-            &running,
-            recent,
-            2,
-            JobState::Failed,
-            "render",
-            |_| None,
-            at(20),
-        );
+        view.admit(&running, shown, 1, &Test(JobState::Running), at(0));
+        view.admit(&running, left, 1, &Test(JobState::Running), at(0));
+        view.admit(&running, left, 2, &Test(JobState::Succeeded), at(1));
+        view.admit(&running, recent, 1, &Test(JobState::Running), at(20));
+        view.admit(&running, recent, 2, &Test(JobState::Failed), at(20));
         view.forget(false, at(10), at(-100));
         let mut kept: Vec<Uuid> = view.jobs.keys().copied().collect();
         kept.sort();
@@ -376,15 +367,7 @@ mod tests {
         // A finished job it shows is forgotten after the retention.
         let failed = JobFilter::parse("state = FAILED").unwrap();
         let mut view = View::default();
-        view.admit(
-            &failed,
-            done,
-            1,
-            JobState::Failed,
-            "render",
-            |_| None,
-            at(0),
-        );
+        view.admit(&failed, done, 1, &Test(JobState::Failed), at(0));
         view.forget(false, at(10), at(-1));
         assert!(view.jobs.contains_key(&done));
         view.forget(false, at(10), at(5));
@@ -393,16 +376,8 @@ mod tests {
         // No filter: nothing can leave it, so only what a sync may return again is kept.
         let all = JobFilter::default();
         let mut view = View::default();
-        view.admit(&all, shown, 1, JobState::Running, "render", |_| None, at(0));
-        view.admit(
-            &all,
-            recent,
-            1,
-            JobState::Queued,
-            "render",
-            |_| None,
-            at(20),
-        );
+        view.admit(&all, shown, 1, &Test(JobState::Running), at(0));
+        view.admit(&all, recent, 1, &Test(JobState::Queued), at(20));
         view.forget(true, at(10), at(-100));
         assert_eq!(view.jobs.keys().copied().collect::<Vec<_>>(), vec![recent]);
     }
