@@ -183,6 +183,7 @@ struct Inner {
     in_flight: Family<TransportLabels, Gauge>,
     job_events: Family<JobEventLabels, Counter>,
     queued: Family<KindLabels, Gauge>,
+    waiting: Family<KindLabels, Gauge>,
     running: Family<KindLabels, Gauge>,
     oldest_age: Family<KindLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// The last queue figures read, with the time they were read.
@@ -292,6 +293,12 @@ impl Metrics {
             "mediaplane_jobs_queued",
             "Jobs queued, by kind (from Postgres; the same on every instance)",
             queued.clone(),
+        );
+        let waiting = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "mediaplane_jobs_waiting",
+            "Jobs waiting for their dependencies, by kind (from Postgres)",
+            waiting.clone(),
         );
         let running = Family::<KindLabels, Gauge>::default();
         registry.register(
@@ -501,6 +508,7 @@ impl Metrics {
                 in_flight,
                 job_events,
                 queued,
+                waiting,
                 running,
                 oldest_age,
                 queues: Mutex::new((Vec::new(), None)),
@@ -671,6 +679,7 @@ impl Metrics {
                 kind: gone.kind.clone(),
             };
             inner.queued.get_or_create(&labels).set(0);
+            inner.waiting.get_or_create(&labels).set(0);
             inner.running.get_or_create(&labels).set(0);
             inner.oldest_age.get_or_create(&labels).set(0.0);
         }
@@ -679,6 +688,7 @@ impl Metrics {
                 kind: f.kind.clone(),
             };
             inner.queued.get_or_create(&labels).set(f.queued);
+            inner.waiting.get_or_create(&labels).set(f.waiting);
             inner.running.get_or_create(&labels).set(f.running);
         }
         *queues = (figures, Some(SystemTime::now()));
