@@ -23,7 +23,6 @@ DROP FUNCTION jobs_next_turn(text, integer, text);
 DROP INDEX jobs_fair_idx;
 DROP INDEX jobs_fetch_idx;
 CREATE INDEX jobs_fetch_idx ON jobs (kind, priority DESC, schedule_time, create_time) WHERE state = 'queued';
-DROP INDEX jobs_running_kind_idx;
 DROP INDEX jobs_waiting_idx;
 DROP INDEX jobs_cancelled_by_idx;
 DROP INDEX jobs_dependents_idx;

@@ -230,9 +230,25 @@ async fn a_pipeline_runs_in_order_and_each_step_gets_what_the_one_before_made() 
     );
     assert_eq!(summary.progress_percent, 50.0);
     assert!(!summary.done);
-    complete(&app, render, None, vec![]).await;
+    let film = crate::assets::upload(&app, &t, &parent, b"\x00\x00\x00\x18ftypmp42 film")
+        .await
+        .expect("upload");
+    complete(
+        &app,
+        render,
+        Some(text_struct("frames", "240")),
+        vec![film.name.clone()],
+    )
+    .await;
+    // The last stage gets the render's result and film.
     let leased = lease(&app, &["thumbnail"], 10).await;
     assert_eq!(leased.len(), 1);
+    let deps = &leased[0].dependencies;
+    assert_eq!(deps.len(), 1);
+    assert_eq!(deps[0].name, names[1]);
+    assert_eq!(deps[0].kind, "render");
+    assert_eq!(deps[0].result, Some(text_struct("frames", "240")));
+    assert_eq!(deps[0].output_assets, vec![film.name.clone()]);
     complete(&app, &leased[0], None, vec![]).await;
 
     // One stream followed the whole pipeline: every job reached SUCCEEDED in it.

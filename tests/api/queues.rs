@@ -429,6 +429,23 @@ async fn a_start_rate_spaces_starts_across_the_interval() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "{took:?}"
     );
+    // By the jobs' own start times, no window of one second holds more than three.
+    let mut starts: Vec<f64> = first
+        .iter()
+        .chain(&next)
+        .map(|l| {
+            let t = l.job.as_ref().unwrap().start_time.unwrap();
+            t.seconds as f64 + f64::from(t.nanos) / 1e9
+        })
+        .collect();
+    starts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    for (i, s) in starts.iter().enumerate() {
+        let within = starts[i..].iter().take_while(|t| **t < s + 1.0).count();
+        assert!(
+            within <= 3,
+            "{within} starts within a second of {s}: {starts:?}"
+        );
+    }
     // The queue says what it holds.
     let q = get_queue(&app, "tts").await;
     assert_eq!((q.queued_jobs, q.running_jobs), (4, 6));

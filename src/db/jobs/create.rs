@@ -32,6 +32,7 @@ struct NewJobRow<'a> {
     depends_on: Vec<Option<Uuid>>,
     state: JobState,
     has_dependents: bool,
+    fair_seq: i64,
 }
 
 /// A job to insert into a project whose owner is known (and locked).
@@ -77,8 +78,11 @@ pub async fn insert_many(
             depends_on: i.depends_on.iter().copied().map(Some).collect(),
             state: i.state,
             has_dependents: i.has_dependents,
+            fair_seq: 0,
         })
         .collect();
+    let mut rows = rows;
+    give_turns(conn, &mut rows).await?;
     let mut inserted: std::collections::HashMap<Uuid, JobRow> = std::collections::HashMap::new();
     // Bind parameters are limited to 65,535 per statement.
     for chunk in rows.chunks(2000) {
@@ -114,6 +118,45 @@ pub async fn insert_many(
         out.push(existing(conn, row).await);
     }
     Ok(out)
+}
+
+/// Gives each row its turn in its kind, priority and key (`jobs_next_turn`, read once
+/// per group in one query): the group's next turn, then one more per row, in order.
+async fn give_turns(conn: &mut AsyncPgConnection, rows: &mut [NewJobRow<'_>]) -> AppResult<()> {
+    use diesel::sql_types::{Array, BigInt, Int4, Text};
+    #[derive(QueryableByName)]
+    struct Turn {
+        #[diesel(sql_type = BigInt)]
+        turn: i64,
+    }
+    let mut groups: Vec<(&str, i32, &str)> = rows
+        .iter()
+        .map(|r| (r.kind, r.priority, r.concurrency_key))
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let turns: Vec<Turn> = diesel::sql_query(
+        "SELECT jobs_next_turn(g.k, g.p, g.ck) AS turn \
+         FROM unnest($1::text[], $2::int4[], $3::text[]) WITH ORDINALITY AS g(k, p, ck, n) \
+         ORDER BY g.n",
+    )
+    .bind::<Array<Text>, _>(groups.iter().map(|g| g.0).collect::<Vec<_>>())
+    .bind::<Array<Int4>, _>(groups.iter().map(|g| g.1).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(groups.iter().map(|g| g.2).collect::<Vec<_>>())
+    .load(conn)
+    .await?;
+    let mut next: std::collections::HashMap<(&str, i32, &str), i64> = groups
+        .iter()
+        .copied()
+        .zip(turns.into_iter().map(|t| t.turn))
+        .collect();
+    for row in rows.iter_mut() {
+        if let Some(turn) = next.get_mut(&(row.kind, row.priority, row.concurrency_key)) {
+            row.fair_seq = *turn;
+            *turn += 1;
+        }
+    }
+    Ok(())
 }
 
 /// A job for [`insert_visible`]: its caller's scope (`None`: any owner), project, fields,
@@ -160,14 +203,10 @@ pub async fn insert_visible(
             // outcome) instead of the whole group waiting on the foreign key's check.
             out.push_sql("WITH p AS MATERIALIZED (SELECT id, owner FROM projects WHERE id = ANY(");
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
+            // Each job's turn (`jobs_next_turn`): read once per kind, priority and key of
+            // the group, then one more per job in the order of the calls.
             out.push_sql(
-                ") FOR KEY SHARE SKIP LOCKED) \
-                 INSERT INTO jobs (id, project_id, owner, kind, input, labels, priority, \
-                 max_attempts, schedule_time, request_id, request_hash, traceparent, concurrency_key) \
-                 SELECT c.id, p.id, p.owner, c.kind, c.input, c.labels, c.priority, \
-                 c.max_attempts, COALESCE(c.schedule_time, now()), c.request_id, c.request_hash, \
-                 c.traceparent, c.key \
-                 FROM unnest(",
+                ") FOR KEY SHARE SKIP LOCKED), c AS MATERIALIZED (SELECT * FROM unnest(",
             );
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
             out.push_sql(", ");
@@ -195,8 +234,19 @@ pub async fn insert_visible(
             out.push_sql(", ");
             out.push_bind_param::<Array<Text>, _>(&self.keys)?;
             out.push_sql(
-                ") AS c(id, project, scope, kind, input, labels, priority, max_attempts, \
-                 schedule_time, request_id, request_hash, traceparent, key) \
+                ") WITH ORDINALITY AS c(id, project, scope, kind, input, labels, priority, \
+                 max_attempts, schedule_time, request_id, request_hash, traceparent, key, n)), \
+                 t AS (SELECT g.kind, g.priority, g.key, \
+                       jobs_next_turn(g.kind, g.priority, g.key) AS turn \
+                       FROM (SELECT DISTINCT kind, priority, key FROM c) g) \
+                 INSERT INTO jobs (id, project_id, owner, kind, input, labels, priority, \
+                 max_attempts, schedule_time, request_id, request_hash, traceparent, \
+                 concurrency_key, fair_seq) \
+                 SELECT c.id, p.id, p.owner, c.kind, c.input, c.labels, c.priority, \
+                 c.max_attempts, COALESCE(c.schedule_time, now()), c.request_id, c.request_hash, \
+                 c.traceparent, c.key, t.turn - 1 + row_number() OVER \
+                 (PARTITION BY c.kind, c.priority, c.key ORDER BY c.n) \
+                 FROM c JOIN t ON t.kind = c.kind AND t.priority = c.priority AND t.key = c.key \
                  JOIN p ON p.id = c.project WHERE c.scope IS NULL OR p.owner = c.scope \
                  ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *");
             Ok(())
