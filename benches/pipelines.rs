@@ -28,6 +28,10 @@ use tonic::{service::interceptor::InterceptedService, transport::Channel};
 mod common;
 
 type Jobs = JobsServiceClient<InterceptedService<Channel, Bearer>>;
+/// Told of each leased job, with when AcquireJobs answered.
+type OnLease = Arc<dyn Fn(&pb::LeasedJob, Instant) + Send + Sync>;
+/// Told of each completed job's name, with when CompleteJob answered.
+type OnComplete = Arc<dyn Fn(String, Instant) + Send + Sync>;
 
 const THIS_BUILD: &str = env!("CARGO_BIN_EXE_mediaplane");
 
@@ -119,8 +123,8 @@ fn spawn_workers(
     max_jobs: i32,
     work: Duration,
     stop: Arc<std::sync::atomic::AtomicBool>,
-    on_lease: Arc<dyn Fn(&pb::LeasedJob, Instant) + Send + Sync>,
-    on_complete: Arc<dyn Fn(String, Instant) + Send + Sync>,
+    on_lease: OnLease,
+    on_complete: OnComplete,
 ) -> tokio::task::JoinSet<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
@@ -178,7 +182,7 @@ async fn plain_round(bin: &str, name: &str, total: usize) -> (f64, f64, f64) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let last = Arc::new(tokio::sync::Notify::new());
     let (start, cpu) = (Instant::now(), machine_busy_secs());
-    let on_complete: Arc<dyn Fn(String, Instant) + Send + Sync> = {
+    let on_complete: OnComplete = {
         let (done, last) = (done.clone(), last.clone());
         Arc::new(move |_, _| {
             if done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == total {
@@ -308,7 +312,7 @@ async fn chains_run(name: &str, pace: Option<Duration>) -> (f64, (usize, f64, f6
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let last = Arc::new(tokio::sync::Notify::new());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let on_lease: Arc<dyn Fn(&pb::LeasedJob, Instant) + Send + Sync> = {
+    let on_lease: OnLease = {
         let (completed, waits) = (completed.clone(), waits.clone());
         Arc::new(move |l, at| {
             if let Some(dep) = l.job.as_ref().and_then(|j| j.depends_on.first())
@@ -321,7 +325,7 @@ async fn chains_run(name: &str, pace: Option<Duration>) -> (f64, (usize, f64, f6
             }
         })
     };
-    let on_complete: Arc<dyn Fn(String, Instant) + Send + Sync> = {
+    let on_complete: OnComplete = {
         let (completed, done, last) = (completed.clone(), done.clone(), last.clone());
         Arc::new(move |name, at| {
             completed.lock().unwrap().insert(name, at);
@@ -426,7 +430,7 @@ async fn fairness() {
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let waits: Arc<Mutex<Vec<f64>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let on_lease: Arc<dyn Fn(&pb::LeasedJob, Instant) + Send + Sync> = {
+    let on_lease: OnLease = {
         let (created, waits) = (created.clone(), waits.clone());
         Arc::new(move |l, at| {
             let name = &l.job.as_ref().unwrap().name;

@@ -205,9 +205,7 @@ pub async fn insert_visible(
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
             // Each job's turn (`jobs_next_turn`): read once per kind, priority and key of
             // the group, then one more per job in the order of the calls.
-            out.push_sql(
-                ") FOR KEY SHARE SKIP LOCKED), c AS MATERIALIZED (SELECT * FROM unnest(",
-            );
+            out.push_sql(") FOR KEY SHARE SKIP LOCKED), c AS MATERIALIZED (SELECT * FROM unnest(");
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
             out.push_sql(", ");
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
