@@ -529,7 +529,9 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                 leased.job = Some(j.into());
                 // Results too large to come along (100 dependencies of 256 KiB each):
                 // names, states and outputs only; the worker reads results with GetJob.
-                if prost::Message::encoded_len(&leased) > self.page_budget {
+                if !leased.dependencies.is_empty()
+                    && prost::Message::encoded_len(&leased) > self.page_budget
+                {
                     for d in &mut leased.dependencies {
                         d.result = None;
                     }

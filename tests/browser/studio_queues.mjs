@@ -3,9 +3,9 @@
 // 1. `?queues`: the render queue's figures; pause it; a bad start rate shows its field
 //    error; limits saved. Prints `paused` and `limits` as it goes (the test checks the
 //    server).
-// 2. `?job=MIDDLE`: its dependency and dependent, linked, with their states; prints
-//    `pipeline`, then waits until the test completed FIRST and the page shows it
-//    SUCCEEDED and MIDDLE QUEUED. Last line: what it saw, as JSON.
+// 2. `?job=FIRST`: its dependent MIDDLE, linked; prints `pipeline`, then shows FIRST
+//    SUCCEEDED and MIDDLE QUEUED as the test completes FIRST; MIDDLE's page (by the
+//    link) shows its dependency and its dependent LAST. Last line: what it saw, as JSON.
 import { drive } from "./harness.mjs";
 
 const { SERVER, TOKEN, FIRST, MIDDLE, LAST } = process.env;
@@ -39,22 +39,26 @@ await drive(seen, async (page) => {
   seen.limits = await page.$$eval(`${row} td`, (tds) => tds.map((td) => td.textContent));
   console.log("limits");
 
-  await page.goto(`${SERVER}/?job=${encodeURIComponent(MIDDLE)}`);
+  // The first stage's page: its dependent waits; when the test completes the first
+  // stage, the page shows it SUCCEEDED and, pushed, its dependent QUEUED.
+  await page.goto(`${SERVER}/?job=${encodeURIComponent(FIRST)}`);
   await page.waitForSelector("#job:not([hidden])");
+  await page.waitForFunction(() => document.querySelectorAll("#job-dependents li").length === 1);
+  seen.firstDependents = await page.textContent("#job-dependents");
+  await page.waitForFunction(() => document.getElementById("job-live").dataset.state === "live");
+  await page.waitForFunction(() => document.getElementById("job-dependents-live").dataset.state === "live");
+  console.log("pipeline");
+  await page.waitForFunction(() => document.getElementById("job-state").textContent === "SUCCEEDED", null, { timeout: 15000 });
+  await page.waitForFunction(() => document.querySelector("#job-dependents .state")?.textContent === "QUEUED", null, { timeout: 15000 });
+  seen.firstDependentsAfter = await page.textContent("#job-dependents");
+  // The middle stage, by its link: its dependency done, itself queued, its own
+  // dependent still waiting.
+  await page.click("#job-dependents a");
+  await page.waitForFunction((middle) => document.getElementById("job-heading").textContent.endsWith(middle.split("/").pop()), MIDDLE);
   await page.waitForFunction(() => document.querySelectorAll("#job-dependencies li").length === 1 && document.querySelectorAll("#job-dependents li").length === 1);
   seen.state = await page.textContent("#job-state");
   seen.dependency = await page.textContent("#job-dependencies li");
   seen.dependencyHref = await page.getAttribute("#job-dependencies a", "href");
   seen.dependent = await page.textContent("#job-dependents li");
-  await page.waitForFunction(() => document.getElementById("job-live").dataset.state === "live");
-  console.log("pipeline");
-  await page.waitForFunction(() => document.getElementById("job-state").textContent === "QUEUED", null, { timeout: 15000 });
-  await page.waitForFunction(() => document.querySelector("#job-dependencies .state")?.textContent === "SUCCEEDED", null, { timeout: 15000 });
-  seen.after = await page.textContent("#job-dependencies li");
-  // The dependency's own page, by its link.
-  await page.click("#job-dependencies a");
-  await page.waitForFunction((first) => document.getElementById("job-heading").textContent.endsWith(first.split("/").pop()), FIRST);
-  await page.waitForFunction(() => document.querySelectorAll("#job-dependents li").length === 1);
-  seen.firstDependents = await page.textContent("#job-dependents");
   seen.last = LAST;
 });

@@ -6,6 +6,7 @@ import { call } from "./api.js";
 import { $, assetItem, el, failed, follow } from "./ui.js";
 
 let stream = null;
+let dependents = null;
 
 export async function openJob(name) {
   const job = await call("GET", `/v1/${name}`);
@@ -39,7 +40,9 @@ const link = (j) =>
     el("span", { className: `state ${j.state}`, textContent: j.state }),
   );
 
-// Dependencies by name (read one by one: at most 100), and dependents by filter.
+// Dependencies by name (read one by one: at most 100), read again whenever this job
+// changes state (their ends are what release or cancel it); dependents pushed live by
+// a WatchJobs stream filtered to the jobs that depend on this one.
 async function pipeline(job) {
   const deps = await Promise.all(
     (job.dependsOn ?? []).map((name) =>
@@ -47,16 +50,25 @@ async function pipeline(job) {
     ),
   );
   $("job-dependencies").replaceChildren(...deps.map(link));
+  if (dependents) return;
   const project = job.name.split("/jobs/")[0];
-  const { jobs = [] } = await call("GET", `/v1/${project}/jobs`, {
-    query: { filter: `depends_on = "${job.name}"`, pageSize: 100 },
-  });
-  $("job-dependents").replaceChildren(...jobs.map(link));
+  const shown = new Map();
+  dependents = follow(
+    `/v1/${project}/jobs:watch`,
+    { filter: `depends_on = "${job.name}"` },
+    $("job-dependents-live"),
+    (event) => {
+      shown.set(event.job.name, event.job);
+      $("job-dependents").replaceChildren(...[...shown.values()].map(link));
+    },
+  );
 }
 
 export function closeJob() {
   stream?.close();
   stream = null;
+  dependents?.close();
+  dependents = null;
 }
 
 function entry(time, what, detail) {
