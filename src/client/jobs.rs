@@ -26,6 +26,18 @@ pub enum JobsCommand {
         input: String,
         #[arg(long, default_value_t = 0)]
         priority: i32,
+        /// A job that must succeed first (`projects/p/jobs/j`); repeat for several.
+        #[arg(long = "depends-on")]
+        depends_on: Vec<String>,
+        /// Run once the dependencies have ended, whatever their end.
+        #[arg(long)]
+        run_anyway: bool,
+        /// Jobs of one kind take turns across keys (a customer, a project).
+        #[arg(long, default_value = "")]
+        concurrency_key: String,
+        /// A label, KEY=VALUE; repeat for several.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         /// Follow the job with a progress bar; exit code by final state.
         #[arg(long)]
         watch: bool,
@@ -61,6 +73,12 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?}: expected KEY=VALUE"))
+}
+
 pub async fn run(command: JobsCommand) -> anyhow::Result<ExitCode> {
     match command {
         JobsCommand::Create {
@@ -69,6 +87,10 @@ pub async fn run(command: JobsCommand) -> anyhow::Result<ExitCode> {
             kind,
             input,
             priority,
+            depends_on,
+            run_anyway,
+            concurrency_key,
+            labels,
             watch,
         } => {
             let input: serde_json::Value = serde_json::from_str(&input)
@@ -81,6 +103,10 @@ pub async fn run(command: JobsCommand) -> anyhow::Result<ExitCode> {
                 kind,
                 input: Some(json_to_struct(input)),
                 priority,
+                depends_on,
+                run_anyway,
+                concurrency_key,
+                labels: labels.into_iter().collect(),
                 ..Default::default()
             };
             let created = c

@@ -593,3 +593,32 @@ async fn a_dependency_lost_with_its_worker_cancels_its_dependents() {
     .await;
     assert_eq!(state(&get(&app, &t, &jobs[0].name).await), State::Failed);
 }
+
+/// `mediaplane jobs create --depends-on`: a step of a pipeline from the terminal.
+#[tokio::test]
+async fn the_cli_creates_a_job_that_waits_for_another() {
+    let app = TestApp::spawn().await;
+    let t = token("studio");
+    let parent = create_project(&app, &t, "cli").await.name;
+    let first = create_job_of(&app, &t, &parent, "script").await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mediaplane"))
+        .args(["jobs", "create", "--project", &parent, "--kind", "speech"])
+        .args(["--depends-on", &first.name, "--label", "post=42"])
+        .args(["--concurrency-key", "acme"])
+        .env("MEDIAPLANE_SERVER", app.http(""))
+        .env("MEDIAPLANE_TOKEN", &t)
+        .output()
+        .await
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let job = get(&app, &t, &name).await;
+    assert_eq!(state(&job), State::Waiting);
+    assert_eq!(job.depends_on, vec![first.name.clone()]);
+    assert_eq!(job.labels.get("post").map(String::as_str), Some("42"));
+    assert_eq!(job.concurrency_key, "acme");
+}
