@@ -458,22 +458,12 @@ impl Engine {
                         Handled::Done(job)
                     }));
                 }
-                // Jobs that ended here release or cancel the jobs waiting on them, in
-                // this transaction.
-                let ended: Vec<Uuid> = changes
-                    .iter()
-                    .filter(|(j, _)| j.has_dependents && j.state.is_terminal())
-                    .map(|(j, _)| j.id)
-                    .collect();
                 for (kind, n) in self.freed(changes.iter().map(|(j, _)| j)) {
                     *kinds.entry(kind).or_default() += n;
                 }
-                for job in db::jobs::settle_dependents(conn, &ended).await? {
-                    if job.state == JobState::Queued {
-                        *kinds.entry(job.kind.clone()).or_default() += 1;
-                    }
-                    changes.push((job, EventType::StateChanged));
-                }
+                // Jobs that ended here release or cancel the jobs waiting on them, in
+                // this transaction.
+                super::settle_ended(conn, &mut changes, &mut kinds).await?;
                 let published = to_publish(&changes);
                 Ok::<_, AppError>((results, published, kinds))
             })

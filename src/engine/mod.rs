@@ -272,6 +272,27 @@ impl Engine {
     }
 }
 
+/// Settles, in the caller's transaction, the dependents of the jobs in `changes` that just
+/// ended: what it releases or cancels is added to `changes`, and the released jobs'
+/// kinds to `wake`.
+async fn settle_ended(
+    conn: &mut diesel_async::AsyncPgConnection,
+    changes: &mut Vec<(Job, EventType)>,
+    wake: &mut Wake,
+) -> AppResult<()> {
+    let ended: Vec<Uuid> = changes
+        .iter()
+        .filter(|(j, _)| j.has_dependents && j.state.is_terminal())
+        .map(|(j, _)| j.id)
+        .collect();
+    let settled = db::jobs::settle_dependents(conn, &ended).await?;
+    for (kind, n) in wake_for(&settled) {
+        *wake.entry(kind).or_default() += n;
+    }
+    changes.extend(settled.into_iter().map(|j| (j, EventType::StateChanged)));
+    Ok(())
+}
+
 /// The state a retried job goes back to: QUEUED, or WAITING while a dependency is
 /// unfinished (marked so that its end settles this job). A dependency that failed
 /// refuses the retry (unless the job runs anyway): it would be cancelled again at once.

@@ -25,11 +25,12 @@ pub(super) const RESTRICTED_POLL: Duration = Duration::from_millis(200);
 pub(super) struct Restricted(RwLock<Option<(Instant, HashSet<String>)>>);
 
 impl Restricted {
-    fn fresh(&self) -> Option<HashSet<String>> {
+    /// Those of `kinds` restricted when last read, unless that read is stale.
+    fn fresh_among(&self, kinds: &[String]) -> Option<Vec<String>> {
         let read = self.0.read().unwrap_or_else(|p| p.into_inner());
         read.as_ref()
             .filter(|(at, _)| at.elapsed() < RESTRICTED_TTL)
-            .map(|(_, kinds)| kinds.clone())
+            .map(|(_, all)| kinds.iter().filter(|k| all.contains(*k)).cloned().collect())
     }
 
     fn set(&self, kinds: HashSet<String>) {
@@ -56,19 +57,17 @@ pub struct QueueView {
 impl Engine {
     /// The restricted kinds among `kinds`, from the copy (read again when stale).
     pub(super) async fn restricted_among(&self, kinds: &[String]) -> AppResult<Vec<String>> {
-        let all = match self.restricted.fresh() {
-            Some(all) => all,
-            None => {
-                let mut conn = self.conn().await?;
-                let all: HashSet<String> = db::queues::restricted(&mut conn)
-                    .await?
-                    .into_iter()
-                    .collect();
-                self.restricted.set(all.clone());
-                all
-            }
-        };
-        Ok(kinds.iter().filter(|k| all.contains(*k)).cloned().collect())
+        if let Some(among) = self.restricted.fresh_among(kinds) {
+            return Ok(among);
+        }
+        let mut conn = self.conn().await?;
+        let all: HashSet<String> = db::queues::restricted(&mut conn)
+            .await?
+            .into_iter()
+            .collect();
+        let among = kinds.iter().filter(|k| all.contains(*k)).cloned().collect();
+        self.restricted.set(all);
+        Ok(among)
     }
 
     pub(super) fn is_restricted(&self, kind: &str) -> bool {

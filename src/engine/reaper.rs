@@ -4,7 +4,6 @@ use std::time::Duration;
 use chrono::Utc;
 use diesel_async::AsyncConnection;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::{Engine, Wake, to_publish};
 use crate::{
@@ -99,19 +98,8 @@ impl Engine {
                     *kinds.entry(job.kind.clone()).or_default() += 1;
                     changes.push((job, EventType::StateChanged));
                 }
-                let ended: Vec<Uuid> = changes
-                    .iter()
-                    .filter(|(j, _)| j.has_dependents && j.state.is_terminal())
-                    .map(|(j, _)| j.id)
-                    .collect();
-                let settled = db::jobs::settle_dependents(conn, &ended).await?;
                 let expired: Vec<String> = changes.iter().map(|(j, _)| j.kind.clone()).collect();
-                for job in settled {
-                    if job.state == JobState::Queued {
-                        *kinds.entry(job.kind.clone()).or_default() += 1;
-                    }
-                    changes.push((job, EventType::StateChanged));
-                }
+                super::settle_ended(conn, &mut changes, &mut kinds).await?;
                 let published = to_publish(&changes);
                 Ok::<_, AppError>((expired, published, kinds))
             })

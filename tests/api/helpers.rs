@@ -312,6 +312,11 @@ pub fn token(sub: &str) -> String {
     token_with(sub, &[], Duration::from_secs(600))
 }
 
+/// The worker fleet's token (role `worker`, any kind).
+pub fn worker_token() -> String {
+    token_with("fleet", &["worker"], Duration::from_secs(600))
+}
+
 pub fn admin_token(sub: &str) -> String {
     token_with(sub, &["admin"], Duration::from_secs(600))
 }

@@ -10,10 +10,6 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-fn worker() -> String {
-    token_with("fleet", &["worker"], Duration::from_secs(600))
-}
-
 fn text_struct(key: &str, value: &str) -> Struct {
     Struct {
         fields: [(
@@ -63,12 +59,24 @@ async fn get(app: &TestApp, t: &str, name: &str) -> pb::Job {
         .into_inner()
 }
 
+/// The summary of the jobs labelled `pipeline=p` in `parent`.
+async fn summarize(app: &TestApp, t: &str, parent: &str) -> pb::JobsSummary {
+    app.jobs(t)
+        .summarize_jobs(pb::SummarizeJobsRequest {
+            parent: parent.into(),
+            filter: r#"labels.pipeline = "p""#.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn state(job: &pb::Job) -> State {
     State::try_from(job.state).unwrap()
 }
 
 async fn lease(app: &TestApp, kinds: &[&str], max: i32) -> Vec<pb::LeasedJob> {
-    app.jobs(&worker())
+    app.jobs(&worker_token())
         .acquire_jobs(pb::AcquireJobsRequest {
             worker_id: "w".into(),
             kinds: kinds.iter().map(|k| k.to_string()).collect(),
@@ -87,7 +95,7 @@ async fn complete(
     result: Option<Struct>,
     outputs: Vec<String>,
 ) -> pb::Job {
-    app.jobs(&worker())
+    app.jobs(&worker_token())
         .complete_job(pb::CompleteJobRequest {
             name: leased.job.as_ref().unwrap().name.clone(),
             lease_id: leased.lease_id.clone(),
@@ -100,7 +108,7 @@ async fn complete(
 }
 
 async fn fail(app: &TestApp, leased: &pb::LeasedJob) -> pb::Job {
-    app.jobs(&worker())
+    app.jobs(&worker_token())
         .fail_job(pb::FailJobRequest {
             name: leased.job.as_ref().unwrap().name.clone(),
             lease_id: leased.lease_id.clone(),
@@ -210,15 +218,7 @@ async fn a_pipeline_runs_in_order_and_each_step_gets_what_the_one_before_made() 
         ]
     );
     // Half way: the summary counts the pipeline's jobs and its progress.
-    let summary = app
-        .jobs(&t)
-        .summarize_jobs(pb::SummarizeJobsRequest {
-            parent: parent.clone(),
-            filter: r#"labels.pipeline = "p""#.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let summary = summarize(&app, &t, &parent).await;
     assert_eq!(
         (
             summary.total_jobs,
@@ -274,15 +274,7 @@ async fn a_pipeline_runs_in_order_and_each_step_gets_what_the_one_before_made() 
         }
     }
     assert!(saw_waiting);
-    let summary = app
-        .jobs(&t)
-        .summarize_jobs(pb::SummarizeJobsRequest {
-            parent: parent.clone(),
-            filter: r#"labels.pipeline = "p""#.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let summary = summarize(&app, &t, &parent).await;
     assert!(
         summary.done && summary.progress_percent == 100.0,
         "{summary:?}"
@@ -572,7 +564,7 @@ async fn a_dependency_lost_with_its_worker_cancels_its_dependents() {
     let jobs = batch(&app, &t, &parent, vec![first, step("after", "", &["@0"])])
         .await
         .unwrap();
-    app.jobs(&worker())
+    app.jobs(&worker_token())
         .acquire_jobs(pb::AcquireJobsRequest {
             worker_id: "w".into(),
             kinds: vec!["gpu".into()],

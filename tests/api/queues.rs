@@ -8,10 +8,6 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-fn worker() -> String {
-    token_with("fleet", &["worker"], Duration::from_secs(600))
-}
-
 fn queues(
     app: &TestApp,
     token: &str,
@@ -77,7 +73,7 @@ async fn jobs_of(
 }
 
 async fn lease(app: &TestApp, kind: &str, max: i32, wait: f64) -> Vec<pb::LeasedJob> {
-    app.jobs(&worker())
+    app.jobs(&worker_token())
         .acquire_jobs(pb::AcquireJobsRequest {
             worker_id: "w".into(),
             kinds: vec![kind.into()],
@@ -94,8 +90,35 @@ async fn lease(app: &TestApp, kind: &str, max: i32, wait: f64) -> Vec<pb::Leased
         .jobs
 }
 
+/// An AcquireJobs call that waits up to 20 s for `kind`, in the background.
+fn spawn_lease(
+    app: &TestApp,
+    worker_id: &str,
+    kind: &str,
+    max: i32,
+) -> tokio::task::JoinHandle<Vec<pb::LeasedJob>> {
+    let mut c = app.jobs(&worker_token());
+    let (worker_id, kind) = (worker_id.to_owned(), kind.to_owned());
+    tokio::spawn(async move {
+        c.acquire_jobs(pb::AcquireJobsRequest {
+            worker_id,
+            kinds: vec![kind],
+            max_jobs: max,
+            wait_timeout: Some(prost_types::Duration {
+                seconds: 20,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+    })
+}
+
 async fn complete(app: &TestApp, leased: &pb::LeasedJob) {
-    app.jobs(&worker())
+    app.jobs(&worker_token())
         .complete_job(pb::CompleteJobRequest {
             name: leased.job.as_ref().unwrap().name.clone(),
             lease_id: leased.lease_id.clone(),
@@ -110,7 +133,7 @@ fn key_of(l: &pb::LeasedJob) -> String {
 }
 
 #[tokio::test]
-async fn a_paused_queue_leases_nothing_and_resuming_wakes_a_waiting_worker() {
+async fn a_paused_queue_leases_nothing_and_resuming_wakes_a_waiting_worker_token() {
     let app = TestApp::spawn().await;
     let t = token("studio");
     let parent = create_project(&app, &t, "pause").await.name;
@@ -132,26 +155,7 @@ async fn a_paused_queue_leases_nothing_and_resuming_wakes_a_waiting_worker() {
     jobs_of(&app, &t, &parent, "encode", "", 1).await;
     assert_eq!(lease(&app, "encode", 3, 0.0).await.len(), 1);
 
-    let waiting = {
-        let app_jobs = app.jobs(&worker());
-        tokio::spawn(async move {
-            let mut c = app_jobs;
-            c.acquire_jobs(pb::AcquireJobsRequest {
-                worker_id: "waiting".into(),
-                kinds: vec!["render".into()],
-                max_jobs: 3,
-                wait_timeout: Some(prost_types::Duration {
-                    seconds: 20,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .jobs
-        })
-    };
+    let waiting = spawn_lease(&app, "waiting", "render", 3);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let q = get_queue(&app, "render").await;
     assert_eq!((q.queued_jobs, q.running_jobs), (3, 0));
@@ -208,25 +212,7 @@ async fn max_running_holds_across_instances_and_a_finished_job_frees_its_slot() 
     assert_eq!(got.len(), 3, "three GPUs");
     assert_eq!(get_queue(&b, "gpu").await.running_jobs, 3);
     // A worker waiting on the full queue gets the slot a completion frees.
-    let waiting = {
-        let mut c = b.jobs(&worker());
-        tokio::spawn(async move {
-            c.acquire_jobs(pb::AcquireJobsRequest {
-                worker_id: "next".into(),
-                kinds: vec!["gpu".into()],
-                max_jobs: 5,
-                wait_timeout: Some(prost_types::Duration {
-                    seconds: 20,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .jobs
-        })
-    };
+    let waiting = spawn_lease(&b, "next", "gpu", 5);
     tokio::time::sleep(Duration::from_millis(300)).await;
     complete(&a, &got[0]).await;
     let next = tokio::time::timeout(Duration::from_secs(5), waiting)
@@ -296,7 +282,7 @@ async fn limits_hold_over_a_whole_run_on_two_instances_by_the_jobs_own_times() {
     let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut workers = Vec::new();
     for w in 0..6 {
-        let mut c = if w % 2 == 0 { &a } else { &b }.jobs(&worker());
+        let mut c = if w % 2 == 0 { &a } else { &b }.jobs(&worker_token());
         let done = done.clone();
         workers.push(tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -461,13 +447,13 @@ async fn queues_are_for_admins_with_clear_errors_on_both_doors() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     // Fleets read the figures with worker tokens; only admins change settings.
-    queues(&app, &worker())
+    queues(&app, &worker_token())
         .get_queue(pb::GetQueueRequest {
             name: "queues/render".into(),
         })
         .await
         .expect("workers read queues");
-    let err = queues(&app, &worker())
+    let err = queues(&app, &worker_token())
         .update_queue(pb::UpdateQueueRequest {
             queue: Some(pb::Queue {
                 name: "queues/render".into(),

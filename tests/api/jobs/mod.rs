@@ -16,7 +16,7 @@ mod retention;
 mod watching;
 
 pub(super) fn worker() -> String {
-    token_with("fleet", &["worker"], Duration::from_secs(600))
+    worker_token()
 }
 
 pub(super) fn secs(s: f64) -> Option<PbDuration> {
