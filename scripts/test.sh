@@ -32,6 +32,12 @@ if ! .venv/bin/python -c 'import grpc, grpc_tools, grpc_health, moto, openapi_sp
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
 fi
 
+say "A strict S3-compatible server for direct-upload tests (s3s-fs)"
+# moto (above) accepts any signature, expiry and checksum; s3s-fs checks them as S3 does.
+if [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
+  cargo install s3s-fs --version 0.14.1 --features binary --locked
+fi
+
 say "buf lint"
 BUF="$ROOT/target/tools/node_modules/.bin/buf"
 if [ ! -x "$BUF" ]; then

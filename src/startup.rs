@@ -145,6 +145,7 @@ impl Application {
             max_asset_bytes: settings.max_asset_bytes,
             project_quota_bytes: settings.project_quota_bytes,
             signed_url_max_ttl: settings.signed_url_max_ttl,
+            direct_upload_grace: settings.direct_upload_grace,
         };
         let public_url = settings
             .public_url
@@ -562,7 +563,8 @@ fn router(
     // REST/JSON: health, signed asset URLs, then every google.api.http binding,
     // transcoded onto the same services (through the same authentication).
     let transcoder = edge::transcode::Edge::new(grpc.clone(), settings.max_message_bytes, true)
-        .map_err(StartError::Config)?;
+        .map_err(StartError::Config)?
+        .with_download_redirects(storage_origin.is_some());
     let http = edge::health::router(health)
         .merge(edge::signed::router(assets))
         .merge(edge::studio::router(storage_origin.as_deref()))

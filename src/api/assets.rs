@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert::duration;
 use crate::{
     AppError, AppResult,
-    assets::{Assets, Expected},
+    assets::{Assets, Declared, Expected, MAX_PARTS, MAX_SINGLE_PUT_BYTES, MIN_PART_BYTES},
     auth::{Caller, caller},
     domain::{
         Violations,
@@ -67,6 +67,86 @@ impl AssetsApi {
 
     async fn visible(&self, caller: &Caller, name: AssetName) -> AppResult<Asset> {
         self.assets.get(caller, name).await
+    }
+
+    /// A URL lifetime: 1h by default, from 1 s to the configured maximum.
+    fn ttl(&self, ttl: Option<prost_types::Duration>, v: &mut Violations) -> Duration {
+        let max = self.assets.limits.signed_url_max_ttl;
+        match ttl {
+            None => Duration::from_secs(3600).min(max),
+            Some(d) => match duration(&d) {
+                Some(d) if d >= Duration::from_secs(1) && d <= max => d,
+                _ => {
+                    v.add("ttl", format!("from 1s to {}s", max.as_secs()));
+                    Duration::ZERO
+                }
+            },
+        }
+    }
+
+    /// What StartUpload declares, checked against S3's limits.
+    fn declared(&self, r: &pb::StartUploadRequest) -> AppResult<Declared> {
+        let mut v = Violations::default();
+        let hex = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if r.size_bytes < 0 {
+            v.add("size_bytes", "at least 0");
+        }
+        if !hex(&r.sha256) {
+            v.add("sha256", "64 hex characters (the SHA-256 of the content)");
+        }
+        let parts = if r.part_size_bytes == 0 {
+            if !r.part_sha256.is_empty() {
+                v.add("part_size_bytes", "required with part_sha256");
+            }
+            if r.size_bytes > MAX_SINGLE_PUT_BYTES {
+                v.add(
+                    "part_size_bytes",
+                    format!("required above {MAX_SINGLE_PUT_BYTES} bytes (a multipart upload)"),
+                );
+            }
+            None
+        } else {
+            let count = if r.part_size_bytes > 0 {
+                (r.size_bytes.max(1) + r.part_size_bytes - 1) / r.part_size_bytes
+            } else {
+                0
+            };
+            if r.part_size_bytes < MIN_PART_BYTES {
+                v.add(
+                    "part_size_bytes",
+                    format!("at least {MIN_PART_BYTES} bytes"),
+                );
+            } else if count as usize > MAX_PARTS {
+                v.add(
+                    "part_size_bytes",
+                    format!("large enough for at most {MAX_PARTS} parts"),
+                );
+            } else if r.part_sha256.len() as i64 != count {
+                v.add(
+                    "part_sha256",
+                    format!("one SHA-256 per part: {count} for this size and part size"),
+                );
+            }
+            for (i, h) in r.part_sha256.iter().enumerate() {
+                if !hex(h) {
+                    v.add(format!("part_sha256[{i}]"), "64 hex characters");
+                }
+            }
+            Some((
+                r.part_size_bytes,
+                r.part_sha256
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+            ))
+        };
+        let ttl = self.ttl(r.ttl, &mut v);
+        v.into_result(Declared {
+            size: r.size_bytes,
+            sha256: r.sha256.to_ascii_lowercase(),
+            parts,
+            ttl,
+        })
     }
 }
 
@@ -317,17 +397,7 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
                 UrlMethod::Get
             }
         };
-        let max = self.assets.limits.signed_url_max_ttl;
-        let ttl = match r.ttl {
-            None => Duration::from_secs(3600).min(max),
-            Some(d) => match duration(&d) {
-                Some(d) if d >= Duration::from_secs(1) && d <= max => d,
-                _ => {
-                    v.add("ttl", format!("from 1s to {}s", max.as_secs()));
-                    Duration::ZERO
-                }
-            },
-        };
+        let ttl = self.ttl(r.ttl, &mut v);
         v.into_result(())?;
         let asset = self.visible(&caller, name).await?;
         match (method, asset.state) {
@@ -355,5 +425,36 @@ impl crate::proto::server::assets_service_server::AssetsService for AssetsApi {
                 nanos: 0,
             }),
         }))
+    }
+
+    async fn start_upload(
+        &self,
+        request: Request<pb::StartUploadRequest>,
+    ) -> Result<Response<pb::StartUploadResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let name = AssetName::parse("name", &r.name)?;
+        let declared = self.declared(&r)?;
+        let asset = self.visible(&caller, name).await?;
+        let started = self.assets.start_upload(&asset, &declared).await?;
+        Ok(Response::new(crate::convert::asset::started(started)))
+    }
+
+    async fn finalize_upload(
+        &self,
+        request: Request<pb::FinalizeUploadRequest>,
+    ) -> Result<Response<pb::Asset>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let name = AssetName::parse("name", &r.name)?;
+        let upload_id = uuid::Uuid::parse_str(&r.upload_id)
+            .map_err(|_| AppError::invalid("upload_id", "the upload_id StartUpload returned"))?;
+        let asset = self.visible(&caller, name).await?;
+        Ok(Response::new(
+            self.assets
+                .finalize_upload(&asset, upload_id, &r.part_etags)
+                .await?
+                .into(),
+        ))
     }
 }

@@ -11,7 +11,7 @@ use crate::{
     storage::Storage,
 };
 
-use super::{Assets, DIRECT_UPLOAD_SLACK, Expected, UPLOAD_GRACE, name, upload::Digester};
+use super::{Assets, Expected, UPLOAD_GRACE, name, upload::Digester};
 
 impl Assets {
     /// Looks for objects uploaded through presigned PUT URLs until `stop`.
@@ -50,6 +50,11 @@ impl Assets {
     /// checked like any upload. An upload that breaks a limit is discarded and the
     /// asset stays PENDING.
     async fn verify_direct_upload(&self, upload: &db::assets::DirectUpload) -> AppResult<bool> {
+        if upload.declared {
+            // Declared uploads are finalized by their client; one due here has expired.
+            self.expire_declared(upload).await?;
+            return Ok(false);
+        }
         let key = upload.upload_key.as_str();
         let asset = {
             let mut conn = self.db.get().await?;
@@ -60,7 +65,11 @@ impl Assets {
         let arrived = !asset_done && self.storage.exists(key).await?;
         let (Some(asset), true) = (pending, arrived) else {
             // Nothing to wait for any more (the asset is READY or gone), or nothing yet.
-            if asset_done_or_expired(asset_done, upload.expire_time) {
+            if asset_done_or_expired(
+                asset_done,
+                upload.expire_time,
+                self.limits.direct_upload_grace,
+            ) {
                 let mut conn = self.db.get().await?;
                 db::assets::direct_upload_remove(&mut conn, key).await?;
             }
@@ -160,8 +169,11 @@ where
 
 /// Whether a direct upload needs no more looks: its asset is no longer PENDING, or its
 /// URL expired long enough ago for a PUT started just before expiry to have finished.
-fn asset_done_or_expired(asset_done: bool, expire_time: chrono::DateTime<chrono::Utc>) -> bool {
+fn asset_done_or_expired(
+    asset_done: bool,
+    expire_time: chrono::DateTime<chrono::Utc>,
+    grace: Duration,
+) -> bool {
     asset_done
-        || chrono::Utc::now()
-            > expire_time + chrono::Duration::from_std(DIRECT_UPLOAD_SLACK).unwrap_or_default()
+        || chrono::Utc::now() > expire_time + chrono::Duration::from_std(grace).unwrap_or_default()
 }

@@ -1,6 +1,7 @@
 //! Assets: the service behind AssetsService. Metadata CRUD here; the upload pipeline
 //! shared by gRPC (UploadAssetContent) and signed PUT URLs in `upload.rs`; signed and
-//! presigned URLs in `urls.rs`; the verifier of direct uploads and the collector that
+//! presigned URLs in `urls.rs`; direct uploads to S3 (declared, then finalized) in
+//! `direct.rs`; the verifier of direct uploads and the collector that
 //! deletes unneeded objects in `background.rs`.
 //!
 //! Invariants: a READY asset always has its bytes (rows are deleted before bytes, and
@@ -8,8 +9,11 @@
 //! object written is listed in `object_gc` until that transaction, so a failed or
 //! interrupted upload leaves nothing behind once the collector has run.
 mod background;
+mod direct;
 mod upload;
 mod urls;
+
+pub use direct::{Declared, MAX_PARTS, MAX_SINGLE_PUT_BYTES, MIN_PART_BYTES, PlannedPart, Started};
 
 use std::{ops::Range, sync::Arc, time::Duration};
 
@@ -36,15 +40,15 @@ use crate::{
 /// How long an upload may run before its object counts as abandoned.
 const UPLOAD_GRACE: Duration = Duration::from_secs(24 * 3600);
 const SNIFF_BYTES: usize = 8192;
-/// How long after its URL expires a presigned PUT is still looked for (S3 checks the
-/// expiry when a request starts; a large PUT may finish well after).
-const DIRECT_UPLOAD_SLACK: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct AssetLimits {
     pub max_asset_bytes: i64,
     pub project_quota_bytes: i64,
     pub signed_url_max_ttl: Duration,
+    /// How long after its URL expires a presigned PUT is still waited for (S3 checks the
+    /// expiry when a request starts; a large PUT may finish well after).
+    pub direct_upload_grace: Duration,
 }
 
 #[derive(Clone)]

@@ -145,7 +145,7 @@ impl Assets {
         .await
     }
 
-    fn quota_error(&self, used: i64) -> AppError {
+    pub(super) fn quota_error(&self, used: i64) -> AppError {
         AppError::ResourceExhausted(format!(
             "project storage quota of {} bytes exceeded ({used} bytes in use)",
             self.limits.project_quota_bytes

@@ -9,7 +9,7 @@ use crate::{
     storage::Storage,
 };
 
-use super::{Assets, DIRECT_UPLOAD_SLACK};
+use super::Assets;
 
 impl Assets {
     pub fn signing_key(&self) -> &[u8] {
@@ -66,7 +66,8 @@ impl Assets {
                     .ok_or_else(|| AppError::internal("expiry out of range"))?;
                 let mut conn = self.db.get().await?;
                 conn.transaction(async |conn| {
-                    db::assets::gc_enqueue(conn, &key, ttl + DIRECT_UPLOAD_SLACK).await?;
+                    db::assets::gc_enqueue(conn, &key, ttl + self.limits.direct_upload_grace)
+                        .await?;
                     db::assets::direct_upload_add(conn, &key, asset.id, expire_time).await
                 })
                 .await?;

@@ -143,6 +143,10 @@ pub struct SettingsArgs {
     /// Longest lifetime of a signed URL.
     #[arg(long, env = "MEDIAPLANE_SIGNED_URL_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
     pub signed_url_max_ttl: Duration,
+    /// How long after its URLs expire an unfinished direct upload is kept (a PUT started
+    /// just before expiry may still be running); then its bytes go and its asset FAILS.
+    #[arg(long, env = "MEDIAPLANE_DIRECT_UPLOAD_GRACE", default_value = "1h", value_parser = parse_duration)]
+    pub direct_upload_grace: Duration,
     /// Base URL clients reach this service at, for signed URLs (default: http://ADDR).
     #[arg(long, env = "MEDIAPLANE_PUBLIC_URL", value_parser = base_url)]
     pub public_url: Option<String>,
@@ -223,6 +227,7 @@ pub struct Settings {
     pub max_asset_bytes: i64,
     pub project_quota_bytes: i64,
     pub signed_url_max_ttl: Duration,
+    pub direct_upload_grace: Duration,
     /// `None`: `http://{addr}` as bound.
     pub public_url: Option<String>,
     pub url_signing_key: Option<Secret>,
@@ -316,6 +321,7 @@ impl Settings {
             max_asset_bytes: a.max_asset_bytes,
             project_quota_bytes: a.project_quota_bytes,
             signed_url_max_ttl: a.signed_url_max_ttl,
+            direct_upload_grace: a.direct_upload_grace,
             public_url: a.public_url.clone(),
             url_signing_key: a.url_signing_key.clone(),
             limits: Limits::from(&a.limits),

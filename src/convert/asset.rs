@@ -79,3 +79,22 @@ pub fn fields(asset: pb::Asset, prefix: &str, v: &mut Violations) -> AssetFields
         metadata,
     }
 }
+
+/// A started direct upload as StartUploadResponse.
+pub fn started(s: crate::assets::Started) -> pb::StartUploadResponse {
+    pb::StartUploadResponse {
+        upload_id: s.upload_id.to_string(),
+        parts: s
+            .parts
+            .into_iter()
+            .map(|p| pb::UploadPart {
+                part_number: p.number as i32,
+                offset: p.offset,
+                size_bytes: p.size,
+                url: p.url,
+                headers: p.headers.into_iter().collect(),
+            })
+            .collect(),
+        expire_time: Some(timestamp(s.expires)),
+    }
+}

@@ -462,12 +462,76 @@ pub async fn direct_upload_add(
     Ok(())
 }
 
-#[derive(Debug, Queryable, Selectable)]
-#[diesel(table_name = direct_uploads, check_for_backend(diesel::pg::Pg))]
+#[derive(Debug)]
 pub struct DirectUpload {
     pub upload_key: String,
     pub asset_id: Uuid,
     pub expire_time: DateTime<Utc>,
+    /// Declared up front (StartUpload): the client finalizes it; the verifier only
+    /// removes it once it has expired.
+    pub declared: bool,
+    pub multipart_id: Option<String>,
+}
+
+/// A direct upload whose size and SHA-256 the client declared (StartUpload).
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = direct_uploads, check_for_backend(diesel::pg::Pg))]
+pub struct DeclaredUpload {
+    pub upload_key: String,
+    pub asset_id: Uuid,
+    pub expire_time: DateTime<Utc>,
+    pub sha256: Option<String>,
+    pub size_bytes: Option<i64>,
+    pub part_size_bytes: Option<i64>,
+    pub part_sha256: Vec<Option<String>>,
+    pub multipart_id: Option<String>,
+}
+
+/// Registers a declared upload; the verifier looks at it only after `check_after` (when
+/// it has expired unfinalized).
+pub async fn declared_upload_add(
+    conn: &mut AsyncPgConnection,
+    upload: &DeclaredUpload,
+    check_after: DateTime<Utc>,
+) -> AppResult<()> {
+    diesel::insert_into(direct_uploads::table)
+        .values((upload.clone(), direct_uploads::check_after.eq(check_after)))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A declared upload of `asset`, locked (one finalize at a time).
+pub async fn declared_upload_lock(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+    asset: Uuid,
+) -> AppResult<Option<DeclaredUpload>> {
+    Ok(direct_uploads::table
+        .filter(direct_uploads::upload_key.eq(key))
+        .filter(direct_uploads::asset_id.eq(asset))
+        .filter(direct_uploads::sha256.is_not_null())
+        .select(DeclaredUpload::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// A PENDING asset whose direct uploads have all expired unfinalized becomes FAILED.
+pub async fn fail_if_abandoned(conn: &mut AsyncPgConnection, asset: Uuid) -> AppResult<bool> {
+    let n = diesel::update(
+        assets::table
+            .filter(assets::id.eq(asset))
+            .filter(assets::state.eq(AssetState::Pending))
+            .filter(diesel::dsl::not(diesel::dsl::exists(
+                direct_uploads::table.filter(direct_uploads::asset_id.eq(asset)),
+            ))),
+    )
+    .set(assets::state.eq(AssetState::Failed))
+    .execute(conn)
+    .await?;
+    Ok(n > 0)
 }
 
 /// Direct uploads due for a look, claimed (the next look pushed back: 1 s, 2 s, 4 s ...
@@ -484,11 +548,16 @@ pub async fn direct_uploads_claim_due(
         asset_id: Uuid,
         #[diesel(sql_type = Timestamptz)]
         expire_time: DateTime<Utc>,
+        #[diesel(sql_type = Bool)]
+        declared: bool,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        multipart_id: Option<String>,
     }
     let rows: Vec<Row> = diesel::sql_query(
         "WITH due AS (SELECT upload_key FROM direct_uploads WHERE check_after <= now() ORDER BY check_after LIMIT $1 FOR UPDATE SKIP LOCKED) \
          UPDATE direct_uploads d SET checks = d.checks + 1, check_after = now() + LEAST(2 ^ LEAST(d.checks, 4), 10) * interval '1 second' \
-         FROM due WHERE d.upload_key = due.upload_key RETURNING d.upload_key, d.asset_id, d.expire_time",
+         FROM due WHERE d.upload_key = due.upload_key \
+         RETURNING d.upload_key, d.asset_id, d.expire_time, d.sha256 IS NOT NULL AS declared, d.multipart_id",
     )
     .bind::<diesel::sql_types::BigInt, _>(limit)
     .load(conn)
@@ -499,6 +568,8 @@ pub async fn direct_uploads_claim_due(
             upload_key: r.upload_key,
             asset_id: r.asset_id,
             expire_time: r.expire_time,
+            declared: r.declared,
+            multipart_id: r.multipart_id,
         })
         .collect())
 }

@@ -46,6 +46,11 @@ diesel::table! {
         expire_time -> Timestamptz,
         check_after -> Timestamptz,
         checks -> Int4,
+        sha256 -> Nullable<Text>,
+        size_bytes -> Nullable<Int8>,
+        part_size_bytes -> Nullable<Int8>,
+        part_sha256 -> Array<Nullable<Text>>,
+        multipart_id -> Nullable<Text>,
     }
 }
 

@@ -571,6 +571,107 @@ impl Drop for S3Server {
     }
 }
 
+/// A strict local S3-compatible server (s3s-fs): it checks SigV4 signatures, the expiry
+/// of presigned URLs and the SHA-256 a PUT declares, as S3 does (moto checks none of
+/// these). scripts/test.sh installs it with cargo.
+pub struct StrictS3 {
+    pub endpoint: String,
+    pub bucket: String,
+    root: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl StrictS3 {
+    pub async fn start() -> Self {
+        let bin = std::env::var("MP_S3S_FS").unwrap_or_else(|_| {
+            let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
+                format!("{}/.cargo", std::env::var("HOME").unwrap_or_default())
+            });
+            format!("{home}/bin/s3s-fs")
+        });
+        assert!(
+            std::path::Path::new(&bin).exists(),
+            "{bin} not found: run scripts/test.sh, which installs it"
+        );
+        let root = tempfile::tempdir().unwrap();
+        // Short: s3s-fs names its metadata files after bucket and key, within 255 bytes.
+        let bucket = format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        std::fs::create_dir(root.path().join(&bucket)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "testing", "--secret-key", "testing"])
+            .arg(root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("s3s-fs starts");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut up = false;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(up, "s3s-fs did not come up at {endpoint}");
+        Self {
+            endpoint,
+            bucket,
+            root,
+            child,
+        }
+    }
+
+    pub fn configure(&self, s: &mut Settings) {
+        s.storage = mediaplane::storage::StorageSettings {
+            url: format!("s3://{}/assets", self.bucket),
+            s3_endpoint: Some(self.endpoint.clone()),
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: Some("testing".into()),
+            s3_secret_access_key: Some(Secret::new("testing")),
+        };
+    }
+
+    /// Keys of the objects in the bucket (read from s3s-fs's directory).
+    pub fn keys(&self) -> Vec<String> {
+        fn walk(dir: &std::path::Path, base: &std::path::Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, base, out);
+                } else if !entry.file_name().to_string_lossy().starts_with('.') {
+                    out.push(
+                        path.strip_prefix(base)
+                            .unwrap()
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
+            }
+        }
+        let base = self.root.path().join(&self.bucket);
+        let mut out = Vec::new();
+        walk(&base, &base, &mut out);
+        out
+    }
+}
+
+impl Drop for StrictS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One grpc-web data frame holding `message`.
 pub fn grpc_web_frame(message: &impl prost::Message) -> Vec<u8> {
     let body = message.encode_to_vec();

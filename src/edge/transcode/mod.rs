@@ -31,6 +31,7 @@ use super::{
     rules::Binding,
 };
 
+mod redirect;
 mod request;
 mod response;
 #[cfg(test)]
@@ -49,6 +50,8 @@ struct Inner {
     openapi: Bytes,
     grpc: Router,
     max_body: usize,
+    /// Raw downloads answer 307 to a URL the store presigned (`redirect.rs`).
+    redirect_downloads: bool,
     json_in: DeserializeOptions,
     json_out: SerializeOptions,
 }
@@ -76,10 +79,19 @@ impl Edge {
                 openapi,
                 grpc,
                 max_body,
+                redirect_downloads: false,
                 json_in: DeserializeOptions::new().deny_unknown_fields(deny_unknown_fields),
                 json_out: SerializeOptions::new().skip_default_fields(false),
             }),
         })
+    }
+
+    /// Raw downloads redirect to the store (S3-compatible storage presigns its URLs).
+    pub fn with_download_redirects(mut self, on: bool) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.redirect_downloads = on;
+        }
+        self
     }
 
     pub fn bindings(&self) -> &[Binding] {
@@ -153,6 +165,12 @@ impl Edge {
         let query = parts.uri.query().unwrap_or("").to_owned();
         let (raw_upload, body) = self.read_body(&b, body).await?;
         let shape = Shape::of(&b, &parts.headers, &query);
+        if shape.raw_download
+            && self.inner.redirect_downloads
+            && b.rpc.name() == "DownloadAssetContent"
+        {
+            return self.redirect_download(&parts, &vars).await;
+        }
         let range = if shape.raw_download {
             request::parse_range(&parts.headers)?
         } else {
@@ -244,22 +262,7 @@ impl Edge {
         if b.rpc.is_server_streaming() {
             return Ok(self.stream(rbody, output, b.response_body.clone(), shape.sse, headers));
         }
-        let mut reader = response::FrameReader::new(rbody);
-        let first = reader.next().await;
-        if matches!(first, Some(Ok(_))) {
-            // Read on to the trailers: they carry the call's code (to the end, the
-            // call is finished for the call metrics too, not dropped halfway).
-            let _ = reader.next().await;
-        }
-        let trailers = reader.trailers.take();
-        if let Some(err) = trailers.as_ref().and_then(status_error) {
-            return Err(err);
-        }
-        let bytes = match first {
-            Some(Ok(b)) => b,
-            Some(Err(e)) => return Err(error_response(tonic::Code::Internal, &e, vec![])),
-            None => Bytes::new(),
-        };
+        let bytes = unary_bytes(rbody).await?;
         let fast = b
             .response_body
             .is_empty()
@@ -280,6 +283,43 @@ impl Edge {
             HeaderValue::from_static("application/json"),
         );
         Ok(r)
+    }
+}
+
+/// The one message of a unary answer's body, its trailers checked.
+async fn unary_bytes(body: Body) -> Result<Bytes, Box<Response>> {
+    let mut reader = response::FrameReader::new(body);
+    let first = reader.next().await;
+    if matches!(first, Some(Ok(_))) {
+        // Read on to the trailers: they carry the call's code (to the end, the
+        // call is finished for the call metrics too, not dropped halfway).
+        let _ = reader.next().await;
+    }
+    let trailers = reader.trailers.take();
+    if let Some(err) = trailers.as_ref().and_then(status_error) {
+        return Err(err);
+    }
+    match first {
+        Some(Ok(b)) => Ok(b),
+        Some(Err(e)) => Err(error_response(tonic::Code::Internal, &e, vec![])),
+        None => Ok(Bytes::new()),
+    }
+}
+
+impl Edge {
+    /// A unary call's answer as a message of `b`'s output type, or its error.
+    async fn unary_answer(
+        &self,
+        b: &Binding,
+        response: Response,
+    ) -> Result<DynamicMessage, Box<Response>> {
+        let (rparts, rbody) = response.into_parts();
+        if let Some(err) = status_error(&rparts.headers) {
+            return Err(err);
+        }
+        let bytes = unary_bytes(rbody).await?;
+        DynamicMessage::decode(b.rpc.output(), bytes)
+            .map_err(|e| error_response(tonic::Code::Internal, &e.to_string(), vec![]))
     }
 }
 

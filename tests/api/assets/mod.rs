@@ -144,6 +144,7 @@ fn stored_files(app: &TestApp) -> Vec<std::path::PathBuf> {
 }
 
 mod content;
+mod direct;
 mod ownership;
 mod s3;
 mod urls;

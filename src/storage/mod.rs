@@ -12,6 +12,9 @@ use uuid::Uuid;
 
 pub use crate::config::StorageSettings;
 
+mod direct;
+pub use direct::{Refused, StoredObject};
+
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
@@ -20,6 +23,8 @@ pub struct Storage {
     prefix: Path,
     /// The directory of a local store: uploads are written there directly.
     local_dir: Option<Arc<std::path::Path>>,
+    /// For S3 calls made through URLs this server presigns (`direct.rs`).
+    http: s3_http::Client,
 }
 
 impl std::fmt::Debug for Storage {
@@ -63,6 +68,7 @@ impl Storage {
                 signer: None,
                 prefix: Path::default(),
                 local_dir: Some(dir.into()),
+                http: s3_http::Client::new(),
             });
         }
         if let Some(rest) = settings.url.strip_prefix("s3://") {
@@ -89,6 +95,7 @@ impl Storage {
                 signer: Some(s3),
                 prefix: Path::from(prefix),
                 local_dir: None,
+                http: s3_http::Client::new(),
             });
         }
         Err(StorageError(format!(
@@ -103,7 +110,12 @@ impl Storage {
 
     /// A fresh key for one upload attempt of an asset: ids only, never client text.
     pub fn new_key(project: Uuid, asset: Uuid) -> String {
-        format!("projects/{project}/assets/{asset}/{}", Uuid::now_v7())
+        Self::upload_key(project, asset, Uuid::now_v7())
+    }
+
+    /// The key of upload `id` of an asset.
+    pub fn upload_key(project: Uuid, asset: Uuid, id: Uuid) -> String {
+        format!("projects/{project}/assets/{asset}/{id}")
     }
 
     pub fn uploader(
