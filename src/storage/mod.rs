@@ -230,24 +230,57 @@ fn file_chunks(
     range: Range<u64>,
     chunk: usize,
 ) -> impl Stream<Item = Result<Bytes, StorageError>> + Send + 'static {
-    let file = Arc::new(file);
-    futures::stream::iter((range.start..range.end).step_by(chunk.max(1)))
-        .map(move |at| {
-            let (file, len) = (file.clone(), (range.end - at).min(chunk as u64) as usize);
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    let mut buf = vec![0u8; len];
-                    file.read_exact_at(&mut buf, at)
-                        .map_err(|e| StorageError(format!("reading stored bytes: {e}")))?;
-                    Ok(Bytes::from(buf))
-                })
-                .await
-                .map_err(|e| StorageError(format!("reading stored bytes: {e}")))?
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, StorageError>>(2);
+    let chunk = chunk.max(1);
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        advise_sequential(&file, range.start, range.end - range.start);
+        // Chunks are cut from one buffer that is reused once the chunks cut from it
+        // are gone (they are encoded, copied, and dropped within a message or two):
+        // a fresh zeroed 1 MiB per chunk cost a page fault per 4 KiB.
+        let mut pool = BytesMut::new();
+        let mut at = range.start;
+        while at < range.end {
+            let len = (range.end - at).min(chunk as u64) as usize;
+            if pool.capacity() < len {
+                pool.reserve(READ_POOL.max(len));
             }
-        })
-        .buffered(2)
+            pool.resize(len, 0);
+            let read = file
+                .read_exact_at(&mut pool[..len], at)
+                .map(|()| pool.split_to(len).freeze())
+                .map_err(|e| StorageError(format!("reading stored bytes: {e}")));
+            let failed = read.is_err();
+            if tx.blocking_send(read).is_err() || failed {
+                return;
+            }
+            at += len as u64;
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
+
+/// The reusable read buffer of a download.
+const READ_POOL: usize = 8 * 1024 * 1024;
+
+/// Tells the kernel a download reads `len` bytes from `offset` in order (a larger
+/// readahead window).
+#[cfg(target_os = "linux")]
+fn advise_sequential(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; advice only.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_SEQUENTIAL,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_sequential(_file: &std::fs::File, _offset: u64, _len: u64) {}
 
 /// Regroups a byte stream into chunks of `size` bytes (the last may be shorter).
 /// Pieces that already have that size pass through without a copy.
@@ -333,9 +366,10 @@ const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
 
 /// A local upload, written in place at its key by a blocking thread (the key is only
 /// read once the asset is READY, and the collector's queue holds it until then, so a
-/// crash leaves nothing behind). Writeback starts every few MiB (`sync_file_range`), so
-/// the fsync that makes the upload durable finds little left to write: object_store's
-/// local store would leave the whole file dirty until that fsync.
+/// crash leaves nothing behind). Written with direct I/O where the filesystem allows
+/// (`write_direct`); otherwise through the page cache with writeback started every few
+/// MiB (`sync_file_range`), so the fsync that makes the upload durable finds little
+/// left to write. Either way the upload is acknowledged after an fsync.
 pub struct LocalWriter {
     chunks: Option<tokio::sync::mpsc::Sender<Bytes>>,
     writer: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -350,21 +384,15 @@ impl LocalWriter {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(fail)?;
         }
-        let file = std::fs::File::create(&path).map_err(fail)?;
+        let (file, direct) = create_for_upload(&path).map_err(fail)?;
         let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
         let dir = path.parent().map(std::path::Path::to_path_buf);
         let writer = tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let mut file = file;
-            let (mut written, mut flushed) = (0u64, 0u64);
-            while let Some(chunk) = rx.blocking_recv() {
-                file.write_all(&chunk)?;
-                written += chunk.len() as u64;
-                if written - flushed >= WRITEBACK_EVERY {
-                    start_writeback(&file, flushed, written - flushed);
-                    flushed = written;
-                }
-            }
+            let file = if direct {
+                write_direct(file, &mut rx)?
+            } else {
+                write_buffered(file, &mut rx)?
+            };
             file.sync_all()?;
             // The directory entry too, or a crash could lose the file itself.
             if let Some(dir) = dir {
@@ -433,6 +461,91 @@ impl Drop for LocalWriter {
     fn drop(&mut self) {
         self.discard();
     }
+}
+
+/// Alignment of direct I/O: buffer addresses, lengths and file offsets (a multiple of
+/// every logical block size in use, 512 or 4096).
+const DIRECT_ALIGN: usize = 4096;
+/// Bytes per direct write.
+const DIRECT_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Creates an upload's file, for direct I/O where the filesystem allows it (`true`).
+/// Measured on this service's machines: writes through the page cache copy every byte
+/// into it at about 1 GB/s of CPU, and an upload spent 70% of its server CPU there;
+/// direct writes from one reused aligned buffer skip that copy and the writeback after it.
+fn create_for_upload(path: &std::path::Path) -> std::io::Result<(std::fs::File, bool)> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(file) => return Ok((file, true)),
+            // tmpfs and some others refuse O_DIRECT.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((std::fs::File::create(path)?, false))
+}
+
+/// Writes the chunks through the page cache, starting writeback every few MiB.
+fn write_buffered(
+    mut file: std::fs::File,
+    rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
+) -> std::io::Result<std::fs::File> {
+    use std::io::Write;
+    let (mut written, mut flushed) = (0u64, 0u64);
+    while let Some(chunk) = rx.blocking_recv() {
+        file.write_all(&chunk)?;
+        written += chunk.len() as u64;
+        if written - flushed >= WRITEBACK_EVERY {
+            start_writeback(&file, flushed, written - flushed);
+            flushed = written;
+        }
+    }
+    Ok(file)
+}
+
+/// Writes the chunks with direct I/O: gathered into one aligned buffer (a copy within
+/// this process's own warm memory) and written a full buffer at a time; the last
+/// partial block is written padded and the file cut back to its size.
+fn write_direct(
+    mut file: std::fs::File,
+    rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
+) -> std::io::Result<std::fs::File> {
+    use std::io::Write;
+    // An aligned window into a plain allocation: no unsafe code for the alignment.
+    let mut raw = vec![0u8; DIRECT_BUFFER + DIRECT_ALIGN];
+    let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+    let buf = &mut raw[start..start + DIRECT_BUFFER];
+    let (mut filled, mut total) = (0usize, 0u64);
+    while let Some(chunk) = rx.blocking_recv() {
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let n = rest.len().min(DIRECT_BUFFER - filled);
+            buf[filled..filled + n].copy_from_slice(&rest[..n]);
+            filled += n;
+            rest = &rest[n..];
+            if filled == DIRECT_BUFFER {
+                file.write_all(buf)?;
+                total += DIRECT_BUFFER as u64;
+                filled = 0;
+            }
+        }
+    }
+    if filled > 0 {
+        let padded = filled.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        buf[filled..padded].fill(0);
+        file.write_all(&buf[..padded])?;
+        total += filled as u64;
+        file.set_len(total)?;
+    }
+    Ok(file)
 }
 
 /// Asks the kernel to start writing `len` bytes at `offset` to disk, without waiting.
