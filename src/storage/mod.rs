@@ -157,7 +157,7 @@ impl Storage {
         Ok(match result.payload {
             // object_store reads local files 8 KiB per blocking task; whole chunks,
             // one ahead, are what a stream of 1 MiB messages needs.
-            GetResultPayload::File(file, _) => file_chunks(file, range, chunk).boxed(),
+            GetResultPayload::File(file, path) => file_chunks(file, &path, range, chunk).boxed(),
             GetResultPayload::Stream(stream) => {
                 rechunk(stream.map_err(StorageError::from), chunk).boxed()
             }
@@ -227,37 +227,116 @@ impl Storage {
 /// `range` of a local file in `chunk`-sized pieces, the next read while this one is sent.
 fn file_chunks(
     file: std::fs::File,
+    path: &std::path::Path,
     range: Range<u64>,
     chunk: usize,
 ) -> impl Stream<Item = Result<Bytes, StorageError>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, StorageError>>(2);
     let chunk = chunk.max(1);
+    let direct = open_direct(path);
     tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
-        advise_sequential(&file, range.start, range.end - range.start);
+        let fail = |e: std::io::Error| StorageError(format!("reading stored bytes: {e}"));
         // Chunks are cut from one buffer that is reused once the chunks cut from it
         // are gone (they are encoded, copied, and dropped within a message or two):
         // a fresh zeroed 1 MiB per chunk cost a page fault per 4 KiB.
         let mut pool = BytesMut::new();
-        let mut at = range.start;
-        while at < range.end {
-            let len = (range.end - at).min(chunk as u64) as usize;
-            if pool.capacity() < len {
-                pool.reserve(READ_POOL.max(len));
+        let mut cut = |bytes: &[u8]| -> Bytes {
+            if pool.capacity() < bytes.len() {
+                pool.reserve(READ_POOL.max(bytes.len()));
             }
-            pool.resize(len, 0);
-            let read = file
-                .read_exact_at(&mut pool[..len], at)
-                .map(|()| pool.split_to(len).freeze())
-                .map_err(|e| StorageError(format!("reading stored bytes: {e}")));
-            let failed = read.is_err();
-            if tx.blocking_send(read).is_err() || failed {
-                return;
+            pool.extend_from_slice(bytes);
+            pool.split().freeze()
+        };
+        match direct {
+            // Direct reads into one aligned buffer, 4 MiB at a time: uploads are written
+            // past the page cache, and reading them back through it allocates a fresh
+            // page per 4 KiB (the cost `create_for_upload` measured).
+            Some(direct) => {
+                let mut raw = vec![0u8; DIRECT_BUFFER + DIRECT_ALIGN];
+                let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+                let buf = &mut raw[start..start + DIRECT_BUFFER];
+                let mut at = range.start;
+                while at < range.end {
+                    let block = at - at % DIRECT_ALIGN as u64;
+                    let n = match read_at_most(&direct, buf, block) {
+                        Ok(0) => {
+                            let _ = tx
+                                .blocking_send(Err(fail(std::io::ErrorKind::UnexpectedEof.into())));
+                            return;
+                        }
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(fail(e)));
+                            return;
+                        }
+                    };
+                    let valid = &buf[(at - block) as usize..n.min((range.end - block) as usize)];
+                    for piece in valid.chunks(chunk) {
+                        if tx.blocking_send(Ok(cut(piece))).is_err() {
+                            return;
+                        }
+                    }
+                    at += valid.len() as u64;
+                }
             }
-            at += len as u64;
+            None => {
+                use std::os::unix::fs::FileExt;
+                advise_sequential(&file, range.start, range.end - range.start);
+                let mut scratch = vec![0u8; chunk];
+                let mut at = range.start;
+                while at < range.end {
+                    let len = (range.end - at).min(chunk as u64) as usize;
+                    let read = file
+                        .read_exact_at(&mut scratch[..len], at)
+                        .map(|()| cut(&scratch[..len]))
+                        .map_err(fail);
+                    let failed = read.is_err();
+                    if tx.blocking_send(read).is_err() || failed {
+                        return;
+                    }
+                    at += len as u64;
+                }
+            }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The stored file opened for direct reads, where the filesystem allows it.
+fn open_direct(path: &std::path::Path) -> Option<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Reads up to `buf.len()` bytes at `offset` (fewer only at the end of the file).
+fn read_at_most(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        // A direct read that stops short of a block boundary has reached the end.
+        if filled % DIRECT_ALIGN != 0 {
+            break;
+        }
+    }
+    Ok(filled)
 }
 
 /// The reusable read buffer of a download.
