@@ -41,6 +41,12 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::client::queues::QueuesCommand,
     },
+    /// Upload and download asset bytes (straight to S3-compatible storage when the
+    /// server uses it).
+    Assets {
+        #[command(subcommand)]
+        command: crate::client::assets::AssetsCommand,
+    },
     /// Show the caller's usage of each quota (projects, unfinished jobs, asset bytes).
     Usage(crate::client::ClientArgs),
 }
@@ -90,6 +96,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Jobs { command } => crate::client::jobs::run(command).await,
         Command::Queues { command } => crate::client::queues::run(command).await,
+        Command::Assets { command } => crate::client::assets::run(command).await,
         Command::Usage(client) => crate::client::print_usage(&client).await.map(|()| ok),
         Command::Migrate(args) => {
             let settings = Settings::load(&args)?;

@@ -1,6 +1,7 @@
-//! The client side of the binary: `mediaplane worker`, `mediaplane jobs` and
-//! `mediaplane usage`, and the gRPC client they share (a channel plus the bearer
+//! The client side of the binary: `mediaplane worker`, `mediaplane jobs`,
+//! `mediaplane queues`, `mediaplane assets` and `mediaplane usage`, and the gRPC client they share (a channel plus the bearer
 //! token). Nothing here runs inside the server.
+pub mod assets;
 pub mod jobs;
 pub mod queues;
 pub mod worker;
@@ -13,8 +14,8 @@ use tonic::{
 };
 
 use crate::proto::v1::{
-    jobs_service_client::JobsServiceClient, projects_service_client::ProjectsServiceClient,
-    queues_service_client::QueuesServiceClient,
+    assets_service_client::AssetsServiceClient, jobs_service_client::JobsServiceClient,
+    projects_service_client::ProjectsServiceClient, queues_service_client::QueuesServiceClient,
 };
 
 #[derive(Debug, clap::Args, Clone)]
@@ -46,11 +47,13 @@ impl Interceptor for Bearer {
 pub type Jobs = JobsServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Projects = ProjectsServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Queues = QueuesServiceClient<InterceptedService<Channel, Bearer>>;
+pub type AssetsClient = AssetsServiceClient<InterceptedService<Channel, Bearer>>;
 
 pub struct Client {
     pub jobs: Jobs,
     pub projects: Projects,
     pub queues: Queues,
+    pub assets: AssetsClient,
 }
 
 impl ClientArgs {
@@ -64,13 +67,18 @@ impl ClientArgs {
         );
         let channel = Endpoint::from_shared(self.server.clone())
             .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", self.server))?
+            // Windows that fit 1 MiB asset chunks (the defaults stall on each one).
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(8 * 1024 * 1024)
             .connect()
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", self.server))?;
         Ok(Client {
             jobs: JobsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             projects: ProjectsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            queues: QueuesServiceClient::with_interceptor(channel, bearer),
+            queues: QueuesServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            assets: AssetsServiceClient::with_interceptor(channel, bearer)
+                .max_decoding_message_size(4 * 1024 * 1024),
         })
     }
 }
