@@ -465,3 +465,55 @@ async fn the_cli_uploads_straight_to_s3_or_through_the_server_and_downloads() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_direct_upload_works_over_rest_json_as_over_grpc() {
+    let s3 = StrictS3::start().await;
+    let app = TestApp::spawn_with(|s| s3.configure(s)).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "rest").await;
+    let asset = pending(&app, &t, &p.name, "rest.bin").await;
+    let data = noise(1_000_003, 41);
+    let http = reqwest::Client::new();
+    let started: serde_json::Value = http
+        .post(app.http(&format!("/v1/{}:startUpload", asset.name)))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({
+            "sizeBytes": data.len().to_string(),
+            "sha256": hex(&Sha256::digest(&data)),
+            "ttl": "60s",
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let part = &started["parts"][0];
+    let mut put = http.put(part["url"].as_str().unwrap()).body(data.clone());
+    for (k, v) in part["headers"].as_object().unwrap() {
+        put = put.header(k, v.as_str().unwrap());
+    }
+    assert_eq!(put.send().await.unwrap().status(), 200);
+    // A bad upload id is a 400 naming the field; the right one makes the asset READY.
+    let r = http
+        .post(app.http(&format!("/v1/{}:finalizeUpload", asset.name)))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"uploadId": "nope"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let ready: serde_json::Value = http
+        .post(app.http(&format!("/v1/{}:finalizeUpload", asset.name)))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"uploadId": started["uploadId"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["state"], "READY", "{ready}");
+    assert_eq!(ready["sizeBytes"], data.len().to_string());
+}
