@@ -241,7 +241,7 @@ async fn plain(baseline: Option<String>) {
         .and_then(|v| v.parse().ok())
         // Rounds of 8,000 jobs were mostly warm-up: the same builds varied by 15% a round.
         .unwrap_or(30_000);
-    let rounds = 4;
+    let rounds = 6;
     println!(
         "plain jobs end to end (no dependencies, no key, no queue limits): 64 CreateJob callers, 16 workers x 10, {total} jobs per round, {rounds} rounds alternated"
     );
@@ -252,6 +252,13 @@ async fn plain(baseline: Option<String>) {
         );
         return;
     };
+    // One uncounted round of each first: the run's very first round met a cold machine
+    // (Postgres's caches, the page cache) and ran 15% below every later round of the
+    // same build, always to the cost of whichever went first.
+    for (bin, who) in [(THIS_BUILD, "this"), (baseline.as_str(), "baseline")] {
+        let (rate, _, _) = plain_round(bin, &format!("plainwarm{who}"), total / 4).await;
+        println!("  warm-up {who:>9}: {rate:>7.0} jobs/s (not counted)");
+    }
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for round in 0..rounds {
