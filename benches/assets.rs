@@ -142,30 +142,7 @@ async fn main() {
         ],
     );
     let pid = server.child.id();
-    drop(channel(&server.addr).await); // waits for the server to listen
-    // A client moving large files raises HTTP/2 flow-control windows the same way.
-    let ch = tonic::transport::Endpoint::from_shared(server.addr.clone())
-        .unwrap()
-        .initial_stream_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(8 * 1024 * 1024)
-        .connect()
-        .await
-        .unwrap();
-    let t = token("bench", &[]);
-    let project = ProjectsServiceClient::with_interceptor(ch.clone(), Bearer(t.clone()))
-        .create_project(pb::CreateProjectRequest {
-            project: Some(pb::Project {
-                display_name: "bench".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .name;
-    let mut assets =
-        AssetsServiceClient::with_interceptor(ch, Bearer(t)).max_decoding_message_size(4 * CHUNK);
+    let (mut assets, project) = connect(&server.addr, "bench").await;
     let baseline = rss_mib(pid);
 
     flush_all();
@@ -297,7 +274,7 @@ async fn main() {
         download_peak - baseline
     );
     drop(server);
-    direct_against_server_path(&dir, &source, &sha).await;
+    direct_against_server_path(&dir, &source).await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -320,12 +297,45 @@ fn cpu_ns_secs(pid: u32) -> f64 {
     total as f64 / 1e9
 }
 
+type Assets = AssetsServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+/// An assets client of the server at `addr` (once it listens) and a new project's name.
+async fn connect(addr: &str, project: &str) -> (Assets, String) {
+    drop(channel(addr).await); // waits for the server to listen
+    // A client moving large files raises HTTP/2 flow-control windows the same way.
+    let ch = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .unwrap()
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    let t = token("bench", &[]);
+    let project = ProjectsServiceClient::with_interceptor(ch.clone(), Bearer(t.clone()))
+        .create_project(pb::CreateProjectRequest {
+            project: Some(pb::Project {
+                display_name: project.into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    let assets =
+        AssetsServiceClient::with_interceptor(ch, Bearer(t)).max_decoding_message_size(4 * CHUNK);
+    (assets, project)
+}
+
 /// Bytes of the S3 section (per-GiB figures are scaled from it).
 const S3_SIZE: usize = 256 * 1024 * 1024;
 
 /// Server CPU per GiB on S3-compatible storage: an upload through the server (hashed
 /// and forwarded by it) against a direct upload (the server signs, then HEADs).
-async fn direct_against_server_path(dir: &std::path::Path, source: &std::path::Path, _sha: &str) {
+async fn direct_against_server_path(dir: &std::path::Path, source: &std::path::Path) {
     let bin = format!(
         "{}/bin/s3s-fs",
         std::env::var("CARGO_HOME")
@@ -371,28 +381,7 @@ async fn direct_against_server_path(dir: &std::path::Path, source: &std::path::P
         ],
     );
     let pid = server.child.id();
-    drop(channel(&server.addr).await);
-    let ch = tonic::transport::Endpoint::from_shared(server.addr.clone())
-        .unwrap()
-        .initial_stream_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(8 * 1024 * 1024)
-        .connect()
-        .await
-        .unwrap();
-    let t = token("bench", &[]);
-    let project = ProjectsServiceClient::with_interceptor(ch.clone(), Bearer(t.clone()))
-        .create_project(pb::CreateProjectRequest {
-            project: Some(pb::Project {
-                display_name: "bench-s3".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .name;
-    let mut assets = AssetsServiceClient::with_interceptor(ch, Bearer(t));
+    let (mut assets, project) = connect(&server.addr, "bench-s3").await;
     let mut data = vec![0u8; S3_SIZE];
     std::fs::File::open(source)
         .unwrap()

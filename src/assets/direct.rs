@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::{
     AppError, AppResult, db,
-    domain::asset::{Asset, AssetState},
+    domain::asset::{self, Asset, AssetState},
     storage::{Refused, Storage},
 };
 
@@ -66,14 +66,14 @@ pub fn cut(size: i64, part_size: i64) -> Vec<(i64, i64)> {
     out
 }
 
-/// Hex SHA-256 to the base64 S3 wants (the API layer has checked the hex).
+/// A hex SHA-256 as bytes (the API layer has checked the hex).
+fn digest_of(hex: &str) -> AppResult<Vec<u8>> {
+    asset::unhex(hex).ok_or_else(|| AppError::invalid("sha256", "64 lowercase hex digits"))
+}
+
+/// Hex SHA-256 to the base64 S3 wants.
 fn b64_of_hex(hex: &str) -> AppResult<String> {
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
-        .collect::<Result<Vec<u8>, _>>()
-        .map_err(|_| AppError::invalid("sha256", "64 lowercase hex digits"))?;
-    Ok(B64.encode(bytes))
+    Ok(B64.encode(digest_of(hex)?))
 }
 
 /// The checksum S3 reports for a multipart object: SHA-256 over the parts' digests,
@@ -81,11 +81,7 @@ fn b64_of_hex(hex: &str) -> AppResult<String> {
 fn composite(part_hex: &[Option<String>]) -> AppResult<String> {
     let mut all = Sha256::new();
     for hex in part_hex {
-        let b64 = b64_of_hex(hex.as_deref().unwrap_or_default())?;
-        all.update(
-            B64.decode(b64)
-                .map_err(|_| AppError::internal("part checksum"))?,
-        );
+        all.update(digest_of(hex.as_deref().unwrap_or_default())?);
     }
     Ok(format!("{}-{}", B64.encode(all.finalize()), part_hex.len()))
 }
@@ -344,8 +340,8 @@ mod tests {
 
     #[test]
     fn the_composite_checksum_is_over_the_part_digests() {
-        let a = hex_of(&Sha256::digest(b"a"));
-        let b = hex_of(&Sha256::digest(b"b"));
+        let a = asset::hex(&Sha256::digest(b"a"));
+        let b = asset::hex(&Sha256::digest(b"b"));
         let mut all = Sha256::new();
         all.update(Sha256::digest(b"a"));
         all.update(Sha256::digest(b"b"));
@@ -353,9 +349,5 @@ mod tests {
             composite(&[Some(a), Some(b)]).unwrap(),
             format!("{}-2", B64.encode(all.finalize()))
         );
-    }
-
-    fn hex_of(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }

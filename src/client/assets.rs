@@ -12,7 +12,7 @@ use std::{
 use bytes::BytesMut;
 use sha2::{Digest, Sha256};
 
-use crate::{client::ClientArgs, proto::v1 as pb};
+use crate::{client::ClientArgs, domain::asset::hex, proto::v1 as pb};
 
 /// Parts of a direct upload: 16 MiB (S3's minimum is 5 MiB); files up to one part go
 /// in a single PUT.
@@ -47,10 +47,6 @@ pub enum AssetsCommand {
 
 fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", s.code(), s.message())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Size, SHA-256 and each `PART_BYTES` part's SHA-256 of a file, read once.

@@ -36,7 +36,7 @@ impl Storage {
 
     /// A URL for `method` on `key`, signed with extra query parameters and with headers
     /// the request must carry (exactly these values).
-    pub async fn presigned_with(
+    async fn presigned_with(
         &self,
         method: http::Method,
         key: &str,
@@ -56,6 +56,25 @@ impl Storage {
             .signed_url_opts(method, &self.path(key), ttl, &options)
             .await?
             .to_string())
+    }
+
+    /// A request the server itself sends to the store, through a URL it presigns for a
+    /// minute, carrying the headers that URL is signed for.
+    async fn request(
+        &self,
+        method: http::Method,
+        key: &str,
+        query: &[(&str, &str)],
+        headers: &[(&'static str, &str)],
+    ) -> Result<s3_http::RequestBuilder, StorageError> {
+        let url = self
+            .presigned_with(method.clone(), key, Duration::from_secs(60), query, headers)
+            .await?;
+        let mut request = self.http.request(method, url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Ok(request)
     }
 
     /// A PUT URL for `key` whose body must hash to `sha256_b64` (the store checks).
@@ -91,19 +110,14 @@ impl Storage {
         struct Initiated {
             upload_id: String,
         }
-        let url = self
-            .presigned_with(
+        let response = self
+            .request(
                 http::Method::POST,
                 key,
-                Duration::from_secs(60),
                 &[("uploads", "")],
                 &[("x-amz-checksum-algorithm", "SHA256")],
             )
-            .await?;
-        let response = self
-            .http
-            .post(url)
-            .header("x-amz-checksum-algorithm", "SHA256")
+            .await?
             .send()
             .await
             .map_err(unreachable_store)?;
@@ -131,18 +145,9 @@ impl Storage {
             ));
         }
         xml.push_str("</CompleteMultipartUpload>");
-        let url = self
-            .presigned_with(
-                http::Method::POST,
-                key,
-                Duration::from_secs(60),
-                &[("uploadId", upload_id)],
-                &[],
-            )
-            .await?;
         let response = self
-            .http
-            .post(url)
+            .request(http::Method::POST, key, &[("uploadId", upload_id)], &[])
+            .await?
             .body(xml)
             .send()
             .await
@@ -158,18 +163,9 @@ impl Storage {
     /// Abandons a multipart upload and the parts it holds (a store that no longer knows
     /// it is fine).
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
-        let url = self
-            .presigned_with(
-                http::Method::DELETE,
-                key,
-                Duration::from_secs(60),
-                &[("uploadId", upload_id)],
-                &[],
-            )
-            .await?;
         let response = self
-            .http
-            .delete(url)
+            .request(http::Method::DELETE, key, &[("uploadId", upload_id)], &[])
+            .await?
             .send()
             .await
             .map_err(unreachable_store)?;
@@ -183,19 +179,14 @@ impl Storage {
     /// The object's size and SHA-256 checksum as the store reports them; `None` if there is
     /// no object at `key`.
     pub async fn head_checked(&self, key: &str) -> Result<Option<StoredObject>, StorageError> {
-        let url = self
-            .presigned_with(
+        let response = self
+            .request(
                 http::Method::HEAD,
                 key,
-                Duration::from_secs(60),
                 &[],
                 &[("x-amz-checksum-mode", "ENABLED")],
             )
-            .await?;
-        let response = self
-            .http
-            .head(url)
-            .header("x-amz-checksum-mode", "ENABLED")
+            .await?
             .send()
             .await
             .map_err(unreachable_store)?;

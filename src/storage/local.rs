@@ -40,9 +40,8 @@ pub(super) fn file_chunks(
             // past the page cache, and reading them back through it allocates a fresh
             // page per 4 KiB (the cost `create_for_upload` measured).
             Some(direct) => {
-                let mut raw = vec![0u8; DIRECT_BUFFER + DIRECT_ALIGN];
-                let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
-                let buf = &mut raw[start..start + DIRECT_BUFFER];
+                let mut raw = Vec::new();
+                let buf = aligned(&mut raw);
                 let mut at = range.start;
                 while at < range.end {
                     let block = at - at % DIRECT_ALIGN as u64;
@@ -257,6 +256,14 @@ const DIRECT_ALIGN: usize = 4096;
 /// Bytes per direct write.
 const DIRECT_BUFFER: usize = 4 * 1024 * 1024;
 
+/// A `DIRECT_BUFFER`-byte window of `raw` (which it allocates) aligned for direct I/O:
+/// an aligned window into a plain allocation, with no unsafe code for the alignment.
+fn aligned(raw: &mut Vec<u8>) -> &mut [u8] {
+    *raw = vec![0u8; DIRECT_BUFFER + DIRECT_ALIGN];
+    let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut raw[start..start + DIRECT_BUFFER]
+}
+
 /// Creates an upload's file, for direct I/O where the filesystem allows it (`true`).
 /// Measured on this service's machines: writes through the page cache copy every byte
 /// into it at about 1 GB/s of CPU, and an upload spent 70% of its server CPU there;
@@ -307,10 +314,8 @@ fn write_direct(
     rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
 ) -> std::io::Result<std::fs::File> {
     use std::io::Write;
-    // An aligned window into a plain allocation: no unsafe code for the alignment.
-    let mut raw = vec![0u8; DIRECT_BUFFER + DIRECT_ALIGN];
-    let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
-    let buf = &mut raw[start..start + DIRECT_BUFFER];
+    let mut raw = Vec::new();
+    let buf = aligned(&mut raw);
     let (mut filled, mut total) = (0usize, 0u64);
     while let Some(chunk) = rx.blocking_recv() {
         let mut rest = &chunk[..];

@@ -492,6 +492,17 @@ pub async fn app_behind_redis_proxy() -> (TestApp, ChaosProxy) {
     (app, proxy)
 }
 
+/// Storage in `bucket` of the S3-compatible server at `endpoint` (test credentials).
+fn s3_storage(s: &mut Settings, endpoint: &str, bucket: &str) {
+    s.storage = mediaplane::storage::StorageSettings {
+        url: format!("s3://{bucket}/assets"),
+        s3_endpoint: Some(endpoint.to_owned()),
+        s3_region: "us-east-1".into(),
+        s3_access_key_id: Some("testing".into()),
+        s3_secret_access_key: Some(Secret::new("testing")),
+    };
+}
+
 /// A local S3-compatible server (moto, from the test venv) with one bucket.
 pub struct S3Server {
     pub endpoint: String,
@@ -539,13 +550,7 @@ impl S3Server {
     }
 
     pub fn configure(&self, s: &mut Settings) {
-        s.storage = mediaplane::storage::StorageSettings {
-            url: format!("s3://{}/assets", self.bucket),
-            s3_endpoint: Some(self.endpoint.clone()),
-            s3_region: "us-east-1".into(),
-            s3_access_key_id: Some("testing".into()),
-            s3_secret_access_key: Some(Secret::new("testing")),
-        };
+        s3_storage(s, &self.endpoint, &self.bucket);
     }
 
     /// Keys in the bucket (via the S3 ListObjectsV2 API).
@@ -632,13 +637,7 @@ impl StrictS3 {
     }
 
     pub fn configure(&self, s: &mut Settings) {
-        s.storage = mediaplane::storage::StorageSettings {
-            url: format!("s3://{}/assets", self.bucket),
-            s3_endpoint: Some(self.endpoint.clone()),
-            s3_region: "us-east-1".into(),
-            s3_access_key_id: Some("testing".into()),
-            s3_secret_access_key: Some(Secret::new("testing")),
-        };
+        s3_storage(s, &self.endpoint, &self.bucket);
     }
 
     /// Keys of the objects in the bucket (read from s3s-fs's directory).

@@ -34,6 +34,14 @@ fn start(name: &str, data: &[u8]) -> pb::StartUploadRequest {
     }
 }
 
+/// `request` with URLs valid for `seconds`.
+fn expiring(request: pb::StartUploadRequest, seconds: i64) -> pb::StartUploadRequest {
+    pb::StartUploadRequest {
+        ttl: Some(prost_types::Duration { seconds, nanos: 0 }),
+        ..request
+    }
+}
+
 /// PUTs `body` to a part's URL with `headers` (the part's own unless given): the status,
 /// or 0 when the store cut the connection (it may refuse before reading the body).
 async fn put(
@@ -228,13 +236,7 @@ async fn presigned_urls_expire_and_abandoned_uploads_are_removed() {
     let late = pending(&app, &t, &p.name, "late.bin").await;
     let started = app
         .assets(&t)
-        .start_upload(pb::StartUploadRequest {
-            ttl: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            ..start(&late.name, &data)
-        })
+        .start_upload(expiring(start(&late.name, &data), 1))
         .await
         .unwrap()
         .into_inner();
@@ -242,13 +244,7 @@ async fn presigned_urls_expire_and_abandoned_uploads_are_removed() {
     let abandoned = pending(&app, &t, &p.name, "abandoned.bin").await;
     let never = app
         .assets(&t)
-        .start_upload(pb::StartUploadRequest {
-            ttl: Some(prost_types::Duration {
-                seconds: 2,
-                nanos: 0,
-            }),
-            ..start(&abandoned.name, &data)
-        })
+        .start_upload(expiring(start(&abandoned.name, &data), 2))
         .await
         .unwrap()
         .into_inner();
