@@ -16,10 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Bearer, channel, rss_mib, start_server, token};
+use common::{Bearer, channel, create_project, rss_mib, start_server, token};
 use mediaplane::proto::v1::{
-    self as pb, assets_service_client::AssetsServiceClient,
-    projects_service_client::ProjectsServiceClient, upload_asset_content_request::Payload,
+    self as pb, assets_service_client::AssetsServiceClient, upload_asset_content_request::Payload,
 };
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
@@ -313,18 +312,7 @@ async fn connect(addr: &str, project: &str) -> (Assets, String) {
         .await
         .unwrap();
     let t = token("bench", &[]);
-    let project = ProjectsServiceClient::with_interceptor(ch.clone(), Bearer(t.clone()))
-        .create_project(pb::CreateProjectRequest {
-            project: Some(pb::Project {
-                display_name: project.into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .name;
+    let project = create_project(ch.clone(), &t, project).await;
     let assets =
         AssetsServiceClient::with_interceptor(ch, Bearer(t)).max_decoding_message_size(4 * CHUNK);
     (assets, project)

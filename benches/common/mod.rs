@@ -179,3 +179,23 @@ pub fn token(sub: &str, roles: &[&str]) -> String {
     )
     .unwrap()
 }
+
+/// A new project of the token's owner, by name.
+pub async fn create_project(channel: Channel, token: &str, display_name: &str) -> String {
+    use mediaplane::proto::v1 as pb;
+    pb::projects_service_client::ProjectsServiceClient::with_interceptor(
+        channel,
+        Bearer(token.to_owned()),
+    )
+    .create_project(pb::CreateProjectRequest {
+        project: Some(pb::Project {
+            display_name: display_name.into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .name
+}
