@@ -17,9 +17,10 @@ use opentelemetry::{
 };
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing::span;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, layer::Context, prelude::*};
 
 use crate::config::LogFormat;
 
@@ -80,10 +81,10 @@ pub fn init_with(
         .with_tracked_inactivity(false)
         // Nothing here reads OpenTelemetry's thread-local context (trace context comes
         // from the span itself), so making it current on each poll of a call is waste.
-        .with_context_activation(false)
-        .with_filter(filter_fn(|m| {
-            m.is_span() && m.target().starts_with("mediaplane")
-        }));
+        .with_context_activation(false);
+    let traces = LogOnlyFields(traces).with_filter(filter_fn(|m| {
+        m.is_span() && m.target().starts_with("mediaplane")
+    }));
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     // Each layer filters for itself: RUST_LOG=warn quietens the log, not the traces.
     let registry = tracing_subscriber::registry().with(traces);
@@ -154,6 +155,91 @@ pub fn trace_id_of(traceparent: &str) -> Option<&str> {
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     (hex(trace_id, 32) && hex(span_id, 16) && hex(flags, 2)).then_some(trace_id)
 }
+
+/// The OpenTelemetry layer, minus the span fields that only log lines need: a span's
+/// `trace_id` field repeats its own trace id, and exporting it again as an attribute
+/// would cost bytes and allocations on every exported span (the exporter's share of
+/// a call's CPU grows with them).
+struct LogOnlyFields<L>(L);
+
+impl<S, L> Layer<S> for LogOnlyFields<L>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    L: Layer<S>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber);
+    }
+
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.0.on_layer(subscriber);
+    }
+
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        self.0.register_callsite(metadata)
+    }
+
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, ctx: Context<'_, S>) -> bool {
+        self.0.enabled(metadata, ctx)
+    }
+
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_new_span(attrs, id, ctx);
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        // `span.record("trace_id", …)` comes alone (see `edge::calls`).
+        let mut only_log_fields = true;
+        values.record(
+            &mut |field: &tracing::field::Field, _: &dyn std::fmt::Debug| {
+                only_log_fields &= LOG_ONLY_FIELDS.contains(&field.name());
+            },
+        );
+        if !only_log_fields {
+            self.0.on_record(id, values, ctx);
+        }
+    }
+
+    fn on_follows_from(&self, id: &span::Id, follows: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_follows_from(id, follows, ctx);
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+        self.0.on_event(event, ctx);
+    }
+
+    fn on_enter(&self, id: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_enter(id, ctx);
+    }
+
+    fn on_exit(&self, id: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_exit(id, ctx);
+    }
+
+    fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+        self.0.on_close(id, ctx);
+    }
+
+    fn on_id_change(&self, old: &span::Id, new: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_id_change(old, new, ctx);
+    }
+
+    // `Span::context()` and `set_parent` find the OpenTelemetry layer by downcasting
+    // the dispatcher: it must still be found through this wrapper.
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            return Some(self as *const Self as *const ());
+        }
+        // SAFETY: forwarded unchanged; the inner layer answers for its own types.
+        unsafe { self.0.downcast_raw(id) }
+    }
+}
+
+/// Span fields written to log lines but not exported as span attributes.
+const LOG_ONLY_FIELDS: &[&str] = &["trace_id"];
 
 struct Headers<'a>(&'a http::HeaderMap);
 

@@ -66,13 +66,15 @@ pub async fn middleware(
     let span = tracing::info_span!(
         "call",
         %request_id,
-        %method,
+        // The method is the span's name (and `otel.name` in log lines); the trace id
+        // is for log lines only (`telemetry::LogOnlyFields` keeps it out of exports).
         trace_id = tracing::field::Empty,
         // AcquireJobs records the worker it serves.
         worker_id = tracing::field::Empty,
         otel.name = %method,
         otel.kind = "server",
         rpc.grpc.status_code = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
     if let Some(trace_id) = crate::telemetry::join_caller(&span, request.headers()) {
@@ -139,6 +141,9 @@ pub async fn middleware(
             None
         };
     let stop = ending.map(|e| (Box::pin(ctx.draining.clone().cancelled_owned()), e));
+    // grpc-web carries its trailers in the body; the code is read from them there.
+    let web = (header_code.is_none() && content_type.starts_with("application/grpc-web"))
+        .then(|| content_type.starts_with("application/grpc-web-text"));
     Response::from_parts(
         parts,
         Body::new(LoggedBody {
@@ -146,6 +151,7 @@ pub async fn middleware(
             log,
             stop,
             stopped: false,
+            web,
         }),
     )
 }
@@ -286,6 +292,8 @@ impl Drop for CallLog {
             }
             tracing::info!(method = %self.method, code, latency_ms, "grpc call");
         } else {
+            self.span
+                .record("http.response.status_code", i64::from(self.http_status));
             if self.http_status >= 500 {
                 self.span.record("otel.status_code", "ERROR");
             }
@@ -301,6 +309,8 @@ pin_project_lite::pin_project! {
         log: CallLog,
         stop: Option<(Pin<Box<WaitForCancellationFutureOwned>>, Ending)>,
         stopped: bool,
+        // Some(text) for a grpc-web response whose code is in its body's trailers.
+        web: Option<bool>,
     }
 }
 
@@ -359,6 +369,11 @@ impl http_body::Body for LoggedBody {
                     .and_then(|v| v.to_str().ok())
                 {
                     this.log.code = code.parse().ok();
+                    this.log.finished = true;
+                } else if let (Some(text), Some(data)) = (*this.web, f.data_ref())
+                    && let Some(code) = super::frames::grpc_web_status(data, text)
+                {
+                    this.log.code = Some(code);
                     this.log.finished = true;
                 }
             }

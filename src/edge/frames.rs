@@ -75,9 +75,62 @@ impl TextFramePrefixes {
     }
 }
 
+/// The `grpc-status` in a grpc-web response chunk that is its trailers frame (flag
+/// 0x80, length, `name:value` lines), under base64 for grpc-web-text. tonic-web sends
+/// the trailers as a data chunk of their own, so a chunk that is not one whole
+/// trailers frame (a message, or a piece of one) answers `None`.
+pub fn grpc_web_status(chunk: &[u8], text: bool) -> Option<i32> {
+    use base64::Engine;
+    let decoded;
+    let frame = if text {
+        if chunk.first() != Some(&b'g') {
+            // 0x80 as the first of three bytes is base64 `g…`: anything else is a message.
+            return None;
+        }
+        decoded = base64::engine::general_purpose::STANDARD
+            .decode(chunk)
+            .ok()?;
+        &decoded[..]
+    } else {
+        chunk
+    };
+    let (&flag, rest) = frame.split_first()?;
+    let (len, lines) = rest.split_first_chunk::<4>()?;
+    if flag != 0x80 || u32::from_be_bytes(*len) as usize != lines.len() {
+        return None;
+    }
+    std::str::from_utf8(lines)
+        .ok()?
+        .split("\r\n")
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("grpc-status")
+                .then(|| value.trim().parse().ok())?
+        })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{FramePrefixes, TextFramePrefixes};
+    use super::{FramePrefixes, TextFramePrefixes, grpc_web_status};
+
+    #[test]
+    fn grpc_web_trailers_give_their_status_and_messages_give_none() {
+        let trailers = b"grpc-status:5\r\ngrpc-message:not%20found\r\n";
+        let mut frame = vec![0x80];
+        frame.extend_from_slice(&(trailers.len() as u32).to_be_bytes());
+        frame.extend_from_slice(trailers);
+        assert_eq!(grpc_web_status(&frame, false), Some(5));
+        use base64::Engine;
+        let text = base64::engine::general_purpose::STANDARD.encode(&frame);
+        assert_eq!(grpc_web_status(text.as_bytes(), true), Some(5));
+        // A message, a truncated trailers frame, and trailers without a status.
+        assert_eq!(grpc_web_status(&[0, 0, 0, 0, 1, 7], false), None);
+        assert_eq!(grpc_web_status(&frame[..frame.len() - 3], false), None);
+        let mut bare = vec![0x80, 0, 0, 0, 4];
+        bare.extend_from_slice(b"a:b\n");
+        assert_eq!(grpc_web_status(&bare, false), None);
+    }
 
     #[test]
     fn text_frames_are_read_through_base64_in_padded_chunks() {

@@ -271,6 +271,15 @@ async fn a_traceparent_reaches_the_worker_its_command_the_logs_and_the_otlp_rece
         let s = span_of(&line).unwrap();
         assert_eq!(s["service"], "mediaplane", "{s}");
         assert_eq!(s["kind"], 2, "a server span: {s}");
+        // What a trace viewer needs about the call is exported; the log-only
+        // `trace_id` field (the span's own id, again) is not.
+        let attributes = &s["attributes"];
+        assert!(attributes["request_id"].is_string(), "{s}");
+        match door {
+            "REST" => assert_eq!(attributes["http.response.status_code"], 200, "{s}"),
+            _ => assert_eq!(attributes["rpc.grpc.status_code"], 0, "{s}"),
+        }
+        assert!(attributes.get("trace_id").is_none(), "{s}");
     }
     // ... and the worker's calls about the job (CompleteJob) join the job's trace.
     spans
