@@ -76,6 +76,9 @@ enum Completes {
     Each,
     /// One BatchCompleteJobs for everything one AcquireJobs returned.
     Batched,
+    /// As `Batched`, the call also leasing the worker's next jobs (`acquire`):
+    /// AcquireJobs only when none came with the completions.
+    Next,
 }
 
 impl Completes {
@@ -83,6 +86,7 @@ impl Completes {
         match self {
             Self::Each => "each",
             Self::Batched => "batch",
+            Self::Next => "next",
         }
     }
 }
@@ -120,35 +124,49 @@ async fn run_workers(
         );
         let (done, kind, lat, count) = (done.clone(), kind.to_owned(), lat.clone(), count.clone());
         tasks.spawn(async move {
+            let acquire = pb::AcquireJobsRequest {
+                worker_id: format!("w{w}"),
+                kinds: vec![kind.clone()],
+                max_jobs,
+                lease_duration: dur(60),
+                wait_timeout: None,
+            };
+            // Jobs leased with the last completions.
+            let mut carried = Vec::new();
             while done.load(std::sync::atomic::Ordering::Relaxed) < total {
-                let t = Instant::now();
-                let leased = c
-                    .acquire_jobs(pb::AcquireJobsRequest {
-                        worker_id: format!("w{w}"),
-                        kinds: vec![kind.clone()],
-                        max_jobs,
-                        lease_duration: dur(60),
-                        wait_timeout: dur(1),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .jobs;
-                if leased.is_empty() {
-                    continue;
-                }
-                Latencies::record(&lat.acquire, t);
-                let n = leased.len();
-                if completes == Completes::Batched {
+                let leased = if carried.is_empty() {
                     let t = Instant::now();
-                    let results = c
-                        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
-                            requests: leased.into_iter().map(completion).collect(),
+                    let leased = c
+                        .acquire_jobs(pb::AcquireJobsRequest {
+                            wait_timeout: dur(1),
+                            ..acquire.clone()
                         })
                         .await
                         .unwrap()
                         .into_inner()
-                        .results;
+                        .jobs;
+                    if leased.is_empty() {
+                        continue;
+                    }
+                    Latencies::record(&lat.acquire, t);
+                    leased
+                } else {
+                    std::mem::take(&mut carried)
+                };
+                let n = leased.len();
+                if completes != Completes::Each {
+                    let t = Instant::now();
+                    let answer = c
+                        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+                            requests: leased.into_iter().map(completion).collect(),
+                            acquire: (completes == Completes::Next).then(|| acquire.clone()),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert!(answer.acquire_error.is_none(), "leasing with completions");
+                    carried = answer.acquired;
+                    let results = answer.results;
                     assert!(
                         results.iter().all(|r| matches!(
                             r.outcome,
@@ -254,7 +272,7 @@ async fn main() {
     // 1. End to end, one CreateJob per job, producers and workers running together.
     if wanted("e2e") {
         println!(
-            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob per job, or one BatchCompleteJobs per acquire (CPU per job: the server, this load generator, the whole machine)"
+            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob per job, or one BatchCompleteJobs per acquire (-batch), or one that also leases the next jobs (-next) (CPU per job: the server, this load generator, the whole machine)"
         );
         println!(
             "{:>9} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
@@ -280,16 +298,18 @@ async fn main() {
             (64, 16, 10, Completes::Each),
             (64, 32, 50, Completes::Each),
             (64, 32, 50, Completes::Batched),
+            (64, 32, 50, Completes::Next),
             // With one statement in flight per kind of write, 64 waiting producers left
             // a third of the machine idle: more concurrent callers, bigger groups.
             (256, 32, 50, Completes::Each),
             (256, 32, 50, Completes::Batched),
+            (256, 32, 50, Completes::Next),
         ] {
             // MP_BENCH_E2E=64x32x50 (or 64x32x50-batch, or a comma-separated list) runs
             // only those rows.
             let row = match completes {
                 Completes::Each => format!("{producers}x{workers}x{max_jobs}"),
-                Completes::Batched => format!("{producers}x{workers}x{max_jobs}-batch"),
+                other => format!("{producers}x{workers}x{max_jobs}-{}", other.label()),
             };
             if only
                 .as_deref()
@@ -408,7 +428,7 @@ async fn main() {
             })
             .unwrap_or((64, 50));
         println!();
-        for completes in [Completes::Each, Completes::Batched] {
+        for completes in [Completes::Each, Completes::Batched, Completes::Next] {
             let kind = format!("prefilled-{}", completes.label());
             for _ in 0..total / 1000 {
                 let requests = (0..1000)
@@ -446,6 +466,7 @@ async fn main() {
                 match completes {
                     Completes::Each => "CompleteJob per job",
                     Completes::Batched => "one BatchCompleteJobs per acquire",
+                    Completes::Next => "BatchCompleteJobs leasing the next jobs",
                 },
                 total as f64 / (finished - start).as_secs_f64(),
                 (cpu_secs(pid) - server_cpu) * 1e6 / total as f64,

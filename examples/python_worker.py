@@ -10,9 +10,11 @@ The protocol, in full:
      (cancel_requested). ABORTED means the lease is gone: stop, someone else has the job.
   3. CompleteJob(name, lease_id, result, output_assets), or
      FailJob(name, lease_id, error, retryable, retry_after).
-     With --batch N the worker leases up to N jobs at a time and completes the finished
-     ones in one BatchCompleteJobs call, whose results[i] is either the stored job or
-     the google.rpc.Status that CompleteJob would have answered for that job.
+     This worker completes with BatchCompleteJobs instead, whose results[i] is either
+     the stored job or the google.rpc.Status that CompleteJob would have answered, and
+     whose `acquire` leases its next jobs in the same call (AcquireJobs again only when
+     none came). With --batch N it leases up to N jobs at a time and completes the
+     finished ones together.
 """
 import argparse
 import importlib.resources
@@ -92,48 +94,59 @@ def main():
         result.update({"worker": "python", "prompt": dict(job.input).get("prompt", "")})
         return result
 
-    done = 0
-    while args.max_jobs == 0 or done < args.max_jobs:
-        response = stub.AcquireJobs(
-            jobs_pb2.AcquireJobsRequest(
-                worker_id=worker_id,
-                kinds=args.kinds.split(","),
-                max_jobs=max(1, args.batch),
-                lease_duration=duration_pb2.Duration(seconds=30),
-                wait_timeout=duration_pb2.Duration(seconds=10),
-            ),
-            metadata=auth,
+    def next_jobs(done):
+        """What to lease next (up to --batch jobs, within --max-jobs), or None."""
+        want = max(1, args.batch)
+        if args.max_jobs:
+            want = min(want, args.max_jobs - done)
+        if want <= 0:
+            return None
+        return jobs_pb2.AcquireJobsRequest(
+            worker_id=worker_id,
+            kinds=args.kinds.split(","),
+            max_jobs=want,
+            lease_duration=duration_pb2.Duration(seconds=30),
         )
+
+    done = 0
+    pending = []  # jobs leased along with the last completions
+    while args.max_jobs == 0 or done < args.max_jobs:
+        if not pending:
+            request = next_jobs(done)
+            request.wait_timeout.CopyFrom(duration_pb2.Duration(seconds=10))
+            pending = list(stub.AcquireJobs(request, metadata=auth).jobs)
+            for leased in pending:
+                print(f"leased {leased.job.name}", flush=True)
+            continue
         finished = []
-        for leased in response.jobs:
+        for leased in pending:
             done += 1
             result = run(leased)
-            if result is None:
-                continue
-            request = jobs_pb2.CompleteJobRequest(
-                name=leased.job.name, lease_id=leased.lease_id, result=result)
-            if args.batch:
-                finished.append(request)
-                continue
-            try:
-                stub.CompleteJob(request, metadata=auth)
-                print(f"completed {request.name}", flush=True)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.ABORTED:
-                    raise
-                print(f"lease lost on {request.name}: {e.details()}", flush=True)
-        if finished:
-            answer = stub.BatchCompleteJobs(
-                jobs_pb2.BatchCompleteJobsRequest(requests=finished), metadata=auth)
-            # Each completion stands alone: a refused one (say, a lease that expired
-            # while the others ran) is reported, and the rest are done.
-            for request, outcome in zip(finished, answer.results):
-                if outcome.HasField("job"):
-                    print(f"completed {outcome.job.name} (batch)", flush=True)
-                else:
-                    code = CODE_NAMES.get(outcome.error.code, outcome.error.code)
-                    print(f"refused {request.name}: {code} {outcome.error.message}", flush=True)
-
+            if result is not None:
+                finished.append(jobs_pb2.CompleteJobRequest(
+                    name=leased.job.name, lease_id=leased.lease_id, result=result))
+        pending = []
+        if not finished:
+            continue
+        # The completions and the lease of the next jobs in one call: two calls per
+        # job instead of three (AcquireJobs only when nothing came with them).
+        answer = stub.BatchCompleteJobs(
+            jobs_pb2.BatchCompleteJobsRequest(requests=finished, acquire=next_jobs(done)),
+            metadata=auth)
+        # Each completion stands alone: a refused one (say, a lease that expired while
+        # the others ran) is reported, and the rest are done.
+        how = " (batch)" if args.batch else ""
+        for request, outcome in zip(finished, answer.results):
+            if outcome.HasField("job"):
+                print(f"completed {outcome.job.name}{how}", flush=True)
+            else:
+                code = CODE_NAMES.get(outcome.error.code, outcome.error.code)
+                print(f"refused {request.name}: {code} {outcome.error.message}", flush=True)
+        if answer.HasField("acquire_error"):
+            print(f"leasing with the completions failed: {answer.acquire_error.message}", flush=True)
+        pending = list(answer.acquired)
+        for leased in pending:
+            print(f"leased {leased.job.name} (with a completion)", flush=True)
 
 if __name__ == "__main__":
     main()

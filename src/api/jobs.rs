@@ -203,7 +203,7 @@ fn completion(
     LeaseOp::complete(result.map(serde_json::Value::Object), r.output_assets)
 }
 
-fn positive_duration(
+pub(super) fn positive_duration(
     d: Option<prost_types::Duration>,
     field: &str,
     default: Duration,
@@ -451,110 +451,8 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         require_worker(&caller)?;
         let r = request.into_inner();
         tracing::Span::current().record("worker_id", r.worker_id.as_str());
-        let mut v = Violations::default();
-        if r.worker_id.is_empty()
-            || r.worker_id.chars().count() > 128
-            || !text::storable(&r.worker_id)
-        {
-            v.add("worker_id", "required, at most 128 characters, without NUL");
-        }
-        if r.kinds.is_empty() || r.kinds.len() > 64 {
-            v.add("kinds", "1 to 64 kinds");
-        }
-        for (i, kind) in r.kinds.iter().enumerate() {
-            if !job::valid_kind(kind) {
-                v.add(format!("kinds[{i}]"), "not a valid kind");
-            }
-        }
-        let max = match r.max_jobs {
-            0 => 1,
-            n if (1..=job::MAX_ACQUIRE).contains(&n) => n,
-            _ => {
-                v.add("max_jobs", format!("from 1 to {}", job::MAX_ACQUIRE));
-                1
-            }
-        };
-        let lease = positive_duration(
-            r.lease_duration,
-            "lease_duration",
-            job::DEFAULT_LEASE,
-            job::MIN_LEASE,
-            job::MAX_LEASE,
-            &mut v,
-        );
-        let wait = match r.wait_timeout {
-            None => Duration::ZERO,
-            Some(d) => match duration(&d) {
-                Some(d) if d <= job::MAX_WAIT => d,
-                _ => {
-                    v.add("wait_timeout", format!("from 0s to {:?}", job::MAX_WAIT));
-                    Duration::ZERO
-                }
-            },
-        };
-        v.into_result(())?;
-        if !caller.kinds.is_empty() {
-            if let Some(kind) = r.kinds.iter().find(|k| !caller.kinds.contains(k)) {
-                return Err(AppError::PermissionDenied(format!(
-                    "this worker token may not run jobs of kind {kind:?}"
-                ))
-                .into());
-            }
-        }
-        let jobs = self
-            .engine
-            .acquire(&r.worker_id, &r.kinds, i64::from(max), lease, wait)
-            .await?;
-        let leases: Vec<(uuid::Uuid, Option<uuid::Uuid>)> =
-            jobs.iter().map(|j| (j.id, j.lease_id)).collect();
-        // Their dependencies as they ended, read once for all of them.
-        let dependencies = self.engine.dependencies_of(&jobs).await?;
-        let mut jobs: Vec<pb::LeasedJob> = jobs
-            .into_iter()
-            .map(|j| {
-                let mut leased = pb::LeasedJob {
-                    lease_id: j
-                        .lease_id
-                        .map(|l| self.engine.settings.leases.seal(&caller.sub, l).to_string())
-                        .unwrap_or_default(),
-                    lease_expire_time: j.lease_expire_time.map(crate::convert::timestamp),
-                    traceparent: j.traceparent.clone().unwrap_or_default(),
-                    dependencies: j
-                        .depends_on
-                        .iter()
-                        .filter_map(|d| dependencies.get(d).cloned().map(Into::into))
-                        .collect(),
-                    job: None,
-                };
-                leased.job = Some(j.into());
-                // Results too large to come along (100 dependencies of 256 KiB each):
-                // names, states and outputs only; the worker reads results with GetJob.
-                if !leased.dependencies.is_empty()
-                    && prost::Message::encoded_len(&leased) > self.page_budget
-                {
-                    for d in &mut leased.dependencies {
-                        d.result = None;
-                    }
-                }
-                leased
-            })
-            .collect();
-        // Jobs with large inputs: as many as one response holds; the rest go back to the
-        // queue at once rather than sit leased to a worker who never heard of them.
-        let n = super::fitting(&jobs, self.page_budget);
-        if n < jobs.len() {
-            jobs.truncate(n);
-            let unsent: Vec<_> = leases
-                .iter()
-                .skip(n)
-                .filter_map(|(id, lease)| lease.map(|l| (*id, l)))
-                .collect();
-            // The jobs sent are this worker's either way; if the release fails, the
-            // reaper requeues the others when their leases expire.
-            if let Err(error) = self.engine.release(&unsent).await {
-                tracing::warn!(%error, jobs = unsent.len(), "could not release unsent leases");
-            }
-        }
+        let acquire = super::acquire::Acquire::check(&caller, &r, "")?;
+        let jobs = acquire.run(&self.engine, &caller, self.page_budget).await?;
         Ok(Response::new(pb::AcquireJobsResponse { jobs }))
     }
 
@@ -611,7 +509,15 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
     ) -> Result<Response<pb::BatchCompleteJobsResponse>, Status> {
         let caller = caller(&request)?;
         require_worker(&caller)?;
-        let requests = request.into_inner().requests;
+        let pb::BatchCompleteJobsRequest { requests, acquire } = request.into_inner();
+        // Checked before anything is written, like the completions.
+        let acquire = match &acquire {
+            Some(r) => {
+                tracing::Span::current().record("worker_id", r.worker_id.as_str());
+                Some(super::acquire::Acquire::check(&caller, r, "acquire.")?)
+            }
+            None => None,
+        };
         let mut v = Violations::default();
         if requests.is_empty() || requests.len() > job::MAX_BATCH {
             v.add(
@@ -650,6 +556,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                     }),
                 })
                 .collect(),
+            ..Default::default()
         };
         // The completions are committed: the answer must get through. Jobs with large
         // inputs or results would take it past the message limit, so then each job
@@ -659,6 +566,17 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
                 if let Some(pb::complete_job_result::Outcome::Job(job)) = &mut result.outcome {
                     *job = brief(std::mem::take(job));
                 }
+            }
+        }
+        if let Some(acquire) = acquire {
+            // The next jobs get the room the results left.
+            let budget = self
+                .page_budget
+                .saturating_sub(prost::Message::encoded_len(&response));
+            match acquire.run(&self.engine, &caller, budget).await {
+                Ok(jobs) => response.acquired = jobs,
+                // Committed completions are answered whatever leasing did.
+                Err(e) => response.acquire_error = Some(e.into_rpc_status()),
             }
         }
         Ok(Response::new(response))

@@ -2,6 +2,7 @@
 //! the resource's service (the engine, `projects`, `assets`), convert back.
 use crate::domain::page;
 
+pub mod acquire;
 pub mod assets;
 pub mod jobs;
 pub mod projects;

@@ -1,5 +1,6 @@
 //! `mediaplane worker`: runs jobs by executing a command, speaking the worker protocol
-//! (AcquireJobs, ReportProgress as heartbeat, CompleteJob / FailJob).
+//! (AcquireJobs, ReportProgress as heartbeat, FailJob, and BatchCompleteJobs, which
+//! completes a job and leases the next one for its slot in the same call).
 //!
 //! The command runs under `sh -c` with the job's input as JSON on stdin and in
 //! `MEDIAPLANE_JOB_INPUT`, plus `MEDIAPLANE_JOB_NAME`, `MEDIAPLANE_JOB_KIND` and
@@ -118,41 +119,65 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     });
     let args = Arc::new(args);
     let concurrency = args.concurrency.max(1);
-    let mut started = 0u64;
+    let slots = Arc::new(Slots {
+        left: std::sync::atomic::AtomicU64::new(if args.max_jobs > 0 {
+            args.max_jobs
+        } else {
+            u64::MAX
+        }),
+        stopping: std::sync::atomic::AtomicBool::new(false),
+        worker_id: worker_id.clone(),
+    });
     let mut tasks = tokio::task::JoinSet::new();
+    let spawn = |tasks: &mut tokio::task::JoinSet<Vec<pb::LeasedJob>>, leased| {
+        let (jobs, args, slots) = (client.jobs.clone(), args.clone(), slots.clone());
+        tasks.spawn(async move { run_job(jobs, &args, &slots, leased).await });
+    };
     tracing::info!(%worker_id, kinds = ?args.kinds, "worker started");
     // SIGINT or SIGTERM: take no more jobs, let the running ones finish, then exit.
     let stop = crate::cli::shutdown_signal();
     tokio::pin!(stop);
     loop {
-        while tasks.try_join_next().is_some() {}
-        let remaining = if args.max_jobs > 0 {
-            args.max_jobs - started
-        } else {
-            u64::MAX
-        };
-        if remaining == 0 {
-            break;
+        // Jobs leased along with a completion run in the slot it freed.
+        while let Some(next) = tasks.try_join_next() {
+            for leased in next.unwrap_or_default() {
+                spawn(&mut tasks, leased);
+            }
         }
         let free = concurrency.saturating_sub(tasks.len());
         if free == 0 {
             tokio::select! {
-                _ = tasks.join_next() => continue,
+                next = tasks.join_next() => {
+                    for leased in next.and_then(Result::ok).unwrap_or_default() {
+                        spawn(&mut tasks, leased);
+                    }
+                    continue;
+                }
+                () = &mut stop => break,
+            }
+        }
+        let want = slots.take((free as u64).min(100));
+        if want == 0 {
+            if tasks.is_empty() {
+                break;
+            }
+            // The last jobs are running; wait for them (or for a signal).
+            tokio::select! {
+                next = tasks.join_next() => {
+                    for leased in next.and_then(Result::ok).unwrap_or_default() {
+                        spawn(&mut tasks, leased);
+                    }
+                    continue;
+                }
                 () = &mut stop => break,
             }
         }
         let request = pb::AcquireJobsRequest {
-            worker_id: worker_id.clone(),
-            kinds: args.kinds.clone(),
-            max_jobs: (free as u64).min(remaining).min(100) as i32,
-            lease_duration: Some(prost_types::Duration {
-                seconds: args.lease.as_secs().max(1) as i64,
-                nanos: 0,
-            }),
             wait_timeout: Some(prost_types::Duration {
                 seconds: 20,
                 nanos: 0,
             }),
+            ..slots.acquire(&args, want)
         };
         let mut jobs_client = client.jobs.clone();
         let leased = tokio::select! {
@@ -167,6 +192,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
                 ) =>
             {
+                slots.give_back(want);
                 tracing::warn!(error = %e, "acquire failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -179,21 +205,73 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 ));
             }
         };
+        slots.give_back(want.saturating_sub(leased.len() as u64));
         for job in leased {
-            started += 1;
-            let (jobs, args) = (client.jobs.clone(), args.clone());
-            tasks.spawn(async move { run_job(jobs, &args, job).await });
+            spawn(&mut tasks, job);
         }
     }
-    // Jobs already started run to their end.
+    slots
+        .stopping
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    // Jobs already started run to their end (and any leased with their completions).
     if !tasks.is_empty() {
         tracing::info!(
             running = tasks.len(),
             "stopping: finishing the running jobs"
         );
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(next) = tasks.join_next().await {
+        for leased in next.unwrap_or_default() {
+            spawn(&mut tasks, leased);
+        }
+    }
     Ok(())
+}
+
+/// How many more jobs this worker may start (`--max-jobs`), shared by the loop that
+/// calls AcquireJobs and the jobs that lease their successor with their completion.
+struct Slots {
+    left: std::sync::atomic::AtomicU64,
+    stopping: std::sync::atomic::AtomicBool,
+    worker_id: String,
+}
+
+impl Slots {
+    /// Reserves up to `n` starts; how many were reserved.
+    fn take(&self, n: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        if self.stopping.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let mut took = 0;
+        let _ = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                took = left.min(n);
+                Some(left - took)
+            });
+        took
+    }
+
+    /// Returns reservations that leased nothing.
+    fn give_back(&self, n: u64) {
+        if n > 0 {
+            self.left.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn acquire(&self, args: &WorkerArgs, max: u64) -> pb::AcquireJobsRequest {
+        pb::AcquireJobsRequest {
+            worker_id: self.worker_id.clone(),
+            kinds: args.kinds.clone(),
+            max_jobs: max as i32,
+            lease_duration: Some(prost_types::Duration {
+                seconds: args.lease.as_secs().max(1) as i64,
+                nanos: 0,
+            }),
+            wait_timeout: None,
+        }
+    }
 }
 
 /// A leased job's dependencies for its command, as JSON.
@@ -215,8 +293,16 @@ fn dependencies_json(deps: &[pb::Dependency]) -> String {
     serde_json::Value::Array(deps).to_string()
 }
 
-async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
-    let Some(job) = leased.job else { return };
+/// Runs one job; the jobs leased with its completion, which run next.
+async fn run_job(
+    mut jobs: Jobs,
+    args: &WorkerArgs,
+    slots: &Slots,
+    leased: pb::LeasedJob,
+) -> Vec<pb::LeasedJob> {
+    let Some(job) = leased.job else {
+        return Vec::new();
+    };
     // Only a well-formed context is passed on: the command may parse it.
     let traceparent = crate::telemetry::trace_id_of(&leased.traceparent)
         .and_then(|_| leased.traceparent.parse().ok());
@@ -267,7 +353,7 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
                 false,
             )
             .await;
-            return;
+            return Vec::new();
         }
     };
     if let Some(mut stdin) = child.stdin.take() {
@@ -306,13 +392,13 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
             _ = heartbeat.tick() => {
                 if !beat(&mut jobs, &held, &report, true).await {
                     let _ = child.kill().await;
-                    return;
+                    return Vec::new();
                 }
             }
             _ = flush.tick() => {
                 if !beat(&mut jobs, &held, &report, false).await {
                     let _ = child.kill().await;
-                    return;
+                    return Vec::new();
                 }
             }
         }
@@ -329,18 +415,40 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
     let report = std::mem::take(&mut *report.lock().await);
     match status {
         Ok(s) if s.success() => {
-            let request = held.request(pb::CompleteJobRequest {
-                name: job.name.clone(),
-                lease_id: held.lease_id.clone(),
-                result: report.result.map(json_to_struct),
-                output_assets: report.outputs,
+            // The completion leases this slot's next job in the same call (one call
+            // per job saved); no wait, the main loop long-polls when none came.
+            let want = slots.take(1);
+            let request = held.request(pb::BatchCompleteJobsRequest {
+                requests: vec![pb::CompleteJobRequest {
+                    name: job.name.clone(),
+                    lease_id: held.lease_id.clone(),
+                    result: report.result.map(json_to_struct),
+                    output_assets: report.outputs,
+                }],
+                acquire: (want > 0).then(|| slots.acquire(args, want)),
             });
-            match jobs.complete_job(request).await {
-                Ok(_) => tracing::info!(job = %job.name, "succeeded"),
+            let answer = match jobs.batch_complete_jobs(request).await {
+                Ok(answer) => answer.into_inner(),
                 Err(e) => {
-                    tracing::warn!(job = %job.name, error = %e.message(), "completion rejected")
+                    slots.give_back(want);
+                    tracing::warn!(job = %job.name, error = %e.message(), "completion failed");
+                    return Vec::new();
                 }
+            };
+            match answer.results.into_iter().next().and_then(|r| r.outcome) {
+                Some(pb::complete_job_result::Outcome::Job(_)) => {
+                    tracing::info!(job = %job.name, "succeeded")
+                }
+                Some(pb::complete_job_result::Outcome::Error(e)) => {
+                    tracing::warn!(job = %job.name, error = %e.message, "completion rejected")
+                }
+                None => tracing::warn!(job = %job.name, "completion unanswered"),
             }
+            if let Some(e) = answer.acquire_error {
+                tracing::warn!(error = %e.message, "leasing with the completion failed");
+            }
+            slots.give_back(want.saturating_sub(answer.acquired.len() as u64));
+            return answer.acquired;
         }
         Ok(s) => {
             let message = format!(
@@ -360,6 +468,7 @@ async fn run_job(mut jobs: Jobs, args: &WorkerArgs, leased: pb::LeasedJob) {
             .await
         }
     }
+    Vec::new()
 }
 
 /// Sends progress (always when `force`, else only when it changed). Returns false

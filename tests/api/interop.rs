@@ -235,3 +235,36 @@ async fn python_worker_completes_its_jobs_in_one_batch() {
         );
     }
 }
+
+#[tokio::test]
+async fn python_worker_takes_its_next_job_with_each_completion() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "python next").await;
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        created.push(create_job_of(&app, &t, &p.name, "render").await.name);
+    }
+    let stdout = run_python_worker(&app, &["--max-jobs", "3"]).await;
+    // One AcquireJobs; the other two jobs came with the completions before them.
+    assert!(
+        stdout.contains(&format!("leased {}\n", created[0])),
+        "{stdout}"
+    );
+    for name in &created[1..] {
+        assert!(
+            stdout.contains(&format!("leased {name} (with a completion)")),
+            "{stdout}"
+        );
+    }
+    for name in &created {
+        assert!(stdout.contains(&format!("completed {name}\n")), "{stdout}");
+        let stored = app
+            .jobs(&t)
+            .get_job(pb::GetJobRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stored.state(), pb::job::State::Succeeded);
+    }
+}

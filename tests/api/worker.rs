@@ -233,3 +233,63 @@ async fn sigterm_lets_running_jobs_finish_takes_no_more_and_exits() {
         asked.elapsed()
     );
 }
+
+/// Calls of `method` started on `app`, from its metrics.
+async fn calls_started(app: &TestApp, method: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", app.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.contains("grpc_server_started_total{")
+                && l.contains(&format!("grpc_method=\"{method}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn the_runtime_takes_its_next_job_with_a_completion_and_cancel_still_reaches_it() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "runtime next").await;
+    let quick = new_job(&app, &t, &p.name, 1).await;
+    let slow = new_job(&app, &t, &p.name, 3).await;
+    // The first job ends at once; the second runs until cancelled.
+    let command = format!(
+        "if [ \"$MEDIAPLANE_JOB_NAME\" = '{}' ]; then exit 0; fi; \
+         while true; do echo PROGRESS 10 waiting; sleep 0.2; done",
+        quick.name
+    );
+    let mut runtime = worker_cmd(&app, &command, 2).spawn().unwrap();
+    eventually(Duration::from_secs(10), "the second job running", || {
+        let (app, t, name) = (&app, t.clone(), slow.name.clone());
+        async move { state_of(app, &t, &name).await.progress_percent == 10 }
+    })
+    .await;
+    assert_eq!(
+        State::try_from(state_of(&app, &t, &quick.name).await.state).unwrap(),
+        State::Succeeded
+    );
+    // One AcquireJobs for two jobs: the second came with the first one's completion.
+    assert_eq!(calls_started(&app, "AcquireJobs").await, 1.0);
+    assert_eq!(calls_started(&app, "BatchCompleteJobs").await, 1.0);
+    app.jobs(&t)
+        .cancel_job(pb::CancelJobRequest {
+            name: slow.name.clone(),
+        })
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), runtime.wait())
+        .await
+        .expect("the runtime stops the command and exits (--max-jobs 2)")
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        State::try_from(state_of(&app, &t, &slow.name).await.state).unwrap(),
+        State::Cancelled
+    );
+}

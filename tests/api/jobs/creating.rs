@@ -211,6 +211,7 @@ async fn a_worker_gets_as_many_large_jobs_as_one_response_holds_and_the_rest_sta
         .jobs(&worker())
         .batch_complete_jobs(pb::BatchCompleteJobsRequest {
             requests: batches.iter().flatten().map(completion).collect(),
+            ..Default::default()
         })
         .await
         .expect("the answer to committed completions fits")

@@ -406,6 +406,7 @@ async fn batch_complete_applies_each_completion_on_its_own() {
                 unknown,
                 completion(&also_good),
             ],
+            ..Default::default()
         })
         .await
         .expect("a batch with refused completions still answers")
@@ -479,6 +480,7 @@ async fn batch_complete_applies_each_completion_on_its_own() {
                 completion(&left_running),
                 bad_lease,
             ],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -504,7 +506,10 @@ async fn batch_complete_applies_each_completion_on_its_own() {
     };
     for requests in [vec![], (0..1001).map(unknown).collect()] {
         let err = c
-            .batch_complete_jobs(pb::BatchCompleteJobsRequest { requests })
+            .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+                requests,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(violations(&err), vec!["requests"]);
@@ -514,6 +519,7 @@ async fn batch_complete_applies_each_completion_on_its_own() {
     let err = c
         .batch_complete_jobs(pb::BatchCompleteJobsRequest {
             requests: (0..1000).map(|_| completion(&left_running)).collect(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -529,6 +535,7 @@ async fn batch_complete_applies_each_completion_on_its_own() {
         .jobs(&t)
         .batch_complete_jobs(pb::BatchCompleteJobsRequest {
             requests: vec![completion(&left_running)],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -540,6 +547,7 @@ async fn batch_complete_applies_each_completion_on_its_own() {
     let results = c
         .batch_complete_jobs(pb::BatchCompleteJobsRequest {
             requests: vec![completion(&left_running)],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -12,6 +12,7 @@ use crate::helpers::*;
 mod creating;
 mod fencing;
 mod leasing;
+mod next;
 mod retention;
 mod watching;
 

@@ -1,0 +1,204 @@
+//! Complete and take the next job in one call (BatchCompleteJobs with `acquire`):
+//! the jobs it leases are leased exactly as AcquireJobs leases them (fenced, expiring,
+//! woken across instances), and a request it refuses writes nothing.
+use super::*;
+
+fn next(worker_id: &str, max: i32, lease: f64, wait: f64) -> Option<pb::AcquireJobsRequest> {
+    Some(pb::AcquireJobsRequest {
+        worker_id: worker_id.into(),
+        kinds: vec!["render".into()],
+        max_jobs: max,
+        lease_duration: secs(lease),
+        wait_timeout: secs(wait),
+    })
+}
+
+async fn complete_and_next(
+    app: &TestApp,
+    done: &[&pb::LeasedJob],
+    acquire: Option<pb::AcquireJobsRequest>,
+) -> Result<pb::BatchCompleteJobsResponse, tonic::Status> {
+    app.jobs(&worker())
+        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: done.iter().map(|l| completion(l)).collect(),
+            acquire,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn name(l: &pb::LeasedJob) -> String {
+    l.job.as_ref().unwrap().name.clone()
+}
+
+#[tokio::test]
+async fn a_worker_completes_and_takes_the_next_job_in_one_call_in_queue_order() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "next").await;
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        created.push(create_job(&app, &t, &p.name, job("render")).await.name);
+    }
+    let first = acquire(&app, "gpu-1", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    assert_eq!(name(&first), created[0]);
+
+    let mut leased = first;
+    for expected in &created[1..] {
+        let answer = complete_and_next(&app, &[&leased], next("gpu-1", 1, 30.0, 0.0))
+            .await
+            .unwrap();
+        assert_eq!(outcomes(&answer.results), vec![Code::Ok]);
+        assert!(answer.acquire_error.is_none(), "{answer:?}");
+        assert_eq!(answer.acquired.len(), 1, "{answer:?}");
+        let following = answer.acquired.into_iter().next().unwrap();
+        assert_eq!(&name(&following), expected, "in queue order");
+        // Leased as AcquireJobs leases: RUNNING, to this worker, with a lease that expires.
+        let job = get(&app, &t, expected).await;
+        assert_eq!(job.state(), State::Running);
+        assert_eq!(job.worker_id, "gpu-1");
+        assert!(following.lease_expire_time.is_some());
+        assert!(!following.lease_id.is_empty());
+        leased = following;
+    }
+    // The queue is empty: the last completion stands and nothing comes with it.
+    let answer = complete_and_next(&app, &[&leased], next("gpu-1", 5, 30.0, 0.0))
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&answer.results), vec![Code::Ok]);
+    assert!(answer.acquired.is_empty());
+    assert!(answer.acquire_error.is_none());
+    for n in &created {
+        assert_eq!(get(&app, &t, n).await.state(), State::Succeeded);
+    }
+}
+
+#[tokio::test]
+async fn jobs_taken_with_a_completion_are_fenced_and_come_back_when_their_worker_dies() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "next fencing").await;
+    let a = create_job(&app, &t, &p.name, job("render")).await.name;
+    let b = create_job(&app, &t, &p.name, job("render")).await.name;
+    let first = acquire(&app, "gpu-1", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    assert_eq!(name(&first), a);
+    // A refused completion (a lease that is not the current one) takes nothing back
+    // and still lets the call lease.
+    let mut stale = first.clone();
+    stale.lease_id = uuid::Uuid::new_v4().to_string();
+    let answer = complete_and_next(&app, &[&stale], next("gpu-1", 1, 1.0, 0.0))
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&answer.results), vec![Code::Aborted]);
+    assert_eq!(get(&app, &t, &a).await.state(), State::Running);
+    let second = answer.acquired.into_iter().next().expect("the next job");
+    assert_eq!(name(&second), b);
+
+    // The worker dies holding it (1 s lease, no heartbeat): it comes back to the
+    // queue, another worker takes it, and the dead worker's late writes are refused.
+    let again = acquire(&app, "gpu-2", &["render"], 1, 30.0, 5.0).await;
+    assert_eq!(again.len(), 1, "the expired lease's job is leased again");
+    assert_eq!(name(&again[0]), b);
+    assert_eq!(again[0].job.as_ref().unwrap().attempt, 2);
+    let late = complete(&app, &second).await.unwrap_err();
+    assert_eq!(late.code(), Code::Aborted, "{late:?}");
+    let late = complete_and_next(&app, &[&second], next("gpu-1", 1, 30.0, 0.0))
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&late.results), vec![Code::Aborted]);
+    complete(&app, &again[0]).await.unwrap();
+    complete(&app, &first).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_or_forbidden_acquire_writes_nothing() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "next refused").await;
+    let a = create_job(&app, &t, &p.name, job("render")).await.name;
+    create_job(&app, &t, &p.name, job("render")).await;
+    let leased = acquire(&app, "gpu-1", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+
+    let mut bad = next("gpu-1", 1000, 30.0, 0.0).unwrap();
+    bad.kinds.clear();
+    let err = complete_and_next(&app, &[&leased], Some(bad))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violations(&err), vec!["acquire.kinds", "acquire.max_jobs"]);
+    assert_eq!(get(&app, &t, &a).await.state(), State::Running);
+
+    // A token narrowed to other kinds may not take these.
+    let limited = mediaplane::auth::mint(
+        &mediaplane::config::Secret::new(SECRET),
+        "fleet",
+        &["worker".into()],
+        &["transcode".into()],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let err = app
+        .jobs(&limited)
+        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: vec![completion(&leased)],
+            acquire: next("gpu-1", 1, 30.0, 0.0),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(get(&app, &t, &a).await.state(), State::Running);
+    assert_eq!(
+        acquire(&app, "gpu-2", &["render"], 5, 30.0, 0.0)
+            .await
+            .len(),
+        1,
+        "the second job is still queued"
+    );
+}
+
+#[tokio::test]
+async fn a_completion_waits_for_the_next_job_created_on_another_instance() {
+    let app = TestApp::spawn().await;
+    let peer = app.spawn_peer().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "next across").await;
+    create_job(&app, &t, &p.name, job("render")).await;
+    let leased = acquire(&app, "gpu-1", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    let done = name(&leased);
+    let mut c = app.jobs(&worker());
+    let waiting = tokio::spawn(async move {
+        c.batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: vec![completion(&leased)],
+            acquire: next("gpu-1", 1, 30.0, 20.0),
+        })
+        .await
+        .expect("complete and wait")
+        .into_inner()
+    });
+    // The completion is committed before the wait, not when the call returns.
+    eventually(
+        Duration::from_secs(5),
+        "the completion is committed",
+        || {
+            let (app, t, done) = (&app, &t, &done);
+            async move { get(app, t, done).await.state() == State::Succeeded }
+        },
+    )
+    .await;
+    let created = create_job(&peer, &t, &p.name, job("render")).await.name;
+    let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("woken before the wait ends")
+        .unwrap();
+    assert_eq!(outcomes(&answer.results), vec![Code::Ok]);
+    assert_eq!(answer.acquired.len(), 1);
+    assert_eq!(name(&answer.acquired[0]), created);
+}
