@@ -175,4 +175,30 @@ async fn a_worker_over_rest_acquires_and_completes_a_batch() {
         )
         .await;
     assert_eq!(still["state"], "RUNNING");
+
+    // Completing the other one takes the next job in the same call.
+    let (status, created) = client
+        .send(
+            reqwest::Method::POST,
+            &format!("/v1/{}/jobs", p.name),
+            Some(json!({"kind": "render"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, answer) = worker
+        .send(
+            reqwest::Method::POST,
+            "/v1/jobs:batchComplete",
+            Some(json!({
+                "requests": [{"name": leased[1]["job"]["name"], "leaseId": leased[1]["leaseId"]}],
+                "acquire": {"workerId": "w", "kinds": ["render"], "leaseDuration": "30s"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["job"]["state"], "SUCCEEDED", "{answer}");
+    let next = &answer["acquired"][0];
+    assert_eq!(next["job"]["name"], created["name"], "{answer}");
+    assert_eq!(next["job"]["state"], "RUNNING", "{answer}");
+    assert!(next["leaseId"].is_string(), "{answer}");
 }
