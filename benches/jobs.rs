@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Bearer, channel, cpu_secs, machine_busy_secs, rss_mib, start_server, token};
+use common::{
+    Bearer, channel, cpu_secs, cpu_secs_of, machine_busy_secs, rss_mib, start_server, token,
+};
 use mediaplane::proto::v1::{
     self as pb, jobs_service_client::JobsServiceClient,
     projects_service_client::ProjectsServiceClient,
@@ -209,6 +211,81 @@ async fn run_workers(
     *finished.get().expect("the run ended with its last job")
 }
 
+/// BullMQ end to end (`benches/peers/peers.mjs bull-e2e`, worker concurrency 50, as
+/// many jobs as the rows) with `producers` adds in flight, and each of this run's rows
+/// at that load against it. `MP_BENCH_PEERS=off` skips it; without Node.js it says so.
+fn peer_ratios(producers: usize, rates: &[(usize, Completes, f64, f64)]) {
+    if std::env::var("MP_BENCH_PEERS").is_ok_and(|v| v == "off") {
+        return;
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers");
+    let run = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .env("REDIS_URL", "redis://127.0.0.1:6379")
+            .output()
+    };
+    if !std::path::Path::new(dir).join("node_modules").exists() {
+        let installed = run(
+            "npm",
+            &["install", "--no-audit", "--no-fund", "--loglevel=error"],
+        );
+        if !installed.is_ok_and(|o| o.status.success()) {
+            println!("  BullMQ: not run (npm install failed in {dir}; Node.js and npm needed)");
+            return;
+        }
+    }
+    let total = env_count("MP_BENCH_TOTAL", 20_000).to_string();
+    let out = match run(
+        "node",
+        &[
+            "peers.mjs",
+            "bull-e2e",
+            &producers.to_string(),
+            "50",
+            &total,
+        ],
+    ) {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => {
+            println!(
+                "  BullMQ: failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+            return;
+        }
+        Err(e) => {
+            println!("  BullMQ: not run (node: {e})");
+            return;
+        }
+    };
+    let Some(result) = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+    else {
+        println!("  BullMQ: no result in its output:\n{out}");
+        return;
+    };
+    let bull_rate = result["jobs_per_sec"].as_f64().unwrap_or(f64::NAN);
+    let bull_cpu = result["machine_us_per_job"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "  BullMQ 6.7, {producers} adds in flight, worker concurrency 50: {bull_rate:.0} jobs/s, machine {bull_cpu:.0} µs per job"
+    );
+    for (_, completes, rate, machine) in rates.iter().filter(|r| r.0 == producers) {
+        println!(
+            "    mediaplane/BullMQ at {producers} in flight, complete {:<5}: {:.2}x the rate, {:.2}x the machine CPU per job",
+            completes.label(),
+            rate / bull_rate,
+            machine / bull_cpu
+        );
+    }
+}
+
 /// A count from the environment, or `default` when unset or not a number.
 fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -272,10 +349,10 @@ async fn main() {
     // 1. End to end, one CreateJob per job, producers and workers running together.
     if wanted("e2e") {
         println!(
-            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob per job, or one BatchCompleteJobs per acquire (-batch), or one that also leases the next jobs (-next) (CPU per job: the server, this load generator, the whole machine)"
+            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob per job, or one BatchCompleteJobs per acquire (-batch), or one that also leases the next jobs (-next) (CPU per job: the server, this load generator, Postgres, Redis, the whole machine)"
         );
         println!(
-            "{:>9} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
+            "{:>9} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
             "producers",
             "workers",
             "max_jobs",
@@ -284,18 +361,24 @@ async fn main() {
             "jobs/s",
             "server µs",
             "load µs",
+            "pg µs",
+            "redis µs",
             "machine µs"
         );
         let only = std::env::var("MP_BENCH_E2E").ok();
         // Producers are concurrent CreateJob callers (each waits for its call); more of
         // them means bigger write groups on the server.
-        for (producers, workers, max_jobs, completes) in [
+        let rows = [
             (16, 1, 1, Completes::Each),
             (16, 4, 1, Completes::Each),
             (16, 16, 1, Completes::Each),
             (16, 4, 10, Completes::Each),
             (16, 16, 10, Completes::Each),
             (64, 16, 10, Completes::Each),
+            // One job per lease (a worker running jobs one after another): where leasing
+            // the next job with the completion saves a call per job.
+            (64, 32, 1, Completes::Each),
+            (64, 32, 1, Completes::Next),
             (64, 32, 50, Completes::Each),
             (64, 32, 50, Completes::Batched),
             (64, 32, 50, Completes::Next),
@@ -304,7 +387,10 @@ async fn main() {
             (256, 32, 50, Completes::Each),
             (256, 32, 50, Completes::Batched),
             (256, 32, 50, Completes::Next),
-        ] {
+        ];
+        // Rates of this run's rows, for the ratios against BullMQ.
+        let mut rates: Vec<(usize, Completes, f64, f64)> = Vec::new();
+        for (i, &(producers, workers, max_jobs, completes)) in rows.iter().enumerate() {
             // MP_BENCH_E2E=64x32x50 (or 64x32x50-batch, or a comma-separated list) runs
             // only those rows.
             let row = match completes {
@@ -325,6 +411,7 @@ async fn main() {
             let me = std::process::id();
             let (server_cpu, load_cpu, machine_cpu) =
                 (cpu_secs(pid), cpu_secs(me), machine_busy_secs());
+            let (pg_cpu, redis_cpu) = (cpu_secs_of("postgres"), cpu_secs_of("redis-server"));
             let lat = Arc::new(Latencies::default());
             let producer_tasks: Vec<_> = (0..producers)
                 .map(|p| {
@@ -361,17 +448,31 @@ async fn main() {
             }
             // CPU per job: steadier than jobs/s for comparing changes on a shared machine.
             let per_job = |secs: f64| secs * 1e6 / total as f64;
+            let rate = total as f64 / (finished - start).as_secs_f64();
+            rates.push((
+                producers,
+                completes,
+                rate,
+                per_job(machine_busy_secs() - machine_cpu),
+            ));
             println!(
-                "{producers:>9} {workers:>8} {max_jobs:>9} {:>9} {total:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0}   {}, {}, {}",
+                "{producers:>9} {workers:>8} {max_jobs:>9} {:>9} {total:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8.0} {:>10.0}   {}, {}, {}",
                 completes.label(),
                 total as f64 / (finished - start).as_secs_f64(),
                 per_job(cpu_secs(pid) - server_cpu),
                 per_job(cpu_secs(me) - load_cpu),
+                per_job(cpu_secs_of("postgres") - pg_cpu),
+                per_job(cpu_secs_of("redis-server") - redis_cpu),
                 per_job(machine_busy_secs() - machine_cpu),
                 Latencies::p50_p99(&lat.create),
                 Latencies::p50_p99(&lat.acquire),
                 Latencies::p50_p99(&lat.complete),
             );
+            // BullMQ with the same offered load right after this producer count's rows.
+            let last_of_group = rows.get(i + 1).is_none_or(|r| r.0 != producers);
+            if last_of_group && [64, 256].contains(&producers) {
+                peer_ratios(producers, &rates);
+            }
         }
     }
     // 2. End to end with BatchCreateJobs.

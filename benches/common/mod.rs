@@ -115,6 +115,22 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU seconds used so far by every process named `name` (`postgres`: the postmaster,
+/// its background workers and every backend; a backend that exits takes its share
+/// along, so measure over connections that stay open).
+pub fn cpu_secs_of(name: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .map(cpu_secs)
+        .sum()
+}
+
 /// CPU seconds (user + system) a process has used, from /proc (Linux; 0 elsewhere).
 #[allow(dead_code)]
 pub fn cpu_secs(pid: u32) -> f64 {

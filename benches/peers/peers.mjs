@@ -9,6 +9,7 @@
 import { Queue, Worker } from 'bullmq';
 import IORedis from 'ioredis';
 import PgBoss from 'pg-boss';
+import { readFileSync } from 'node:fs';
 
 const [mode, ...args] = process.argv.slice(2);
 const n = args.map(Number);
@@ -18,6 +19,12 @@ const connection = () =>
   new IORedis(process.env.REDIS_URL ?? 'redis://127.0.0.1:6379', { maxRetriesPerRequest: null });
 
 const perSecond = (jobs, t0) => Math.round(jobs / ((performance.now() - t0) / 1000));
+
+/** Busy CPU seconds of the whole machine so far (all but idle and iowait, /proc/stat). */
+function machineBusySecs() {
+  const cpu = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1, 9).map(Number);
+  return cpu.reduce((sum, v, i) => (i === 3 || i === 4 ? sum : sum + v), 0) / 100;
+}
 
 /** Fills a queue before a drain: `add(size)` enqueues `size` jobs, at most 1,000 per call. */
 async function prefill(total, add) {
@@ -49,6 +56,7 @@ async function bullE2e(producers, concurrency, total) {
   const queue = new Queue(queueName, { connection: connection() });
   const finished = bullWorker(concurrency, total);
   const t0 = performance.now();
+  const busy0 = machineBusySecs();
   let added = 0;
   // Like the Rust bench's producers: each waits for its add before the next.
   await Promise.all(
@@ -60,7 +68,11 @@ async function bullE2e(producers, concurrency, total) {
     }),
   );
   const worker = await finished;
-  console.log(`BullMQ end to end, ${total} jobs, ${producers} producers, worker concurrency ${concurrency}: ${perSecond(total, t0)} jobs/s`);
+  const rate = perSecond(total, t0);
+  const machineUs = Math.round(((machineBusySecs() - busy0) * 1e6) / total);
+  console.log(`BullMQ end to end, ${total} jobs, ${producers} producers, worker concurrency ${concurrency}: ${rate} jobs/s, machine CPU ${machineUs} µs per job`);
+  // For `cargo bench --bench jobs`, which runs this right after mediaplane's rows.
+  console.log(`RESULT ${JSON.stringify({ jobs_per_sec: rate, machine_us_per_job: machineUs })}`);
   await bullTeardown(worker, queue);
 }
 

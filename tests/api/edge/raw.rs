@@ -196,7 +196,10 @@ async fn a_worker_over_rest_acquires_and_completes_a_batch() {
         )
         .await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["results"][0]["job"]["state"], "SUCCEEDED", "{answer}");
+    assert_eq!(
+        answer["results"][0]["job"]["state"], "SUCCEEDED",
+        "{answer}"
+    );
     let next = &answer["acquired"][0];
     assert_eq!(next["job"]["name"], created["name"], "{answer}");
     assert_eq!(next["job"]["state"], "RUNNING", "{answer}");
