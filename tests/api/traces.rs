@@ -281,14 +281,14 @@ async fn a_traceparent_reaches_the_worker_its_command_the_logs_and_the_otlp_rece
         }
         assert!(attributes.get("trace_id").is_none(), "{s}");
     }
-    // ... and the worker's calls about the job (CompleteJob) join the job's trace.
+    // ... and the worker's calls about the job (its completion, BatchCompleteJobs) join the job's trace.
     spans
-        .wait_for("for the worker's CompleteJob in the job's trace", |l| {
+        .wait_for("for the worker's completion in the job's trace", |l| {
             span_of(l).is_some_and(|s| {
                 s["trace_id"] == *trace_job
                     && s["name"]
                         .as_str()
-                        .is_some_and(|n| n.ends_with("/CompleteJob"))
+                        .is_some_and(|n| n.ends_with("/BatchCompleteJobs"))
             })
         })
         .await;
