@@ -140,6 +140,13 @@ pub fn current_traceparent() -> Option<String> {
     carrier.0
 }
 
+/// Renames the current call's span: a REST call's span is first named after its path
+/// (with ids in it), then after the RPC it reaches, so trace views group calls by what
+/// they do, whatever their door.
+pub fn rename_current_span(name: String) {
+    tracing::Span::current().context().span().update_name(name);
+}
+
 /// The trace id in a `traceparent`, when it is well formed (version 00).
 pub fn trace_id_of(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');

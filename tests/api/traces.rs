@@ -271,6 +271,13 @@ async fn a_traceparent_reaches_the_worker_its_command_the_logs_and_the_otlp_rece
         let s = span_of(&line).unwrap();
         assert_eq!(s["service"], "mediaplane", "{s}");
         assert_eq!(s["kind"], 2, "a server span: {s}");
+        // Named after the RPC on every door (a REST path with ids in it would make a
+        // name per resource).
+        let rpc = match door {
+            "REST" => "/mediaplane.v1.JobsService/CreateJob",
+            _ => "/mediaplane.v1.ProjectsService/GetProject",
+        };
+        assert_eq!(s["name"], rpc, "{s}");
         // What a trace viewer needs about the call is exported; the log-only
         // `trace_id` field (the span's own id, again) is not.
         let attributes = &s["attributes"];

@@ -146,6 +146,11 @@ async fn handle(State(edge): State<Edge>, request: Request) -> Response {
             )
         };
     };
+    crate::telemetry::rename_current_span(format!(
+        "/{}/{}",
+        binding.rpc.parent_service().full_name(),
+        binding.rpc.name()
+    ));
     match edge.call(binding, vars, request).await {
         Ok(r) => r,
         Err(r) => *r,
