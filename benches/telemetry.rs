@@ -303,19 +303,7 @@ fn scrape_every_second(admin: String, stop: Arc<std::sync::atomic::AtomicBool>) 
 }
 
 async fn project(channels: &[Channel]) -> String {
-    let mut c: Projects =
-        ProjectsServiceClient::with_interceptor(channels[0].clone(), Bearer(token("bench", &[])));
-    c.create_project(pb::CreateProjectRequest {
-        project: Some(pb::Project {
-            display_name: "telemetry".into(),
-            ..Default::default()
-        }),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .name
+    common::create_project(channels[0].clone(), &token("bench", &[]), "telemetry").await
 }
 
 async fn cost() {

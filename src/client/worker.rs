@@ -144,24 +144,18 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 spawn(&mut tasks, leased);
             }
         }
-        let free = concurrency.saturating_sub(tasks.len());
-        if free == 0 {
-            tokio::select! {
-                next = tasks.join_next() => {
-                    for leased in next.and_then(Result::ok).unwrap_or_default() {
-                        spawn(&mut tasks, leased);
-                    }
-                    continue;
-                }
-                () = &mut stop => break,
-            }
-        }
-        let want = slots.take((free as u64).min(100));
+        // Starts this round may make: none while every slot is busy or --max-jobs is
+        // reached; then wait for a running job (or a signal), or end once none runs.
+        let free = concurrency.saturating_sub(tasks.len()) as u64;
+        let want = if free == 0 {
+            0
+        } else {
+            slots.take(free.min(100))
+        };
         if want == 0 {
             if tasks.is_empty() {
                 break;
             }
-            // The last jobs are running; wait for them (or for a signal).
             tokio::select! {
                 next = tasks.join_next() => {
                     for leased in next.and_then(Result::ok).unwrap_or_default() {

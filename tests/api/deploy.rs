@@ -88,12 +88,7 @@ async fn manifests_validate_and_name_what_the_server_serves_and_exports() {
         .into_inner();
     while watch.message().await.unwrap().is_some() {}
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let text = reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let exported: std::collections::HashSet<&str> = text
         .lines()
         .filter_map(|l| {

@@ -220,6 +220,16 @@ impl TestApp {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The admin listener's `/metrics`, as text.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn projects(
         &self,
         token: &str,

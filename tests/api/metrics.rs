@@ -9,12 +9,7 @@ use crate::helpers::*;
 
 /// The families of a scrape of `app`, as `prometheus_client` parses them.
 async fn scrape(app: &TestApp) -> Vec<Value> {
-    let text = reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
     assert!(
         std::path::Path::new(python).exists(),

@@ -236,12 +236,7 @@ async fn sigterm_lets_running_jobs_finish_takes_no_more_and_exits() {
 
 /// Calls of `method` started on `app`, from its metrics.
 async fn calls_started(app: &TestApp, method: &str) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", app.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     text.lines()
         .filter(|l| {
             l.contains("grpc_server_started_total{")

@@ -119,8 +119,8 @@ async fn a_worker_over_rest_acquires_and_completes_a_batch() {
     let t = token("alice");
     let p = create_project(&app, &t, "rest worker").await;
     let client = Rest::new(&app, Some(&t));
-    for _ in 0..2 {
-        let (status, _) = client
+    let create_job = || async {
+        let (status, created) = client
             .send(
                 reqwest::Method::POST,
                 &format!("/v1/{}/jobs", p.name),
@@ -128,6 +128,10 @@ async fn a_worker_over_rest_acquires_and_completes_a_batch() {
             )
             .await;
         assert_eq!(status, 200);
+        created
+    };
+    for _ in 0..2 {
+        create_job().await;
     }
     let worker = Rest::new(
         &app,
@@ -177,14 +181,7 @@ async fn a_worker_over_rest_acquires_and_completes_a_batch() {
     assert_eq!(still["state"], "RUNNING");
 
     // Completing the other one takes the next job in the same call.
-    let (status, created) = client
-        .send(
-            reqwest::Method::POST,
-            &format!("/v1/{}/jobs", p.name),
-            Some(json!({"kind": "render"})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let created = create_job().await;
     let (status, answer) = worker
         .send(
             reqwest::Method::POST,

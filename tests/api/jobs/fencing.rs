@@ -257,16 +257,7 @@ async fn worker_tokens_limited_to_kinds() {
     let t = token("alice");
     let p = create_project(&app, &t, "kinds").await;
     create_job(&app, &t, &p.name, job("render")).await;
-    // The fleet's own subject (leases are bound to the subject that acquired them),
-    // narrowed to one kind.
-    let limited = mediaplane::auth::mint(
-        &mediaplane::config::Secret::new(SECRET),
-        "fleet",
-        &["worker".into()],
-        &["transcode".into()],
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let limited = fleet_token_for("transcode");
     let err = app
         .jobs(&limited)
         .acquire_jobs(pb::AcquireJobsRequest {

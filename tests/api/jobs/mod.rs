@@ -20,6 +20,19 @@ pub(super) fn worker() -> String {
     worker_token()
 }
 
+/// A worker token of the fleet's own subject (leases are bound to the subject that
+/// acquired them), narrowed to one kind.
+pub(super) fn fleet_token_for(kind: &str) -> String {
+    mediaplane::auth::mint(
+        &mediaplane::config::Secret::new(SECRET),
+        "fleet",
+        &["worker".into()],
+        &[kind.into()],
+        Duration::from_secs(60),
+    )
+    .unwrap()
+}
+
 pub(super) fn secs(s: f64) -> Option<PbDuration> {
     Some(PbDuration {
         seconds: s.trunc() as i64,

@@ -135,14 +135,7 @@ async fn an_invalid_or_forbidden_acquire_writes_nothing() {
     assert_eq!(get(&app, &t, &a).await.state(), State::Running);
 
     // A token narrowed to other kinds may not take these.
-    let limited = mediaplane::auth::mint(
-        &mediaplane::config::Secret::new(SECRET),
-        "fleet",
-        &["worker".into()],
-        &["transcode".into()],
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let limited = fleet_token_for("transcode");
     let err = app
         .jobs(&limited)
         .batch_complete_jobs(pb::BatchCompleteJobsRequest {
