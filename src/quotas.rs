@@ -2,15 +2,15 @@
 //! progress included). Counts come from Postgres, so every instance enforces the same
 //! truth; an owner's count is read at most once a second per instance and the
 //! admissions made since are added to it, so a busy owner's creates cost no count each.
-//! A count a few seconds old still admits (admissions only add to it, so it can only
-//! overstate this instance's share) while one fresh count runs in the background:
-//! a busy owner's calls never wait for a count, and never start one each. Measured: a
-//! count walks the index entries every finished job leaves until vacuum, and with
-//! every waiting create starting its own once a second they were a sixth of a loaded
-//! Postgres's time. A call is refused only after a fresh count: a refusal is always
-//! exact at that moment. Creates racing on several instances may pass together (at
-//! most a few seconds' worth); the storage quota is exact (checked under
-//! a lock in the transaction that makes bytes count).
+//! Below half the limit, a count a few seconds old still admits (admissions only add to
+//! it, so it can only overstate this instance's share) while one fresh count runs in
+//! the background: a busy owner's calls never wait for a count, and never start one
+//! each. Measured: a count walks the index entries every finished job leaves until
+//! vacuum, and with every waiting create starting its own once a second they were a
+//! sixth of a loaded Postgres's time. A call is refused only after a fresh count: a
+//! refusal is always exact at that moment. Creates racing on several instances may pass
+//! together (at most a second's worth near the limit); the storage quota is exact
+//! (checked under a lock in the transaction that makes bytes count).
 //!
 //! Admins are not held to quotas: they act for other owners.
 use std::{
@@ -116,7 +116,11 @@ impl Quotas {
         let Some(e) = counted.get_mut(&(quota, owner.to_owned())) else {
             return false;
         };
-        if e.used.saturating_add(n) > limit || e.read_at.elapsed() >= STALE {
+        let used = e.used.saturating_add(n);
+        let age = e.read_at.elapsed();
+        // Past half the limit a count over a second old is not trusted: what other
+        // instances admitted since could make the difference.
+        if used > limit || age >= STALE || (age >= FRESH && used > limit / 2) {
             return false;
         }
         e.used += n;

@@ -560,6 +560,42 @@ async fn quotas_per_owner_refuse_with_quota_failure_and_usage_tells() {
     create_project(&app, &t, "three, now").await;
 }
 
+/// A count an instance has cached admits for a while without reading again, but not
+/// near the limit: there, what another instance admitted since is seen.
+#[tokio::test]
+async fn near_the_limit_jobs_created_on_another_instance_are_counted() {
+    let a = TestApp::spawn_with(|s| s.limits.quotas.active_jobs = 4).await;
+    let b = a.spawn_peer().await;
+    let t = token("carol");
+    let p = create_project(&a, &t, "shared").await;
+    let create = |app: &TestApp| {
+        let mut jobs = app.jobs(&t);
+        let parent = p.name.clone();
+        async move {
+            jobs.create_job(pb::CreateJobRequest {
+                parent,
+                job: Some(pb::Job {
+                    kind: "render".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+                key: String::new(),
+            })
+            .await
+        }
+    };
+    // `a` counts 0, admits 2 (it holds 2); `b` counts 2, admits 2 (the owner holds 4).
+    for app in [&a, &a, &b, &b] {
+        create(app).await.expect("within the quota");
+    }
+    // `a`'s count, a second old, says 2 of 4: past half the limit it is read again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let err = create(&a).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(quota_subject(&err), "active_jobs limit 4");
+    assert_eq!(usage(&a, &t).await[1], ("active_jobs".to_owned(), 4, 4));
+}
+
 #[tokio::test]
 async fn the_cli_shows_usage_against_each_quota() {
     let app = TestApp::spawn().await;
