@@ -14,7 +14,8 @@
 //!    never by a scrape), and scrapes while a lock blocks that statement.
 //!
 //! `cargo bench --bench telemetry`; `MP_BENCH_ONLY=cost` or `=scrape` runs one part;
-//! `MP_BENCH_ON=metrics` or `=traces` turns on only that half in the first.
+//! `MP_BENCH_ON=metrics` or `=traces` turns on only that half in the first, `=none`
+//! neither (two identical servers: the bench's own resolution).
 mod common;
 
 use std::{
@@ -315,10 +316,11 @@ async fn cost() {
             .add_service(sink.clone())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    // `MP_BENCH_ON=metrics` or `=traces` turns on only that half, to see which costs what.
+    // `MP_BENCH_ON=metrics` or `=traces` turns on only that half, to see which costs
+    // what; `=none` neither.
     let half = std::env::var("MP_BENCH_ON").unwrap_or_else(|_| "both".into());
     let mut on_env = Vec::new();
-    if half != "metrics" {
+    if half != "metrics" && half != "none" {
         on_env.extend([
             ("MEDIAPLANE_OTLP_ENDPOINT", format!("http://{sink_addr}")),
             // Export every span: the SDK's default queue (2,048) would drop most of them
@@ -327,7 +329,7 @@ async fn cost() {
             ("OTEL_BSP_SCHEDULE_DELAY", "1000".to_owned()),
         ]);
     }
-    if half == "traces" {
+    if half == "traces" || half == "none" {
         on_env.push(("MEDIAPLANE_ADMIN_ADDR", "off".to_owned()));
     }
     let on = start_server("telemetry_on", &on_env);
@@ -343,12 +345,14 @@ async fn cost() {
     }
     let (p_on, p_off) = (project(&c_on).await, project(&c_off).await);
     let scraping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if half != "traces" {
+    if half != "traces" && half != "none" {
         scrape_every_second(on.admin.clone(), scraping.clone());
     }
     let what = match half.as_str() {
         "metrics" => "metrics scraped every second",
         "traces" => "every span exported over OTLP",
+        // Two identical servers: how far apart this bench puts servers that do not differ.
+        "none" => "nothing (both servers off, a calibration)",
         _ => "metrics scraped every second + every span exported over OTLP",
     };
     println!(
