@@ -568,29 +568,25 @@ async fn near_the_limit_jobs_created_on_another_instance_are_counted() {
     let b = a.spawn_peer().await;
     let t = token("carol");
     let p = create_project(&a, &t, "shared").await;
-    let create = |app: &TestApp| {
-        let mut jobs = app.jobs(&t);
-        let parent = p.name.clone();
-        async move {
-            jobs.create_job(pb::CreateJobRequest {
-                parent,
-                job: Some(pb::Job {
-                    kind: "render".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-                key: String::new(),
-            })
-            .await
-        }
-    };
     // `a` counts 0, admits 2 (it holds 2); `b` counts 2, admits 2 (the owner holds 4).
     for app in [&a, &a, &b, &b] {
-        create(app).await.expect("within the quota");
+        create_job_of(app, &t, &p.name, "render").await;
     }
     // `a`'s count, a second old, says 2 of 4: past half the limit it is read again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let err = create(&a).await.unwrap_err();
+    let err = a
+        .jobs(&t)
+        .create_job(pb::CreateJobRequest {
+            parent: p.name.clone(),
+            job: Some(pb::Job {
+                kind: "render".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+            key: String::new(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(quota_subject(&err), "active_jobs limit 4");
     assert_eq!(usage(&a, &t).await[1], ("active_jobs".to_owned(), 4, 4));

@@ -150,23 +150,32 @@ async fn a_failing_command_fails_the_attempt_and_cancel_kills_the_command() {
         async move { state_of(app, &t, &name).await.progress_percent == 10 }
     })
     .await;
-    app.jobs(&t)
-        .cancel_job(pb::CancelJobRequest {
-            name: job.name.clone(),
-        })
+    cancel_stops_the_runtime(&app, &t, &job.name, &mut runtime).await;
+    let out = watch_cmd(&app, &t, &job.name).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(4), "CANCELLED exits 4");
+}
+
+/// Cancels `name`, whose command `runtime` is running: the runtime stops the command
+/// and exits cleanly, and the job ends CANCELLED.
+async fn cancel_stops_the_runtime(
+    app: &TestApp,
+    t: &str,
+    name: &str,
+    runtime: &mut tokio::process::Child,
+) {
+    app.jobs(t)
+        .cancel_job(pb::CancelJobRequest { name: name.into() })
         .await
         .unwrap();
     let status = tokio::time::timeout(Duration::from_secs(15), runtime.wait())
         .await
-        .expect("the runtime stops the command")
+        .expect("the runtime stops the command and exits")
         .unwrap();
     assert!(status.success());
     assert_eq!(
-        State::try_from(state_of(&app, &t, &job.name).await.state).unwrap(),
+        State::try_from(state_of(app, t, name).await.state).unwrap(),
         State::Cancelled
     );
-    let out = watch_cmd(&app, &t, &job.name).output().await.unwrap();
-    assert_eq!(out.status.code(), Some(4), "CANCELLED exits 4");
 }
 
 /// Sends `signal` to the child (the worker process only, not its commands).
@@ -272,19 +281,6 @@ async fn the_runtime_takes_its_next_job_with_a_completion_and_cancel_still_reach
     // One AcquireJobs for two jobs: the second came with the first one's completion.
     assert_eq!(calls_started(&app, "AcquireJobs").await, 1.0);
     assert_eq!(calls_started(&app, "BatchCompleteJobs").await, 1.0);
-    app.jobs(&t)
-        .cancel_job(pb::CancelJobRequest {
-            name: slow.name.clone(),
-        })
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(15), runtime.wait())
-        .await
-        .expect("the runtime stops the command and exits (--max-jobs 2)")
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(
-        State::try_from(state_of(&app, &t, &slow.name).await.state).unwrap(),
-        State::Cancelled
-    );
+    // The runtime exits after it (--max-jobs 2).
+    cancel_stops_the_runtime(&app, &t, &slow.name, &mut runtime).await;
 }
