@@ -552,10 +552,7 @@ fn router(
         ));
     if settings.admin_addr.is_some() {
         // Counted before the guard, so refused calls count too.
-        grpc = grpc.layer(axum::middleware::from_fn_with_state(
-            metrics,
-            crate::metrics::record_calls,
-        ));
+        grpc = grpc.layer(crate::metrics::CallMetricsLayer(metrics));
     }
     // grpc-web only on the gRPC routes: on the whole router it would answer 400 to plain HTTP.
     let grpc = grpc.layer(tonic_web::GrpcWebLayer::new());

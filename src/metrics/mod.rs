@@ -15,7 +15,7 @@ pub mod admin;
 mod calls;
 mod process;
 
-pub use calls::{CallTimer, known_paths, record_calls};
+pub use calls::{CallMetricsLayer, CallTimer, known_paths};
 use process::process_figures;
 
 use std::{
