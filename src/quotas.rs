@@ -126,7 +126,7 @@ impl Quotas {
         e.used += n;
         match &mut e.refreshing {
             Some(since) => *since += n,
-            None if e.read_at.elapsed() >= FRESH => {
+            None if age >= FRESH => {
                 e.refreshing = Some(0);
                 self.refresh(quota, owner.to_owned());
             }

@@ -367,18 +367,23 @@ pub async fn create_project(app: &TestApp, token: &str, display_name: &str) -> p
         .into_inner()
 }
 
+/// A request for a job of `kind` with defaults in `parent`.
+pub fn job_request(parent: &str, kind: &str) -> pb::CreateJobRequest {
+    pb::CreateJobRequest {
+        parent: parent.into(),
+        job: Some(pb::Job {
+            kind: kind.into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+        key: String::new(),
+    }
+}
+
 /// A job of `kind` with defaults in `parent`.
 pub async fn create_job_of(app: &TestApp, token: &str, parent: &str, kind: &str) -> pb::Job {
     app.jobs(token)
-        .create_job(pb::CreateJobRequest {
-            parent: parent.into(),
-            job: Some(pb::Job {
-                kind: kind.into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-            key: String::new(),
-        })
+        .create_job(job_request(parent, kind))
         .await
         .expect("create job")
         .into_inner()

@@ -576,15 +576,7 @@ async fn near_the_limit_jobs_created_on_another_instance_are_counted() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let err = a
         .jobs(&t)
-        .create_job(pb::CreateJobRequest {
-            parent: p.name.clone(),
-            job: Some(pb::Job {
-                kind: "render".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-            key: String::new(),
-        })
+        .create_job(job_request(&p.name, "render"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
