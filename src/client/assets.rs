@@ -2,7 +2,7 @@
 //! fastest at. With S3-compatible storage an upload goes straight to the bucket
 //! (StartUpload, a PUT per part bound to its SHA-256, FinalizeUpload); otherwise it
 //! streams through the server in 1 MiB chunks cut from one reused buffer, over a
-//! connection whose HTTP/2 windows fit such chunks (`ClientArgs::connect`).
+//! connection whose HTTP/2 windows and frames fit such chunks (`client::transfer`).
 use std::{
     io::Read,
     path::{Path, PathBuf},
@@ -113,13 +113,12 @@ async fn upload(
     content_type: &str,
 ) -> anyhow::Result<pb::Asset> {
     let (size, sha256, parts) = digest(path)?;
-    let mut c = args.connect().await?;
+    let mut assets = args.assets().await?;
     let display_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let asset = c
-        .assets
+    let asset = assets
         .create_asset(pb::CreateAssetRequest {
             parent: project.to_owned(),
             asset: Some(pb::Asset {
@@ -133,8 +132,7 @@ async fn upload(
         .map_err(status)?
         .into_inner();
     let multipart = parts.len() > 1;
-    let started = c
-        .assets
+    let started = assets
         .start_upload(pb::StartUploadRequest {
             name: asset.name.clone(),
             size_bytes: size as i64,
@@ -145,10 +143,10 @@ async fn upload(
         })
         .await;
     match started {
-        Ok(started) => direct(&mut c, &asset.name, path, started.into_inner()).await,
+        Ok(started) => direct(&mut assets, &asset.name, path, started.into_inner()).await,
         // Local storage: through the server.
         Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-            through_server(&mut c, &asset.name, path, size, &sha256).await
+            through_server(&mut assets, &asset.name, path, size, &sha256).await
         }
         Err(s) => Err(status(s)),
     }
@@ -156,7 +154,7 @@ async fn upload(
 
 /// PUTs each part straight to the store, then finalizes.
 async fn direct(
-    c: &mut super::Client,
+    assets: &mut super::AssetsClient,
     name: &str,
     path: &Path,
     started: pb::StartUploadResponse,
@@ -191,7 +189,7 @@ async fn direct(
         );
     }
     let multipart = started.parts.len() > 1;
-    Ok(c.assets
+    Ok(assets
         .finalize_upload(pb::FinalizeUploadRequest {
             name: name.to_owned(),
             upload_id: started.upload_id,
@@ -204,7 +202,7 @@ async fn direct(
 
 /// Streams the file through the server in 1 MiB chunks cut from one reused buffer.
 async fn through_server(
-    c: &mut super::Client,
+    assets: &mut super::AssetsClient,
     name: &str,
     path: &Path,
     size: u64,
@@ -246,8 +244,7 @@ async fn through_server(
             }
         }
     });
-    let asset = c
-        .assets
+    let asset = assets
         .upload_asset_content(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(status)?
@@ -259,9 +256,8 @@ async fn through_server(
 async fn download(args: &ClientArgs, name: &str, output: &Path) -> anyhow::Result<()> {
     use pb::download_asset_content_response::Payload;
     use std::io::Write;
-    let mut c = args.connect().await?;
-    let mut stream = c
-        .assets
+    let mut assets = args.assets().await?;
+    let mut stream = assets
         .download_asset_content(pb::DownloadAssetContentRequest {
             name: name.to_owned(),
             offset: 0,

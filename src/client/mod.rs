@@ -4,6 +4,7 @@
 pub mod assets;
 pub mod jobs;
 pub mod queues;
+pub mod transfer;
 pub mod worker;
 
 use tonic::{
@@ -47,38 +48,52 @@ impl Interceptor for Bearer {
 pub type Jobs = JobsServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Projects = ProjectsServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Queues = QueuesServiceClient<InterceptedService<Channel, Bearer>>;
-pub type AssetsClient = AssetsServiceClient<InterceptedService<Channel, Bearer>>;
+/// Assets move on a connection of their own that takes large frames (`transfer`).
+pub type AssetsClient =
+    AssetsServiceClient<InterceptedService<transfer::TransferConnection, Bearer>>;
 
 pub struct Client {
     pub jobs: Jobs,
     pub projects: Projects,
     pub queues: Queues,
-    pub assets: AssetsClient,
 }
 
 impl ClientArgs {
-    pub async fn connect(&self) -> anyhow::Result<Client> {
-        let bearer = Bearer(
+    fn bearer(&self) -> anyhow::Result<Bearer> {
+        Ok(Bearer(
             format!("Bearer {}", self.token.trim())
                 .parse()
                 .map_err(|_| {
                     anyhow::anyhow!("the token contains characters not allowed in a header")
                 })?,
-        );
+        ))
+    }
+
+    /// An assets client on a connection of its own for asset bytes (`transfer`).
+    pub async fn assets(&self) -> anyhow::Result<AssetsClient> {
+        let bearer = self.bearer()?;
+        let origin = self
+            .server
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", self.server))?;
+        let connection = transfer::TransferConnection::connect(&self.server).await?;
+        Ok(
+            AssetsServiceClient::with_origin(InterceptedService::new(connection, bearer), origin)
+                .max_decoding_message_size(4 * 1024 * 1024),
+        )
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let bearer = self.bearer()?;
         let channel = Endpoint::from_shared(self.server.clone())
             .map_err(|e| anyhow::anyhow!("invalid --server {:?}: {e}", self.server))?
-            // Windows that fit 1 MiB asset chunks (the defaults stall on each one).
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(8 * 1024 * 1024)
             .connect()
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", self.server))?;
         Ok(Client {
             jobs: JobsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             projects: ProjectsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            queues: QueuesServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            assets: AssetsServiceClient::with_interceptor(channel, bearer)
-                .max_decoding_message_size(4 * 1024 * 1024),
+            queues: QueuesServiceClient::with_interceptor(channel, bearer),
         })
     }
 }
