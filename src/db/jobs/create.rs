@@ -192,20 +192,15 @@ pub async fn insert_visible(
         request_hashes: Vec<Option<Vec<u8>>>,
         traceparents: Vec<Option<String>>,
         keys: Vec<String>,
+        /// The one kind, priority and key of every job, when they share them.
+        uniform: Option<(String, i32, String)>,
     }
-    impl crate::db::Statement for InsertVisible {
-        fn walk<'b>(
+    impl InsertVisible {
+        /// The per-job columns, as the arguments of one `unnest`.
+        fn columns<'b>(
             &'b self,
-            mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+            out: &mut diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
         ) -> QueryResult<()> {
-            // The projects are locked first, skipping any that a deletion holds: their
-            // jobs are left out (the caller retries them alone, waiting for the deletion's
-            // outcome) instead of the whole group waiting on the foreign key's check.
-            out.push_sql("WITH p AS MATERIALIZED (SELECT id, owner FROM projects WHERE id = ANY(");
-            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
-            // Each job's turn (`jobs_next_turn`): read once per kind, priority and key of
-            // the group, then one more per job in the order of the calls.
-            out.push_sql(") FOR KEY SHARE SKIP LOCKED), c AS MATERIALIZED (SELECT * FROM unnest(");
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.ids)?;
             out.push_sql(", ");
             out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
@@ -231,8 +226,49 @@ pub async fn insert_visible(
             out.push_bind_param::<Array<N<Text>>, _>(&self.traceparents)?;
             out.push_sql(", ");
             out.push_bind_param::<Array<Text>, _>(&self.keys)?;
-            out.push_sql(
-                ") WITH ORDINALITY AS c(id, project, scope, kind, input, labels, priority, \
+            Ok(())
+        }
+    }
+    impl crate::db::Statement for InsertVisible {
+        fn walk<'b>(
+            &'b self,
+            mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+        ) -> QueryResult<()> {
+            // The projects are locked first, skipping any that a deletion holds: their
+            // jobs are left out (the caller retries them alone, waiting for the deletion's
+            // outcome) instead of the whole group waiting on the foreign key's check.
+            out.push_sql("WITH p AS MATERIALIZED (SELECT id, owner FROM projects WHERE id = ANY(");
+            out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&self.projects)?;
+            // Each job's turn (`jobs_next_turn`): read once per kind, priority and key of
+            // the group, then one more per job in the order of the calls. A group of one
+            // kind, priority and key (the usual case) reads it once with no grouping.
+            if let Some((kind, priority, key)) = &self.uniform {
+                out.push_sql(
+                    ") FOR KEY SHARE SKIP LOCKED), t AS MATERIALIZED (SELECT jobs_next_turn(",
+                );
+                out.push_bind_param::<Text, _>(kind)?;
+                out.push_sql(", ");
+                out.push_bind_param::<Int4, _>(priority)?;
+                out.push_sql(", ");
+                out.push_bind_param::<Text, _>(key)?;
+                out.push_sql(") AS turn) INSERT INTO jobs (id, project_id, owner, kind, input, labels, priority, \
+                 max_attempts, schedule_time, request_id, request_hash, traceparent, \
+                 concurrency_key, fair_seq) \
+                 SELECT c.id, p.id, p.owner, c.kind, c.input, c.labels, c.priority, \
+                 c.max_attempts, COALESCE(c.schedule_time, now()), c.request_id, c.request_hash, \
+                 c.traceparent, c.key, t.turn - 1 + row_number() OVER (ORDER BY c.n) FROM unnest(");
+                self.columns(&mut out)?;
+                out.push_sql(
+                    ") WITH ORDINALITY AS c(id, project, scope, kind, input, labels, priority, \
+                     max_attempts, schedule_time, request_id, request_hash, traceparent, key, n) \
+                     CROSS JOIN t JOIN p ON p.id = c.project WHERE c.scope IS NULL OR p.owner = c.scope \
+                     ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *",
+                );
+                return Ok(());
+            }
+            out.push_sql(") FOR KEY SHARE SKIP LOCKED), c AS MATERIALIZED (SELECT * FROM unnest(");
+            self.columns(&mut out)?;
+            out.push_sql(                ") WITH ORDINALITY AS c(id, project, scope, kind, input, labels, priority, \
                  max_attempts, schedule_time, request_id, request_hash, traceparent, key, n)), \
                  t AS (SELECT g.kind, g.priority, g.key, \
                        jobs_next_turn(g.kind, g.priority, g.key) AS turn \
@@ -280,6 +316,20 @@ pub async fn insert_visible(
             .iter()
             .map(|i| i.job.concurrency_key.clone())
             .collect(),
+        uniform: inserts.split_first().and_then(|(first, rest)| {
+            let (kind, priority, key) = (
+                &first.job.kind,
+                first.job.priority,
+                &first.job.concurrency_key,
+            );
+            rest.iter()
+                .all(|i| {
+                    i.job.kind == *kind
+                        && i.job.priority == priority
+                        && i.job.concurrency_key == *key
+                })
+                .then(|| (kind.clone(), priority, key.clone()))
+        }),
     };
     let rows: Vec<JobRow> = match crate::db::Prepared(statement).load(conn).await {
         Ok(rows) => rows,
