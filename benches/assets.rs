@@ -79,6 +79,20 @@ where
     received
 }
 
+/// Times a whole download into memory run on a runtime task, as the connection's own
+/// task runs: consumed on `main`'s thread, every frame would cross threads.
+async fn on_task(download: impl std::future::Future<Output = usize> + Send + 'static) -> Duration {
+    let start = Instant::now();
+    let received = tokio::spawn(download).await.unwrap();
+    assert_eq!(received, SIZE);
+    start.elapsed()
+}
+
+/// [`on_task`] with a client as `mediaplane assets` connects.
+async fn in_memory(mut client: Assets, name: String) -> Duration {
+    on_task(async move { download(&mut client, &name, |_| {}).await }).await
+}
+
 fn mib_per_s(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / 1024.0 / 1024.0 / t.as_secs_f64()
 }
@@ -199,24 +213,11 @@ async fn main() {
     reader.join().unwrap();
     assert_eq!(asset.sha256, sha, "stored bytes match");
 
-    // Download, consumed as it arrives (in memory), then again into a file on the same
+    // Downloads consumed as they arrive (in memory), then one into a file on the same
     // disk made durable, the counterpart of the durable copy.
-    // Each download into memory runs on a runtime task, as the connection's own task
-    // does: consumed on `main`'s thread, every frame would cross threads.
-    let in_memory = |mut client: Assets| {
-        let name = asset.name.clone();
-        async move {
-            let start = Instant::now();
-            let received = tokio::spawn(async move { download(&mut client, &name, |_| {}).await })
-                .await
-                .unwrap();
-            assert_eq!(received, SIZE);
-            start.elapsed()
-        }
-    };
     // First as uploaded: not in the page cache, so read from the disk.
     let (stop, peak) = sample_peak(pid);
-    let download_mem = in_memory(assets.clone()).await;
+    let download_mem = in_memory(assets.clone(), asset.name.clone()).await;
     stop.store(true, Ordering::Relaxed);
     let download_peak = peak.join().unwrap();
     // The disk's own direct read of as many bytes, the bound of that first download.
@@ -224,17 +225,11 @@ async fn main() {
     // Then hot: the stored file read once through the page cache (as a recently
     // served asset would be), so the server reads it from memory.
     warm(&dir.join("store"));
-    let download_hot = in_memory(assets.clone()).await;
+    let download_hot = in_memory(assets.clone(), asset.name.clone()).await;
     // The same hot download by a tonic `Channel` client (16 KiB frames).
     let download_tonic = {
-        let mut client = connect_tonic(&server.addr).await;
-        let name = asset.name.clone();
-        let start = Instant::now();
-        let received = tokio::spawn(async move { download(&mut client, &name, |_| {}).await })
-            .await
-            .unwrap();
-        assert_eq!(received, SIZE);
-        start.elapsed()
+        let (mut client, name) = (connect_tonic(&server.addr).await, asset.name.clone());
+        on_task(async move { download(&mut client, &name, |_| {}).await }).await
     };
 
     flush_all();
