@@ -27,7 +27,7 @@ try {
   const page = await browser.newPage();
   page.on("console", (m) => console.log(`page: ${m.text()}`));
   await page.goto(`http://127.0.0.1:${PORT}/?server=${encodeURIComponent(SERVER)}&token=${encodeURIComponent(TOKEN)}`);
-  await page.waitForFunction(() => document.getElementById("job").textContent.includes("/jobs/"), null, { timeout: 20000 });
+  await page.waitForFunction(() => document.getElementById("job").textContent.includes("/jobs/"), null, { timeout: 60000 });
   // The worker (driven by the Rust test) advances the job; both views follow it to the end.
   await page.waitForFunction(() => document.getElementById("grpcweb").dataset.done === "true", null, { timeout: 60000 });
   await page.waitForFunction(() => document.getElementById("sse").dataset.done === "OK", null, { timeout: 60000 });

@@ -19,7 +19,7 @@ await drive(seen, async (page) => {
   });
   // Tells the test the page is following the job: its worker starts now.
   console.log("open");
-  await page.waitForFunction(() => document.getElementById("job-state").textContent === "SUCCEEDED", null, { timeout: 20000 });
+  await page.waitForFunction(() => document.getElementById("job-state").textContent === "SUCCEEDED", null, { timeout: 60000 });
   await page.waitForFunction(() => document.getElementById("job-live").dataset.state === "ended");
   await page.waitForFunction(() => {
     const img = document.querySelector("#job-outputs img");

@@ -9,11 +9,13 @@ import { drive } from "./harness.mjs";
 
 const { SERVER, TOKEN, PROJECT, PNG } = process.env;
 const seen = {};
+// Waits on the live page allow a minute: under the whole suite on two cores a worker step
+// has taken over 20 s; the page still has to get there, only later.
 const row = (page, kind, state) =>
   page.waitForFunction(
     ([k, s]) => [...document.querySelectorAll("#job-rows tr")].some((r) => r.children[2].textContent === k && r.dataset.state === s),
     [kind, state],
-    { timeout: 20000 },
+    { timeout: 60000 },
   );
 await drive(seen, async (page) => {
   await page.goto(`${SERVER}/?project=${encodeURIComponent(PROJECT)}#token=${encodeURIComponent(TOKEN)}`);
@@ -27,7 +29,7 @@ await drive(seen, async (page) => {
   // the worker learns it at its next heartbeat, stops the command, and the row follows.
   await page.waitForFunction(() =>
     [...document.querySelectorAll("#job-rows tr")].some((r) => r.children[2].textContent === "film" && r.children[5].textContent === "rolling"),
-    null, { timeout: 20000 });
+    null, { timeout: 60000 });
   await page.locator("#job-rows tr", { hasText: "film" }).getByRole("button", { name: "Cancel" }).click();
   await row(page, "film", "CANCELLED");
 
@@ -46,7 +48,7 @@ await drive(seen, async (page) => {
   // The worker takes it, reports, completes: every step arrives through the stream.
   await page.waitForFunction(() =>
     [...document.querySelectorAll("#job-rows tr")].some((r) => r.children[2].textContent === "paint" && r.children[5].textContent === "color"),
-    null, { timeout: 20000 });
+    null, { timeout: 60000 });
   await row(page, "paint", "SUCCEEDED");
 
   // A filter goes into the URL and survives a reload.
@@ -78,10 +80,10 @@ await drive(seen, async (page) => {
   await page.waitForFunction(() => {
     const img = document.querySelector("#asset-list img");
     return img && img.complete && img.naturalWidth > 0;
-  }, null, { timeout: 20000 });
+  }, null, { timeout: 60000 });
   // The file picker.
   await page.setInputFiles("#asset-file", { name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("storyboard notes\n") });
-  await page.waitForFunction(() => document.querySelectorAll("#asset-list li.asset a").length === 2, null, { timeout: 20000 });
+  await page.waitForFunction(() => document.querySelectorAll("#asset-list li.asset a").length === 2, null, { timeout: 60000 });
   seen.uploads = await page.$$eval("#uploads li", (lis) => lis.map((li) => li.textContent.trim()));
   seen.assets = await page.$$eval("#asset-list li", (lis) => lis.map((li) => li.textContent.trim()));
   // Screenshots at a desktop's and a phone's width, light and dark, as test output.
