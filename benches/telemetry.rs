@@ -141,10 +141,22 @@ impl Figures {
             "{what:<32} {:>9.0} {:>9.0} {:>7.1}% {:>10.1} {:>10.1} {:>7.1}%",
             median(self.rate_on),
             median(self.rate_off),
-            100.0 * median(self.rate_ratio),
+            100.0 * median(self.rate_ratio.clone()),
             median(self.cpu_on),
             median(self.cpu_off),
-            100.0 * median(self.cpu_ratio),
+            100.0 * median(self.cpu_ratio.clone()),
+        );
+        // The spread behind the median: what this machine's drift does to one round.
+        let each = |v: &[f64]| {
+            v.iter()
+                .map(|r| format!("{:.0}", 100.0 * r))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "  rounds' on/off %: rate {}; CPU {}",
+            each(&self.rate_ratio),
+            each(&self.cpu_ratio)
         );
     }
 }
