@@ -7,6 +7,7 @@
 //! and samples the server's RSS during each transfer. Then, with S3-compatible storage
 //! (s3s-fs, which `scripts/test.sh` installs), the server's CPU time per GiB uploaded
 //! through it against a direct upload (StartUpload, PUT to the store, FinalizeUpload).
+//! `MP_BENCH_SERVER_BIN=<path>` runs another build's server instead of this one's.
 use std::{
     io::{Read, Write},
     sync::{
@@ -16,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Bearer, channel, create_project, rss_mib, start_server, token};
+use common::{Bearer, channel, create_project, rss_mib, start_server_bin, token};
 use mediaplane::proto::v1::{
     self as pb, assets_service_client::AssetsServiceClient, upload_asset_content_request::Payload,
 };
@@ -26,6 +27,14 @@ use tokio_stream::StreamExt;
 mod common;
 
 const SIZE: usize = 1024 * 1024 * 1024;
+
+/// A release server of this build, or of the binary `MP_BENCH_SERVER_BIN` names (another
+/// revision's, to compare two in the same hour).
+fn server(name: &str, extra: &[(&str, String)]) -> common::Server {
+    let bin = std::env::var("MP_BENCH_SERVER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mediaplane").to_owned());
+    start_server_bin(&bin, name, extra)
+}
 const CHUNK: usize = 1024 * 1024;
 
 /// Samples `pid`'s RSS every 50 ms until stopped; returns the peak.
@@ -144,7 +153,7 @@ async fn main() {
         std::fs::remove_file(dir.join("copy.bin")).unwrap();
     }
 
-    let server = start_server(
+    let server = server(
         "assets",
         &[
             (
@@ -451,7 +460,7 @@ async fn direct_against_server_path(dir: &std::path::Path, source: &std::path::P
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let server = start_server(
+    let server = server(
         "assets_s3",
         &[
             ("MEDIAPLANE_STORAGE_URL", "s3://bench/a".to_string()),

@@ -581,4 +581,45 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert_eq!(&first[..], &bytes[..1 << 20]);
     }
+
+    /// Feeds `chunks` to `write_direct` as an upload's stream would.
+    fn write_chunks(file: std::fs::File, chunks: Vec<Bytes>) -> std::io::Result<std::fs::File> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
+        for chunk in chunks {
+            tx.try_send(chunk).unwrap();
+        }
+        drop(tx);
+        write_direct(file, &mut rx)
+    }
+
+    #[test]
+    fn direct_writes_across_buffers_keep_every_byte_and_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("upload");
+        // Several buffers' worth, chunks that straddle them, a partial last block.
+        let len = 5 * DIRECT_BUFFER + 12_345;
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let chunks = bytes
+            .chunks(1_000_003)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        // Direct where the filesystem allows (the writes are aligned either way).
+        let (file, _) = create_for_upload(&path).unwrap();
+        let file = write_chunks(file, chunks).unwrap();
+        file.sync_all().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_failed_direct_write_is_the_uploads_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("upload");
+        std::fs::write(&path, b"").unwrap();
+        // Opened for reading only: every write fails.
+        let file = std::fs::File::open(&path).unwrap();
+        let chunks = (0..5)
+            .map(|_| Bytes::from(vec![7u8; DIRECT_BUFFER]))
+            .collect();
+        assert!(write_chunks(file, chunks).is_err());
+    }
 }
