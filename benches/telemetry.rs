@@ -15,7 +15,8 @@
 //!
 //! `cargo bench --bench telemetry`; `MP_BENCH_ONLY=cost` or `=scrape` runs one part;
 //! `MP_BENCH_ON=metrics` or `=traces` turns on only that half in the first, `=none`
-//! neither (two identical servers: the bench's own resolution).
+//! neither (two identical servers: the bench's own resolution). `MP_BENCH_TOGETHER=1`
+//! loads both servers at once in each round instead of one after the other.
 mod common;
 
 use std::{
@@ -377,11 +378,20 @@ async fn cost() {
         "none" => "nothing (both servers off, a calibration)",
         _ => "metrics scraped every second + every span exported over OTLP",
     };
+    // `MP_BENCH_TOGETHER=1`: both servers loaded at once in each round, each with its
+    // own clients, so whatever the machine does in that round (its speed drifts ±10%
+    // between rounds here) falls on both alike; the price is that they share it.
+    let together = std::env::var("MP_BENCH_TOGETHER").is_ok_and(|v| v == "1");
     println!(
         "Instrumentation: {what} (on) against metrics and export off, \
-         median of {} rounds' ratios, {}s runs in turn first\n",
+         median of {} rounds' ratios, {}s runs {}\n",
         rounds(),
-        RUN.as_secs()
+        RUN.as_secs(),
+        if together {
+            "of both at once"
+        } else {
+            "in turn first"
+        }
     );
     println!(
         "{:<32} {:>9} {:>9} {:>8} {:>10} {:>10} {:>8}",
@@ -397,7 +407,12 @@ async fn cost() {
     for round in 0..rounds() {
         let kind = format!("noop{round}");
         let on_first = round % 2 == 1;
-        let (on_run, off_run) = if on_first {
+        let (on_run, off_run) = if together {
+            tokio::join!(
+                measured(&on, jobs_run(&c_on, &p_on, &kind)),
+                measured(&off, jobs_run(&c_off, &p_off, &kind))
+            )
+        } else if on_first {
             let a = measured(&on, jobs_run(&c_on, &p_on, &kind)).await;
             (a, measured(&off, jobs_run(&c_off, &p_off, &kind)).await)
         } else {
@@ -406,7 +421,12 @@ async fn cost() {
         };
         jobs_done_on += on_run.0 * RUN.as_secs_f64();
         jobs.push(on_run, off_run);
-        let (on_run, off_run) = if on_first {
+        let (on_run, off_run) = if together {
+            tokio::join!(
+                measured(&on, get_run(&c_on, &p_on)),
+                measured(&off, get_run(&c_off, &p_off))
+            )
+        } else if on_first {
             let a = measured(&on, get_run(&c_on, &p_on)).await;
             (a, measured(&off, get_run(&c_off, &p_off)).await)
         } else {
