@@ -27,6 +27,7 @@ use tokio_stream::StreamExt;
 mod common;
 
 const SIZE: usize = 1024 * 1024 * 1024;
+const CHUNK: usize = 1024 * 1024;
 
 /// A release server of this build, or of the binary `MP_BENCH_SERVER_BIN` names (another
 /// revision's, to compare two in the same hour).
@@ -35,7 +36,6 @@ fn server(name: &str, extra: &[(&str, String)]) -> common::Server {
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mediaplane").to_owned());
     start_server_bin(&bin, name, extra)
 }
-const CHUNK: usize = 1024 * 1024;
 
 /// Samples `pid`'s RSS every 50 ms until stopped; returns the peak.
 fn sample_peak(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<f64>) {

@@ -316,6 +316,25 @@ async fn measured(
     (ops / secs, 1e6 * used / ops.max(1.0))
 }
 
+/// One round's two measured runs, (on, off): both at once (`together`), or one after
+/// the other, `on` first when `on_first`. The runs start only when awaited here.
+async fn pair<T>(
+    on: impl std::future::Future<Output = T>,
+    off: impl std::future::Future<Output = T>,
+    together: bool,
+    on_first: bool,
+) -> (T, T) {
+    if together {
+        tokio::join!(on, off)
+    } else if on_first {
+        let a = on.await;
+        (a, off.await)
+    } else {
+        let b = off.await;
+        (on.await, b)
+    }
+}
+
 /// Scrapes `admin` every second until `stop` (as a demanding Prometheus would).
 fn scrape_every_second(admin: String, stop: Arc<std::sync::atomic::AtomicBool>) {
     tokio::spawn(async move {
@@ -407,32 +426,22 @@ async fn cost() {
     for round in 0..rounds() {
         let kind = format!("noop{round}");
         let on_first = round % 2 == 1;
-        let (on_run, off_run) = if together {
-            tokio::join!(
-                measured(&on, jobs_run(&c_on, &p_on, &kind)),
-                measured(&off, jobs_run(&c_off, &p_off, &kind))
-            )
-        } else if on_first {
-            let a = measured(&on, jobs_run(&c_on, &p_on, &kind)).await;
-            (a, measured(&off, jobs_run(&c_off, &p_off, &kind)).await)
-        } else {
-            let b = measured(&off, jobs_run(&c_off, &p_off, &kind)).await;
-            (measured(&on, jobs_run(&c_on, &p_on, &kind)).await, b)
-        };
+        let (on_run, off_run) = pair(
+            measured(&on, jobs_run(&c_on, &p_on, &kind)),
+            measured(&off, jobs_run(&c_off, &p_off, &kind)),
+            together,
+            on_first,
+        )
+        .await;
         jobs_done_on += on_run.0 * RUN.as_secs_f64();
         jobs.push(on_run, off_run);
-        let (on_run, off_run) = if together {
-            tokio::join!(
-                measured(&on, get_run(&c_on, &p_on)),
-                measured(&off, get_run(&c_off, &p_off))
-            )
-        } else if on_first {
-            let a = measured(&on, get_run(&c_on, &p_on)).await;
-            (a, measured(&off, get_run(&c_off, &p_off)).await)
-        } else {
-            let b = measured(&off, get_run(&c_off, &p_off)).await;
-            (measured(&on, get_run(&c_on, &p_on)).await, b)
-        };
+        let (on_run, off_run) = pair(
+            measured(&on, get_run(&c_on, &p_on)),
+            measured(&off, get_run(&c_off, &p_off)),
+            together,
+            on_first,
+        )
+        .await;
         gets.push(on_run, off_run);
     }
     scraping.store(true, Ordering::Relaxed);
