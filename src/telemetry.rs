@@ -15,7 +15,6 @@ use opentelemetry::{
     propagation::{Extractor, Injector, TextMapPropagator},
     trace::{TraceContextExt, TracerProvider as _},
 };
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing::span;
 use tracing_appender::non_blocking::WorkerGuard;
@@ -29,6 +28,9 @@ use tracing_subscriber::{
 };
 
 use crate::config::LogFormat;
+
+mod otlp;
+mod protobuf;
 
 /// Flushes the lines and spans still queued when dropped: hold it until the process ends.
 #[must_use = "dropping it stops logging"]
@@ -67,10 +69,7 @@ pub fn init_with(
     );
     let exporting = otlp_endpoint.is_some();
     if let Some(endpoint) = otlp_endpoint {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .build()
+        let exporter = otlp::Exporter::new(endpoint)
             .map_err(|e| anyhow::anyhow!("OTLP exporter for {endpoint}: {e}"))?;
         builder = builder.with_batch_exporter(exporter);
     }
