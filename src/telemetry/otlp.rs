@@ -71,6 +71,20 @@ impl Exporter {
         headers: MetadataMap,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
+        // Refused here rather than on every export: this build's tonic has no TLS (a
+        // collector on the pod or node takes spans over plain HTTP/2 and forwards them).
+        match endpoint
+            .parse::<http::Uri>()
+            .ok()
+            .as_ref()
+            .and_then(|u| u.scheme_str())
+        {
+            Some("http") => {}
+            Some("https") => {
+                anyhow::bail!("https is not supported: send spans to a collector over http://")
+            }
+            _ => anyhow::bail!("expected http://host:port"),
+        }
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -237,7 +251,7 @@ mod tests {
     };
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
-    use tonic::Code;
+    use tonic::{Code, metadata::MetadataMap};
 
     use super::{ExportResponse, Exporter, parse_headers};
 
@@ -403,6 +417,16 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn only_plain_http_endpoints_are_taken() {
+        let make = |e: &str| Exporter::with_settings(e, MetadataMap::new(), Duration::from_secs(1));
+        assert!(make("http://collector:4317").is_ok());
+        let https = make("https://collector:4317").unwrap_err().to_string();
+        assert!(https.contains("https is not supported"), "{https}");
+        assert!(make("collector:4317").is_err());
+        assert!(make("").is_err());
     }
 
     #[test]
