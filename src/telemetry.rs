@@ -289,7 +289,10 @@ mod tests {
     async fn the_process_level_is_the_logs_and_the_traces_not_trace() {
         let filter = tracing_subscriber::EnvFilter::new("info");
         let telemetry = super::init_with(crate::config::LogFormat::Human, None, filter).unwrap();
-        assert!(telemetry._log.is_some(), "another test installed a subscriber first");
+        assert!(
+            telemetry._log.is_some(),
+            "another test installed a subscriber first"
+        );
         // `log` records of dependencies below this level stop at the `log` crate's own
         // check instead of becoming tracing events that every layer then drops.
         assert_eq!(
