@@ -21,29 +21,34 @@ pub mod server {
     tonic::include_proto!("server/mediaplane.v1");
 }
 
-/// A `JobEvent` already encoded: what the server sends on WatchJob and WatchJobs. One
-/// event is encoded once (or arrives encoded from Redis) and every watcher sends the
-/// same bytes, instead of cloning the event, whose job may carry a large `input`, and
-/// encoding it again per watcher.
+/// A message already encoded, sent as the bytes it holds.
+///
+/// The server's `JobEvent` on WatchJob and WatchJobs ([`EncodedJobEvent`]): one event is
+/// encoded once (or arrives encoded from Redis) and every watcher sends the same bytes,
+/// instead of cloning the event, whose job may carry a large `input`, and encoding it
+/// again per watcher. Also a batch of spans for export, encoded straight from the
+/// SDK's span data (`telemetry::protobuf`).
 #[derive(Clone, Default, PartialEq)]
-pub struct EncodedJobEvent(pub bytes::Bytes);
+pub struct Encoded(pub bytes::Bytes);
 
-impl EncodedJobEvent {
-    pub fn new(event: &v1::JobEvent) -> Self {
-        use prost::Message;
-        Self(event.encode_to_vec().into())
+/// The `JobEvent` of the services' server side (`build.rs` maps it here).
+pub type EncodedJobEvent = Encoded;
+
+impl Encoded {
+    pub fn new(message: &impl prost::Message) -> Self {
+        Self(message.encode_to_vec().into())
     }
 }
 
-impl std::fmt::Debug for EncodedJobEvent {
+impl std::fmt::Debug for Encoded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "EncodedJobEvent({} bytes)", self.0.len())
+        write!(f, "Encoded({} bytes)", self.0.len())
     }
 }
 
-/// Encodes as the bytes it holds. The server never decodes a `JobEvent`; decoding
+/// Encodes as the bytes it holds. The server never decodes these messages; decoding
 /// into this type keeps nothing (fields are skipped).
-impl prost::Message for EncodedJobEvent {
+impl prost::Message for Encoded {
     fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
         buf.put_slice(&self.0);
     }

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use opentelemetry_sdk::{
     Resource,
     error::{OTelSdkError, OTelSdkResult},
@@ -26,6 +26,7 @@ use opentelemetry_sdk::{
 use tonic::{Code, codegen::http::uri::PathAndQuery, metadata::MetadataMap};
 
 use super::protobuf::Encoder;
+use crate::proto::Encoded;
 
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -196,34 +197,6 @@ fn parse_headers(spec: &str) -> anyhow::Result<MetadataMap> {
     Ok(headers)
 }
 
-/// An already encoded request: its bytes are the message.
-#[derive(Debug, Default)]
-struct Encoded(Bytes);
-
-impl prost::Message for Encoded {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.0);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn clear(&mut self) {
-        self.0 = Bytes::new();
-    }
-}
-
 /// `ExportTraceServiceResponse`: only whether spans were rejected.
 #[derive(Clone, PartialEq, prost::Message)]
 struct ExportResponse {
@@ -249,11 +222,14 @@ mod tests {
     use opentelemetry::trace::{
         SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
     };
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
     use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
     use tonic::{Code, metadata::MetadataMap};
 
-    use super::{ExportResponse, Exporter, parse_headers};
+    use super::{Exporter, parse_headers};
 
     /// A trace collector that answers its first calls with the codes in `fail`, then
     /// keeps what it is sent (with the `api-key` header it came with).
@@ -267,20 +243,16 @@ mod tests {
     /// A request and its `api-key` header.
     type Received = (ExportTraceServiceRequest, Option<String>);
 
-    impl tonic::server::NamedService for Collector {
-        const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
-    }
-
-    impl tonic::server::UnaryService<ExportTraceServiceRequest> for Collector {
-        type Response = ExportResponse;
-        type Future = std::future::Ready<Result<tonic::Response<ExportResponse>, tonic::Status>>;
-
-        fn call(&mut self, request: tonic::Request<ExportTraceServiceRequest>) -> Self::Future {
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
             *self.calls.lock().unwrap() += 1;
             let mut fail = self.fail.lock().unwrap();
             if !fail.is_empty() {
-                let code = fail.remove(0);
-                return std::future::ready(Err(tonic::Status::new(code, "not now")));
+                return Err(tonic::Status::new(fail.remove(0), "not now"));
             }
             let key = request
                 .metadata()
@@ -291,33 +263,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((request.into_inner(), key));
-            std::future::ready(Ok(tonic::Response::new(ExportResponse::default())))
-        }
-    }
-
-    impl tower::Service<http::Request<tonic::body::Body>> for Collector {
-        type Response = http::Response<tonic::body::Body>;
-        type Error = std::convert::Infallible;
-        type Future = std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-        >;
-
-        fn poll_ready(
-            &mut self,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Result<(), Self::Error>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-            let collector = self.clone();
-            Box::pin(async move {
-                let codec =
-                    tonic_prost::ProstCodec::<ExportResponse, ExportTraceServiceRequest>::default();
-                Ok(tonic::server::Grpc::new(codec)
-                    .unary(collector, request)
-                    .await)
-            })
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
         }
     }
 
@@ -330,7 +276,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(collector.clone())
+                .add_service(TraceServiceServer::new(collector.clone()))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         (collector, format!("http://{addr}"))

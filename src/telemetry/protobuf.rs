@@ -79,17 +79,16 @@ impl Encoder {
             scope_message(&mut header, scope);
             let mut tail = Vec::new();
             string(&mut tail, 3, scope.schema_url().unwrap_or_default());
-            let len = header.len() + spans.len() + tail.len();
-            resource_spans += field_len(len);
-            headers.push((header, tail, len));
+            resource_spans += field_len(header.len() + spans.len() + tail.len());
+            headers.push((header, tail));
         }
         let mut out = Vec::with_capacity(field_len(resource_spans));
         encode_key(1, WireType::LengthDelimited, &mut out);
         encode_varint(resource_spans as u64, &mut out);
         out.put_slice(&self.resource);
-        for ((header, tail, len), spans) in headers.iter().zip(&self.scopes) {
+        for ((header, tail), spans) in headers.iter().zip(&self.scopes) {
             encode_key(2, WireType::LengthDelimited, &mut out);
-            encode_varint(*len as u64, &mut out);
+            encode_varint((header.len() + spans.len() + tail.len()) as u64, &mut out);
             out.put_slice(header);
             out.put_slice(spans);
             out.put_slice(tail);

@@ -416,7 +416,7 @@ impl Hub {
                 }
                 let signal = Signal::Event(Arc::new(HubEvent {
                     event,
-                    encoded: crate::proto::EncodedJobEvent(bytes::Bytes::copy_from_slice(payload)),
+                    encoded: crate::proto::Encoded(bytes::Bytes::copy_from_slice(payload)),
                 }));
                 send(&self.inner.jobs, &job, signal.clone());
                 send(&self.inner.projects, &project, signal);
