@@ -338,6 +338,7 @@ pub async fn lease_limited(
                 let (mine, others) = rest.split_at(n);
                 rest = others;
                 let rows: Vec<crate::db::jobs::JobRow> = diesel::sql_query(
+                    [
                     // Statement time, not the transaction's: the transaction may have
                     // waited for the queue's lock, and a run starts when it is leased.
                     "UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = $2, \
@@ -345,8 +346,10 @@ pub async fn lease_limited(
                          lease_expire_time = statement_timestamp() + $3 * interval '1 millisecond', \
                          start_time = COALESCE(start_time, statement_timestamp()), \
                          progress_percent = 0, current_step = '', message = '' \
-                     WHERE id = ANY($1) AND state = 'queued' RETURNING *",
-                )
+                     WHERE id = ANY($1) AND state = 'queued' RETURNING ",
+                    crate::db::jobs::JOB_COLUMNS,
+                ]
+                .concat())
                 .bind::<Array<diesel::sql_types::Uuid>, _>(mine)
                 .bind::<Text, _>(taker.worker_id)
                 .bind::<BigInt, _>(taker.lease_ms)

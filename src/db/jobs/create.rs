@@ -252,7 +252,7 @@ pub async fn insert_visible(
             const ROWS: &str = ") WITH ORDINALITY AS c(id, project, scope, kind, input, labels, \
                 priority, max_attempts, schedule_time, request_id, request_hash, traceparent, key, n)";
             const VISIBLE: &str = " JOIN p ON p.id = c.project WHERE c.scope IS NULL OR p.owner = c.scope \
-                ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *";
+                ON CONFLICT (owner, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING ";
             out.push_sql(") FOR KEY SHARE SKIP LOCKED), ");
             if let Some((kind, priority, key)) = &self.uniform {
                 out.push_sql("t AS MATERIALIZED (SELECT jobs_next_turn(");
@@ -283,6 +283,7 @@ pub async fn insert_visible(
                 );
             }
             out.push_sql(VISIBLE);
+            out.push_sql(JOB_COLUMNS);
             Ok(())
         }
     }

@@ -59,13 +59,11 @@ pub struct Taker<'a> {
 /// Leases queued jobs of `kinds` that are due for one or several AcquireJobs calls, in
 /// one statement (its own transaction): the best due jobs, the first `takers[0].max` of
 /// them to the first call, the next ones to the second, and so on (each job with its
-/// caller's worker id and lease). One list of jobs per taker. Each kind is read in the
-/// fetch index's order (one index scan per kind: `kind = ANY(..)` cannot use the index
-/// order and sorts the whole queue), locked FOR UPDATE SKIP LOCKED so concurrent
-/// statements skip each other's rows instead of waiting or double-leasing; the best
-/// across kinds are leased, and the locks on the others end with the statement. Calls
-/// that arrive together share a statement rather than each locking its way past the
-/// rows the others hold at the head of the same index.
+/// caller's worker id and lease). One list of jobs per taker. The statement is the
+/// `jobs_lease` function (its migration says how it reads the queue, and why a function:
+/// it keeps one plan per connection where a prepared statement was planned on every
+/// call). Calls that arrive together share a statement rather than each locking its way
+/// past the rows the others hold at the head of the same index.
 pub async fn acquire_for(
     conn: &mut AsyncPgConnection,
     kinds: &[String],
@@ -85,52 +83,17 @@ pub async fn acquire_for(
             &'b self,
             mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
         ) -> QueryResult<()> {
-            // `state = 'queued'` is a literal: the planner must see it to use the
-            // partial fetch index in the generic plan. The locked rows are updated by
-            // their tuple ids (a TID scan driven by the locked rows: by `id`, the generic
-            // plan depends on the table's size when it was made, and one made on a fresh
-            // table scans the whole table on every call). The row locks keep those tuples
-            // in place until the statement ends. Job number `n` (in fetch order) goes to
-            // the taker whose range of numbers holds it, found by binary search over the
-            // ranges' first numbers (`width_bucket`): a join with the takers cost jobs
-            // times takers, and a `ctid = ANY` list per row jobs times jobs (together
-            // about 90 of 110-185 ms for 3,200 jobs and 64 takers).
-            out.push_sql(
-                "WITH due AS (SELECT f.tid, row_number() OVER \
-                 (ORDER BY f.priority DESC, f.fair_seq, f.schedule_time, f.create_time) AS n FROM \
-                 (SELECT q.* FROM unnest(",
-            );
+            out.push_sql("SELECT * FROM jobs_lease(");
             out.push_bind_param::<Array<Text>, _>(&self.kinds)?;
-            // Kinds whose queue restricts leasing (paused, limits, a start rate) are
-            // leased under their queue's lock instead (`queues::lease_limited`).
-            out.push_sql(
-                ") AS k(kind) CROSS JOIN LATERAL (\
-                 SELECT ctid AS tid, priority, fair_seq, schedule_time, create_time FROM jobs \
-                 WHERE state = 'queued' AND kind = k.kind AND schedule_time <= now() \
-                 AND NOT EXISTS (SELECT 1 FROM queues qu WHERE qu.kind = k.kind AND qu.restricted) \
-                 ORDER BY priority DESC, fair_seq, schedule_time, create_time LIMIT ",
-            );
+            out.push_sql(", ");
             out.push_bind_param::<BigInt, _>(&self.total)?;
-            out.push_sql(
-                " FOR UPDATE SKIP LOCKED) q \
-                 ORDER BY q.priority DESC, q.fair_seq, q.schedule_time, q.create_time LIMIT ",
-            );
-            out.push_bind_param::<BigInt, _>(&self.total)?;
-            out.push_sql(") f), assigned AS (SELECT d.tid, width_bucket(d.n, ");
-            out.push_bind_param::<Array<BigInt>, _>(&self.firsts)?;
-            out.push_sql(") AS taker FROM due d) UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = (");
+            out.push_sql(", ");
             out.push_bind_param::<Array<Text>, _>(&self.workers)?;
-            out.push_sql(")[a.taker], lease_id = gen_random_uuid(), lease_duration_ms = (");
+            out.push_sql(", ");
             out.push_bind_param::<Array<BigInt>, _>(&self.lease_ms)?;
-            out.push_sql(")[a.taker], lease_expire_time = now() + (");
-            out.push_bind_param::<Array<BigInt>, _>(&self.lease_ms)?;
-            out.push_sql(
-                ")[a.taker] * interval '1 millisecond', \
-                 start_time = COALESCE(start_time, now()), \
-                 progress_percent = 0, current_step = '', message = '' \
-                 FROM assigned a WHERE jobs.ctid = a.tid AND jobs.state = 'queued' \
-                 RETURNING jobs.*, a.taker::bigint",
-            );
+            out.push_sql(", ");
+            out.push_bind_param::<Array<BigInt>, _>(&self.firsts)?;
+            out.push_sql(")");
             Ok(())
         }
     }
@@ -411,7 +374,7 @@ impl crate::db::Statement for WriteFenced {
         bind_named::<Array<Int4>, _>(&mut out, binds, &self.deletion_locks)?;
         out.push_sql(&format!(")[{at}]) RETURNING ("));
         bind_named::<Array<Int4>, _>(&mut out, binds, &self.at)?;
-        out.push_sql(&format!(")[{at}] AS at, jobs.*"));
+        out.push_sql(&format!(")[{at}] AS at, {JOB_COLUMNS}"));
         Ok(())
     }
 }

@@ -26,6 +26,18 @@ pub use events::*;
 pub use leases::*;
 pub use pipelines::*;
 
+/// `JobRow`'s columns, for statements written as SQL: what they return of each job (not
+/// `*`: the others are the engine's bookkeeping, sent and decoded for nothing).
+pub(crate) const JOB_COLUMNS: &str = "jobs.id, jobs.project_id, jobs.owner, jobs.kind, jobs.input, jobs.labels, \
+    jobs.state, jobs.priority, jobs.max_attempts, jobs.attempt, \
+    jobs.schedule_time, jobs.progress_percent, jobs.current_step, jobs.message, \
+    jobs.cancel_requested, jobs.worker_id, jobs.lease_id, jobs.lease_expire_time, \
+    jobs.result, jobs.output_assets, jobs.error, jobs.sequence, jobs.create_time, \
+    jobs.start_time, jobs.end_time, jobs.update_time, jobs.traceparent, \
+    jobs.depends_on, jobs.run_anyway, jobs.has_dependents, jobs.concurrency_key";
+
+/// The columns the engine reads of a job. The `jobs_lease` function returns exactly
+/// these (a field added here is added to its result in a migration).
 #[derive(Queryable, Selectable, QueryableByName)]
 #[diesel(table_name = jobs, check_for_backend(diesel::pg::Pg))]
 pub struct JobRow {
@@ -453,4 +465,22 @@ pub async fn requeue(conn: &mut AsyncPgConnection, id: Uuid, state: JobState) ->
         .get_result(conn)
         .await?;
     row.try_into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_columns_are_the_columns_job_row_selects() {
+        let query = jobs::table.select(JobRow::as_select());
+        let sql = diesel::debug_query::<diesel::pg::Pg, _>(&query).to_string();
+        let selected = sql
+            .trim_start_matches("SELECT ")
+            .split(" FROM ")
+            .next()
+            .unwrap_or_default()
+            .replace('"', "");
+        assert_eq!(selected, JOB_COLUMNS);
+    }
 }

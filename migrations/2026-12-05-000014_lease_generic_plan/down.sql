@@ -1,0 +1,1 @@
+DROP FUNCTION jobs_lease(text[], bigint, text[], bigint[], bigint[]);
