@@ -338,18 +338,14 @@ pub async fn lease_limited(
                 let (mine, others) = rest.split_at(n);
                 rest = others;
                 let rows: Vec<crate::db::jobs::JobRow> = diesel::sql_query(
-                    [
                     // Statement time, not the transaction's: the transaction may have
                     // waited for the queue's lock, and a run starts when it is leased.
-                    "UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = $2, \
+                    crate::db::jobs::returning_jobs("UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = $2, \
                          lease_id = gen_random_uuid(), lease_duration_ms = $3, \
                          lease_expire_time = statement_timestamp() + $3 * interval '1 millisecond', \
                          start_time = COALESCE(start_time, statement_timestamp()), \
                          progress_percent = 0, current_step = '', message = '' \
-                     WHERE id = ANY($1) AND state = 'queued' RETURNING ",
-                    crate::db::jobs::JOB_COLUMNS,
-                ]
-                .concat())
+                     WHERE id = ANY($1) AND state = 'queued'"))
                 .bind::<Array<diesel::sql_types::Uuid>, _>(mine)
                 .bind::<Text, _>(taker.worker_id)
                 .bind::<BigInt, _>(taker.lease_ms)

@@ -36,6 +36,11 @@ pub(crate) const JOB_COLUMNS: &str = "jobs.id, jobs.project_id, jobs.owner, jobs
     jobs.start_time, jobs.end_time, jobs.update_time, jobs.traceparent, \
     jobs.depends_on, jobs.run_anyway, jobs.has_dependents, jobs.concurrency_key";
 
+/// `statement` (an INSERT or UPDATE of `jobs`) returning `JOB_COLUMNS`.
+pub(crate) fn returning_jobs(statement: &str) -> String {
+    format!("{statement} RETURNING {JOB_COLUMNS}")
+}
+
 /// The columns the engine reads of a job. The `jobs_lease` function returns exactly
 /// these (a field added here is added to its result in a migration).
 #[derive(Queryable, Selectable, QueryableByName)]

@@ -105,9 +105,8 @@ async fn decide(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> AppResult<Vec<Job
         return Ok(Vec::new());
     }
     // The code of a cancelled job's error: CANCELLED (1).
-    let rows: Vec<JobRow> = diesel::sql_query(
-        [
-            "WITH d AS (SELECT j.id, j.run_anyway, \
+    let rows: Vec<JobRow> = diesel::sql_query(returning_jobs(
+        "WITH d AS (SELECT j.id, j.run_anyway, \
                 bool_and(p.state = 'succeeded') AS ok, \
                 bool_and(p.state IN ('succeeded', 'failed', 'cancelled')) AS ended, \
                 (array_agg(p.id ORDER BY p.end_time, p.id) \
@@ -130,12 +129,8 @@ async fn decide(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> AppResult<Vec<Job
                  || ' ended ' || upper(v.cause_state)) END, \
              end_time = CASE WHEN v.go THEN NULL ELSE now() END \
          FROM v WHERE jobs.id = v.id \
-           AND (v.go OR (NOT jobs.run_anyway AND v.cause IS NOT NULL)) \
-         RETURNING ",
-            JOB_COLUMNS,
-        ]
-        .concat(),
-    )
+           AND (v.go OR (NOT jobs.run_anyway AND v.cause IS NOT NULL))",
+    ))
     .bind::<Array<SqlUuid>, _>(ids)
     .load(conn)
     .await?;
@@ -176,15 +171,14 @@ pub async fn cancel_dependents(
         return Ok(Vec::new());
     }
     let rows: Vec<JobRow> = diesel::sql_query(
-        ["UPDATE jobs SET state = 'cancelled', end_time = now(), \
+        returning_jobs("UPDATE jobs SET state = 'cancelled', end_time = now(), \
              cancelled_by = c.cause, \
              error = jsonb_build_object('code', 1, 'message', \
                  'cancelled: dependency projects/' || jobs.project_id || '/jobs/' || c.cause \
                  || ' was cancelled') \
          FROM (SELECT j.id, (SELECT x FROM unnest(j.depends_on) x WHERE x = ANY($2) LIMIT 1) AS cause \
                FROM jobs j WHERE j.id = ANY($1)) c \
-         WHERE jobs.id = c.id AND NOT jobs.run_anyway RETURNING ", JOB_COLUMNS]
-        .concat(),
+         WHERE jobs.id = c.id AND NOT jobs.run_anyway"),
     )
     .bind::<Array<SqlUuid>, _>(&waiting)
     .bind::<Array<SqlUuid>, _>(causes)
@@ -200,19 +194,15 @@ pub async fn cancel_dependents(
 /// back to WAITING, and are decided again at once (another dependency may have failed
 /// meanwhile). Returns every job it changed.
 pub async fn rearm_dependents(conn: &mut AsyncPgConnection, root: Uuid) -> AppResult<Vec<Job>> {
-    let rows: Vec<JobRow> = diesel::sql_query(
-        [
-            "WITH RECURSIVE r AS ( \
+    let rows: Vec<JobRow> = diesel::sql_query(returning_jobs(
+        "WITH RECURSIVE r AS ( \
              SELECT id FROM jobs WHERE cancelled_by = $1 AND state = 'cancelled' \
              UNION SELECT j.id FROM jobs j JOIN r ON j.cancelled_by = r.id \
                  WHERE j.state = 'cancelled') \
          UPDATE jobs SET state = 'waiting', end_time = NULL, error = NULL, \
              cancelled_by = NULL, cancel_requested = false \
-         FROM r WHERE jobs.id = r.id RETURNING ",
-            JOB_COLUMNS,
-        ]
-        .concat(),
-    )
+         FROM r WHERE jobs.id = r.id",
+    ))
     .bind::<SqlUuid, _>(root)
     .load(conn)
     .await?;
