@@ -69,6 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// Fails the build when an RPC of ours has no `google.api.http` rule: the JSON edge
 /// serves exactly the annotated methods, so a missing rule would be a missing route.
+/// Bidirectional streams are the exception: HTTP/JSON (and grpc-web) cannot carry them.
 fn check_http_rules(pool: &prost_reflect::DescriptorPool) -> Result<(), String> {
     let http_ext = pool
         .get_extension_by_name("google.api.http")
@@ -79,6 +80,9 @@ fn check_http_rules(pool: &prost_reflect::DescriptorPool) -> Result<(), String> 
         .filter(|s| s.package_name() == "mediaplane.v1")
     {
         for method in service.methods() {
+            if method.is_client_streaming() && method.is_server_streaming() {
+                continue;
+            }
             let options: DynamicMessage = method.options();
             let has_rule = options.has_extension(&http_ext)
                 && matches!(&*options.get_extension(&http_ext), Value::Message(_));

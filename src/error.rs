@@ -78,18 +78,7 @@ impl AppError {
     /// This error as `google.rpc.Status`, for one item of a batch answer: the code,
     /// message and details the whole call would have carried (logged the same way).
     pub fn into_rpc_status(self) -> tonic_types::pb::Status {
-        let status = Status::from(self);
-        let details = status.details();
-        if !details.is_empty()
-            && let Ok(full) = <tonic_types::pb::Status as prost::Message>::decode(details)
-        {
-            return full;
-        }
-        tonic_types::pb::Status {
-            code: status.code() as i32,
-            message: status.message().to_owned(),
-            details: Vec::new(),
-        }
+        rpc_status(&Status::from(self))
     }
 
     pub fn code(&self) -> Code {
@@ -230,5 +219,21 @@ pub fn is_server_fault(code: Code) -> bool {
 impl From<diesel_async::pooled_connection::bb8::RunError> for AppError {
     fn from(error: diesel_async::pooled_connection::bb8::RunError) -> Self {
         Self::Unavailable(format!("database pool: {error}"))
+    }
+}
+
+/// A call's answer as `google.rpc.Status` (one item of a batch, one answer of a worker
+/// session): the code, message and details the call would have carried.
+pub fn rpc_status(status: &Status) -> tonic_types::pb::Status {
+    let details = status.details();
+    if !details.is_empty()
+        && let Ok(full) = <tonic_types::pb::Status as prost::Message>::decode(details)
+    {
+        return full;
+    }
+    tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: Vec::new(),
     }
 }

@@ -6,7 +6,7 @@
 use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{datetime, duration, struct_to_json};
 use crate::{
@@ -24,6 +24,7 @@ use crate::{
     quotas::{Quota, Quotas},
 };
 
+#[derive(Clone)]
 pub struct JobsApi {
     engine: Engine,
     quotas: Quotas,
@@ -42,6 +43,15 @@ impl JobsApi {
 }
 
 impl JobsApi {
+    /// Cancelled when the server starts shutting down (worker sessions end then).
+    pub(super) fn draining(&self) -> tokio_util::sync::CancellationToken {
+        self.engine.settings.draining.clone()
+    }
+
+    pub(super) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.engine.settings.metrics
+    }
+
     /// `n` more unfinished jobs for the caller's quota (admins act for others: none).
     async fn admit_jobs(&self, caller: &Caller, n: i64) -> Result<(), Status> {
         if !caller.is_admin() {
@@ -580,6 +590,24 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             }
         }
         Ok(Response::new(response))
+    }
+
+    async fn worker_session(
+        &self,
+        request: Request<Streaming<pb::WorkerSessionRequest>>,
+    ) -> Result<Response<super::session::SessionStream>, Status> {
+        let caller = caller(&request)?;
+        require_worker(&caller)?;
+        let budget = request
+            .extensions()
+            .get::<crate::guard::MessageBudget>()
+            .cloned();
+        Ok(Response::new(Box::pin(super::session::serve(
+            self.clone(),
+            caller,
+            budget,
+            request.into_inner(),
+        ))))
     }
 
     async fn fail_job(

@@ -7,6 +7,7 @@ pub mod assets;
 pub mod jobs;
 pub mod projects;
 pub mod queues;
+pub mod session;
 
 /// Room a list response keeps besides its items: the next page token and the framing.
 const PAGE_HEADROOM: usize = 4 * 1024;

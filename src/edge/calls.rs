@@ -109,6 +109,9 @@ pub async fn middleware(
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
+    // A worker session ends itself when draining starts, after answering what it
+    // was given (completions that were committed must reach their worker).
+    let ends_itself = method == "/mediaplane.v1.JobsService/WorkerSession";
     let log = CallLog {
         span,
         method,
@@ -128,7 +131,7 @@ pub async fn middleware(
         .unwrap_or("");
     let ending =
         if content_type == "application/grpc" || content_type.starts_with("application/grpc+") {
-            (header_code.is_none()).then_some(Ending::Trailers)
+            (header_code.is_none() && !ends_itself).then_some(Ending::Trailers)
         } else if content_type.starts_with("application/x-ndjson")
             || content_type.starts_with("text/event-stream")
         {

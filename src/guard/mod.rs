@@ -160,7 +160,8 @@ fn classify(method: &str, caller_is_worker: bool) -> (Class, Option<Held>) {
         "WatchJob" | "WatchJobs" => (Class::Stream, Some(Held::Watch)),
         "UploadAssetContent" => (Class::Stream, Some(Held::Upload)),
         "DownloadAssetContent" => (Class::Stream, None),
-        "AcquireJobs" | "ReportProgress" | "CompleteJob" | "BatchCompleteJobs" | "FailJob" => {
+        "AcquireJobs" | "ReportProgress" | "CompleteJob" | "BatchCompleteJobs" | "FailJob"
+        | "WorkerSession" => {
             // Only worker tokens spend the worker budget; anyone else is refused by
             // the handler, after paying for the call like any write.
             (
@@ -219,6 +220,15 @@ pub async fn middleware(State(guard): State<Guard>, mut request: Request, next: 
         Ok(slot) => slot,
         Err(status) => return grpc_error(status),
     };
+    if method == "JobsService/WorkerSession"
+        && let Some(limiter) = &guard.limiter
+    {
+        request.extensions_mut().insert(MessageBudget {
+            limiter: limiter.clone(),
+            class,
+            key: caller.sub.clone(),
+        });
+    }
     request.extensions_mut().insert(caller);
     let mut response = next.run(request).await;
     undecodable_is_invalid_argument(&mut response);
@@ -270,11 +280,30 @@ fn authenticate(verifier: &Verifier, headers: &HeaderMap) -> Result<Caller, Stat
     verifier.verify(token)
 }
 
-/// The over-limit answer: RESOURCE_EXHAUSTED with `google.rpc.RetryInfo`, plus the
-/// HTTP headers (`Retry-After`, `RateLimit-*`) the edge passes on to REST clients.
-fn limited(class: Class, decision: Decision) -> Response {
+/// Each request on a WorkerSession stream spends the budget of the call it stands for
+/// (opening the stream spent one), so a stream is no way around the worker limit.
+#[derive(Clone)]
+pub struct MessageBudget {
+    limiter: Limiter,
+    class: Class,
+    key: String,
+}
+
+impl MessageBudget {
+    pub async fn spend(&self) -> Result<(), Status> {
+        let decision = self.limiter.check(self.class, &self.key).await;
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(over_limit(self.class, &decision))
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo`.
+fn over_limit(class: Class, decision: &Decision) -> Status {
     let wait = decision.retry_after.max(Duration::from_millis(1));
-    let status = Status::with_error_details(
+    Status::with_error_details(
         Code::ResourceExhausted,
         format!(
             "rate limit of {} exceeded; retry in {} ms",
@@ -282,8 +311,14 @@ fn limited(class: Class, decision: Decision) -> Response {
             wait.as_millis().max(1)
         ),
         ErrorDetails::with_retry_info(Some(wait)),
-    );
-    let mut response = grpc_error(status);
+    )
+}
+
+/// The over-limit answer, plus the HTTP headers (`Retry-After`, `RateLimit-*`) the
+/// edge passes on to REST clients.
+fn limited(class: Class, decision: Decision) -> Response {
+    let wait = decision.retry_after.max(Duration::from_millis(1));
+    let mut response = grpc_error(over_limit(class, &decision));
     let headers = response.headers_mut();
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
     headers.insert("retry-after", HeaderValue::from(secs(wait)));

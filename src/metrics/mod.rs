@@ -44,10 +44,12 @@ pub enum Transport {
     Rest,
     /// Plain HTTP routes that are no RPC (health, signed URLs, OpenAPI).
     Http,
+    /// A request on a WorkerSession stream, counted as a call of the method it names.
+    WorkerSession,
 }
 
 impl Transport {
-    const COUNT: usize = 4;
+    const COUNT: usize = 5;
 }
 
 impl EncodeLabelValue for Transport {
@@ -58,6 +60,7 @@ impl EncodeLabelValue for Transport {
             Transport::GrpcWeb => "grpc-web",
             Transport::Rest => "rest",
             Transport::Http => "http",
+            Transport::WorkerSession => "worker-session",
         })
     }
 }

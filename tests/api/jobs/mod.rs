@@ -14,6 +14,7 @@ mod fencing;
 mod leasing;
 mod next;
 mod retention;
+mod session;
 mod watching;
 
 pub(super) fn worker() -> String {
