@@ -81,6 +81,9 @@ enum Completes {
     /// As `Batched`, the call also leasing the worker's next jobs (`acquire`):
     /// AcquireJobs only when none came with the completions.
     Next,
+    /// One WorkerSession stream per worker: a CompleteJob request per job, all sent at
+    /// once, and AcquireJobs on the same stream.
+    Session,
 }
 
 impl Completes {
@@ -89,6 +92,7 @@ impl Completes {
             Self::Each => "each",
             Self::Batched => "batch",
             Self::Next => "next",
+            Self::Session => "session",
         }
     }
 }
@@ -133,6 +137,10 @@ async fn run_workers(
                 lease_duration: dur(60),
                 wait_timeout: None,
             };
+            if completes == Completes::Session {
+                let enough = move || done.load(std::sync::atomic::Ordering::Relaxed) >= total;
+                return session_worker(c, acquire, enough, lat, count).await;
+            }
             // Jobs leased with the last completions.
             let mut carried = Vec::new();
             while done.load(std::sync::atomic::Ordering::Relaxed) < total {
@@ -209,6 +217,62 @@ async fn run_workers(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     *finished.get().expect("the run ended with its last job")
+}
+
+/// A worker on one WorkerSession stream: leases `acquire.max_jobs`, sends a CompleteJob
+/// request per job without waiting, reads their answers, and again until `enough`.
+async fn session_worker(
+    mut c: Jobs,
+    acquire: pb::AcquireJobsRequest,
+    enough: impl Fn() -> bool,
+    lat: Arc<Latencies>,
+    count: impl Fn(usize),
+) {
+    use pb::{worker_session_request::Request as Ask, worker_session_response::Response as Answer};
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let mut answers = c
+        .worker_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut id = 0;
+    let mut send = move |request| {
+        id += 1;
+        tx.try_send(pb::WorkerSessionRequest {
+            id,
+            request: Some(request),
+            traceparent: String::new(),
+        })
+        .expect("room for every request in flight")
+    };
+    while !enough() {
+        let t = Instant::now();
+        send(Ask::AcquireJobs(pb::AcquireJobsRequest {
+            wait_timeout: dur(1),
+            ..acquire.clone()
+        }));
+        let leased = match answers.message().await.unwrap().unwrap().response {
+            Some(Answer::AcquireJobs(r)) => r.jobs,
+            other => panic!("expected leased jobs, got {other:?}"),
+        };
+        if leased.is_empty() {
+            continue;
+        }
+        Latencies::record(&lat.acquire, t);
+        let n = leased.len();
+        let t = Instant::now();
+        for l in leased {
+            send(Ask::CompleteJob(completion(l)));
+        }
+        for _ in 0..n {
+            match answers.message().await.unwrap().unwrap().response {
+                Some(Answer::CompleteJob(_)) => {}
+                other => panic!("a completion refused: {other:?}"),
+            }
+        }
+        Latencies::record(&lat.complete, t);
+        count(n);
+    }
 }
 
 /// BullMQ end to end (`benches/peers/peers.mjs bull-e2e`, worker concurrency 50, as
@@ -349,7 +413,7 @@ async fn main() {
     // 1. End to end, one CreateJob per job, producers and workers running together.
     if wanted("e2e") {
         println!(
-            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob per job, or one BatchCompleteJobs per acquire (-batch), or one that also leases the next jobs (-next) (CPU per job: the server, this load generator, Postgres, Redis, the whole machine)"
+            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob per job, or one BatchCompleteJobs per acquire (-batch), or one that also leases the next jobs (-next), or a CompleteJob per job on one WorkerSession stream per worker (-session) (CPU per job: the server, this load generator, Postgres, Redis, the whole machine)"
         );
         println!(
             "{:>9} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",
@@ -382,11 +446,13 @@ async fn main() {
             (64, 32, 50, Completes::Each),
             (64, 32, 50, Completes::Batched),
             (64, 32, 50, Completes::Next),
+            (64, 32, 50, Completes::Session),
             // With one statement in flight per kind of write, 64 waiting producers left
             // a third of the machine idle: more concurrent callers, bigger groups.
             (256, 32, 50, Completes::Each),
             (256, 32, 50, Completes::Batched),
             (256, 32, 50, Completes::Next),
+            (256, 32, 50, Completes::Session),
         ];
         // Rates of this run's rows, for the ratios against BullMQ.
         let mut rates: Vec<(usize, Completes, f64, f64)> = Vec::new();
@@ -529,7 +595,12 @@ async fn main() {
             })
             .unwrap_or((64, 50));
         println!();
-        for completes in [Completes::Each, Completes::Batched, Completes::Next] {
+        for completes in [
+            Completes::Each,
+            Completes::Batched,
+            Completes::Next,
+            Completes::Session,
+        ] {
             let kind = format!("prefilled-{}", completes.label());
             for _ in 0..total / 1000 {
                 let requests = (0..1000)
@@ -568,6 +639,7 @@ async fn main() {
                     Completes::Each => "CompleteJob per job",
                     Completes::Batched => "one BatchCompleteJobs per acquire",
                     Completes::Next => "BatchCompleteJobs leasing the next jobs",
+                    Completes::Session => "a CompleteJob per job on a WorkerSession",
                 },
                 total as f64 / (finished - start).as_secs_f64(),
                 (cpu_secs(pid) - server_cpu) * 1e6 / total as f64,

@@ -268,3 +268,50 @@ async fn python_worker_takes_its_next_job_with_each_completion() {
         assert_eq!(stored.state(), pb::job::State::Succeeded);
     }
 }
+
+#[tokio::test]
+async fn python_worker_runs_its_jobs_over_one_worker_session() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "python session").await;
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        created.push(create_job_of(&app, &t, &p.name, "render").await.name);
+    }
+    let stdout = run_python_worker(&app, &["--session", "--max-jobs", "3"]).await;
+    for name in &created {
+        assert!(
+            stdout.contains(&format!("completed {name} (session)\n")),
+            "{stdout}"
+        );
+        let stored = app
+            .jobs(&t)
+            .get_job(pb::GetJobRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stored.state(), pb::job::State::Succeeded);
+        assert_eq!(stored.progress_percent, 100);
+    }
+    // Every worker call went over the stream: one session, and its requests counted as
+    // the calls they stand for (4 reports per job, an acquire, three completions).
+    let metrics = app.metrics_text().await;
+    let started = |method: &str, transport: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("grpc_server_started_total{")
+                    && l.contains(&format!("grpc_method=\"{method}\""))
+                    && l.contains(&format!("transport=\"{transport}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(started("WorkerSession", "grpc"), 1.0, "{metrics}");
+    assert_eq!(started("ReportProgress", "worker-session"), 12.0);
+    assert_eq!(started("BatchCompleteJobs", "worker-session"), 3.0);
+    assert_eq!(started("AcquireJobs", "worker-session"), 1.0);
+    for method in ["AcquireJobs", "ReportProgress", "BatchCompleteJobs"] {
+        assert_eq!(started(method, "grpc"), 0.0, "{method} as a unary call");
+    }
+}
