@@ -218,6 +218,11 @@ impl Assets {
     }
 }
 
+/// Chunks queued for the hasher. Each holds its receive buffer (1 to 2 MiB) until
+/// hashed, so the queue is most of an upload's memory: deep enough to smooth out the
+/// hasher's turns on the CPU, no deeper.
+const HASH_QUEUE: usize = 3;
+
 /// Size, SHA-256 and the first bytes of a byte stream. SHA-256 runs on its own thread,
 /// beside the network and the storage writes: inline it would cost as much time as
 /// the rest of an upload together.
@@ -230,7 +235,7 @@ pub(super) struct Digester {
 
 impl Digester {
     pub(super) fn new() -> Self {
-        let (to_hash, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let (to_hash, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
         let hasher = tokio::task::spawn_blocking(move || {
             let mut hasher = Sha256::new();
             while let Some(chunk) = hash_rx.blocking_recv() {

@@ -266,6 +266,9 @@ fn advise_sequential(file: &std::fs::File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn advise_sequential(_file: &std::fs::File, _offset: u64, _len: u64) {}
 
+/// Chunks queued for a local writer (each holding its receive buffer until copied).
+const WRITE_QUEUE: usize = 2;
+
 /// Bytes handed to a local writer before it starts their writeback.
 const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
 
@@ -290,7 +293,7 @@ impl LocalWriter {
             std::fs::create_dir_all(parent).map_err(fail)?;
         }
         let (file, direct) = create_for_upload(&path).map_err(fail)?;
-        let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
         let dir = path.parent().map(std::path::Path::to_path_buf);
         let writer = tokio::task::spawn_blocking(move || {
             let file = if direct {
