@@ -2,6 +2,7 @@
 //! `mediaplane queues`, `mediaplane assets` and `mediaplane usage`, and the gRPC client they share (a channel plus the bearer
 //! token). Nothing here runs inside the server.
 pub mod assets;
+pub mod calls;
 pub mod jobs;
 pub mod queues;
 pub mod transfer;

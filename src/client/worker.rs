@@ -1,6 +1,7 @@
 //! `mediaplane worker`: runs jobs by executing a command, speaking the worker protocol
 //! (AcquireJobs, ReportProgress as heartbeat, FailJob, and BatchCompleteJobs, which
-//! completes a job and leases the next one for its slot in the same call).
+//! completes a job and leases the next one for its slot in the same call), over one
+//! WorkerSession stream unless told otherwise (`calls.rs`).
 //!
 //! The command runs under `sh -c` with the job's input as JSON on stdin and in
 //! `MEDIAPLANE_JOB_INPUT`, plus `MEDIAPLANE_JOB_NAME`, `MEDIAPLANE_JOB_KIND` and
@@ -26,7 +27,7 @@ use tokio::{
 use tonic::Code;
 
 use crate::{
-    client::{ClientArgs, Jobs},
+    client::{ClientArgs, calls::WorkerCalls},
     convert::{json_to_struct, struct_to_json},
     proto::v1 as pb,
 };
@@ -53,6 +54,10 @@ pub struct WorkerArgs {
     /// Exit after this many jobs (0: run until stopped).
     #[arg(long, default_value_t = 0)]
     pub max_jobs: u64,
+    /// Make each worker call on its own instead of over one WorkerSession stream (for a
+    /// proxy on the way that cannot carry bidirectional gRPC streams).
+    #[arg(long)]
+    pub no_session: bool,
 }
 
 /// A leased job as its calls name it.
@@ -111,6 +116,11 @@ fn parse_line(line: &str, report: &mut Report) {
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let client = args.client.connect().await?;
+    let calls = if args.no_session {
+        WorkerCalls::Unary(client.jobs.clone())
+    } else {
+        WorkerCalls::Session(super::calls::Session::new(client.jobs.clone()))
+    };
     let worker_id = args.worker_id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
@@ -130,7 +140,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     });
     let mut tasks = tokio::task::JoinSet::new();
     let spawn = |tasks: &mut tokio::task::JoinSet<Vec<pb::LeasedJob>>, leased| {
-        let (jobs, args, slots) = (client.jobs.clone(), args.clone(), slots.clone());
+        let (jobs, args, slots) = (calls.clone(), args.clone(), slots.clone());
         tasks.spawn(async move { run_job(jobs, &args, &slots, leased).await });
     };
     tracing::info!(%worker_id, kinds = ?args.kinds, "worker started");
@@ -173,13 +183,13 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             }),
             ..slots.acquire(&args, want)
         };
-        let mut jobs_client = client.jobs.clone();
+        let mut acquiring = calls.clone();
         let leased = tokio::select! {
-            r = jobs_client.acquire_jobs(request) => r,
+            r = acquiring.acquire_jobs(tonic::Request::new(request)) => r,
             () = &mut stop => break,
         };
         let leased = match leased {
-            Ok(r) => r.into_inner().jobs,
+            Ok(r) => r.jobs,
             Err(e)
                 if matches!(
                     e.code(),
@@ -289,7 +299,7 @@ fn dependencies_json(deps: &[pb::Dependency]) -> String {
 
 /// Runs one job; the jobs leased with its completion, which run next.
 async fn run_job(
-    mut jobs: Jobs,
+    mut jobs: WorkerCalls,
     args: &WorkerArgs,
     slots: &Slots,
     leased: pb::LeasedJob,
@@ -422,7 +432,7 @@ async fn run_job(
                 acquire: (want > 0).then(|| slots.acquire(args, want)),
             });
             let answer = match jobs.batch_complete_jobs(request).await {
-                Ok(answer) => answer.into_inner(),
+                Ok(answer) => answer,
                 Err(e) => {
                     slots.give_back(want);
                     tracing::warn!(job = %job.name, error = %e.message(), "completion failed");
@@ -467,7 +477,7 @@ async fn run_job(
 
 /// Sends progress (always when `force`, else only when it changed). Returns false
 /// when the job must stop: cancellation asked, or the lease is gone.
-async fn beat(jobs: &mut Jobs, held: &Held, report: &Mutex<Report>, force: bool) -> bool {
+async fn beat(jobs: &mut WorkerCalls, held: &Held, report: &Mutex<Report>, force: bool) -> bool {
     let name = held.name.as_str();
     let request = {
         let mut r = report.lock().await;
@@ -484,7 +494,7 @@ async fn beat(jobs: &mut Jobs, held: &Held, report: &Mutex<Report>, force: bool)
         })
     };
     match jobs.report_progress(request).await {
-        Ok(r) if r.get_ref().cancel_requested => {
+        Ok(r) if r.cancel_requested => {
             tracing::info!(job = name, "cancel requested; stopping");
             fail(
                 jobs,
@@ -508,7 +518,7 @@ async fn beat(jobs: &mut Jobs, held: &Held, report: &Mutex<Report>, force: bool)
     }
 }
 
-async fn fail(jobs: &mut Jobs, held: &Held, code: Code, message: String, retryable: bool) {
+async fn fail(jobs: &mut WorkerCalls, held: &Held, code: Code, message: String, retryable: bool) {
     let name = held.name.as_str();
     let request = held.request(pb::FailJobRequest {
         name: name.to_owned(),
@@ -523,7 +533,7 @@ async fn fail(jobs: &mut Jobs, held: &Held, code: Code, message: String, retryab
     });
     match jobs.fail_job(request).await {
         Ok(r) => {
-            tracing::info!(job = name, state = ?pb::job::State::try_from(r.get_ref().state), "attempt failed")
+            tracing::info!(job = name, state = ?pb::job::State::try_from(r.state), "attempt failed")
         }
         Err(e) => tracing::warn!(job = name, error = %e.message(), "failure report rejected"),
     }

@@ -142,9 +142,13 @@ async fn a_failing_command_fails_the_attempt_and_cancel_kills_the_command() {
     let out = watch_cmd(&app, &t, &job.name).output().await.unwrap();
     assert_eq!(out.status.code(), Some(3), "FAILED exits 3");
 
+    // The same with a call per request instead of a WorkerSession (--no-session).
     let job = new_job(&app, &t, &p.name, 3).await;
     let long = "while true; do echo PROGRESS 10 waiting; sleep 0.2; done";
-    let mut runtime = worker_cmd(&app, long, 1).spawn().unwrap();
+    let mut runtime = worker_cmd(&app, long, 1)
+        .arg("--no-session")
+        .spawn()
+        .unwrap();
     eventually(Duration::from_secs(10), "job running", || {
         let (app, t, name) = (&app, t.clone(), job.name.clone());
         async move { state_of(app, &t, &name).await.progress_percent == 10 }
@@ -153,6 +157,18 @@ async fn a_failing_command_fails_the_attempt_and_cancel_kills_the_command() {
     cancel_stops_the_runtime(&app, &t, &job.name, &mut runtime).await;
     let out = watch_cmd(&app, &t, &job.name).output().await.unwrap();
     assert_eq!(out.status.code(), Some(4), "CANCELLED exits 4");
+    // The first runtime spoke over a session, the second made calls.
+    assert_eq!(calls_started_via(&app, "WorkerSession", "grpc").await, 1.0);
+    assert_eq!(
+        calls_started_via(&app, "AcquireJobs", "worker-session").await,
+        1.0
+    );
+    assert_eq!(calls_started_via(&app, "AcquireJobs", "grpc").await, 1.0);
+    assert_eq!(
+        calls_started_via(&app, "FailJob", "worker-session").await,
+        1.0
+    );
+    assert_eq!(calls_started_via(&app, "FailJob", "grpc").await, 1.0);
 }
 
 /// Cancels `name`, whose command `runtime` is running: the runtime stops the command
@@ -244,6 +260,19 @@ async fn sigterm_lets_running_jobs_finish_takes_no_more_and_exits() {
 }
 
 /// Calls of `method` started on `app`, from its metrics.
+/// Calls of `method` started by way of `transport` (`grpc`, `worker-session`).
+async fn calls_started_via(app: &TestApp, method: &str, transport: &str) -> f64 {
+    let text = app.metrics_text().await;
+    text.lines()
+        .filter(|l| {
+            l.contains("grpc_server_started_total{")
+                && l.contains(&format!("grpc_method=\"{method}\""))
+                && l.contains(&format!("transport=\"{transport}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 async fn calls_started(app: &TestApp, method: &str) -> f64 {
     let text = app.metrics_text().await;
     text.lines()
@@ -281,6 +310,11 @@ async fn the_runtime_takes_its_next_job_with_a_completion_and_cancel_still_reach
     // One AcquireJobs for two jobs: the second came with the first one's completion.
     assert_eq!(calls_started(&app, "AcquireJobs").await, 1.0);
     assert_eq!(calls_started(&app, "BatchCompleteJobs").await, 1.0);
+    assert_eq!(
+        calls_started_via(&app, "BatchCompleteJobs", "worker-session").await,
+        1.0,
+        "over the runtime's WorkerSession"
+    );
     // The runtime exits after it (--max-jobs 2).
     cancel_stops_the_runtime(&app, &t, &slow.name, &mut runtime).await;
 }
