@@ -7,7 +7,8 @@
 //! and samples the server's RSS during each transfer. Then, with S3-compatible storage
 //! (s3s-fs, which `scripts/test.sh` installs), the server's CPU time per GiB uploaded
 //! through it against a direct upload (StartUpload, PUT to the store, FinalizeUpload).
-//! `MP_BENCH_SERVER_BIN=<path>` runs another build's server instead of this one's.
+//! `MP_BENCH_SERVER_BIN=<path>` runs another build's server instead of this one's;
+//! `MP_BENCH_MIB=4096` moves 4 GiB instead of 1.
 use std::{
     io::{Read, Write},
     sync::{
@@ -26,7 +27,18 @@ use tokio_stream::StreamExt;
 
 mod common;
 
-const SIZE: usize = 1024 * 1024 * 1024;
+/// Bytes uploaded and downloaded: 1 GiB, or `MP_BENCH_MIB` MiB (RSS must not grow with it).
+fn size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        std::env::var("MP_BENCH_MIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1024)
+            * 1024
+            * 1024
+    })
+}
 const CHUNK: usize = 1024 * 1024;
 
 /// A release server of this build, or of the binary `MP_BENCH_SERVER_BIN` names (another
@@ -93,7 +105,7 @@ where
 async fn on_task(download: impl std::future::Future<Output = usize> + Send + 'static) -> Duration {
     let start = Instant::now();
     let received = tokio::spawn(download).await.unwrap();
-    assert_eq!(received, SIZE);
+    assert_eq!(received, size());
     start.elapsed()
 }
 
@@ -117,7 +129,7 @@ async fn main() {
         let mut block = vec![0u8; CHUNK];
         let mut x: u64 = 0x9e3779b97f4a7c15;
         let mut hasher = Sha256::new();
-        for _ in 0..SIZE / CHUNK {
+        for _ in 0..size() / CHUNK {
             for b in block.iter_mut() {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -160,7 +172,7 @@ async fn main() {
                 "MEDIAPLANE_STORAGE_URL",
                 format!("file://{}", dir.join("store").display()),
             ),
-            ("MEDIAPLANE_MAX_ASSET_BYTES", (2 * SIZE).to_string()),
+            ("MEDIAPLANE_MAX_ASSET_BYTES", (2 * size()).to_string()),
         ],
     );
     let pid = server.child.id();
@@ -183,7 +195,7 @@ async fn main() {
                     }),
                     request_id: String::new(),
                 }),
-                size_bytes: SIZE as i64,
+                size_bytes: size() as i64,
                 ..Default::default()
             })),
         };
@@ -257,28 +269,29 @@ async fn main() {
     drop(tx);
     writer.join().unwrap();
     let download_file = start.elapsed();
-    assert_eq!(received, SIZE);
-    assert_eq!(std::fs::metadata(&target).unwrap().len(), SIZE as u64);
+    assert_eq!(received, size());
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), size() as u64);
 
     println!(
-        "mediaplane asset transfer benchmark: 1 GiB over gRPC on loopback, local storage on the same disk\n"
+        "mediaplane asset transfer benchmark: {} MiB over gRPC on loopback, local storage on the same disk\n",
+        size() >> 20
     );
     let row = |what: &str, t: Duration, base: Duration, name: &str| {
         println!(
             "{what:<38} {:>8.0} MiB/s  ({:.0}% of the {name})",
-            mib_per_s(SIZE, t),
+            mib_per_s(size(), t),
             100.0 * base.as_secs_f64() / t.as_secs_f64()
         );
     };
     println!(
         "{:<38} {:>8.0} MiB/s  (best of 3; page cache, not yet on disk)",
         "plain file copy",
-        mib_per_s(SIZE, copy)
+        mib_per_s(size(), copy)
     );
     println!(
         "{:<38} {:>8.0} MiB/s  (best of 3; copy + fsync)",
         "plain file copy, durable",
-        mib_per_s(SIZE, durable_copy)
+        mib_per_s(size(), durable_copy)
     );
     row(
         "gRPC upload (acknowledged after fsync)",
@@ -296,7 +309,7 @@ async fn main() {
     println!(
         "{:<38} {:>8.0} MiB/s  (best of 3; O_DIRECT, what a download from disk can reach)",
         "plain direct read from the disk",
-        mib_per_s(SIZE, disk_read)
+        mib_per_s(size(), disk_read)
     );
     row(
         "gRPC download into memory, from disk",
@@ -349,7 +362,7 @@ fn direct_read(path: &std::path::Path) -> Duration {
             }
             offset += n as u64;
         }
-        assert_eq!(offset, SIZE as u64);
+        assert_eq!(offset, size() as u64);
         best = best.min(start.elapsed());
     }
     best
@@ -467,7 +480,7 @@ async fn direct_against_server_path(dir: &std::path::Path, source: &std::path::P
             ("MEDIAPLANE_S3_ENDPOINT", endpoint.clone()),
             ("AWS_ACCESS_KEY_ID", "bench".to_string()),
             ("AWS_SECRET_ACCESS_KEY", "benchsecret".to_string()),
-            ("MEDIAPLANE_MAX_ASSET_BYTES", (2 * SIZE).to_string()),
+            ("MEDIAPLANE_MAX_ASSET_BYTES", (2 * size()).to_string()),
         ],
     );
     let pid = server.child.id();
