@@ -466,3 +466,79 @@ async fn a_draining_server_answers_what_a_session_sent_then_ends_it_unavailable(
         .unwrap();
     drop(leased);
 }
+
+#[tokio::test]
+async fn the_worker_runtime_s_session_fails_its_calls_when_cut_and_reopens_after() {
+    use mediaplane::client::calls::{Session as RuntimeSession, WorkerCalls};
+    let app = TestApp::spawn().await;
+    let proxy = ChaosProxy::start(Box::leak(app.addr.to_string().into_boxed_str())).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "session reopens").await;
+    let client = mediaplane::client::ClientArgs {
+        server: format!("http://{}", proxy.addr),
+        token: worker(),
+    }
+    .connect()
+    .await
+    .unwrap();
+    let mut calls = WorkerCalls::Session(RuntimeSession::new(client.jobs));
+    let acquire = |wait: f64| {
+        tonic::Request::new(pb::AcquireJobsRequest {
+            worker_id: "runtime".into(),
+            kinds: vec!["render".into()],
+            max_jobs: 1,
+            lease_duration: secs(30.0),
+            wait_timeout: secs(wait),
+        })
+    };
+    create_job(&app, &t, &p.name, job("render")).await;
+    assert_eq!(
+        calls.acquire_jobs(acquire(0.0)).await.unwrap().jobs.len(),
+        1
+    );
+
+    // The connection breaks with a long poll in flight: the call fails as a call on a
+    // broken connection does, and so does the next while the server is unreachable.
+    let mut polling = calls.clone();
+    let waiting = tokio::spawn(async move { polling.acquire_jobs(acquire(20.0)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut().await;
+    let broken = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting call fails at once")
+        .unwrap()
+        .expect_err("no answer on a broken session");
+    assert!(
+        matches!(
+            broken.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "{broken:?}"
+    );
+
+    // Back: the next call opens a new session and works.
+    proxy.restore();
+    create_job(&app, &t, &p.name, job("render")).await;
+    let mut leased = Vec::new();
+    for _ in 0..50 {
+        match calls.acquire_jobs(acquire(0.0)).await {
+            Ok(r) => {
+                leased = r.jobs;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    assert_eq!(leased.len(), 1, "leased over a new session");
+    let opened = app
+        .metrics_text()
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_started_total{")
+                && l.contains("grpc_method=\"WorkerSession\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert_eq!(opened, 2.0, "one session, then one more after the break");
+}
