@@ -46,6 +46,8 @@ pub struct Caller {
     pub sub: String,
     pub roles: Vec<String>,
     pub kinds: Vec<String>,
+    /// The token's `exp` (seconds since the epoch): a stream outliving it is ended.
+    pub expires: u64,
 }
 
 impl Caller {
@@ -58,6 +60,12 @@ impl Caller {
     /// `None` when the caller sees every owner's resources (admins).
     pub fn owner_scope(&self) -> Option<&str> {
         (!self.is_admin()).then_some(self.sub.as_str())
+    }
+    /// When the token stops being accepted: after its `exp` and the clock-skew leeway,
+    /// through the whole last second (`verify` compares whole seconds).
+    pub fn valid_until(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(self.expires.saturating_add(LEEWAY_SECS + 1))
     }
 }
 
@@ -189,7 +197,15 @@ impl Verifier {
                 "token lifetime (exp - iat) is longer than this server accepts",
             ));
         }
-        Ok((Caller { sub, roles, kinds }, exp))
+        Ok((
+            Caller {
+                sub,
+                roles,
+                kinds,
+                expires: exp,
+            },
+            exp,
+        ))
     }
 }
 
@@ -382,6 +398,7 @@ mod tests {
             sub: "alice".into(),
             roles: vec![],
             kinds: vec![],
+            expires: now - 60,
         };
         v.verified
             .lock()

@@ -39,7 +39,16 @@ pub fn serve(
 ) -> ReceiverStream<Result<pb::WorkerSessionResponse, Status>> {
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let draining = api.draining();
+    // A unary call with an expired token is refused; a session is ended when its token
+    // expires (after answering what it was given), so it is no way to outlive one.
+    let expired = tokio::time::sleep(
+        caller
+            .valid_until()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    );
     let session = async move {
+        tokio::pin!(expired);
         let mut running = FuturesUnordered::new();
         let mut reading = true;
         let mut end = None;
@@ -66,6 +75,12 @@ pub fn serve(
                             end = Some(undecodable_is_invalid(status));
                         }
                     }
+                }
+                () = &mut expired, if reading => {
+                    reading = false;
+                    end = Some(Status::unauthenticated(
+                        "token expired; open a new session with a fresh token",
+                    ));
                 }
                 () = draining.cancelled(), if reading => {
                     reading = false;

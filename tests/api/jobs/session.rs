@@ -542,3 +542,31 @@ async fn the_worker_runtime_s_session_fails_its_calls_when_cut_and_reopens_after
         .sum::<f64>();
     assert_eq!(opened, 2.0, "one session, then one more after the break");
 }
+
+#[tokio::test]
+async fn a_session_ends_when_its_token_expires() {
+    let app = TestApp::spawn().await;
+    // A token whose `exp` passed 28 s ago: accepted for 2 s more (the 30 s leeway).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiring = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "late", "roles": ["worker"], "iat": now - 60, "exp": now - 28}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut session = Session::open(&app, &expiring).await.unwrap();
+    assert!(
+        session.acquire(1, 30.0, 0.0).await.is_empty(),
+        "valid for now"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), session.answers.message())
+        .await
+        .expect("the session ends when the token expires")
+        .expect_err("with a status");
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    let refused = Session::open(&app, &expiring).await.err().expect("refused");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+}
