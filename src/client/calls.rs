@@ -134,10 +134,6 @@ impl Session {
     }
 }
 
-fn unexpected(answer: Answer) -> Status {
-    Status::internal(format!("the server answered another method: {answer:?}"))
-}
-
 /// The `traceparent` a request carries as metadata, for a session request's field.
 fn traceparent<T>(request: &tonic::Request<T>) -> String {
     request
@@ -148,6 +144,21 @@ fn traceparent<T>(request: &tonic::Request<T>) -> String {
         .to_owned()
 }
 
+impl Session {
+    /// `request` as the session request `ask` makes of it; its answer as `answer` reads
+    /// it (`None`: an answer of another method).
+    async fn call<Q, R>(
+        &self,
+        request: tonic::Request<Q>,
+        ask: fn(Q) -> Ask,
+        answer: fn(Answer) -> Option<R>,
+    ) -> Result<R, Status> {
+        let tp = traceparent(&request);
+        answer(self.ask(ask(request.into_inner()), tp).await?)
+            .ok_or_else(|| Status::internal("the server answered another method"))
+    }
+}
+
 impl WorkerCalls {
     pub async fn acquire_jobs(
         &mut self,
@@ -156,11 +167,11 @@ impl WorkerCalls {
         match self {
             Self::Unary(jobs) => jobs.acquire_jobs(request).await.map(|r| r.into_inner()),
             Self::Session(s) => {
-                let tp = traceparent(&request);
-                match s.ask(Ask::AcquireJobs(request.into_inner()), tp).await? {
-                    Answer::AcquireJobs(r) => Ok(r),
-                    other => Err(unexpected(other)),
-                }
+                s.call(request, Ask::AcquireJobs, |a| match a {
+                    Answer::AcquireJobs(r) => Some(r),
+                    _ => None,
+                })
+                .await
             }
         }
     }
@@ -172,11 +183,11 @@ impl WorkerCalls {
         match self {
             Self::Unary(jobs) => jobs.report_progress(request).await.map(|r| r.into_inner()),
             Self::Session(s) => {
-                let tp = traceparent(&request);
-                match s.ask(Ask::ReportProgress(request.into_inner()), tp).await? {
-                    Answer::ReportProgress(r) => Ok(r),
-                    other => Err(unexpected(other)),
-                }
+                s.call(request, Ask::ReportProgress, |a| match a {
+                    Answer::ReportProgress(r) => Some(r),
+                    _ => None,
+                })
+                .await
             }
         }
     }
@@ -191,14 +202,11 @@ impl WorkerCalls {
                 .await
                 .map(|r| r.into_inner()),
             Self::Session(s) => {
-                let tp = traceparent(&request);
-                match s
-                    .ask(Ask::BatchCompleteJobs(request.into_inner()), tp)
-                    .await?
-                {
-                    Answer::BatchCompleteJobs(r) => Ok(r),
-                    other => Err(unexpected(other)),
-                }
+                s.call(request, Ask::BatchCompleteJobs, |a| match a {
+                    Answer::BatchCompleteJobs(r) => Some(r),
+                    _ => None,
+                })
+                .await
             }
         }
     }
@@ -210,11 +218,11 @@ impl WorkerCalls {
         match self {
             Self::Unary(jobs) => jobs.fail_job(request).await.map(|r| r.into_inner()),
             Self::Session(s) => {
-                let tp = traceparent(&request);
-                match s.ask(Ask::FailJob(request.into_inner()), tp).await? {
-                    Answer::FailJob(r) => Ok(r),
-                    other => Err(unexpected(other)),
-                }
+                s.call(request, Ask::FailJob, |a| match a {
+                    Answer::FailJob(r) => Some(r),
+                    _ => None,
+                })
+                .await
             }
         }
     }

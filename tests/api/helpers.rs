@@ -710,3 +710,17 @@ pub fn parse_grpc_web(body: &[u8]) -> (Option<Vec<u8>>, String) {
     }
     (message, trailers)
 }
+
+/// Calls of `method` started, by every door or by `transport` (`grpc`, `worker-session`),
+/// from the server's metrics.
+pub async fn calls_started(app: &TestApp, method: &str, transport: Option<&str>) -> f64 {
+    let text = app.metrics_text().await;
+    text.lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_started_total{")
+                && l.contains(&format!("grpc_method=\"{method}\""))
+                && transport.is_none_or(|t| l.contains(&format!("transport=\"{t}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -295,23 +295,27 @@ async fn python_worker_runs_its_jobs_over_one_worker_session() {
     }
     // Every worker call went over the stream: one session, and its requests counted as
     // the calls they stand for (4 reports per job, an acquire, three completions).
-    let metrics = app.metrics_text().await;
-    let started = |method: &str, transport: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("grpc_server_started_total{")
-                    && l.contains(&format!("grpc_method=\"{method}\""))
-                    && l.contains(&format!("transport=\"{transport}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    assert_eq!(started("WorkerSession", "grpc"), 1.0, "{metrics}");
-    assert_eq!(started("ReportProgress", "worker-session"), 12.0);
-    assert_eq!(started("BatchCompleteJobs", "worker-session"), 3.0);
-    assert_eq!(started("AcquireJobs", "worker-session"), 1.0);
+    assert_eq!(
+        calls_started(&app, "WorkerSession", Some("grpc")).await,
+        1.0
+    );
+    assert_eq!(
+        calls_started(&app, "ReportProgress", Some("worker-session")).await,
+        12.0
+    );
+    assert_eq!(
+        calls_started(&app, "BatchCompleteJobs", Some("worker-session")).await,
+        3.0
+    );
+    assert_eq!(
+        calls_started(&app, "AcquireJobs", Some("worker-session")).await,
+        1.0
+    );
     for method in ["AcquireJobs", "ReportProgress", "BatchCompleteJobs"] {
-        assert_eq!(started(method, "grpc"), 0.0, "{method} as a unary call");
+        assert_eq!(
+            calls_started(&app, method, Some("grpc")).await,
+            0.0,
+            "{method} as a unary call"
+        );
     }
 }

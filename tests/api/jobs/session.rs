@@ -73,19 +73,31 @@ impl Session {
 
     async fn acquire(&mut self, max: i32, lease: f64, wait: f64) -> Vec<pb::LeasedJob> {
         match self
-            .ask(Ask::AcquireJobs(pb::AcquireJobsRequest {
-                worker_id: "session-1".into(),
-                kinds: vec!["render".into()],
-                max_jobs: max,
-                lease_duration: secs(lease),
-                wait_timeout: secs(wait),
-            }))
+            .ask(Ask::AcquireJobs(acquire_request(max, lease, wait)))
             .await
         {
             Answer::AcquireJobs(r) => r.jobs,
             other => panic!("expected leased jobs, got {other:?}"),
         }
     }
+}
+
+/// What this file's worker asks to lease.
+fn acquire_request(max: i32, lease: f64, wait: f64) -> pb::AcquireJobsRequest {
+    pb::AcquireJobsRequest {
+        worker_id: "session-1".into(),
+        kinds: vec!["render".into()],
+        max_jobs: max,
+        lease_duration: secs(lease),
+        wait_timeout: secs(wait),
+    }
+}
+
+/// Leases lapse and failed jobs return within a fraction of a second.
+fn quick_reaping(s: &mut mediaplane::config::Settings) {
+    s.reap_interval = Duration::from_millis(100);
+    s.retry_base = Duration::from_millis(50);
+    s.retry_max = Duration::from_millis(100);
 }
 
 fn progress_request(l: &pb::LeasedJob, percent: i32) -> Ask {
@@ -164,13 +176,7 @@ async fn a_session_leases_reports_and_completes_as_the_unary_calls_do() {
     let second = session
         .send(Some(Ask::BatchCompleteJobs(pb::BatchCompleteJobsRequest {
             requests: vec![completion(&leased[1])],
-            acquire: Some(pb::AcquireJobsRequest {
-                worker_id: "session-1".into(),
-                kinds: vec!["render".into()],
-                max_jobs: 2,
-                lease_duration: secs(30.0),
-                wait_timeout: None,
-            }),
+            acquire: Some(acquire_request(2, 30.0, 0.0)),
         })))
         .await;
     match session.answer(second).await {
@@ -218,12 +224,7 @@ async fn a_session_leases_reports_and_completes_as_the_unary_calls_do() {
 
 #[tokio::test]
 async fn every_write_on_a_session_is_fenced_and_the_session_outlives_its_refusals() {
-    let app = TestApp::spawn_with(|s| {
-        s.reap_interval = Duration::from_millis(100);
-        s.retry_base = Duration::from_millis(50);
-        s.retry_max = Duration::from_millis(100);
-    })
-    .await;
+    let app = TestApp::spawn_with(quick_reaping).await;
     let t = token("alice");
     let p = create_project(&app, &t, "session fencing").await;
     let created = create_job(&app, &t, &p.name, job("render")).await;
@@ -272,12 +273,7 @@ async fn every_write_on_a_session_is_fenced_and_the_session_outlives_its_refusal
 
 #[tokio::test]
 async fn a_worker_killed_mid_session_keeps_its_leases_until_they_lapse_then_is_fenced() {
-    let app = TestApp::spawn_with(|s| {
-        s.reap_interval = Duration::from_millis(100);
-        s.retry_base = Duration::from_millis(50);
-        s.retry_max = Duration::from_millis(100);
-    })
-    .await;
+    let app = TestApp::spawn_with(quick_reaping).await;
     let t = token("alice");
     let p = create_project(&app, &t, "session killed").await;
     let created = create_job(&app, &t, &p.name, job("render")).await;
@@ -286,13 +282,7 @@ async fn a_worker_killed_mid_session_keeps_its_leases_until_they_lapse_then_is_f
     doomed.ask(progress_request(&leased, 30)).await;
     // Killed: the stream breaks with a request in flight (a long poll).
     doomed
-        .send(Some(Ask::AcquireJobs(pb::AcquireJobsRequest {
-            worker_id: "session-1".into(),
-            kinds: vec!["render".into()],
-            max_jobs: 1,
-            lease_duration: secs(30.0),
-            wait_timeout: secs(20.0),
-        })))
+        .send(Some(Ask::AcquireJobs(acquire_request(1, 30.0, 20.0))))
         .await;
     drop(doomed);
 
@@ -358,13 +348,7 @@ async fn a_session_on_one_instance_is_woken_by_a_job_created_on_another() {
     let p = create_project(&app, &t, "session across").await;
     let mut session = Session::open(&peer, &worker()).await.unwrap();
     let polling = session
-        .send(Some(Ask::AcquireJobs(pb::AcquireJobsRequest {
-            worker_id: "session-1".into(),
-            kinds: vec!["render".into()],
-            max_jobs: 1,
-            lease_duration: secs(30.0),
-            wait_timeout: secs(20.0),
-        })))
+        .send(Some(Ask::AcquireJobs(acquire_request(1, 30.0, 20.0))))
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let created = create_job(&app, &t, &p.name, job("render")).await;
@@ -409,12 +393,7 @@ async fn a_session_needs_a_worker_token_and_spends_the_worker_budget_per_request
     let mut codes = Vec::new();
     for _ in 0..5 {
         let id = session
-            .send(Some(Ask::AcquireJobs(pb::AcquireJobsRequest {
-                worker_id: "session-1".into(),
-                kinds: vec!["render".into()],
-                max_jobs: 1,
-                ..Default::default()
-            })))
+            .send(Some(Ask::AcquireJobs(acquire_request(1, 30.0, 0.0))))
             .await;
         codes.push(error_code(&session.answer(id).await));
     }
@@ -440,13 +419,7 @@ async fn a_draining_server_answers_what_a_session_sent_then_ends_it_unavailable(
     let leased = session.acquire(1, 30.0, 0.0).await.remove(0);
     // A long poll is in flight when the drain begins: it is answered (with nothing).
     let polling = session
-        .send(Some(Ask::AcquireJobs(pb::AcquireJobsRequest {
-            worker_id: "session-1".into(),
-            kinds: vec!["render".into()],
-            max_jobs: 1,
-            lease_duration: secs(30.0),
-            wait_timeout: secs(20.0),
-        })))
+        .send(Some(Ask::AcquireJobs(acquire_request(1, 30.0, 20.0))))
         .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let server = app.begin_shutdown();
@@ -530,16 +503,7 @@ async fn the_worker_runtime_s_session_fails_its_calls_when_cut_and_reopens_after
         }
     }
     assert_eq!(leased.len(), 1, "leased over a new session");
-    let opened = app
-        .metrics_text()
-        .await
-        .lines()
-        .filter(|l| {
-            l.starts_with("grpc_server_started_total{")
-                && l.contains("grpc_method=\"WorkerSession\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
+    let opened = calls_started(&app, "WorkerSession", None).await;
     assert_eq!(opened, 2.0, "one session, then one more after the break");
 }
 
