@@ -10,12 +10,13 @@ use crate::{
     AppError,
     auth::Caller,
     convert::duration,
+    domain::names::JobName,
     domain::{
         Violations,
         job::{self, Job},
         text,
     },
-    engine::Engine,
+    engine::{Engine, LeaseOp},
     proto::v1 as pb,
 };
 
@@ -122,6 +123,52 @@ impl Acquire {
             )
             .await?;
         answer(engine, caller, jobs, budget).await
+    }
+
+    /// `writes` (a BatchCompleteJobs's completions) and this lease in one transaction:
+    /// one result per write, and the jobs leased (`None` if leasing is yet to be done:
+    /// the transaction failed, so the writes were applied on their own instead).
+    pub async fn after(
+        &self,
+        engine: &Engine,
+        caller: &Caller,
+        writes: Vec<(JobName, uuid::Uuid, LeaseOp)>,
+    ) -> (Vec<Result<Job, AppError>>, Option<Vec<Job>>) {
+        let turn = engine
+            .turn(
+                caller,
+                writes.clone(),
+                &self.worker_id,
+                &self.kinds,
+                self.max,
+                self.lease,
+            )
+            .await;
+        match turn {
+            Ok(turn) => (turn.written, Some(turn.leased)),
+            Err(error) => {
+                // Nothing of it committed: the two steps apart, as before the turn.
+                tracing::debug!(%error, "turn failed; completing and leasing apart");
+                (engine.leased_many(caller, writes).await, None)
+            }
+        }
+    }
+
+    /// The answer for the jobs `after` leased; with none (or none leased yet), the
+    /// long-poll `run` makes for the request's `wait_timeout`.
+    pub async fn answer(
+        &self,
+        engine: &Engine,
+        caller: &Caller,
+        leased: Option<Vec<Job>>,
+        budget: usize,
+    ) -> Result<Vec<pb::LeasedJob>, AppError> {
+        match leased {
+            Some(jobs) if !jobs.is_empty() || self.wait.is_zero() => {
+                answer(engine, caller, jobs, budget).await
+            }
+            _ => self.run(engine, caller, budget).await,
+        }
     }
 }
 

@@ -555,7 +555,11 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             }
         }
         let writes = v.into_result(writes)?;
-        let results = self.engine.leased_many(&caller, writes).await;
+        // With `acquire`, the completions and the first lease share a transaction.
+        let (results, leased) = match &acquire {
+            Some(acquire) => acquire.after(&self.engine, &caller, writes).await,
+            None => (self.engine.leased_many(&caller, writes).await, None),
+        };
         let mut response = pb::BatchCompleteJobsResponse {
             results: results
                 .into_iter()
@@ -583,7 +587,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             let budget = self
                 .page_budget
                 .saturating_sub(prost::Message::encoded_len(&response));
-            match acquire.run(&self.engine, &caller, budget).await {
+            match acquire.answer(&self.engine, &caller, leased, budget).await {
                 Ok(jobs) => response.acquired = jobs,
                 // Committed completions are answered whatever leasing did.
                 Err(e) => response.acquire_error = Some(e.into_rpc_status()),

@@ -20,19 +20,19 @@ use super::{Engine, Handled, Wake, parse_lease, stale_lease, to_publish, wake_fo
 
 /// One AcquireJobs attempt (no waiting).
 pub struct AcquireCall {
-    kinds: Vec<String>,
-    worker_id: String,
-    max: i64,
-    lease_ms: i64,
+    pub(super) kinds: Vec<String>,
+    pub(super) worker_id: String,
+    pub(super) max: i64,
+    pub(super) lease_ms: i64,
 }
 
 /// One worker write under a lease.
 #[derive(Clone)]
 pub struct LeaseCall {
-    kinds: Vec<String>,
-    name: JobName,
-    lease: Uuid,
-    op: LeaseOp,
+    pub(super) kinds: Vec<String>,
+    pub(super) name: JobName,
+    pub(super) lease: Uuid,
+    pub(super) op: LeaseOp,
 }
 
 /// Output assets must be READY assets of the job's project; they record the job.
@@ -159,23 +159,7 @@ impl Engine {
         let restricted = self.restricted_among(&calls[first].kinds).await?;
         let leased = {
             let mut conn = self.conn().await?;
-            let mut leased = db::jobs::acquire_for(&mut conn, &calls[first].kinds, &takers).await?;
-            if !restricted.is_empty() {
-                // What the plain statement left wanting, from the limited queues.
-                let wanting: Vec<db::jobs::Taker> = takers
-                    .iter()
-                    .zip(&leased)
-                    .map(|(t, got)| db::jobs::Taker {
-                        max: t.max - got.len() as i64,
-                        ..*t
-                    })
-                    .collect();
-                let more = db::queues::lease_limited(&mut conn, &restricted, &wanting).await?;
-                for (got, more) in leased.iter_mut().zip(more) {
-                    got.extend(more);
-                }
-            }
-            leased
+            lease_on(&mut conn, &calls[first].kinds, &takers, &restricted).await?
         };
         let changes: Vec<_> = leased
             .iter()
@@ -288,7 +272,7 @@ impl Engine {
     }
 
     /// One worker write in a transaction of its own, waiting for its job's lock.
-    async fn lease_alone(&self, call: LeaseCall) -> AppResult<Job> {
+    pub(super) async fn lease_alone(&self, call: LeaseCall) -> AppResult<Job> {
         match self
             .lease_tx(std::slice::from_ref(&call), true)
             .await?
@@ -300,6 +284,23 @@ impl Engine {
         }
     }
 
+    /// `caller`'s writes, each under the lease it names (as sealed for the caller).
+    pub(super) fn lease_calls(
+        &self,
+        caller: &Caller,
+        writes: Vec<(JobName, Uuid, LeaseOp)>,
+    ) -> Vec<LeaseCall> {
+        writes
+            .into_iter()
+            .map(|(name, lease, op)| LeaseCall {
+                kinds: caller.kinds.clone(),
+                name,
+                lease: self.settings.leases.open(&caller.sub, lease),
+                op,
+            })
+            .collect()
+    }
+
     /// Applies several worker writes, each under its own lease (BatchCompleteJobs): one
     /// result per write, in order; a refused write takes nothing else back. They join
     /// the group commit like single writes, so a batch costs a few transactions, and
@@ -309,15 +310,7 @@ impl Engine {
         caller: &Caller,
         writes: Vec<(JobName, Uuid, LeaseOp)>,
     ) -> Vec<AppResult<Job>> {
-        let calls: Vec<LeaseCall> = writes
-            .into_iter()
-            .map(|(name, lease, op)| LeaseCall {
-                kinds: caller.kinds.clone(),
-                name,
-                lease: self.settings.leases.open(&caller.sub, lease),
-                op,
-            })
-            .collect();
+        let calls = self.lease_calls(caller, writes);
         match &self.groups {
             Some(groups) => {
                 futures::future::join_all(calls.into_iter().map(async |c| {
@@ -353,45 +346,19 @@ impl Engine {
         calls: &[LeaseCall],
         wait: bool,
     ) -> AppResult<Vec<AppResult<Handled<LeaseCall>>>> {
-        let mut named = std::collections::HashMap::<Uuid, usize>::new();
-        for c in calls {
-            *named.entry(c.name.job).or_default() += 1;
-        }
-        let fenced: Vec<(usize, &crate::domain::job::Fenced)> = calls
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| named.get(&c.name.job) == Some(&1))
-            .filter_map(|(i, c)| match &c.op {
-                LeaseOp::Fenced(op) => Some((i, op)),
-                _ => None,
-            })
-            .collect();
+        let refs: Vec<&LeaseCall> = calls.iter().collect();
         let mut results: Vec<Option<AppResult<Handled<LeaseCall>>>> =
             calls.iter().map(|_| None).collect();
+        let fenced = fenced_of(&refs);
         if !fenced.is_empty() {
-            let writes: Vec<_> = fenced
-                .iter()
-                .map(|(i, op)| db::jobs::FencedWrite {
-                    project: calls[*i].name.project,
-                    id: calls[*i].name.job,
-                    lease: calls[*i].lease,
-                    kinds: &calls[*i].kinds,
-                    op,
-                })
-                .collect();
             let written = {
                 let mut conn = self.conn().await?;
-                db::jobs::write_fenced(&mut conn, &writes).await?
+                write_fenced(&mut conn, &refs, &fenced).await?
             };
             let mut changes = Vec::with_capacity(written.len());
-            for (w, job) in written {
-                let (at, op) = &fenced[w];
-                let ty = match op {
-                    crate::domain::job::Fenced::Progress { .. } => EventType::Progress,
-                    crate::domain::job::Fenced::Complete { .. } => EventType::StateChanged,
-                };
+            for (at, job, ty) in written {
                 changes.push((job.clone(), ty));
-                results[*at] = Some(Ok(Handled::Done(job)));
+                results[at] = Some(Ok(Handled::Done(job)));
             }
             let freed = self.freed(changes.iter().map(|(j, _)| j));
             self.publish(to_publish(&changes), freed);
@@ -426,51 +393,150 @@ impl Engine {
         if calls.is_empty() {
             return Ok(Vec::new());
         }
-        let backoff = self.settings.backoff;
         let mut conn = self.conn().await?;
-        let (results, published, kinds) = conn
-            .transaction(async |conn| {
-                let mut ids: Vec<Uuid> = calls.iter().map(|c| c.name.job).collect();
-                ids.sort_unstable();
-                ids.dedup();
-                let mut current = db::jobs::lock_many(conn, &ids, wait).await?;
-                let mut results = Vec::with_capacity(calls.len());
-                let mut changes = Vec::new();
-                let mut kinds = Wake::new();
-                for call in calls {
-                    let outcome = match current.get(&call.name.job) {
-                        Some(job) if job.project_id == call.name.project => {
-                            apply(conn, job, call, &backoff).await?
-                        }
-                        // Locked elsewhere (or missing, which its caller finds out alone).
-                        None if !wait => {
-                            results.push(Ok(Handled::Alone((*call).clone())));
-                            continue;
-                        }
-                        _ => Err(AppError::NotFound(format!("job {}", call.name))),
-                    };
-                    results.push(outcome.map(|(job, ty)| {
-                        if job.state == JobState::Queued {
-                            *kinds.entry(job.kind.clone()).or_default() += 1;
-                        }
-                        current.insert(job.id, job.clone());
-                        changes.push((job.clone(), ty));
-                        Handled::Done(job)
-                    }));
-                }
-                for (kind, n) in self.freed(changes.iter().map(|(j, _)| j)) {
-                    *kinds.entry(kind).or_default() += n;
-                }
-                // Jobs that ended here release or cancel the jobs waiting on them, in
-                // this transaction.
-                super::settle_ended(conn, &mut changes, &mut kinds).await?;
-                let published = to_publish(&changes);
-                Ok::<_, AppError>((results, published, kinds))
-            })
+        let applied = conn
+            .transaction(async |conn| self.apply_locked(conn, calls, wait).await)
             .await?;
-        self.publish(published, kinds);
-        Ok(results)
+        self.publish(to_publish(&applied.changes), applied.wake);
+        Ok(applied.results)
     }
+
+    /// `lease_locked`'s writes on `conn`, inside the caller's transaction; what they
+    /// changed is published once it commits.
+    pub(super) async fn apply_locked(
+        &self,
+        conn: &mut AsyncPgConnection,
+        calls: &[&LeaseCall],
+        wait: bool,
+    ) -> AppResult<Applied> {
+        let backoff = self.settings.backoff;
+        let mut ids: Vec<Uuid> = calls.iter().map(|c| c.name.job).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut current = db::jobs::lock_many(conn, &ids, wait).await?;
+        let mut results = Vec::with_capacity(calls.len());
+        let mut changes = Vec::new();
+        let mut wake = Wake::new();
+        for call in calls {
+            let outcome = match current.get(&call.name.job) {
+                Some(job) if job.project_id == call.name.project => {
+                    apply(conn, job, call, &backoff).await?
+                }
+                // Locked elsewhere (or missing, which its caller finds out alone).
+                None if !wait => {
+                    results.push(Ok(Handled::Alone((*call).clone())));
+                    continue;
+                }
+                _ => Err(AppError::NotFound(format!("job {}", call.name))),
+            };
+            results.push(outcome.map(|(job, ty)| {
+                if job.state == JobState::Queued {
+                    *wake.entry(job.kind.clone()).or_default() += 1;
+                }
+                current.insert(job.id, job.clone());
+                changes.push((job.clone(), ty));
+                Handled::Done(job)
+            }));
+        }
+        for (kind, n) in self.freed(changes.iter().map(|(j, _)| j)) {
+            *wake.entry(kind).or_default() += n;
+        }
+        // Jobs that ended here release or cancel the jobs waiting on them, in this
+        // transaction.
+        super::settle_ended(conn, &mut changes, &mut wake).await?;
+        Ok(Applied {
+            results,
+            changes,
+            wake,
+        })
+    }
+}
+
+/// What worker writes did in a transaction: one result per call, and what to publish
+/// (and whom to wake) once it commits.
+pub(super) struct Applied {
+    pub results: Vec<AppResult<Handled<LeaseCall>>>,
+    pub changes: Vec<(Job, EventType)>,
+    pub wake: Wake,
+}
+
+/// Leases jobs of `kinds` for `takers` on `conn`, in their order: the plain statement,
+/// then what it left wanting from `restricted` (those of the kinds whose queues limit
+/// leasing). One list per taker.
+pub(super) async fn lease_on(
+    conn: &mut AsyncPgConnection,
+    kinds: &[String],
+    takers: &[db::jobs::Taker<'_>],
+    restricted: &[String],
+) -> AppResult<Vec<Vec<Job>>> {
+    let mut leased = db::jobs::acquire_for(conn, kinds, takers).await?;
+    if !restricted.is_empty() {
+        let wanting: Vec<db::jobs::Taker> = takers
+            .iter()
+            .zip(&leased)
+            .map(|(t, got)| db::jobs::Taker {
+                max: t.max - got.len() as i64,
+                ..*t
+            })
+            .collect();
+        let more = db::queues::lease_limited(conn, restricted, &wanting).await?;
+        for (got, more) in leased.iter_mut().zip(more) {
+            got.extend(more);
+        }
+    }
+    Ok(leased)
+}
+
+/// The writes among `calls` that one fenced statement can apply (progress, and plain
+/// completes of jobs named once): their places and ops.
+pub(super) fn fenced_of<'a>(
+    calls: &[&'a LeaseCall],
+) -> Vec<(usize, &'a crate::domain::job::Fenced)> {
+    let mut named = std::collections::HashMap::<Uuid, usize>::new();
+    for c in calls {
+        *named.entry(c.name.job).or_default() += 1;
+    }
+    calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| named.get(&c.name.job) == Some(&1))
+        .filter_map(|(i, c)| match &c.op {
+            LeaseOp::Fenced(op) => Some((i, op)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Applies `fenced` (from `fenced_of(calls)`) in one statement that checks each lease
+/// as it writes: the place, job and event of each write it made. The others were
+/// refused or need the locked path; they wrote nothing.
+pub(super) async fn write_fenced(
+    conn: &mut AsyncPgConnection,
+    calls: &[&LeaseCall],
+    fenced: &[(usize, &crate::domain::job::Fenced)],
+) -> AppResult<Vec<(usize, Job, EventType)>> {
+    let writes: Vec<_> = fenced
+        .iter()
+        .map(|(i, op)| db::jobs::FencedWrite {
+            project: calls[*i].name.project,
+            id: calls[*i].name.job,
+            lease: calls[*i].lease,
+            kinds: &calls[*i].kinds,
+            op,
+        })
+        .collect();
+    Ok(db::jobs::write_fenced(conn, &writes)
+        .await?
+        .into_iter()
+        .map(|(w, job)| {
+            let (at, op) = &fenced[w];
+            let ty = match op {
+                crate::domain::job::Fenced::Progress { .. } => EventType::Progress,
+                crate::domain::job::Fenced::Complete { .. } => EventType::StateChanged,
+            };
+            (*at, job, ty)
+        })
+        .collect())
 }
 
 /// Why `call` may not write `job`, if it may not: a lease that is not current, or a

@@ -29,6 +29,7 @@ pub mod fanout;
 mod leases;
 mod queues;
 pub mod reaper;
+mod turns;
 pub mod watch;
 
 pub use create::CreateCall;
@@ -36,6 +37,7 @@ pub use fanout::{Published, Wake, event, hub, hub::Hub};
 use fanout::{spawn_publisher, to_publish, wake_for};
 pub use leases::{AcquireCall, LeaseCall, LeaseOp};
 pub use queues::QueueView;
+pub use turns::Turn;
 
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -87,6 +89,7 @@ struct Groups {
     creates: crate::batch::Batcher<CreateCall, Handled<CreateCall>>,
     leases: crate::batch::Batcher<LeaseCall, Handled<LeaseCall>>,
     acquires: crate::batch::Batcher<AcquireCall, Vec<Job>>,
+    turns: crate::batch::Batcher<turns::TurnCall, turns::TurnDone>,
 }
 
 /// What a lane did with a call `C`.
@@ -130,7 +133,12 @@ impl Engine {
             groups: None,
             restricted: Arc::default(),
         };
-        let (a, b, c) = (engine.clone(), engine.clone(), engine.clone());
+        let (a, b, c, d) = (
+            engine.clone(),
+            engine.clone(),
+            engine.clone(),
+            engine.clone(),
+        );
         engine.groups = Some(Arc::new(Groups {
             creates: crate::batch::Batcher::spawn(GROUP_LANES, GROUP_MAX, move |calls| {
                 let engine = a.clone();
@@ -155,6 +163,11 @@ impl Engine {
                     .metrics
                     .group_committed("acquire", calls.len());
                 async move { engine.acquire_group(&calls).await }
+            }),
+            turns: crate::batch::Batcher::spawn(GROUP_LANES, turns::TURN_GROUP_MAX, move |calls| {
+                let engine = d.clone();
+                engine.settings.metrics.group_committed("turn", calls.len());
+                async move { crate::batch::shared_or_alone(&calls, |c| engine.turn_tx(c)).await }
             }),
         }));
         engine
