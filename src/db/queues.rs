@@ -241,13 +241,27 @@ pub async fn lease_limited(
     kinds: &[String],
     takers: &[crate::db::jobs::Taker<'_>],
 ) -> AppResult<Vec<Vec<crate::domain::job::Job>>> {
+    if takers.iter().all(|t| t.max <= 0) {
+        return Ok(takers.iter().map(|_| Vec::new()).collect());
+    }
+    conn.transaction(async |conn| lease_limited_in(conn, kinds, takers).await)
+        .await
+}
+
+/// `lease_limited` in the caller's transaction (a worker's turn, whose completions may
+/// have freed the slots), which holds the queues' rows locked until it ends.
+pub async fn lease_limited_in(
+    conn: &mut AsyncPgConnection,
+    kinds: &[String],
+    takers: &[crate::db::jobs::Taker<'_>],
+) -> AppResult<Vec<Vec<crate::domain::job::Job>>> {
     use diesel::sql_types::Array;
     let mut out: Vec<Vec<crate::domain::job::Job>> = takers.iter().map(|_| Vec::new()).collect();
     let mut wants: Vec<i64> = takers.iter().map(|t| t.max.max(0)).collect();
     if wants.iter().sum::<i64>() == 0 {
         return Ok(out);
     }
-    conn.transaction(async |conn| {
+    {
         let mut kinds = kinds.to_vec();
         kinds.sort_unstable();
         kinds.dedup();
@@ -371,8 +385,7 @@ pub async fn lease_limited(
             }
         }
         Ok(out)
-    })
-    .await
+    }
 }
 
 #[derive(QueryableByName)]

@@ -159,7 +159,7 @@ impl Engine {
         let restricted = self.restricted_among(&calls[first].kinds).await?;
         let leased = {
             let mut conn = self.conn().await?;
-            lease_on(&mut conn, &calls[first].kinds, &takers, &restricted).await?
+            lease_on(&mut conn, &calls[first].kinds, &takers, &restricted, false).await?
         };
         let changes: Vec<_> = leased
             .iter()
@@ -462,12 +462,14 @@ pub(super) struct Applied {
 
 /// Leases jobs of `kinds` for `takers` on `conn`, in their order: the plain statement,
 /// then what it left wanting from `restricted` (those of the kinds whose queues limit
-/// leasing). One list per taker.
+/// leasing), in a transaction of its own unless `conn` is in one (`in_tx`). One list
+/// per taker.
 pub(super) async fn lease_on(
     conn: &mut AsyncPgConnection,
     kinds: &[String],
     takers: &[db::jobs::Taker<'_>],
     restricted: &[String],
+    in_tx: bool,
 ) -> AppResult<Vec<Vec<Job>>> {
     let mut leased = db::jobs::acquire_for(conn, kinds, takers).await?;
     if !restricted.is_empty() {
@@ -479,7 +481,11 @@ pub(super) async fn lease_on(
                 ..*t
             })
             .collect();
-        let more = db::queues::lease_limited(conn, restricted, &wanting).await?;
+        let more = if in_tx {
+            db::queues::lease_limited_in(conn, restricted, &wanting).await?
+        } else {
+            db::queues::lease_limited(conn, restricted, &wanting).await?
+        };
         for (got, more) in leased.iter_mut().zip(more) {
             got.extend(more);
         }

@@ -120,7 +120,7 @@ impl Engine {
                         })
                         .collect();
                     let kinds = &calls[members[0]].acquire.kinds;
-                    let got = lease_on(conn, kinds, &takers, restricted).await?;
+                    let got = lease_on(conn, kinds, &takers, restricted, true).await?;
                     for (&i, jobs) in members.iter().zip(got) {
                         leased[i] = jobs;
                     }

@@ -195,3 +195,104 @@ async fn a_completion_waits_for_the_next_job_created_on_another_instance() {
     assert_eq!(answer.acquired.len(), 1);
     assert_eq!(name(&answer.acquired[0]), created);
 }
+
+/// The transaction ids of `jobs`' rows as last written (`xmin`): rows written in one
+/// transaction share it.
+async fn writers(app: &TestApp, jobs: &[&String]) -> Vec<String> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        xmin: String,
+    }
+    let mut conn = diesel_async::AsyncPgConnection::establish(&app.db.url())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for name in jobs {
+        let id = name.rsplit('/').next().unwrap();
+        let rows: Vec<Row> = diesel::sql_query(format!(
+            "SELECT xmin::text AS xmin FROM jobs WHERE id = '{id}'"
+        ))
+        .load(&mut conn)
+        .await
+        .unwrap();
+        out.push(rows.into_iter().next().unwrap().xmin);
+    }
+    out
+}
+
+#[tokio::test]
+async fn completions_and_the_next_lease_commit_in_one_transaction() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "one transaction").await;
+    let mut created = Vec::new();
+    for _ in 0..5 {
+        created.push(create_job(&app, &t, &p.name, job("render")).await.name);
+    }
+    let mut first = acquire(&app, "gpu-1", &["render"], 2, 30.0, 0.0).await;
+    let (a, b) = (first.remove(0), first.remove(0));
+    // A completion refused (a lease that is not current) takes nothing back from the
+    // others or from the lease.
+    let mut stale = completion(&b);
+    stale.lease_id = uuid::Uuid::new_v4().to_string();
+    let answer = app
+        .jobs(&worker())
+        .batch_complete_jobs(pb::BatchCompleteJobsRequest {
+            requests: vec![completion(&a), stale],
+            acquire: next("gpu-1", 2, 30.0, 0.0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcomes(&answer.results), vec![Code::Ok, Code::Aborted]);
+    let taken: Vec<String> = answer.acquired.iter().map(name).collect();
+    assert_eq!(taken, created[2..4].to_vec(), "{answer:?}");
+    // The completion and both leases were written by the same transaction.
+    let ids = writers(&app, &[&created[0], &created[2], &created[3]]).await;
+    assert!(ids.iter().all(|x| x == &ids[0]), "{ids:?}");
+    assert_eq!(get(&app, &t, &created[0]).await.state(), State::Succeeded);
+    assert_eq!(get(&app, &t, &created[1]).await.state(), State::Running);
+
+    // A queue that runs one job at a time: the completion frees the slot for the lease
+    // in the same transaction.
+    pb::queues_service_client::QueuesServiceClient::with_interceptor(
+        app.channel.clone(),
+        Bearer::new(&admin_token("ops")),
+    )
+    .update_queue(pb::UpdateQueueRequest {
+        queue: Some(pb::Queue {
+            name: "queues/render".into(),
+            max_running: 1,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["max_running".into()],
+        }),
+    })
+    .await
+    .unwrap();
+    let complete = async |done: &[&pb::LeasedJob]| {
+        complete_and_next(&app, done, next("gpu-1", 1, 30.0, 0.0))
+            .await
+            .unwrap()
+    };
+    // Three running against a limit of one: two completions leave one running, so
+    // nothing is leased.
+    let (c, d) = (&answer.acquired[0], &answer.acquired[1]);
+    let answer = complete(&[&b, c]).await;
+    assert_eq!(outcomes(&answer.results), vec![Code::Ok, Code::Ok]);
+    assert!(answer.acquired.is_empty(), "over the limit: {answer:?}");
+    // The last running job's completion frees the slot the lease takes, in one
+    // transaction.
+    let answer = complete(&[d]).await;
+    assert_eq!(outcomes(&answer.results), vec![Code::Ok]);
+    let taken: Vec<String> = answer.acquired.iter().map(name).collect();
+    assert_eq!(taken, vec![created[4].clone()], "{answer:?}");
+    let ids = writers(&app, &[&created[3], &created[4]]).await;
+    assert_eq!(ids[0], ids[1]);
+    for n in &created[..4] {
+        assert_eq!(get(&app, &t, n).await.state(), State::Succeeded);
+    }
+}
