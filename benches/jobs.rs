@@ -84,6 +84,9 @@ enum Completes {
     /// One WorkerSession stream per worker: a CompleteJob request per job, all sent at
     /// once, and AcquireJobs on the same stream.
     Session,
+    /// One WorkerSession stream per worker, each turn one BatchCompleteJobs request that
+    /// also leases the next jobs (`Next` over the stream).
+    SessionNext,
 }
 
 impl Completes {
@@ -93,6 +96,7 @@ impl Completes {
             Self::Batched => "batch",
             Self::Next => "next",
             Self::Session => "session",
+            Self::SessionNext => "session-next",
         }
     }
 }
@@ -137,9 +141,10 @@ async fn run_workers(
                 lease_duration: dur(60),
                 wait_timeout: None,
             };
-            if completes == Completes::Session {
+            if matches!(completes, Completes::Session | Completes::SessionNext) {
                 let enough = move || done.load(std::sync::atomic::Ordering::Relaxed) >= total;
-                return session_worker(c, acquire, enough, lat, count).await;
+                let next = completes == Completes::SessionNext;
+                return session_worker(c, acquire, next, enough, lat, count).await;
             }
             // Jobs leased with the last completions.
             let mut carried = Vec::new();
@@ -220,10 +225,12 @@ async fn run_workers(
 }
 
 /// A worker on one WorkerSession stream: leases `acquire.max_jobs`, sends a CompleteJob
-/// request per job without waiting, reads their answers, and again until `enough`.
+/// request per job without waiting (or, with `next`, one BatchCompleteJobs that leases
+/// the next jobs too), reads their answers, and again until `enough`.
 async fn session_worker(
     mut c: Jobs,
     acquire: pb::AcquireJobsRequest,
+    next: bool,
     enough: impl Fn() -> bool,
     lat: Arc<Latencies>,
     count: impl Fn(usize),
@@ -245,29 +252,56 @@ async fn session_worker(
         })
         .expect("room for every request in flight")
     };
+    let mut carried = Vec::new();
     while !enough() {
-        let t = Instant::now();
-        send(Ask::AcquireJobs(pb::AcquireJobsRequest {
-            wait_timeout: dur(1),
-            ..acquire.clone()
-        }));
-        let leased = match answers.message().await.unwrap().unwrap().response {
-            Some(Answer::AcquireJobs(r)) => r.jobs,
-            other => panic!("expected leased jobs, got {other:?}"),
+        let leased = if carried.is_empty() {
+            let t = Instant::now();
+            send(Ask::AcquireJobs(pb::AcquireJobsRequest {
+                wait_timeout: dur(1),
+                ..acquire.clone()
+            }));
+            let leased = match answers.message().await.unwrap().unwrap().response {
+                Some(Answer::AcquireJobs(r)) => r.jobs,
+                other => panic!("expected leased jobs, got {other:?}"),
+            };
+            if leased.is_empty() {
+                continue;
+            }
+            Latencies::record(&lat.acquire, t);
+            leased
+        } else {
+            std::mem::take(&mut carried)
         };
-        if leased.is_empty() {
-            continue;
-        }
-        Latencies::record(&lat.acquire, t);
         let n = leased.len();
         let t = Instant::now();
-        for l in leased {
-            send(Ask::CompleteJob(completion(l)));
-        }
-        for _ in 0..n {
+        if next {
+            send(Ask::BatchCompleteJobs(pb::BatchCompleteJobsRequest {
+                requests: leased.into_iter().map(completion).collect(),
+                acquire: Some(acquire.clone()),
+            }));
             match answers.message().await.unwrap().unwrap().response {
-                Some(Answer::CompleteJob(_)) => {}
-                other => panic!("a completion refused: {other:?}"),
+                Some(Answer::BatchCompleteJobs(r)) => {
+                    assert!(r.acquire_error.is_none(), "leasing with completions");
+                    assert!(
+                        r.results.iter().all(|r| matches!(
+                            r.outcome,
+                            Some(pb::complete_job_result::Outcome::Job(_))
+                        )),
+                        "every completion accepted"
+                    );
+                    carried = r.acquired;
+                }
+                other => panic!("completions refused: {other:?}"),
+            }
+        } else {
+            for l in leased {
+                send(Ask::CompleteJob(completion(l)));
+            }
+            for _ in 0..n {
+                match answers.message().await.unwrap().unwrap().response {
+                    Some(Answer::CompleteJob(_)) => {}
+                    other => panic!("a completion refused: {other:?}"),
+                }
             }
         }
         Latencies::record(&lat.complete, t);
@@ -447,12 +481,14 @@ async fn main() {
             (64, 32, 50, Completes::Batched),
             (64, 32, 50, Completes::Next),
             (64, 32, 50, Completes::Session),
+            (64, 32, 50, Completes::SessionNext),
             // With one statement in flight per kind of write, 64 waiting producers left
             // a third of the machine idle: more concurrent callers, bigger groups.
             (256, 32, 50, Completes::Each),
             (256, 32, 50, Completes::Batched),
             (256, 32, 50, Completes::Next),
             (256, 32, 50, Completes::Session),
+            (256, 32, 50, Completes::SessionNext),
         ];
         // Rates of this run's rows, for the ratios against BullMQ.
         let mut rates: Vec<(usize, Completes, f64, f64)> = Vec::new();
@@ -600,6 +636,7 @@ async fn main() {
             Completes::Batched,
             Completes::Next,
             Completes::Session,
+            Completes::SessionNext,
         ] {
             let kind = format!("prefilled-{}", completes.label());
             for _ in 0..total / 1000 {
@@ -640,6 +677,9 @@ async fn main() {
                     Completes::Batched => "one BatchCompleteJobs per acquire",
                     Completes::Next => "BatchCompleteJobs leasing the next jobs",
                     Completes::Session => "a CompleteJob per job on a WorkerSession",
+                    Completes::SessionNext => {
+                        "BatchCompleteJobs leasing the next jobs on a WorkerSession"
+                    }
                 },
                 total as f64 / (finished - start).as_secs_f64(),
                 (cpu_secs(pid) - server_cpu) * 1e6 / total as f64,
