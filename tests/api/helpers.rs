@@ -724,3 +724,16 @@ pub async fn calls_started(app: &TestApp, method: &str, transport: Option<&str>)
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Group transactions committed in `lane` (`create`, `write`, `acquire`, `turn`, ...),
+/// from the server's metrics.
+pub async fn groups_committed(app: &TestApp, lane: &str) -> f64 {
+    let text = app.metrics_text().await;
+    text.lines()
+        .filter(|l| {
+            l.starts_with("mediaplane_group_commit_size_count{")
+                && l.contains(&format!("lane=\"{lane}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -246,6 +246,8 @@ async fn python_worker_takes_its_next_job_with_each_completion() {
         created.push(create_job_of(&app, &t, &p.name, "render").await.name);
     }
     let stdout = run_python_worker(&app, &["--max-jobs", "3"]).await;
+    // Each completion and the next lease committed together, as a turn.
+    assert!(groups_committed(&app, "turn").await >= 2.0, "{stdout}");
     // One AcquireJobs; the other two jobs came with the completions before them.
     assert!(
         stdout.contains(&format!("leased {}\n", created[0])),

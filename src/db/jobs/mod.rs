@@ -1,5 +1,6 @@
-//! Job queries. Every UPDATE bumps `sequence` (a row trigger), and every INSERT or
-//! UPDATE of jobs records its events in the same statement (statement triggers).
+//! Job queries. Every UPDATE bumps `sequence` (a row trigger, or the hot statements
+//! themselves), and every INSERT or UPDATE of jobs records its events in the same
+//! statement (statement triggers).
 use chrono::{DateTime, Utc};
 use diesel::{
     IntoSql, OptionalExtension,

@@ -296,3 +296,55 @@ async fn completions_and_the_next_lease_commit_in_one_transaction() {
         assert_eq!(get(&app, &t, n).await.state(), State::Succeeded);
     }
 }
+
+#[tokio::test]
+async fn a_job_taken_with_a_completion_hears_its_cancel_and_every_write_on_it_is_fenced() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "next cancel").await;
+    create_job(&app, &t, &p.name, job("render")).await;
+    let target = create_job(&app, &t, &p.name, job("render")).await.name;
+    let first = acquire(&app, "gpu-1", &["render"], 1, 30.0, 0.0)
+        .await
+        .remove(0);
+    let answer = complete_and_next(&app, &[&first], next("gpu-1", 1, 30.0, 0.0))
+        .await
+        .unwrap();
+    let leased = answer.acquired.into_iter().next().expect("the next job");
+    assert_eq!(name(&leased), target);
+
+    // Every write under another lease id is refused and changes nothing.
+    let mut stale = leased.clone();
+    stale.lease_id = uuid::Uuid::new_v4().to_string();
+    let refused = [
+        progress(&app, &stale, 10, "x").await.unwrap_err().code(),
+        complete(&app, &stale).await.unwrap_err().code(),
+        fail(&app, &stale, true, None).await.unwrap_err().code(),
+    ];
+    assert_eq!(refused, [Code::Aborted; 3]);
+    let job = get(&app, &t, &target).await;
+    assert_eq!((job.state(), job.progress_percent), (State::Running, 0));
+
+    // The client cancels it: the worker hears it on its next report, and its failure
+    // then ends the job CANCELLED, not retried.
+    app.jobs(&t)
+        .cancel_job(pb::CancelJobRequest {
+            name: target.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        progress(&app, &leased, 50, "x")
+            .await
+            .unwrap()
+            .cancel_requested
+    );
+    assert_eq!(
+        fail(&app, &leased, true, None).await.unwrap().state(),
+        State::Cancelled
+    );
+    let late = complete_and_next(&app, &[&leased], next("gpu-1", 1, 30.0, 0.0))
+        .await
+        .unwrap();
+    assert_eq!(outcomes(&late.results), vec![Code::Aborted]);
+}
