@@ -513,6 +513,7 @@ fn router(
         engine,
         quotas.clone(),
         limit,
+        settings.request_timeout,
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);

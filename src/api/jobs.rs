@@ -30,19 +30,32 @@ pub struct JobsApi {
     quotas: Quotas,
     /// Bytes of jobs one response may hold (ListJobs, AcquireJobs, batch answers).
     page_budget: usize,
+    /// The longest a request may take: the calls layer bounds unary calls with it, and
+    /// a worker session each of its requests.
+    request_timeout: std::time::Duration,
 }
 
 impl JobsApi {
-    pub fn new(engine: Engine, quotas: Quotas, max_message_bytes: usize) -> Self {
+    pub fn new(
+        engine: Engine,
+        quotas: Quotas,
+        max_message_bytes: usize,
+        request_timeout: std::time::Duration,
+    ) -> Self {
         Self {
             engine,
             quotas,
             page_budget: super::page_budget(max_message_bytes),
+            request_timeout,
         }
     }
 }
 
 impl JobsApi {
+    pub(super) fn request_timeout(&self) -> std::time::Duration {
+        self.request_timeout
+    }
+
     /// Cancelled when the server starts shutting down (worker sessions end then).
     pub(super) fn draining(&self) -> tokio_util::sync::CancellationToken {
         self.engine.settings.draining.clone()

@@ -155,14 +155,17 @@ async fn handle(
         if method.is_empty() { "" } else { &path },
         Transport::WorkerSession,
     );
-    let answer = async {
+    // Bounded like the unary call it stands for (`request_timeout`): an AcquireJobs
+    // waiting longer is answered DEADLINE_EXCEEDED, and the session goes on.
+    let answer = tokio::time::timeout(api.request_timeout(), async {
         if let Some(budget) = &budget {
             budget.spend().await?;
         }
         dispatch(&api, &caller, request.request).await
-    }
+    })
     .instrument(span.clone())
-    .await;
+    .await
+    .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded")));
     let code = answer.as_ref().map_or_else(Status::code, |_| Code::Ok);
     timer.finish(code);
     span.record("rpc.grpc.status_code", code as i32);

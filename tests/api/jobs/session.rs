@@ -534,3 +534,26 @@ async fn a_session_ends_when_its_token_expires() {
     let refused = Session::open(&app, &expiring).await.err().expect("refused");
     assert_eq!(refused.code(), Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn a_session_request_is_bounded_by_the_request_timeout_and_the_session_goes_on() {
+    let app = TestApp::spawn_with(|s| s.request_timeout = Duration::from_secs(1)).await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "session timeout").await;
+    let mut session = Session::open(&app, &worker()).await.unwrap();
+    // A long poll past the server's request timeout, as a unary AcquireJobs would be.
+    let started = std::time::Instant::now();
+    let answer = session
+        .ask(Ask::AcquireJobs(acquire_request(1, 30.0, 20.0)))
+        .await;
+    assert_eq!(error_code(&answer), Code::DeadlineExceeded, "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The session still serves.
+    let created = create_job(&app, &t, &p.name, job("render")).await;
+    let leased = session.acquire(1, 30.0, 0.0).await;
+    assert_eq!(leased[0].job.as_ref().unwrap().name, created.name);
+}
