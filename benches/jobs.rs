@@ -447,7 +447,7 @@ async fn main() {
     // 1. End to end, one CreateJob per job, producers and workers running together.
     if wanted("e2e") {
         println!(
-            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob per job, or one BatchCompleteJobs per acquire (-batch), or one that also leases the next jobs (-next), or a CompleteJob per job on one WorkerSession stream per worker (-session) (CPU per job: the server, this load generator, Postgres, Redis, the whole machine)"
+            "end to end: CreateJob per job -> AcquireJobs -> CompleteJob per job, or one BatchCompleteJobs per acquire (-batch), or one that also leases the next jobs (-next), or a CompleteJob per job on one WorkerSession stream per worker (-session), or -next on a WorkerSession (-session-next) (CPU per job: the server, this load generator, Postgres, Redis, the whole machine)"
         );
         println!(
             "{:>9} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}   p50/p99 ms: create, acquire (non-empty), complete",

@@ -164,11 +164,15 @@ impl Engine {
                     .group_committed("acquire", calls.len());
                 async move { engine.acquire_group(&calls).await }
             }),
-            turns: crate::batch::Batcher::spawn(GROUP_LANES, turns::TURN_GROUP_MAX, move |calls| {
-                let engine = d.clone();
-                engine.settings.metrics.group_committed("turn", calls.len());
-                async move { crate::batch::shared_or_alone(&calls, |c| engine.turn_tx(c)).await }
-            }),
+            turns: crate::batch::Batcher::spawn(
+                turns::TURN_LANES,
+                turns::TURN_GROUP_MAX,
+                move |calls| {
+                    let engine = d.clone();
+                    engine.settings.metrics.group_committed("turn", calls.len());
+                    async move { crate::batch::shared_or_alone(&calls, |c| engine.turn_tx(c)).await }
+                },
+            ),
         }));
         engine
     }

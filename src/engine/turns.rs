@@ -198,3 +198,7 @@ impl Engine {
 /// How many turns share a transaction: each may carry up to `job::MAX_BATCH` writes
 /// and lease up to `job::MAX_ACQUIRE` jobs, held locked until it commits.
 pub(super) const TURN_GROUP_MAX: usize = 64;
+/// Turn transactions in flight at once. A turn does what two lanes (writes, leases)
+/// do apart, in one transaction: with one lane, draining a full queue ran at 0.80x
+/// the two-step rate (19,190 against 23,868 jobs/s in one run).
+pub(super) const TURN_LANES: usize = 2;
