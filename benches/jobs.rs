@@ -312,7 +312,7 @@ async fn session_worker(
 /// BullMQ end to end (`benches/peers/peers.mjs bull-e2e`, worker concurrency 50, as
 /// many jobs as the rows) with `producers` adds in flight, and each of this run's rows
 /// at that load against it. `MP_BENCH_PEERS=off` skips it; without Node.js it says so.
-fn peer_ratios(producers: usize, rates: &[(usize, Completes, f64, f64)]) {
+fn peer_ratios(producers: usize, rates: &[(usize, String, f64, f64)]) {
     if std::env::var("MP_BENCH_PEERS").is_ok_and(|v| v == "off") {
         return;
     }
@@ -374,10 +374,9 @@ fn peer_ratios(producers: usize, rates: &[(usize, Completes, f64, f64)]) {
     println!(
         "  BullMQ 6.7, {producers} adds in flight, worker concurrency 50: {bull_rate:.0} jobs/s, machine {bull_cpu:.0} µs per job"
     );
-    for (_, completes, rate, machine) in rates.iter().filter(|r| r.0 == producers) {
+    for (_, row, rate, machine) in rates.iter().filter(|r| r.0 == producers) {
         println!(
-            "    mediaplane/BullMQ at {producers} in flight, complete {:<5}: {:.2}x the rate, {:.2}x the machine CPU per job",
-            completes.label(),
+            "    mediaplane {row:<22} / BullMQ: {:.2}x the rate, {:.2}x the machine CPU per job",
             rate / bull_rate,
             machine / bull_cpu
         );
@@ -411,7 +410,12 @@ fn wanted(section: &str) -> bool {
 
 #[tokio::main]
 async fn main() {
-    let server = start_server("jobs", &[]);
+    // MP_BENCH_SERVER_BIN: another build's binary (`scripts/baseline.sh REV`), to compare
+    // engines in the same hour.
+    let server = match std::env::var("MP_BENCH_SERVER_BIN") {
+        Ok(bin) => common::start_server_bin(&bin, "jobs", &[]),
+        Err(_) => start_server("jobs", &[]),
+    };
     let pid = server.child.id();
     // HTTP/2 connections the load shares (MP_BENCH_CHANNELS; 1, 2, 4 and 8 measured
     // within the noise of each other end to end).
@@ -491,20 +495,24 @@ async fn main() {
             (256, 32, 50, Completes::SessionNext),
         ];
         // Rates of this run's rows, for the ratios against BullMQ.
-        let mut rates: Vec<(usize, Completes, f64, f64)> = Vec::new();
-        for (i, &(producers, workers, max_jobs, completes)) in rows.iter().enumerate() {
-            // MP_BENCH_E2E=64x32x50 (or 64x32x50-batch, or a comma-separated list) runs
-            // only those rows.
-            let row = match completes {
+        let mut rates: Vec<(usize, String, f64, f64)> = Vec::new();
+        let name = |&(producers, workers, max_jobs, completes): &(usize, usize, i32, Completes)| {
+            match completes {
                 Completes::Each => format!("{producers}x{workers}x{max_jobs}"),
                 other => format!("{producers}x{workers}x{max_jobs}-{}", other.label()),
-            };
-            if only
-                .as_deref()
-                .is_some_and(|o| !o.split(',').any(|r| r == row))
-            {
-                continue;
             }
+        };
+        // MP_BENCH_E2E=64x32x50 (or 64x32x50-batch, or a comma-separated list) runs only
+        // those rows.
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|r| {
+                only.as_deref()
+                    .is_none_or(|o| o.split(',').any(|x| x == name(r)))
+            })
+            .collect();
+        for (i, &(producers, workers, max_jobs, completes)) in rows.iter().enumerate() {
+            let row = name(&rows[i]);
             // Long enough runs that start-up (connections, first plans) does not
             // dominate; the single-job configurations are slow.
             let total = env_count("MP_BENCH_TOTAL", if max_jobs == 1 { 4000 } else { 20_000 });
@@ -553,7 +561,7 @@ async fn main() {
             let rate = total as f64 / (finished - start).as_secs_f64();
             rates.push((
                 producers,
-                completes,
+                row.clone(),
                 rate,
                 per_job(machine_busy_secs() - machine_cpu),
             ));
