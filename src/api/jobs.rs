@@ -76,6 +76,42 @@ impl JobsApi {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedJobEvent, Status>> + Send>>;
 
+/// Ends a watch with UNAUTHENTICATED when its caller's token expires, as a call with
+/// that token would then be refused: a stream is no way to outlive one. The watcher
+/// resumes with a fresh token (`after_sequence` on WatchJob; WatchJobs starts with
+/// snapshots anyway).
+fn until_expiry(
+    inner: impl Stream<Item = Result<EncodedJobEvent, Status>> + Send + 'static,
+    caller: &Caller,
+) -> EventStream {
+    use futures::StreamExt;
+    let left = caller
+        .valid_until()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    let expired = Box::pin(tokio::time::sleep(left));
+    let state = (Box::pin(inner), expired, false);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(mut inner, mut expired, ended)| async move {
+            if ended {
+                return None;
+            }
+            // The expiry first: a stream always ready would otherwise never end.
+            tokio::select! {
+                biased;
+                () = &mut expired => Some((
+                    Err(Status::unauthenticated(
+                        "token expired; watch again with a fresh token",
+                    )),
+                    (inner, expired, true),
+                )),
+                item = inner.next() => item.map(|item| (item, (inner, expired, false))),
+            }
+        },
+    ))
+}
+
 /// Bytes a created job's encoding may add to the job as requested (name, state,
 /// sequence, times); measured about 150.
 const CREATED_JOB_OVERHEAD: usize = 256;
@@ -451,7 +487,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             .engine
             .watch_job(&caller, name, r.after_sequence)
             .await?;
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(until_expiry(stream, &caller)))
     }
 
     async fn watch_jobs(
@@ -463,7 +499,7 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
         let project = ProjectName::parse("parent", &r.parent)?;
         let filter = JobFilter::parse(&r.filter).map_err(|why| AppError::invalid("filter", why))?;
         let stream = self.engine.watch_jobs(&caller, project, filter).await?;
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(until_expiry(stream, &caller)))
     }
 
     async fn acquire_jobs(

@@ -737,3 +737,18 @@ pub async fn groups_committed(app: &TestApp, lane: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A token for `sub` with `roles` whose `exp` passed 28 s ago: accepted for about 2 s
+/// more (the 30 s clock-skew leeway), then refused.
+pub fn expiring_token(sub: &str, roles: &[&str]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": sub, "roles": roles, "iat": now - 60, "exp": now - 28}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}

@@ -510,17 +510,7 @@ async fn the_worker_runtime_s_session_fails_its_calls_when_cut_and_reopens_after
 #[tokio::test]
 async fn a_session_ends_when_its_token_expires() {
     let app = TestApp::spawn().await;
-    // A token whose `exp` passed 28 s ago: accepted for 2 s more (the 30 s leeway).
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let expiring = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({"sub": "late", "roles": ["worker"], "iat": now - 60, "exp": now - 28}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let expiring = expiring_token("late", &["worker"]);
     let mut session = Session::open(&app, &expiring).await.unwrap();
     assert!(
         session.acquire(1, 30.0, 0.0).await.is_empty(),

@@ -469,3 +469,40 @@ async fn a_slow_watcher_gets_the_newest_snapshot_not_a_backlog() {
         "in order"
     );
 }
+
+#[tokio::test]
+async fn watches_end_unauthenticated_when_their_token_expires() {
+    let app = TestApp::spawn().await;
+    let t = token("alice");
+    let p = create_project(&app, &t, "expiring watch").await;
+    let created = create_job(&app, &t, &p.name, job("render")).await;
+    let expiring = expiring_token("alice", &[]);
+    let mut one = watch(&app, &expiring, &created.name, 0).await;
+    let mut all = app
+        .jobs(&expiring)
+        .watch_jobs(pb::WatchJobsRequest {
+            parent: p.name.clone(),
+            filter: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = one.message().await.unwrap().expect("the snapshot");
+    assert_eq!(first.r#type(), Type::Snapshot);
+    for stream in [&mut one, &mut all] {
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("the watch ends when the token expires")
+            {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    }
+    // With a fresh token the watcher resumes.
+    let mut again = watch(&app, &t, &created.name, 0).await;
+    assert!(again.message().await.unwrap().is_some());
+}
