@@ -173,7 +173,11 @@ impl Application {
         let guard = Guard::new(
             verifier,
             limiter,
-            (connections.max_watch_streams, connections.max_uploads),
+            [
+                connections.max_watch_streams,
+                connections.max_uploads,
+                connections.max_worker_sessions,
+            ],
             health.clone(),
             settings.health_interval,
         );

@@ -51,6 +51,10 @@ pub struct LimitArgs {
     /// Uploads one principal may have in progress on one instance.
     #[arg(long, env = "MEDIAPLANE_MAX_UPLOADS", default_value = "8", value_parser = number::<u32>(1, 1_000_000))]
     pub max_uploads: u32,
+    /// WorkerSession streams one principal may hold open on one instance (a fleet often
+    /// shares one worker token, hence more than watches).
+    #[arg(long, env = "MEDIAPLANE_MAX_WORKER_SESSIONS", default_value = "1000", value_parser = number::<u32>(1, 1_000_000))]
+    pub max_worker_sessions: u32,
     /// Projects one owner may have.
     #[arg(long, env = "MEDIAPLANE_QUOTA_PROJECTS", default_value = "1000", value_parser = number::<i64>(1, i64::MAX as u64))]
     pub quota_projects: i64,
@@ -98,6 +102,7 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     pub max_watch_streams: u32,
     pub max_uploads: u32,
+    pub max_worker_sessions: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +159,7 @@ impl From<&LimitArgs> for Limits {
                 idle_timeout: a.idle_timeout,
                 max_watch_streams: a.max_watch_streams,
                 max_uploads: a.max_uploads,
+                max_worker_sessions: a.max_worker_sessions,
             },
             quotas: Quotas {
                 projects: a.quota_projects,

@@ -62,7 +62,8 @@ impl Guard {
     pub fn new(
         verifier: Verifier,
         limiter: Option<Limiter>,
-        (max_watches, max_uploads): (u32, u32),
+        // Per principal: watch streams, uploads, worker sessions.
+        caps: [u32; 3],
         health: crate::health::Health,
         health_interval: Duration,
     ) -> Self {
@@ -72,7 +73,7 @@ impl Guard {
             health_interval,
             limiter,
             streams: OpenStreams {
-                caps: [max_watches, max_uploads],
+                caps,
                 open: Arc::default(),
             },
         }
@@ -84,6 +85,7 @@ impl Guard {
 enum Held {
     Watch = 0,
     Upload = 1,
+    Session = 2,
 }
 
 impl Held {
@@ -91,13 +93,14 @@ impl Held {
         match self {
             Held::Watch => "open_watch_streams",
             Held::Upload => "uploads_in_progress",
+            Held::Session => "open_worker_sessions",
         }
     }
 }
 
 #[derive(Clone)]
 struct OpenStreams {
-    caps: [u32; 2],
+    caps: [u32; 3],
     open: Arc<Mutex<HashMap<(Held, String), u32>>>,
 }
 
@@ -124,7 +127,8 @@ impl OpenStreams {
     }
 }
 
-/// One open watch or upload; the count goes down when the response is dropped.
+/// One open watch, upload or worker session; the count goes down when the response is
+/// dropped.
 struct Slot {
     streams: OpenStreams,
     key: Option<(Held, String)>,
@@ -170,7 +174,7 @@ fn classify(method: &str, caller_is_worker: bool) -> (Class, Option<Held>) {
                 } else {
                     Class::Write
                 },
-                None,
+                (name == "WorkerSession").then_some(Held::Session),
             )
         }
         n if n.starts_with("Get")
@@ -362,6 +366,10 @@ mod tests {
         assert_eq!(
             classify("AssetsService/UploadAssetContent", false),
             (Class::Stream, Some(Held::Upload))
+        );
+        assert_eq!(
+            classify("JobsService/WorkerSession", true),
+            (Class::Worker, Some(Held::Session))
         );
     }
 }

@@ -547,3 +547,35 @@ async fn a_session_request_is_bounded_by_the_request_timeout_and_the_session_goe
     let leased = session.acquire(1, 30.0, 0.0).await;
     assert_eq!(leased[0].job.as_ref().unwrap().name, created.name);
 }
+
+#[tokio::test]
+async fn worker_sessions_are_capped_per_principal() {
+    let app = TestApp::spawn_with(|s| s.limits.connections.max_worker_sessions = 2).await;
+    let first = Session::open(&app, &worker()).await.expect("first session");
+    let mut second = Session::open(&app, &worker())
+        .await
+        .expect("second session");
+    let err = Session::open(&app, &worker())
+        .await
+        .err()
+        .expect("a third is refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let quota = tonic_types::StatusExt::get_details_quota_failure(&err).expect("QuotaFailure");
+    assert_eq!(quota.violations[0].subject, "open_worker_sessions");
+    // Another principal has its own sessions.
+    Session::open(
+        &app,
+        &token_with("fleet-2", &["worker"], Duration::from_secs(600)),
+    )
+    .await
+    .expect("another principal's session");
+    // The open ones still serve; a closed one gives its place back.
+    assert!(second.acquire(1, 30.0, 0.0).await.is_empty());
+    drop(first);
+    eventually(
+        Duration::from_secs(5),
+        "a closed session gives its place back",
+        || async { Session::open(&app, &worker()).await.is_ok() },
+    )
+    .await;
+}
