@@ -179,16 +179,7 @@ async fn run_workers(
                         .await
                         .unwrap()
                         .into_inner();
-                    assert!(answer.acquire_error.is_none(), "leasing with completions");
-                    carried = answer.acquired;
-                    let results = answer.results;
-                    assert!(
-                        results.iter().all(|r| matches!(
-                            r.outcome,
-                            Some(pb::complete_job_result::Outcome::Job(_))
-                        )),
-                        "every completion accepted"
-                    );
+                    carried = accepted(answer);
                     Latencies::record(&lat.complete, t);
                     count(n);
                     continue;
@@ -222,6 +213,20 @@ async fn run_workers(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     *finished.get().expect("the run ended with its last job")
+}
+
+/// The jobs leased with a batch of completions, every completion and the lease
+/// having been accepted.
+fn accepted(answer: pb::BatchCompleteJobsResponse) -> Vec<pb::LeasedJob> {
+    assert!(answer.acquire_error.is_none(), "leasing with completions");
+    assert!(
+        answer
+            .results
+            .iter()
+            .all(|r| matches!(r.outcome, Some(pb::complete_job_result::Outcome::Job(_)))),
+        "every completion accepted"
+    );
+    answer.acquired
 }
 
 /// A worker on one WorkerSession stream: leases `acquire.max_jobs`, sends a CompleteJob
@@ -280,17 +285,7 @@ async fn session_worker(
                 acquire: Some(acquire.clone()),
             }));
             match answers.message().await.unwrap().unwrap().response {
-                Some(Answer::BatchCompleteJobs(r)) => {
-                    assert!(r.acquire_error.is_none(), "leasing with completions");
-                    assert!(
-                        r.results.iter().all(|r| matches!(
-                            r.outcome,
-                            Some(pb::complete_job_result::Outcome::Job(_))
-                        )),
-                        "every completion accepted"
-                    );
-                    carried = r.acquired;
-                }
+                Some(Answer::BatchCompleteJobs(r)) => carried = accepted(r),
                 other => panic!("completions refused: {other:?}"),
             }
         } else {

@@ -137,26 +137,19 @@ impl Acquire {
         let turn = engine
             .turn(
                 caller,
-                writes.clone(),
+                writes,
                 &self.worker_id,
                 &self.kinds,
                 self.max,
                 self.lease,
             )
             .await;
-        match turn {
-            Ok(turn) => (turn.written, Some(turn.leased)),
-            Err(error) => {
-                // Nothing of it committed: the two steps apart, as before the turn.
-                tracing::debug!(%error, "turn failed; completing and leasing apart");
-                (engine.leased_many(caller, writes).await, None)
-            }
-        }
+        (turn.written, turn.leased)
     }
 
     /// The answer for the jobs `after` leased; with none (or none leased yet), the
     /// long-poll `run` makes for the request's `wait_timeout`.
-    pub async fn answer(
+    pub async fn answer_leased(
         &self,
         engine: &Engine,
         caller: &Caller,

@@ -636,7 +636,10 @@ impl crate::proto::server::jobs_service_server::JobsService for JobsApi {
             let budget = self
                 .page_budget
                 .saturating_sub(prost::Message::encoded_len(&response));
-            match acquire.answer(&self.engine, &caller, leased, budget).await {
+            match acquire
+                .answer_leased(&self.engine, &caller, leased, budget)
+                .await
+            {
                 Ok(jobs) => response.acquired = jobs,
                 // Committed completions are answered whatever leasing did.
                 Err(e) => response.acquire_error = Some(e.into_rpc_status()),

@@ -310,7 +310,11 @@ impl Engine {
         caller: &Caller,
         writes: Vec<(JobName, Uuid, LeaseOp)>,
     ) -> Vec<AppResult<Job>> {
-        let calls = self.lease_calls(caller, writes);
+        self.apply_many(self.lease_calls(caller, writes)).await
+    }
+
+    /// `leased_many` for writes already bound to their leases.
+    pub(super) async fn apply_many(&self, calls: Vec<LeaseCall>) -> Vec<AppResult<Job>> {
         match &self.groups {
             Some(groups) => {
                 futures::future::join_all(calls.into_iter().map(async |c| {
@@ -347,38 +351,17 @@ impl Engine {
         wait: bool,
     ) -> AppResult<Vec<AppResult<Handled<LeaseCall>>>> {
         let refs: Vec<&LeaseCall> = calls.iter().collect();
-        let mut results: Vec<Option<AppResult<Handled<LeaseCall>>>> =
-            calls.iter().map(|_| None).collect();
-        let fenced = fenced_of(&refs);
-        if !fenced.is_empty() {
-            let written = {
-                let mut conn = self.conn().await?;
-                write_fenced(&mut conn, &refs, &fenced).await?
-            };
-            let mut changes = Vec::with_capacity(written.len());
-            for (at, job, ty) in written {
-                changes.push((job.clone(), ty));
-                results[at] = Some(Ok(Handled::Done(job)));
-            }
+        let (results, changes) = {
+            let mut conn = self.conn().await?;
+            write_fenced(&mut conn, &refs).await?
+        };
+        if !changes.is_empty() {
             let freed = self.freed(changes.iter().map(|(j, _)| j));
             self.publish(to_publish(&changes), freed);
         }
-        let rest: Vec<&LeaseCall> = calls
-            .iter()
-            .zip(&results)
-            .filter(|(_, r)| r.is_none())
-            .map(|(c, _)| c)
-            .collect();
-        let mut locked = crate::batch::shared_or_alone(&rest, |c| self.lease_locked(c, wait))
-            .await
-            .into_iter();
-        Ok(results
-            .into_iter()
-            .map(|r| {
-                r.or_else(|| locked.next())
-                    .unwrap_or_else(|| Err(AppError::internal("call left out of its group")))
-            })
-            .collect())
+        let rest = unwritten(&refs, &results);
+        let locked = crate::batch::shared_or_alone(&rest, |c| self.lease_locked(c, wait)).await;
+        Ok(filled(results, locked))
     }
 
     /// Applies worker writes in order in one transaction, each after locking its job
@@ -495,9 +478,7 @@ pub(super) async fn lease_on(
 
 /// The writes among `calls` that one fenced statement can apply (progress, and plain
 /// completes of jobs named once): their places and ops.
-pub(super) fn fenced_of<'a>(
-    calls: &[&'a LeaseCall],
-) -> Vec<(usize, &'a crate::domain::job::Fenced)> {
+fn fenced_of<'a>(calls: &[&'a LeaseCall]) -> Vec<(usize, &'a crate::domain::job::Fenced)> {
     let mut named = std::collections::HashMap::<Uuid, usize>::new();
     for c in calls {
         *named.entry(c.name.job).or_default() += 1;
@@ -513,14 +494,20 @@ pub(super) fn fenced_of<'a>(
         .collect()
 }
 
-/// Applies `fenced` (from `fenced_of(calls)`) in one statement that checks each lease
-/// as it writes: the place, job and event of each write it made. The others were
-/// refused or need the locked path; they wrote nothing.
+/// Applies the writes among `calls` that one statement can apply (`fenced_of`), the
+/// statement checking each lease as it writes: per call, its result if written, and
+/// the changes made. The others were refused or need the locked path (`unwritten`);
+/// they wrote nothing.
 pub(super) async fn write_fenced(
     conn: &mut AsyncPgConnection,
     calls: &[&LeaseCall],
-    fenced: &[(usize, &crate::domain::job::Fenced)],
-) -> AppResult<Vec<(usize, Job, EventType)>> {
+) -> AppResult<(Written, Vec<(Job, EventType)>)> {
+    let mut results: Written = calls.iter().map(|_| None).collect();
+    let mut changes = Vec::new();
+    let fenced = fenced_of(calls);
+    if fenced.is_empty() {
+        return Ok((results, changes));
+    }
     let writes: Vec<_> = fenced
         .iter()
         .map(|(i, op)| db::jobs::FencedWrite {
@@ -531,18 +518,44 @@ pub(super) async fn write_fenced(
             op,
         })
         .collect();
-    Ok(db::jobs::write_fenced(conn, &writes)
-        .await?
+    for (w, job) in db::jobs::write_fenced(conn, &writes).await? {
+        let (at, op) = &fenced[w];
+        let ty = match op {
+            crate::domain::job::Fenced::Progress { .. } => EventType::Progress,
+            crate::domain::job::Fenced::Complete { .. } => EventType::StateChanged,
+        };
+        changes.push((job.clone(), ty));
+        results[*at] = Some(Ok(Handled::Done(job)));
+    }
+    Ok((results, changes))
+}
+
+/// Per call of a group, its result once one is known.
+pub(super) type Written = Vec<Option<AppResult<Handled<LeaseCall>>>>;
+
+/// The calls of `results` still without one.
+pub(super) fn unwritten<'a>(calls: &[&'a LeaseCall], results: &Written) -> Vec<&'a LeaseCall> {
+    calls
+        .iter()
+        .zip(results)
+        .filter(|(_, r)| r.is_none())
+        .map(|(c, _)| *c)
+        .collect()
+}
+
+/// `results` with the calls still without one given `rest`'s, in order.
+pub(super) fn filled(
+    results: Written,
+    rest: Vec<AppResult<Handled<LeaseCall>>>,
+) -> Vec<AppResult<Handled<LeaseCall>>> {
+    let mut rest = rest.into_iter();
+    results
         .into_iter()
-        .map(|(w, job)| {
-            let (at, op) = &fenced[w];
-            let ty = match op {
-                crate::domain::job::Fenced::Progress { .. } => EventType::Progress,
-                crate::domain::job::Fenced::Complete { .. } => EventType::StateChanged,
-            };
-            (*at, job, ty)
+        .map(|r| {
+            r.or_else(|| rest.next())
+                .unwrap_or_else(|| Err(AppError::internal("call left out of its group")))
         })
-        .collect())
+        .collect()
 }
 
 /// Why `call` may not write `job`, if it may not: a lease that is not current, or a

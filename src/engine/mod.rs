@@ -89,7 +89,7 @@ struct Groups {
     creates: crate::batch::Batcher<CreateCall, Handled<CreateCall>>,
     leases: crate::batch::Batcher<LeaseCall, Handled<LeaseCall>>,
     acquires: crate::batch::Batcher<AcquireCall, Vec<Job>>,
-    turns: crate::batch::Batcher<turns::TurnCall, turns::TurnDone>,
+    turns: crate::batch::Batcher<turns::TurnCall, turns::Turned>,
 }
 
 /// What a lane did with a call `C`.
@@ -170,7 +170,11 @@ impl Engine {
                 move |calls| {
                     let engine = d.clone();
                     engine.settings.metrics.group_committed("turn", calls.len());
-                    async move { crate::batch::shared_or_alone(&calls, |c| engine.turn_tx(c)).await }
+                    async move {
+                        let results =
+                            crate::batch::shared_or_alone(&calls, |c| engine.turn_tx(c)).await;
+                        Engine::turned(calls, results)
+                    }
                 },
             ),
         }));

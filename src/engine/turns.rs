@@ -19,7 +19,7 @@ use crate::{
 
 use super::{
     AcquireCall, Engine, Handled, LeaseCall, LeaseOp,
-    leases::{Applied, fenced_of, lease_on, write_fenced},
+    leases::{Applied, filled, lease_on, unwritten, write_fenced},
     to_publish,
 };
 
@@ -37,16 +37,25 @@ pub struct TurnDone {
     leased: Vec<Job>,
 }
 
-/// A turn's outcome: one result per write, in order, and the jobs leased.
+/// What the turn lane hands back: the turn done, or its writes if its transaction
+/// failed (nothing of it committed), for the caller to apply on their own.
+pub enum Turned {
+    Done(TurnDone),
+    Failed(AppError, Vec<LeaseCall>),
+}
+
+/// A turn's outcome: one result per write, in order, and the jobs leased (`None` if
+/// the turn's transaction failed and the writes were applied on their own: leasing is
+/// then yet to be done).
 pub struct Turn {
     pub written: Vec<AppResult<Job>>,
-    pub leased: Vec<Job>,
+    pub leased: Option<Vec<Job>>,
 }
 
 impl Engine {
     /// Applies `caller`'s writes and leases up to `max` jobs of `kinds` for `worker_id`
-    /// in the same transaction. An error means nothing was written (the transaction
-    /// did not commit); the caller may then take the two steps apart.
+    /// in the same transaction. If that transaction fails, the writes are applied on
+    /// their own (as BatchCompleteJobs without `acquire`) and nothing is leased.
     pub async fn turn(
         &self,
         caller: &Caller,
@@ -55,7 +64,8 @@ impl Engine {
         kinds: &[String],
         max: i64,
         lease: Duration,
-    ) -> AppResult<Turn> {
+    ) -> Turn {
+        let n = writes.len();
         let call = TurnCall {
             writes: self.lease_calls(caller, writes),
             acquire: AcquireCall {
@@ -65,13 +75,36 @@ impl Engine {
                 lease_ms: lease.as_millis() as i64,
             },
         };
-        let done = match &self.groups {
-            Some(groups) => groups.turns.call(call).await?,
-            None => self
-                .turn_tx(std::slice::from_ref(&call))
-                .await?
-                .pop()
-                .unwrap_or_else(|| Err(AppError::internal("no result")))?,
+        let turned = match &self.groups {
+            Some(groups) => groups.turns.call(call).await,
+            None => {
+                let results =
+                    crate::batch::shared_or_alone(std::slice::from_ref(&call), |c| self.turn_tx(c))
+                        .await;
+                Self::turned(vec![call], results)
+                    .pop()
+                    .unwrap_or_else(|| Err(AppError::internal("no result")))
+            }
+        };
+        let done = match turned {
+            Ok(Turned::Done(done)) => done,
+            Ok(Turned::Failed(error, writes)) => {
+                tracing::debug!(%error, "turn failed; completing and leasing apart");
+                return Turn {
+                    written: self.apply_many(writes).await,
+                    leased: None,
+                };
+            }
+            // The turn lane is gone (the engine is stopping): nothing was written.
+            Err(error) => {
+                let message = error.to_string();
+                return Turn {
+                    written: (0..n)
+                        .map(|_| Err(AppError::Unavailable(message.clone())))
+                        .collect(),
+                    leased: None,
+                };
+            }
         };
         let mut written = Vec::with_capacity(done.written.len());
         for w in done.written {
@@ -81,10 +114,28 @@ impl Engine {
                 Err(e) => Err(e),
             });
         }
-        Ok(Turn {
+        Turn {
             written,
-            leased: done.leased,
-        })
+            leased: Some(done.leased),
+        }
+    }
+
+    /// The lane's answers for `calls` from their `turn_tx` results: a failed turn
+    /// gives its writes back.
+    pub(super) fn turned(
+        calls: Vec<TurnCall>,
+        results: Vec<AppResult<TurnDone>>,
+    ) -> Vec<AppResult<Turned>> {
+        calls
+            .into_iter()
+            .zip(results)
+            .map(|(call, r)| {
+                Ok(match r {
+                    Ok(done) => Turned::Done(done),
+                    Err(e) => Turned::Failed(e, call.writes),
+                })
+            })
+            .collect()
     }
 
     /// One transaction for a group of turns; what it changed is published after it
@@ -156,39 +207,20 @@ impl Engine {
         conn: &mut diesel_async::AsyncPgConnection,
         writes: &[&LeaseCall],
     ) -> AppResult<Applied> {
-        let mut results: Vec<Option<AppResult<Handled<LeaseCall>>>> =
-            writes.iter().map(|_| None).collect();
-        let mut changes = Vec::new();
-        let fenced = fenced_of(writes);
-        if !fenced.is_empty() {
-            for (at, job, ty) in write_fenced(conn, writes, &fenced).await? {
-                changes.push((job.clone(), ty));
-                results[at] = Some(Ok(Handled::Done(job)));
-            }
-        }
+        let (results, mut changes) = write_fenced(conn, writes).await?;
         let mut wake = self.freed(changes.iter().map(|(j, _)| j));
-        let rest: Vec<&LeaseCall> = writes
-            .iter()
-            .zip(&results)
-            .filter(|(_, r)| r.is_none())
-            .map(|(c, _)| *c)
-            .collect();
+        let rest = unwritten(writes, &results);
+        let mut locked_results = Vec::new();
         if !rest.is_empty() {
             let locked = self.apply_locked(conn, &rest, false).await?;
             changes.extend(locked.changes);
             for (kind, n) in locked.wake {
                 *wake.entry(kind).or_default() += n;
             }
-            let mut locked = locked.results.into_iter();
-            for r in results.iter_mut().filter(|r| r.is_none()) {
-                *r = locked.next();
-            }
+            locked_results = locked.results;
         }
         Ok(Applied {
-            results: results
-                .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(AppError::internal("write left out of its turn"))))
-                .collect(),
+            results: filled(results, locked_results),
             changes,
             wake,
         })

@@ -478,15 +478,7 @@ async fn watches_end_unauthenticated_when_their_token_expires() {
     let created = create_job(&app, &t, &p.name, job("render")).await;
     let expiring = expiring_token("alice", &[]);
     let mut one = watch(&app, &expiring, &created.name, 0).await;
-    let mut all = app
-        .jobs(&expiring)
-        .watch_jobs(pb::WatchJobsRequest {
-            parent: p.name.clone(),
-            filter: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut all = dashboard(&app, &expiring, &p.name, "").await;
     let first = one.message().await.unwrap().expect("the snapshot");
     assert_eq!(first.r#type(), Type::Snapshot);
     for stream in [&mut one, &mut all] {
