@@ -262,7 +262,6 @@ async fn sigterm_lets_running_jobs_finish_takes_no_more_and_exits() {
     );
 }
 
-/// Calls of `method` started on `app`, from its metrics.
 #[tokio::test]
 async fn the_runtime_takes_its_next_job_with_a_completion_and_cancel_still_reaches_it() {
     let app = TestApp::spawn().await;
@@ -293,6 +292,11 @@ async fn the_runtime_takes_its_next_job_with_a_completion_and_cancel_still_reach
         calls_started(&app, "BatchCompleteJobs", Some("worker-session")).await,
         1.0,
         "over the runtime's WorkerSession"
+    );
+    assert_eq!(
+        groups_committed(&app, "turn").await,
+        1.0,
+        "the completion and the lease in one transaction"
     );
     // The runtime exits after it (--max-jobs 2).
     cancel_stops_the_runtime(&app, &t, &slow.name, &mut runtime).await;
